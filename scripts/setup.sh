@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One-shot machine set-up for caa on Debian 12 as root: system packages, services, .venv.
+# Idempotent: each step checks before it acts, so `make test` and `make demo` may call it every time.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+APT_PACKAGES=(
+  # build of libvirt-python
+  libvirt-dev pkg-config
+  # networking tests and the local provider
+  iproute2 iptables nftables iputils-ping bridge-utils procps
+  # Go reference ttrpc peer (offline build from Debian's sources)
+  golang-go golang-github-containerd-ttrpc-dev golang-google-protobuf-dev golang-goprotobuf-dev protobuf-compiler
+  # real libvirtd + QEMU (TCG) for the libvirt provider and the real-VM tests
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
+  dnsmasq-base ovmf
+  # pod VM image recipe
+  debootstrap busybox-static e2fsprogs xorriso cpio kmod zstd
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${#missing[@]} Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirtd expects these users/groups and directories (no systemd on these machines).
+getent group kvm >/dev/null || groupadd -r kvm
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || useradd -r -g kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt
+if ! grep -q '^user = "root"' /etc/libvirt/qemu.conf 2>/dev/null; then
+  printf 'user = "root"\ngroup = "root"\n' >> /etc/libvirt/qemu.conf
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.caa-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing caa and its dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e ".[dev]" --config-settings editable_mode=compat
+  touch "$stamp"
+fi
+echo "setup: ok"

@@ -1,0 +1,16 @@
+"""twistd plugins of caa; each names the module that builds its service, loaded only when used."""
+
+from twisted.application.service import ServiceMaker
+
+caaAdaptor = ServiceMaker(
+    "caa-adaptor",
+    "caa.adaptor.tap",
+    "Peer pods node daemon: Kata remote hypervisor service, pod VM lifecycle, agent proxy",
+    "caa-adaptor",
+)
+caaForwarder = ServiceMaker(
+    "caa-forwarder",
+    "caa.forwarder.tap",
+    "Pod VM daemon: pod network and mTLS relay of kata-agent ttrpc traffic",
+    "caa-forwarder",
+)
