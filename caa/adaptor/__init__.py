@@ -1,0 +1,1 @@
+"""The node daemon: hypervisor service, sandbox journal, agent proxy, pod VM info, options."""
