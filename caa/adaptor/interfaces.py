@@ -126,3 +126,31 @@ class ISandboxStore(Interface):
 
     def load_all() -> list[SandboxRecord]:
         """Every readable record (unreadable ones are logged and skipped), oldest first."""
+
+
+class IPodNetworking(Interface):
+    """The node side of pod networking as the hypervisor service uses it (adapter over caa.network).
+
+    Every method is safe to repeat: recovery calls them again for sandboxes found in the journal.
+    """
+
+    def inspect(sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
+        """Inspect the pod netns and allocate the sandbox's VNI; fire with the apf.json "pod-network"
+        object (JSON-ready dict, with "vxlan-id"). Allocating twice for one sandbox gives the same VNI."""
+
+    def setup(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> Deferred[None]:
+        """Set up (or check and repair) the tunnel between the pod netns and the VM at ips[0]."""
+
+    def teardown(sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
+        """Remove the tunnel if any and release the sandbox's VNI. Succeeds when nothing is there."""
+
+
+class IAgentTLS(Interface):
+    """The TLS material CreateVM puts into apf.json (adapter over caa.tls)."""
+
+    def server_credentials(server_name: str) -> tuple[str, str]:
+        """(certificate PEM, private key PEM) of a fresh server certificate for server_name, or ("", "")
+        when a manual CA is configured (the pod VM image carries its own certificates)."""
+
+    def client_ca_pem() -> str:
+        """PEM the forwarder trusts to verify the adaptor's client certificate ("" in manual-CA mode)."""
