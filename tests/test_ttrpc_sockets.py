@@ -1,0 +1,120 @@
+"""caa.ttrpc over real unix and TCP sockets with the real reactor."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from caa.proto import ttrpc_pb2
+from caa.ttrpc import CallContext, Code, Server, TTRPCError, connect
+from caa.ttrpc.endpoints import (
+    tcp_client_endpoint,
+    tcp_server_endpoint,
+    unix_client_endpoint,
+    unix_server_endpoint,
+)
+
+KV = ttrpc_pb2.KeyValue
+
+
+def echo_server() -> Server:
+    server = Server(reactor, name="sockets-test")
+
+    async def echo(ctx: CallContext, req: ttrpc_pb2.KeyValue) -> ttrpc_pb2.KeyValue:
+        if req.key == "sleep":
+            await deferLater(reactor, float(req.value))
+        return KV(key=req.value, value=req.key)
+
+    server.register("test.Echo", {"Echo": (KV, echo)})
+    return server
+
+
+class UnixSocketTests(TestCase):
+    async def _listen(self, mode: int = 0o600) -> str:
+        path = os.path.join(self.mktemp(), "sub", "test.sock")
+        self.server = echo_server()
+        port = await unix_server_endpoint(reactor, path, mode=mode).listen(self.server.factory())
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.server.abort)
+        return path
+
+    async def test_mode_and_round_trip(self) -> None:
+        path = await self._listen(mode=0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        client = await connect(unix_client_endpoint(reactor, path), reactor)
+        self.addCleanup(client.close)
+        replies = await gatherResults([
+            Deferred.fromCoroutine(client.call("test.Echo", "Echo", KV(key=str(i), value="v"), KV))
+            for i in range(50)
+        ])
+        self.assertEqual([r.value for r in replies], [str(i) for i in range(50)])
+
+    async def test_stale_socket_is_replaced(self) -> None:
+        path = os.path.join(self.mktemp(), "stale.sock")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write("stale")
+        self.server = echo_server()
+        port = await unix_server_endpoint(reactor, path).listen(self.server.factory())
+        self.addCleanup(port.stopListening)
+        self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
+
+    async def test_garbage_connection_does_not_hurt_others(self) -> None:
+        path = await self._listen()
+        good = await connect(unix_client_endpoint(reactor, path), reactor)
+        self.addCleanup(good.close)
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(bad.close)
+        bad.connect(path)
+        bad.sendall(b"\x00\x00\x00\x05\x00\x00\x00\x01\x09\x00" + os.urandom(64))  # frame type 9
+        bad.settimeout(5)
+        await deferLater(reactor, 0.2)
+        # The server closed the garbage connection ...
+        self.assertEqual(await deferToThreadRecv(bad), b"")
+        # ... and keeps serving the other one.
+        reply = await good.call("test.Echo", "Echo", KV(key="still", value="here"), KV)
+        self.assertEqual(reply.value, "still")
+
+    async def test_deadline_over_socket(self) -> None:
+        path = await self._listen()
+        client = await connect(unix_client_endpoint(reactor, path), reactor)
+        self.addCleanup(client.close)
+        with self.assertRaises(TTRPCError) as cm:
+            await client.call("test.Echo", "Echo", KV(key="sleep", value="5"), KV, timeout=0.2)
+        self.assertEqual(cm.exception.code, Code.DEADLINE_EXCEEDED)
+
+
+async def deferToThreadRecv(sock: socket.socket) -> bytes:
+    from twisted.internet.threads import deferToThread
+
+    def recv_all() -> bytes:
+        data = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+
+    return await deferToThread(recv_all)
+
+
+class TCPTests(TestCase):
+    async def test_tcp_round_trip_large(self) -> None:
+        server = echo_server()
+        port = await tcp_server_endpoint(reactor, 0, interface="127.0.0.1").listen(server.factory())
+        self.addCleanup(port.stopListening)
+        self.addCleanup(server.abort)
+        client = await connect(tcp_client_endpoint(reactor, "127.0.0.1", port.getHost().port), reactor)
+        self.addCleanup(client.close)
+        big = "x" * (1 << 20)
+        reply = await client.call("test.Echo", "Echo", KV(key=big, value="k"), KV)
+        self.assertEqual(reply.value, big)
+        with self.assertRaises(TTRPCError) as cm:
+            await client.call("test.Echo", "Echo", KV(key="y" * (5 << 20)), KV)
+        self.assertEqual(cm.exception.code, Code.RESOURCE_EXHAUSTED)
