@@ -38,8 +38,8 @@ def _rewrite(text: str, local_modules: set[str]) -> str:
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc  # type: ignore[import-untyped]
     import grpc_tools
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     files = [str(p) for p in proto_files()]
