@@ -118,3 +118,37 @@ class TCPTests(TestCase):
         with self.assertRaises(TTRPCError) as cm:
             await client.call("test.Echo", "Echo", KV(key="y" * (5 << 20)), KV)
         self.assertEqual(cm.exception.code, Code.RESOURCE_EXHAUSTED)
+
+
+class MutualTLSTests(TestCase):
+    """ttrpc inside mutual TLS with certificates from caa.tls, as the adaptor and forwarder use it."""
+
+    async def test_mtls_round_trip_and_refusal(self) -> None:
+        from caa import tls
+        from caa.ttrpc.endpoints import tls_client_endpoint, tls_server_endpoint
+
+        ca = tls.CertificateAuthority.create()
+        server_pair = ca.issue_server_certificate("podvm-test-12345678")
+        client_pair = tls.make_client_certificate()
+        server = echo_server()
+        factory = tls.server_context_factory(server_pair.cert_pem, server_pair.key_pem,
+                                             client_ca_pem=client_pair.cert_pem, min_version="VersionTLS13")
+        port = await tls_server_endpoint(reactor, 0, "127.0.0.1", factory).listen(server.factory())
+        self.addCleanup(port.stopListening)
+        self.addCleanup(server.abort)
+        portno = port.getHost().port
+
+        creator = tls.client_creator(ca.cert_pem, client_pair.cert_pem, client_pair.key_pem, "podvm-test-12345678")
+        client = await connect(tls_client_endpoint(reactor, "127.0.0.1", portno, creator), reactor)
+        self.addCleanup(client.close)
+        reply = await client.call("test.Echo", "Echo", KV(key="over", value="tls"), KV, timeout=5)
+        self.assertEqual(reply.value, "over")
+
+        # Without a client certificate the server refuses the handshake: the call cannot succeed.
+        anonymous = tls.client_creator(ca.cert_pem, None, None, "podvm-test-12345678")
+        other = await connect(tls_client_endpoint(reactor, "127.0.0.1", portno, anonymous), reactor)
+        self.addCleanup(other.close)
+        with self.assertRaises(TTRPCError) as cm:
+            await other.call("test.Echo", "Echo", KV(key="no", value="cert"), KV, timeout=5)
+        self.assertIn(cm.exception.code, (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED))
+        self.flushLoggedErrors()
