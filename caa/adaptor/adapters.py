@@ -1,0 +1,79 @@
+"""Adapters from caa.network and caa.tls to the hypervisor service's own seams (IPodNetworking, IAgentTLS)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from caa.adaptor.interfaces import IAgentTLS, IPodNetworking
+from caa.network.interfaces import INodeNetwork, PodNetworkConfig
+from caa.tls import CertificateAuthority
+
+
+@implementer(IPodNetworking)
+class NodeNetworking:
+    """IPodNetworking over caa.network's INodeNetwork (VXLAN)."""
+
+    _log = Logger()
+
+    def __init__(self, node: INodeNetwork) -> None:
+        self.node = node
+
+    def inspect(self, sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
+        return self.node.inspect(netns, sandbox_id).addCallback(lambda cfg: cfg.to_json())
+
+    def setup(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
+              pod_network: dict[str, Any]) -> Deferred[None]:
+        return self.node.setup(netns, list(ips), PodNetworkConfig.from_json(pod_network))
+
+    def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
+        if not pod_network:
+            return succeed(None)
+        return self.node.teardown(netns, PodNetworkConfig.from_json(pod_network))
+
+    def sweep(self, live_vnis: Sequence[int]) -> Deferred[list[int]]:
+        return self.node.sweep(live_vnis)
+
+
+@implementer(IPodNetworking)
+class NullNetworking:
+    """--tunnel-type none: no pod network plumbing (development and process-level tests).
+
+    inspect still answers a syntactically valid pod-network object so apf.json keeps its schema.
+    """
+
+    def inspect(self, sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
+        return succeed({
+            "podip": "0.0.0.0/32", "pod-hw-addr": "", "interface": "", "worker-node-ip": "0.0.0.0/32",
+            "tunnel-type": "none", "routes": None, "neighbors": None, "mtu": 1500, "index": 0,
+            "dedicated": False, "external-net-via-pod-vm": False,
+        })
+
+    def setup(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
+              pod_network: dict[str, Any]) -> Deferred[None]:
+        return succeed(None)
+
+    def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
+        return succeed(None)
+
+
+@implementer(IAgentTLS)
+class AutoTLS:
+    """Auto mode: per-VM server certificates from the persisted CA; the client certificate as client CA."""
+
+    def __init__(self, ca: CertificateAuthority | None, client_cert_pem: bytes) -> None:
+        self.ca = ca
+        self.client_cert_pem = client_cert_pem
+
+    def server_credentials(self, server_name: str) -> tuple[str, str]:
+        if self.ca is None:
+            return "", ""
+        pair = self.ca.issue_server_certificate(server_name)
+        return pair.cert_pem.decode(), pair.key_pem.decode()
+
+    def client_ca_pem(self) -> str:
+        return "" if self.ca is None else self.client_cert_pem.decode()
