@@ -1,0 +1,296 @@
+"""`make demo`: one peer pod through its whole life on this machine, as the Kata shim would drive it.
+
+The adaptor runs as a real `twistd caa-adaptor --provider local` process; the "pod VM" is a network namespace
+with its own forwarder and the development agent (caa/devtools/agent.py, not kata-agent). This script plays the
+shim over ttrpc: CreateVM, StartVM, an agent call through the proxy socket, StopVM; in between it proves that the
+pod IP answers through the VXLAN tunnel from another pod on the node, and at the end that nothing is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+BRIDGE = "caademo-br"
+POD_NS = "caademo-pod"
+CLIENT_NS = "caademo-cli"
+GATEWAY = "10.244.77.1"
+POD_IP = "10.244.77.10"
+CLIENT_IP = "10.244.77.20"
+PREFIX = 24
+ECHO_PORT = 8080
+
+
+class DemoError(Exception):
+    pass
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.results: list[tuple[str, float]] = []
+
+    def run(self, title: str, fn: Callable[[], Any]) -> Any:
+        print(f"==> {title}", flush=True)
+        start = time.monotonic()
+        result = fn()
+        took = time.monotonic() - start
+        self.results.append((title, took))
+        print(f"    ok in {took:.2f}s (t+{time.monotonic() - self.t0:.2f}s)", flush=True)
+        return result
+
+
+def sh(*args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise DemoError(f"{' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def netns_list() -> set[str]:
+    out = sh("ip", "netns", "list").stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def cleanup_network() -> None:
+    for ns in (POD_NS, CLIENT_NS):
+        sh("ip", "netns", "del", ns, check=False)
+    sh("ip", "link", "del", BRIDGE, check=False)
+
+
+def wire_pods() -> None:
+    """A bridge with the pod gateway and two pods on it, as a bridge CNI plugin would wire them."""
+    cleanup_network()
+    sh("ip", "link", "add", BRIDGE, "type", "bridge")
+    sh("ip", "addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE)
+    sh("ip", "link", "set", BRIDGE, "up")
+    for ns, ip, peer in ((POD_NS, POD_IP, "cdpod0"), (CLIENT_NS, CLIENT_IP, "cdcli0")):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", peer, "master", BRIDGE, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/{PREFIX}", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+ECHO_SERVER = f"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{POD_IP}", {ECHO_PORT})); s.listen(4); print("listening", flush=True)
+while True:
+    c, _ = s.accept(); data = c.recv(1024); c.sendall(b"from pod VM: " + data); c.close()
+"""
+
+ECHO_CLIENT = f"""
+import socket
+c = socket.create_connection(("{POD_IP}", {ECHO_PORT}), timeout=5); c.sendall(b"hello")
+print(c.recv(1024).decode())
+"""
+
+
+def find_vm_pod_netns(before: set[str]) -> str:
+    for ns in sorted(netns_list() - before):
+        if POD_IP in sh("ip", "-n", ns, "-4", "-o", "addr", check=False).stdout:
+            return ns
+    raise DemoError(f"no pod VM namespace holds the pod IP {POD_IP}")
+
+
+class Shim:
+    """The Kata shim's side of the two ttrpc sockets, with the caa ttrpc client on a private reactor thread."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def call(self, socket_path: str, service: str, method: str, request: Any, response_type: Any,
+             timeout: float) -> Any:
+        from twisted.internet import reactor
+        from twisted.internet.threads import blockingCallFromThread
+
+        from caa.ttrpc import connect
+        from caa.ttrpc.endpoints import unix_client_endpoint
+
+        async def go() -> Any:
+            client = await connect(unix_client_endpoint(reactor, socket_path), reactor)
+            try:
+                return await client.call(service, method, request, response_type, timeout=timeout)
+            finally:
+                client.close()
+
+        from twisted.internet.defer import Deferred
+
+        return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))
+
+
+def start_reactor_thread() -> None:
+    import threading
+
+    from twisted.internet import reactor
+
+    threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", default="local", help="local (default) or libvirt")
+    parser.add_argument("--workdir", default="/run/caa-demo")
+    parser.add_argument("--keep", action="store_true", help="leave the demo network and logs in place")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make demo needs root (it creates network namespaces)", file=sys.stderr)
+        return 2
+
+    from caa.proto import health_pb2, hypervisor_pb2
+
+    steps = Steps()
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work, mode=0o700)
+    hv_sock = os.path.join(work, "hypervisor.sock")
+    pods_dir = os.path.join(work, "pods")
+    log_path = os.path.join(work, "adaptor.log")
+    sid = secrets.token_hex(32)
+    adaptor: subprocess.Popen[bytes] | None = None
+    echo: subprocess.Popen[bytes] | None = None
+    shim = Shim(hv_sock)
+    start_reactor_thread()
+    ok = False
+    try:
+        steps.run("wire a pod network namespace like a CNI plugin would", wire_pods)
+        ns_before = netns_list()
+
+        def start_adaptor() -> None:
+            nonlocal adaptor
+            twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+            cmd = [twistd, "-n", "--pidfile=", f"--logfile={log_path}", "caa-adaptor",
+                   "--provider", args.provider, "--socket", hv_sock, "--pods-dir", pods_dir]
+            print(f"    $ {' '.join(cmd)}")
+            adaptor = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(hv_sock):
+                if adaptor.poll() is not None:
+                    raise DemoError(f"the adaptor exited with {adaptor.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise DemoError("the adaptor did not open its socket within 30 s")
+                time.sleep(0.05)
+            version = shim.call(hv_sock, "hypervisor.Hypervisor", "Version",
+                                hypervisor_pb2.VersionRequest(version="demo"), hypervisor_pb2.VersionResponse, 5)
+            print(f"    adaptor answers Version: {version.version!r}")
+
+        steps.run(f"start twistd caa-adaptor --provider {args.provider}", start_adaptor)
+
+        def create() -> str:
+            req = hypervisor_pb2.CreateVMRequest(id=sid, networkNamespacePath=f"/var/run/netns/{POD_NS}")
+            req.annotations["io.kubernetes.cri.sandbox-name"] = "demo-pod"
+            req.annotations["io.kubernetes.cri.sandbox-namespace"] = "default"
+            resp = shim.call(hv_sock, "hypervisor.Hypervisor", "CreateVM", req, hypervisor_pb2.CreateVMResponse, 30)
+            print(f"    sandbox {sid[:12]}..., agent socket {resp.agentSocketPath}")
+            return str(resp.agentSocketPath)
+
+        agent_sock = steps.run("CreateVM (inspect the pod netns, plan the VM, journal the sandbox)", create)
+
+        timeout = 600 if args.provider == "libvirt" else 60
+        steps.run("StartVM (pod VM up, tunnel, forwarder serving mTLS, agent proxy connected)",
+                  lambda: shim.call(hv_sock, "hypervisor.Hypervisor", "StartVM",
+                                    hypervisor_pb2.StartVMRequest(id=sid), hypervisor_pb2.StartVMResponse, timeout))
+
+        def agent_call() -> None:
+            check = shim.call(agent_sock, "grpc.Health", "Check", health_pb2.CheckRequest(),
+                              health_pb2.HealthCheckResponse, 10)
+            version = shim.call(agent_sock, "grpc.Health", "Version", health_pb2.CheckRequest(),
+                                health_pb2.VersionCheckResponse, 10)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(check.status)
+            print(f"    grpc.Health/Check through the proxy: {status}; agent version {version.agent_version!r}")
+            if status != "SERVING":
+                raise DemoError(f"agent answered {status}")
+
+        steps.run("agent call through the proxy socket (shim -> adaptor -> mTLS -> forwarder -> agent)",
+                  agent_call)
+
+        def pod_ip() -> None:
+            nonlocal echo
+            if args.provider != "local":
+                out = sh("ip", "netns", "exec", CLIENT_NS, "ping", "-c", "2", "-W", "2", POD_IP).stdout
+                print("    " + out.strip().splitlines()[-1])
+                return
+            vm_ns = find_vm_pod_netns(ns_before)
+            echo = subprocess.Popen(["ip", "netns", "exec", vm_ns, *_py(ECHO_SERVER)], stdout=subprocess.PIPE)
+            assert echo.stdout is not None
+            echo.stdout.readline()
+            reply = sh("ip", "netns", "exec", CLIENT_NS, *_py(ECHO_CLIENT)).stdout.strip()
+            print(f"    another pod -> {POD_IP}:{ECHO_PORT} answered {reply!r} (listener in netns {vm_ns})")
+            if not reply.startswith("from pod VM"):
+                raise DemoError(f"unexpected reply {reply!r}")
+
+        steps.run("the pod IP answers through the VXLAN tunnel from another pod", pod_ip)
+        if echo is not None:
+            echo.kill()
+            echo.wait()
+
+        steps.run("StopVM (proxy down, VM deleted, tunnel down, journal entry gone)",
+                  lambda: shim.call(hv_sock, "hypervisor.Hypervisor", "StopVM",
+                                    hypervisor_pb2.StopVMRequest(id=sid), hypervisor_pb2.StopVMResponse, 60))
+
+        def nothing_left() -> None:
+            left = []
+            if os.path.exists(os.path.join(pods_dir, sid)):
+                left.append(f"pod directory {os.path.join(pods_dir, sid)}")
+            new_ns = netns_list() - ns_before
+            if new_ns:
+                left.append(f"namespaces {sorted(new_ns)}")
+            links = json.loads(sh("ip", "-n", POD_NS, "-j", "link").stdout)
+            extra = [link["ifname"] for link in links if link["ifname"] not in ("lo", "eth0")]
+            if extra:
+                left.append(f"devices in the pod netns {extra}")
+            qdiscs = sh("ip", "netns", "exec", POD_NS, "tc", "qdisc", "show", "dev", "eth0", "ingress").stdout
+            if qdiscs.strip():
+                left.append("tc ingress qdisc on the pod's eth0")
+            root_vxlan = json.loads(sh("ip", "-j", "-d", "link", "show", "type", "vxlan").stdout or "[]")
+            if root_vxlan:
+                left.append(f"vxlan devices {[v['ifname'] for v in root_vxlan]}")
+            if left:
+                raise DemoError("left behind: " + "; ".join(left))
+            print("    no pod directory, VM namespace, tunnel device, qdisc or journal entry left")
+
+        steps.run("check that nothing is left", nothing_left)
+        ok = True
+    except Exception as e:
+        print(f"!! demo failed: {e}", file=sys.stderr)
+        if os.path.exists(log_path):
+            print(f"!! adaptor log: {log_path}", file=sys.stderr)
+            with open(log_path) as f:
+                print("".join(f.readlines()[-30:]), file=sys.stderr)
+    finally:
+        if echo is not None and echo.poll() is None:
+            echo.kill()
+        if adaptor is not None and adaptor.poll() is None:
+            adaptor.send_signal(signal.SIGTERM)
+            try:
+                adaptor.wait(15)
+            except subprocess.TimeoutExpired:
+                adaptor.kill()
+        if not args.keep:
+            cleanup_network()
+    total = time.monotonic() - steps.t0
+    print()
+    for title, took in steps.results:
+        print(f"  {took:7.2f}s  {title}")
+    print(f"  {total:7.2f}s  total — {'the peer pod lived and left nothing behind' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
