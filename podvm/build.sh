@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# podvm/build.sh: build the caa pod VM image from Debian packages and caa's wheel (run as root).
+#
+#   podvm/build.sh [--kata-agent PATH] [--print-dir]
+#
+# Outputs, in $CAA_PODVM_CACHE/podvm-<variant>-<key>/ (default cache /var/cache/caa-podvm):
+#   caa-podvm[-dev].qcow2  ext4 root filesystem (systemd + units; also the root of the fast boot)
+#   vmlinuz                the guest kernel (Debian cloud kernel)
+#   initrd.img             stage-1 initramfs: mounts the root read-only, runs the tiny init (or systemd)
+#   manifest.json          names, sizes, build time, kernel version, variant
+# <key> hashes this recipe, caa's sources and the kata-agent binary, so an unchanged input is
+# never built twice; a second caller waits on the lock and reuses the result.
+# Without --kata-agent (or $KATA_AGENT) the image is a *development* image: its kata-agent is
+# caa/devtools/agent.py, a stand-in; the file names and the motd say so.
+# The last line printed is the output directory.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+SRC=${CAA_SRC:-$(dirname "$HERE")}
+CACHE=${CAA_PODVM_CACHE:-/var/cache/caa-podvm}
+KATA_AGENT=${KATA_AGENT:-}
+PRINT_ONLY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --kata-agent) KATA_AGENT=$2; shift 2 ;;
+    --print-dir) PRINT_ONLY=1; shift ;;
+    *) echo "usage: $0 [--kata-agent PATH] [--print-dir]" >&2; exit 2 ;;
+  esac
+done
+# shellcheck source=podvm/config.sh
+. "$HERE/config.sh"
+log() { echo "podvm: $*" >&2; }
+[ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+
+# ---- cache key: the recipe, caa's sources (the wheel's inputs), the kata-agent binary
+source_files() {
+  (cd "$SRC" && find caa twisted -type f -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort
+   echo setup.cfg; echo pyproject.toml; echo README.md)
+}
+key=$( {
+  (cd "$HERE" && find . -type f -not -name '*~' | LC_ALL=C sort | xargs sha256sum)
+  (cd "$SRC" && source_files | xargs sha256sum)
+  if [ -n "$KATA_AGENT" ]; then sha256sum < "$KATA_AGENT"; fi
+} | sha256sum | cut -c1-16)
+if [ -n "$KATA_AGENT" ]; then VARIANT=kata; SUFFIX=; else VARIANT=dev; SUFFIX=-dev; fi
+OUT=$CACHE/podvm-$VARIANT-$key
+if [ "$PRINT_ONLY" = 1 ]; then echo "$OUT"; exit 0; fi
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+if [ -f "$OUT/manifest.json" ]; then log "cached: $OUT"; echo "$OUT"; exit 0; fi
+T0=$(date +%s.%N)
+elapsed() { echo "$(date +%s.%N) - $T0" | bc; }
+
+# ---- stage A: base root filesystem (debootstrap), cached by suite + package list
+MIRROR=${PODVM_MIRROR:-$(grep -hoE '^(URIs:|deb) +https?://[^ ]+' /etc/apt/sources.list \
+  /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | awk '{print $2; exit}' || true)}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+base_key=$(echo "$PODVM_SUITE ${PODVM_PACKAGES[*]}" | sha256sum | cut -c1-12)
+BASE=$CACHE/base-$base_key
+if [ ! -f "$BASE/.complete" ]; then
+  log "debootstrap $PODVM_SUITE (${PODVM_PACKAGES[*]}) from $MIRROR"
+  rm -rf "$BASE"; mkdir -p "$BASE"
+  pkgs=$(IFS=,; echo "${PODVM_PACKAGES[*]}")
+  debootstrap --variant=minbase --include="$pkgs" "$PODVM_SUITE" "$BASE/rootfs" "$MIRROR" >"$BASE/debootstrap.log" 2>&1 \
+    || { tail -20 "$BASE/debootstrap.log" >&2; exit 1; }
+  touch "$BASE/.complete"
+fi
+log "base rootfs ready ($(elapsed) s)"
+
+# ---- stage B: kernel and static busybox from Debian, cached by kernel version
+KPKG=$(apt-cache depends "$PODVM_KERNEL_META" | awk '/Depends: linux-image/{print $2; exit}')
+KVER=${KPKG#linux-image-}
+KDIR=$CACHE/kernel-$KVER
+if [ ! -f "$KDIR/.complete" ]; then
+  log "fetching $KPKG and busybox-static"
+  rm -rf "$KDIR"; mkdir -p "$KDIR/dl"
+  (cd "$KDIR/dl" && apt-get download -q "$KPKG" busybox-static >/dev/null 2>&1)
+  dpkg-deb -x "$KDIR"/dl/"${KPKG}"_*.deb "$KDIR/kx"
+  depmod -b "$KDIR/kx" "$KVER"
+  dpkg-deb --fsys-tarfile "$KDIR"/dl/busybox-static_*.deb | tar -x -O ./bin/busybox > "$KDIR/busybox"
+  chmod 755 "$KDIR/busybox"
+  rm -rf "$KDIR/dl"
+  touch "$KDIR/.complete"
+fi
+
+# ---- stage C: wheels of caa and its dependencies (pip's own cache makes repeats cheap)
+WORK=$(mktemp -d "$CACHE/work.XXXXXX")
+R=$WORK/root
+cleanup() {
+  for m in "$R/proc" "$R/wheels"; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+PIP=${PODVM_PIP:-$SRC/.venv/bin/pip}
+[ -x "$PIP" ] || PIP="python3 -m pip"
+mkdir -p "$WORK/src" "$WORK/wheels"
+(cd "$SRC" && source_files | cpio -pdm --quiet "$WORK/src")
+log "pip wheel caa + dependencies"
+$PIP wheel -q --wheel-dir "$WORK/wheels" "$WORK/src" >"$WORK/pip.log" 2>&1 || { tail -20 "$WORK/pip.log" >&2; exit 1; }
+$PIP download -q --only-binary=:all: --dest "$WORK/wheels" pip >>"$WORK/pip.log" 2>&1
+if ls "$WORK"/wheels/*.tar.gz >/dev/null 2>&1; then log "not a wheel: $(ls "$WORK"/wheels/*.tar.gz)"; exit 1; fi
+log "wheels ready ($(elapsed) s): $(ls "$WORK/wheels" | wc -l) files"
+
+# ---- stage D: assemble the root filesystem
+cp -a "$BASE/rootfs" "$R"
+mkdir -p "$R/wheels"; mount --bind "$WORK/wheels" "$R/wheels"; mount -t proc proc "$R/proc"
+chroot "$R" /usr/bin/python3 -m venv --without-pip /opt/caa
+pipwhl=$(cd "$WORK/wheels" && ls pip-*.whl | head -n1)
+# caa itself without its node-only dependencies (PODVM_PIP_EXCLUDE), then the rest of its requirements
+mapfile -t reqs < <(python3 - "$WORK/src/setup.cfg" "${PODVM_PIP_EXCLUDE[@]}" <<'PY'
+import configparser, re, sys
+cfg = configparser.ConfigParser(); cfg.read(sys.argv[1])
+skip = {n.lower() for n in sys.argv[2:]}
+for line in cfg["options"]["install_requires"].splitlines():
+    line = line.strip()
+    name = re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower() if line else ""
+    if name and name not in skip:
+        print(line)
+PY
+)
+pipin() { chroot "$R" /opt/caa/bin/python "/wheels/$pipwhl/pip" install -q --no-index --find-links /wheels \
+  --no-warn-script-location --disable-pip-version-check "$@" >>"$WORK/pip.log" 2>&1 \
+  || { tail -20 "$WORK/pip.log" >&2; exit 1; }; }
+pipin --no-deps caa
+pipin "${reqs[@]}"
+# compile ahead of time (the root is read-only at run time) and fill twisted's plugin cache
+chroot "$R" /opt/caa/bin/python -m compileall -q -j0 /opt/caa/lib /usr/lib/python3.11 >/dev/null 2>&1 || true
+chroot "$R" /opt/caa/bin/python -c \
+  'from twisted.plugin import IPlugin, getPlugins; from twisted.plugins import __path__; list(getPlugins(IPlugin))' \
+  >/dev/null 2>&1 || log "warning: twisted plugin cache not generated"
+umount "$R/wheels" "$R/proc"; rmdir "$R/wheels"
+for s in twistd caa-process-user-data caactl; do
+  [ -e "$R/opt/caa/bin/$s" ] && ln -sf "/opt/caa/bin/$s" "$R/usr/local/bin/$s"
+done
+
+# project files, units and their enablement (the links `systemctl enable` would make)
+cp -a "$HERE/files/." "$R/"
+W=$R/etc/systemd/system/multi-user.target.wants
+mkdir -p "$W"
+for u in caa-process-user-data.service kata-agent.service caa-forwarder.path; do
+  ln -sf "/etc/systemd/system/$u" "$W/$u"
+done
+ln -sf /lib/systemd/system/systemd-networkd.service "$W/systemd-networkd.service"
+mkdir -p "$R/etc/systemd/system/network-online.target.wants"
+ln -sf /lib/systemd/system/systemd-networkd-wait-online.service \
+  "$R/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service"
+mkdir -p "$R/media/cidata" "$R/var/lib/caa" "$R/run/netns"
+mkdir -p "$R/etc/kata-opa"; ln -sf /run/peerpod/policy.rego "$R/etc/kata-opa/default-policy.rego"
+ln -sf /run/resolv.conf "$R/etc/resolv.conf"
+
+# the kata-agent: the given binary, or caa's development stand-in
+if [ -n "$KATA_AGENT" ]; then
+  install -m755 "$KATA_AGENT" "$R/usr/local/bin/kata-agent"
+  IMAGE_NAME="caa pod VM image"
+else
+  cat > "$R/usr/local/bin/kata-agent" <<'AGENT'
+#!/bin/sh
+# DEVELOPMENT pod VM image: this is NOT kata-agent. caa's stand-in (caa/devtools/agent.py) answers the
+# agent protocol on the same socket so the adaptor and the forwarder can be exercised end to end.
+mkdir -p /run/kata-containers
+exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock
+AGENT
+  chmod 755 "$R/usr/local/bin/kata-agent"
+  IMAGE_NAME="caa DEVELOPMENT pod VM image (kata-agent is caa's stand-in, caa/devtools/agent.py; not for production)"
+fi
+printf '%s\nvariant %s, key %s, kernel %s\n' "$IMAGE_NAME" "$VARIANT" "$key" "$KVER" > "$R/etc/motd"
+cat >> "$R/usr/lib/os-release" <<OSR
+IMAGE_ID="caa-podvm"
+IMAGE_VERSION="$key"
+VARIANT_ID="$VARIANT"
+OSR
+echo "caa-podvm" > "$R/etc/hostname"
+
+# no machine id baked in: systemd makes one per boot; each VM gets its own DHCP identity
+: > "$R/etc/machine-id"; rm -f "$R/var/lib/dbus/machine-id"
+printf '/dev/vda / ext4 ro 0 1\n' > "$R/etc/fstab"
+
+# kernel modules with their dependencies, and a modules.dep for the guest's modprobe
+KM=$R/lib/modules/$KVER
+for m in "${PODVM_BOOT_MODULES[@]}" "${PODVM_EXTRA_MODULES[@]}"; do
+  modprobe -d "$KDIR/kx" -S "$KVER" --show-depends "$m" 2>/dev/null || log "no module $m in $KVER"
+done | awk '$1=="insmod"{print $2}' | sort -u | while read -r f; do
+  rel=${f#*/lib/modules/$KVER/}; mkdir -p "$KM/$(dirname "$rel")"; cp "$f" "$KM/$rel"
+done
+cp "$KDIR/kx/lib/modules/$KVER"/modules.{order,builtin,builtin.modinfo} "$KM/"
+depmod -b "$R" "$KVER"
+echo "${PODVM_BOOT_MODULES[*]}" > "$R/usr/local/lib/caa/boot-modules"
+
+# trim (no compilers were ever installed; drop docs, locales, apt state)
+for p in "${PODVM_TRIM[@]}"; do rm -rf "${R:?}/$p"; mkdir -p "$R/$p"; done
+rm -rf "$R/opt/caa/share/man"
+find "$R/opt/caa" -type d \( -name tests -o -path '*/site-packages/twisted/*/test' \) -prune -exec rm -rf {} + 2>/dev/null || true
+rm -rf "$R/usr/lib/udev/hwdb.d" "$R/usr/lib/udev/hwdb.bin" "$R/etc/udev/hwdb.bin"
+
+# ---- outputs
+STAGE=$WORK/out; mkdir -p "$STAGE"
+ROOT_MB=$(du -sm "$R" | cut -f1)
+mkfs.ext4 -q -F -L caa-podvm -d "$R" "$WORK/root.raw" "$PODVM_ROOT_SIZE" >/dev/null
+qemu-img convert -O qcow2 "$WORK/root.raw" "$STAGE/caa-podvm$SUFFIX.qcow2"
+rm -f "$WORK/root.raw"
+cp "$KDIR/kx/boot/vmlinuz-$KVER" "$STAGE/vmlinuz"
+S=$WORK/stage1; mkdir -p "$S/bin" "$S/mods" "$S/proc" "$S/sys" "$S/dev" "$S/newroot"
+cp "$KDIR/busybox" "$S/bin/busybox"
+for m in "${PODVM_STAGE1_MODULES[@]}"; do modprobe -d "$KDIR/kx" -S "$KVER" --show-depends "$m"; done |
+  awk '$1=="insmod" && !seen[$2]++ {print $2}' | while read -r f; do cp "$f" "$S/mods/"; basename "$f"; done \
+  > "$S/modules.list"
+install -m755 "$HERE/stage1-init" "$S/init"
+(cd "$S" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$STAGE/initrd.img"
+BUILD_S=$(elapsed)
+size() { stat -c %s "$STAGE/$1"; }
+cat > "$STAGE/manifest.json" <<JSON
+{
+  "key": "$key",
+  "variant": "$VARIANT",
+  "kernel_version": "$KVER",
+  "qcow2": "caa-podvm$SUFFIX.qcow2",
+  "kernel": "vmlinuz",
+  "initrd": "initrd.img",
+  "kernel_cmdline": "console=ttyS0 quiet panic=-1 ro",
+  "sizes": {"qcow2": $(size "caa-podvm$SUFFIX.qcow2"), "kernel": $(size vmlinuz), "initrd": $(size initrd.img), "rootfs_mb": $ROOT_MB},
+  "build_seconds": $BUILD_S,
+  "wheels": [$(cd "$WORK/wheels" && ls ./*.whl | sed 's|^\./||; s/.*/"&"/' | paste -sd, -)]
+}
+JSON
+rm -rf "$OUT"; mv "$STAGE" "$OUT"
+# keep the three newest builds
+ls -dt "$CACHE"/podvm-*-* 2>/dev/null | tail -n +4 | xargs -r rm -rf
+log "built $OUT in $BUILD_S s (root $ROOT_MB MB, qcow2 $(du -h "$OUT/caa-podvm$SUFFIX.qcow2" | cut -f1))"
+echo "$OUT"
