@@ -1,0 +1,1 @@
+"""Verified test doubles; each module says what it stands for."""

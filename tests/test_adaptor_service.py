@@ -1,0 +1,369 @@
+"""Unit tests of the hypervisor service: lifecycle, errors, rollback, journal recovery (fakes, Clock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from caa.adaptor.interfaces import (
+    IAgentProxy,
+    IAgentProxyFactory,
+    IAgentTLS,
+    IPodNetworking,
+    ISandboxStore,
+    SandboxState,
+)
+from caa.adaptor.service import CloudService, ServiceConfig
+from caa.adaptor.store import SandboxStore
+from caa.providers.interfaces import InvalidConfig, IProvider, IProviderFactory, TransientError
+from caa.ttrpc import Code, TTRPCError
+from tests.fakes.adaptor import FakeNetworking, FakeProxyFactory, FakeTLS
+from tests.fakes.provider import FakeProvider, FakeProviderFactory
+
+SID = "3f2a9c81e0" + "ab" * 27
+
+
+def ann(pod: str = "nginx-7d9f", ns: str = "default", **extra: str) -> dict[str, str]:
+    d = {"io.kubernetes.cri.sandbox-name": pod, "io.kubernetes.cri.sandbox-namespace": ns}
+    d.update(extra)
+    return d
+
+
+class FakesAreVerified(SynchronousTestCase):
+    def test_fakes(self) -> None:
+        proxies = FakeProxyFactory()
+        verifyObject(IAgentProxyFactory, proxies)
+        verifyObject(IAgentProxy, proxies.new("x", "/tmp/x"))
+        verifyObject(IPodNetworking, FakeNetworking())
+        verifyObject(IAgentTLS, FakeTLS())
+        verifyObject(IProvider, FakeProvider(Clock()))
+        verifyObject(IProviderFactory, FakeProviderFactory())
+        verifyObject(ISandboxStore, SandboxStore(self.mktemp()))
+
+
+class Harness(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.provider = FakeProvider(self.clock)
+        self.proxies = FakeProxyFactory()
+        self.net = FakeNetworking()
+        self.tls = FakeTLS()
+        self.pods_dir = os.path.abspath(self.mktemp())
+        self.store = SandboxStore(self.pods_dir)
+        self.netns = os.path.abspath(self.mktemp())
+        open(self.netns, "w").close()
+        self.svc = self.make()
+
+    def make(self, **cfg: Any) -> CloudService:
+        return CloudService(self.clock, self.provider, self.proxies, self.store, self.net, self.tls,
+                            ServiceConfig(pods_dir=self.pods_dir, **cfg), wallclock=self.clock.seconds)
+
+    def create(self, sid: str = SID, **kw: str) -> str:
+        return self.successResultOf(Deferred.fromCoroutine(self.svc.create_vm(sid, ann(**kw), self.netns)))
+
+    def start(self, sid: str = SID) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.svc.start_vm(sid, None))
+
+    def stop(self, sid: str = SID) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.svc.stop_vm(sid))
+
+    def error(self, d: Deferred[Any]) -> TTRPCError:
+        f = self.failureResultOf(d, TTRPCError)
+        assert isinstance(f.value, TTRPCError)
+        return f.value
+
+    def assertClean(self, sid: str = SID) -> None:
+        self.assertEqual(self.provider.instances, {})
+        self.assertNotIn(sid, self.net.tunnels)
+        self.assertNotIn(sid, self.net.vnis)
+        self.assertFalse(os.path.exists(os.path.join(self.pods_dir, sid)))
+        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.proxies.live(sid), [])
+
+
+class CreateVMTests(Harness):
+    def test_create(self) -> None:
+        path = self.create()
+        self.assertEqual(path, os.path.join(self.pods_dir, SID, "agent.ttrpc"))
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.assertEqual((rec.state, rec.pod_name, rec.pod_namespace), (SandboxState.CREATED, "nginx-7d9f", "default"))
+        self.assertEqual(rec.server_name, "podvm-nginx-7d9f-3f2a9c81")
+        self.assertEqual(rec.vni, 555000)
+        d = os.path.join(self.pods_dir, SID)
+        self.assertEqual(stat.S_IMODE(os.stat(d).st_mode), 0o700)
+        for name in ("apf.json", "user-data", "sandbox.json"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(d, name)).st_mode), 0o600, name)
+        with open(os.path.join(d, "apf.json")) as f:
+            apf = json.load(f)
+        self.assertEqual(apf["pod-name"], "nginx-7d9f")
+        self.assertIn("podvm-nginx-7d9f-3f2a9c81", apf["tls-server-cert"])
+        self.assertIn("tls-client-ca", apf)
+        self.assertEqual(apf["pod-network"]["vxlan-id"], 555000)
+        with open(os.path.join(d, "user-data")) as f:
+            self.assertTrue(f.read().startswith("#cloud-config\n\nwrite_files:\n  - path: /run/peerpod/apf.json\n"))
+
+    def test_errors(self) -> None:
+        cases = [
+            ("", ann(), Code.INVALID_ARGUMENT, "empty sandbox id"),
+            (SID, {"io.kubernetes.cri.sandbox-namespace": "x"}, Code.INVALID_ARGUMENT,
+             "io.kubernetes.cri.sandbox-name"),
+            (SID, {"io.kubernetes.cri.sandbox-name": "x"}, Code.INVALID_ARGUMENT,
+             "io.kubernetes.cri.sandbox-namespace"),
+            ("../x", ann(), Code.INVALID_ARGUMENT, "invalid sandbox id"),
+        ]
+        for sid, a, code, text in cases:
+            e = self.error(Deferred.fromCoroutine(self.svc.create_vm(sid, a, self.netns)))
+            self.assertEqual(e.code, code)
+            self.assertIn(text, e.message)
+        self.assertEqual(self.store.load_all(), [])
+
+    def test_duplicate(self) -> None:
+        self.create()
+        e = self.error(Deferred.fromCoroutine(self.svc.create_vm(SID, ann(), self.netns)))
+        self.assertEqual(e.code, Code.ALREADY_EXISTS)
+        self.assertEqual(e.message, f"adding sandbox: sandbox {SID} already exists")
+
+    def test_inspect_fails(self) -> None:
+        self.net.fail_inspect = "no such netns"
+        e = self.error(Deferred.fromCoroutine(self.svc.create_vm(SID, ann(), "/nope")))
+        self.assertEqual(e.message, "failed to inspect netns /nope: no such netns")
+        self.assertClean()
+
+    def test_crio_name(self) -> None:
+        self.create(pod="k8s_web_ns_uid_0")
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.assertEqual(rec.pod_name, "web")
+
+
+class StartStopTests(Harness):
+    def test_lifecycle(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.assertEqual(rec.state, SandboxState.RUNNING)
+        self.assertEqual(rec.ips, ("192.0.2.1",))
+        self.assertEqual(self.net.tunnels[SID], ("192.0.2.1",))
+        [proxy] = self.proxies.live(SID)
+        assert proxy.started is not None
+        self.assertEqual(proxy.started[:2], (("192.0.2.1", 15150), "podvm-nginx-7d9f-3f2a9c81"))
+        self.assertEqual(proxy.started[2], 300.0)
+        self.assertIn(b"#cloud-config", self.provider.user_data[rec.instance_id])
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(
+            self.svc.get_info("nginx-7d9f", "default", False))), rec.instance_id)
+        self.successResultOf(self.start())  # idempotent
+        self.successResultOf(self.stop())
+        self.assertClean()
+        e = self.error(self.stop())
+        self.assertEqual((e.code, e.message), (Code.NOT_FOUND, f"stopping VM: sandbox {SID} does not exist"))
+
+    def test_unknown(self) -> None:
+        e = self.error(self.start("nope"))
+        self.assertEqual((e.code, e.message), (Code.NOT_FOUND, "getting sandbox: sandbox nope does not exist"))
+
+    def test_provider_fails(self) -> None:
+        self.create()
+        self.provider.fail_create = InvalidConfig("Error in creating volume: Can't retrieve volume x")
+        e = self.error(self.start())
+        self.assertEqual(e.code, Code.INVALID_ARGUMENT)
+        self.assertEqual(e.message, "creating an instance : Error in creating volume: Can't retrieve volume x")
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.assertEqual(rec.state, SandboxState.CREATED)
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_provider_leftover_deleted(self) -> None:
+        self.create()
+        self.provider.fail_create = TransientError("boom", instance_id="i-left")
+        self.error(self.start())
+        self.assertIn(("delete", "i-left"), self.provider.calls)
+
+    def test_no_ips(self) -> None:
+        self.create()
+        self.provider.no_ips = True
+        e = self.error(self.start())
+        self.assertEqual(e.message, "instance IP is not available")
+        self.assertEqual(self.provider.instances, {})
+
+    def test_tunnel_fails(self) -> None:
+        self.create()
+        self.net.fail_setup = "EEXIST"
+        e = self.error(self.start())
+        self.assertEqual(e.message, f"setting up pod network tunnel on netns {self.netns}: EEXIST")
+        self.assertEqual(self.provider.instances, {})
+        self.assertIn(("teardown", SID), self.net.calls)
+        self.net.fail_setup = None
+        self.successResultOf(self.start())  # a retry works
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_proxy_fails(self) -> None:
+        self.create()
+        self.proxies.fail_start = "connection refused"
+        e = self.error(self.start())
+        self.assertEqual(e.code, Code.UNAVAILABLE)
+        self.assertIn("failed to establish agent proxy connection to 192.0.2.1:15150", e.message)
+        self.assertEqual(self.provider.instances, {})
+        self.assertNotIn(SID, self.net.tunnels)
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_deadline_bounds_proxy(self) -> None:
+        self.create()
+        self.clock.advance(100)
+        self.successResultOf(Deferred.fromCoroutine(self.svc.start_vm(SID, 160.0)))
+        [proxy] = self.proxies.live(SID)
+        assert proxy.started is not None
+        self.assertEqual(proxy.started[2], 160.0)
+
+    def test_stop_during_start(self) -> None:
+        self.create()
+        self.provider.hold_create = True
+        d = self.start()
+        self.assertNoResult(d)
+        s = self.stop()
+        self.provider.release_create()
+        self.failureResultOf(d)
+        self.successResultOf(s)
+        self.assertClean()
+
+    def test_stop_while_proxy_dials(self) -> None:
+        self.create()
+        self.proxies.auto_ready = False
+        d = self.start()
+        self.assertNoResult(d)
+        self.successResultOf(self.stop())
+        self.failureResultOf(d)
+        self.assertClean()
+
+    def test_delete_failure_retried_by_sweep(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        self.provider.fail_delete = TransientError("throttled")
+        self.successResultOf(self.stop())
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.assertEqual(rec.state, SandboxState.STOP_INTENT)
+        self.provider.fail_delete = None
+        self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))
+        self.assertClean()
+
+    def test_fifty_concurrent(self) -> None:
+        sids = [f"{i:02d}" + "c" * 62 for i in range(50)]
+        self.provider.hold_create = True
+        for i, sid in enumerate(sids):
+            self.create(sid, pod=f"pod-{i}")
+        starts = [self.start(sid) for sid in sids]
+        self.assertEqual(len([c for c in self.provider.calls if c[0] == "create"]), 50)
+        self.provider.release_create()
+        for d in starts:
+            self.successResultOf(d)
+        self.assertEqual(len(set(self.net.vnis.values())), 50)
+        for d in [self.stop(sid) for sid in sids]:
+            self.successResultOf(d)
+        self.assertEqual(self.provider.instances, {})
+        self.assertEqual(self.store.load_all(), [])
+
+
+class GetInfoTests(Harness):
+    def test_not_found(self) -> None:
+        e = self.error(Deferred.fromCoroutine(self.svc.get_info("p", "ns", False)))
+        self.assertEqual((e.code, e.message), (Code.NOT_FOUND, "VM ID for ns:p was not found"))
+
+    def test_wait_for_id(self) -> None:
+        self.create()
+        d = Deferred.fromCoroutine(self.svc.get_info("nginx-7d9f", "default", True))
+        self.assertNoResult(d)
+        self.provider.hold_create = True
+        start = self.start()
+        self.assertNoResult(d)
+        self.provider.release_create()
+        self.successResultOf(start)
+        self.assertEqual(self.successResultOf(d), "i-podvm-nginx-7d9f-3f2a9c81")
+
+    def test_wait_cancelled(self) -> None:
+        d = Deferred.fromCoroutine(self.svc.get_info("p", "ns", True))
+        d.cancel()
+        self.failureResultOf(d)
+        self.assertEqual(self.svc._info_waiters, [])
+
+
+class RecoveryTests(Harness):
+    def restart(self) -> None:
+        self.proxies = FakeProxyFactory()
+        self.svc = self.make()
+        self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
+
+    def test_running_readopted(self) -> None:
+        path = self.create()
+        self.successResultOf(self.start())
+        self.restart()
+        [proxy] = self.proxies.live(SID)
+        self.assertEqual(proxy.socket_path, path)
+        self.assertIn(SID, self.net.tunnels)
+        self.assertEqual(len(self.provider.instances), 1)
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_created_kept(self) -> None:
+        self.create()
+        self.restart()
+        self.successResultOf(self.start())
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_interrupted_create_rolled_back(self) -> None:
+        self.create()
+        self.provider.hold_create = True
+        self.start()
+        self.provider.hold_create = False
+        self.provider.release_create()  # the VM exists but the old process "died" before journalling it
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.store.put(rec.evolve(state=SandboxState.CREATE_INTENT, instance_id="", ips=()))
+        self.restart()
+        self.assertIn(("find", "podvm-nginx-7d9f-3f2a9c81"), self.provider.calls)
+        self.assertEqual(self.provider.instances, {})
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.assertEqual(rec.state, SandboxState.CREATED)
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_tunnel_intent_rolled_back(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.store.put(rec.evolve(state=SandboxState.TUNNEL_INTENT))
+        self.restart()
+        self.assertEqual(self.provider.instances, {})
+        self.assertNotIn(SID, self.net.tunnels)
+        self.successResultOf(self.stop())
+        self.assertClean()
+
+    def test_stop_intent_finished(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        rec = self.store.get(SID)
+        assert rec is not None
+        self.store.put(rec.evolve(state=SandboxState.STOP_INTENT))
+        self.restart()
+        self.assertClean()
+
+    def test_pod_gone_cleaned(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        os.unlink(self.netns)
+        self.restart()
+        self.assertClean()
