@@ -1,0 +1,461 @@
+"""caa-process-user-data: fetch the pod VM's user data and write the allowed `/run/peerpod/*` files.
+
+One-shot, run before the forwarder (spec-podvm §2). Sources, first match wins:
+
+1. NoCloud `cidata` volume: `<cidata-dir>/user-data` (the volume is mounted read-only first if it is present
+   and not mounted yet), or `--user-data-file`;
+2. Azure IMDS, 3. AWS IMDS (v2 token, v1 fallback), 4. GCP metadata server, 5. Alibaba Cloud metadata,
+   each detected from `/sys/class/dmi/id/sys_vendor` (GCP also by probing its metadata server).
+
+The document is a strict cloud-config: only `write_files` items with `path` and `content`; any other key
+or a duplicate key is an error. Only the six allowed paths are written (credentials 0600, the rest 0644);
+then initdata is processed (`caa.forwarder.initdata`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from caa.forwarder import initdata
+
+__all__ = [
+    "UserDataError",
+    "WriteFile",
+    "ALLOWED_FILES",
+    "CREDENTIAL_FILES",
+    "PEERPOD_DIR",
+    "parse_cloud_config",
+    "write_allowed_files",
+    "FileSource",
+    "AzureSource",
+    "AWSSource",
+    "GCPSource",
+    "AlibabaSource",
+    "detect_source",
+    "retrieve_cloud_config",
+    "provision",
+    "make_http_client",
+    "main",
+]
+
+PEERPOD_DIR = "/run/peerpod"
+ALLOWED_FILES = ("aa.toml", "cdh.toml", "apf.json", "auth.json", "initdata", "scratch-space.marker")
+#: Files holding secrets: registry credentials, and apf.json which carries the VM's TLS server key.
+CREDENTIAL_FILES = frozenset({"auth.json", "apf.json"})
+CIDATA_DIR = "/media/cidata"
+CIDATA_DEVICE = "/dev/disk/by-label/cidata"
+DMI_DIR = "/sys/class/dmi/id"
+
+AZURE_URL = "http://169.254.169.254"
+AWS_URL = "http://169.254.169.254"
+GCP_URL = "http://metadata.google.internal"
+ALIBABA_URL = "http://100.100.100.200"
+
+AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+AWS_TOKEN_PATH = "/latest/api/token"
+AWS_USERDATA_PATH = "/latest/user-data"
+GCP_PROBE_PATH = "/computeMetadata/v1/instance"
+GCP_USERDATA_PATH = "/computeMetadata/v1/instance/attributes/user-data"
+ALIBABA_USERDATA_PATH = "/latest/user-data"
+
+FETCH_ATTEMPTS = 10
+RETRY_DELAY = 5.0
+DEFAULT_TIMEOUT = 180.0
+REQUEST_TIMEOUT = 10.0
+AWS_TOKEN_TIMEOUT = 5.0
+
+_log = Logger(namespace="caa.forwarder.userdata")
+
+
+class UserDataError(Exception):
+    """User data could not be fetched, decoded or parsed; the message says which."""
+
+
+@attr.frozen
+class WriteFile:
+    path: str
+    content: str
+
+
+# --- strict cloud-config --------------------------------------------------------------------------------
+
+
+def _strict_loader() -> type:
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return dict(yaml.SafeLoader.construct_mapping(loader, node, deep=deep))
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
+
+
+def parse_cloud_config(text: bytes | str) -> list[WriteFile]:
+    """Parse the strict `{write_files: [{path, content}]}` cloud-config (upstream's yaml.v2 UnmarshalStrict).
+
+    `#cloud-config` is a comment; an empty document gives no files. Any other key at either level, a
+    duplicate key or a non-string value is a `UserDataError`.
+    """
+    import yaml
+
+    try:
+        doc = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise UserDataError(f"invalid cloud-config YAML: {e}") from None
+    if doc is None:
+        return []
+    if not isinstance(doc, dict):
+        raise UserDataError(f"cloud-config must be a mapping, not {type(doc).__name__}")
+    extra = sorted(str(k) for k in doc if k != "write_files")
+    if extra:
+        raise UserDataError(f"cloud-config: unsupported key(s) {', '.join(extra)}")
+    items = doc.get("write_files")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise UserDataError("cloud-config: write_files must be a list")
+    files: list[WriteFile] = []
+    for i, item in enumerate(items):
+        if item is None:
+            item = {}
+        if not isinstance(item, dict):
+            raise UserDataError(f"cloud-config: write_files[{i}] must be a mapping")
+        extra = sorted(str(k) for k in item if k not in ("path", "content"))
+        if extra:
+            raise UserDataError(f"cloud-config: write_files[{i}]: unsupported key(s) {', '.join(extra)}")
+        path, content = item.get("path", ""), item.get("content", "")
+        path = "" if path is None else path
+        content = "" if content is None else content
+        if not isinstance(path, str) or not isinstance(content, str):
+            raise UserDataError(f"cloud-config: write_files[{i}]: path and content must be strings")
+        files.append(WriteFile(path, content))
+    return files
+
+
+def _write(path: Path, content: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_allowed_files(files: Sequence[WriteFile], output_dir: str | os.PathLike[str]) -> list[str]:
+    """Write each file whose path is exactly `/run/peerpod/<allowed name>` into `output_dir`.
+
+    Returns the names written. Others are skipped with a log line (never written).
+    """
+    allowed = {f"{PEERPOD_DIR}/{n}": n for n in ALLOWED_FILES}
+    out = Path(output_dir)
+    written: list[str] = []
+    for f in files:
+        name = allowed.get(f.path)
+        if name is None:
+            _log.warn("File: {path} is not allowed in WriteFiles.", path=f.path)
+            continue
+        mode = 0o600 if name in CREDENTIAL_FILES else 0o644
+        _write(out / name, f.content.encode("utf-8"), mode)
+        _log.info("wrote {path} ({size} bytes, mode {mode:o})", path=str(out / name),
+                  size=len(f.content), mode=mode)
+        written.append(name)
+    return written
+
+
+# --- sources --------------------------------------------------------------------------------------------
+
+HTTPGet = Callable[..., "Deferred[Any]"]
+
+
+def _dmi_vendor(dmi_dir: str) -> str:
+    try:
+        return Path(dmi_dir, "sys_vendor").read_text().strip()
+    except OSError:
+        return ""
+
+
+async def _http(http: Any, method: str, url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    resp = await http.request(method, url, headers={k: [v] for k, v in headers.items()}, timeout=timeout)
+    body = await resp.content()
+    return int(resp.code), bytes(body)
+
+
+async def _get_ok(http: Any, url: str, headers: dict[str, str], timeout: float = REQUEST_TIMEOUT) -> bytes:
+    try:
+        code, body = await _http(http, "GET", url, headers, timeout)
+    except Exception as e:
+        raise UserDataError(f"GET {url}: {e}") from None
+    if code != 200:
+        raise UserDataError(f"GET {url}: HTTP status {code}")
+    return body
+
+
+def _b64(body: bytes, what: str) -> bytes:
+    try:
+        return base64.b64decode(body.replace(b"\r", b"").replace(b"\n", b""), validate=True)
+    except (binascii.Error, ValueError):
+        raise UserDataError(f"{what} user data is not base64") from None
+
+
+@attr.frozen
+class FileSource:
+    """A local user-data file (NoCloud `cidata`'s `user-data`, or `--user-data-file`)."""
+
+    path: str
+    name: str = "file"
+
+    async def fetch(self) -> bytes:
+        try:
+            return Path(self.path).read_bytes()
+        except OSError as e:
+            raise UserDataError(f"cannot read {self.path}: {e.strerror}") from None
+
+
+@attr.frozen
+class AzureSource:
+    """Azure IMDS: `userData` (base64) with header `Metadata: true`."""
+
+    http: Any
+    base_url: str = AZURE_URL
+    name: str = "azure"
+
+    async def fetch(self) -> bytes:
+        body = await _get_ok(self.http, self.base_url + AZURE_USERDATA_PATH, {"Metadata": "true"})
+        return _b64(body, "Azure")
+
+
+@attr.frozen
+class AWSSource:
+    """AWS IMDS: IMDSv2 token (PUT, TTL 60 s, 5 s timeout), then user-data; without a token IMDSv1."""
+
+    http: Any
+    base_url: str = AWS_URL
+    name: str = "aws"
+
+    async def token(self) -> str | None:
+        url = self.base_url + AWS_TOKEN_PATH
+        try:
+            code, body = await _http(self.http, "PUT", url, {"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+                                     AWS_TOKEN_TIMEOUT)
+        except Exception as e:
+            _log.warn("AWS IMDSv2 token request failed ({error}); falling back to IMDSv1", error=str(e))
+            return None
+        if code != 200:
+            _log.warn("AWS IMDSv2 token request: HTTP status {code}; falling back to IMDSv1", code=code)
+            return None
+        return body.decode("ascii", "replace").strip()
+
+    async def fetch(self) -> bytes:
+        token = await self.token()
+        headers = {"X-aws-ec2-metadata-token": token} if token else {}
+        return await _get_ok(self.http, self.base_url + AWS_USERDATA_PATH, headers)
+
+
+@attr.frozen
+class GCPSource:
+    """GCP metadata server: `attributes/user-data` (base64) with header `Metadata-Flavor: Google`."""
+
+    http: Any
+    base_url: str = GCP_URL
+    name: str = "gcp"
+
+    async def probe(self) -> bool:
+        try:
+            code, _ = await _http(self.http, "GET", self.base_url + GCP_PROBE_PATH,
+                                  {"Metadata-Flavor": "Google"}, REQUEST_TIMEOUT)
+        except Exception:
+            return False
+        return code == 200
+
+    async def fetch(self) -> bytes:
+        body = await _get_ok(self.http, self.base_url + GCP_USERDATA_PATH, {"Metadata-Flavor": "Google"})
+        return _b64(body, "GCP")
+
+
+@attr.frozen
+class AlibabaSource:
+    """Alibaba Cloud metadata: `latest/user-data` (plain)."""
+
+    http: Any
+    base_url: str = ALIBABA_URL
+    name: str = "alibaba"
+
+    async def fetch(self) -> bytes:
+        return await _get_ok(self.http, self.base_url + ALIBABA_USERDATA_PATH, {})
+
+
+Source = FileSource | AzureSource | AWSSource | GCPSource | AlibabaSource
+
+
+def _mount_cidata(cidata_dir: str, device: str = CIDATA_DEVICE) -> None:
+    """Mount the NoCloud volume read-only at `cidata_dir` when it exists and is not mounted (best effort)."""
+    if not os.path.exists(device) or os.path.ismount(cidata_dir):
+        return
+    os.makedirs(cidata_dir, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "iso9660", "-o", "ro", device, cidata_dir],
+                       capture_output=True, text=True, check=False)
+    if r.returncode:
+        _log.warn("mounting {device} at {dir} failed: {err}", device=device, dir=cidata_dir,
+                  err=r.stderr.strip())
+
+
+async def detect_source(
+    http: Any,
+    cidata_dir: str = CIDATA_DIR,
+    dmi_dir: str = DMI_DIR,
+    urls: dict[str, str] | None = None,
+) -> Source | None:
+    """Pick the user-data source, in upstream's order. `urls` overrides base URLs (tests, development)."""
+    urls = urls or {}
+    user_data = os.path.join(cidata_dir, "user-data")
+    try:
+        os.stat(user_data)
+        return FileSource(user_data)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return FileSource(user_data)  # like upstream: a stat error other than not-exist counts
+    vendor = _dmi_vendor(dmi_dir)
+    if vendor.startswith("Microsoft"):
+        return AzureSource(http, urls.get("azure", AZURE_URL))
+    if vendor == "Amazon EC2":
+        return AWSSource(http, urls.get("aws", AWS_URL))
+    if vendor == "Google":
+        gcp = GCPSource(http, urls.get("gcp", GCP_URL))
+        if await gcp.probe():
+            return gcp
+    if vendor == "Alibaba Cloud":
+        return AlibabaSource(http, urls.get("alibaba", ALIBABA_URL))
+    return None
+
+
+async def retrieve_cloud_config(
+    source: Any,
+    clock: IReactorTime,
+    attempts: int = FETCH_ATTEMPTS,
+    delay: float = RETRY_DELAY,
+    deadline: float | None = None,
+) -> list[WriteFile]:
+    """Fetch and parse, retrying both (a half-written file is retried): `attempts` tries, `delay` apart,
+    never past `deadline` (in `clock.seconds()` time)."""
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return parse_cloud_config(await source.fetch())
+        except UserDataError as e:
+            last = e
+            _log.warn("user data from {source}, attempt {attempt}/{attempts}: {error}",
+                      source=source.name, attempt=attempt, attempts=attempts, error=str(e))
+        if attempt == attempts or (deadline is not None and clock.seconds() + delay > deadline):
+            break
+        await deferLater(clock, delay)  # type: ignore[arg-type]
+    raise UserDataError(f"failed to retrieve cloud config: {last}")
+
+
+async def provision(
+    clock: IReactorTime,
+    output_dir: str = PEERPOD_DIR,
+    source: Any | None = None,
+    http: Any | None = None,
+    cidata_dir: str = CIDATA_DIR,
+    dmi_dir: str = DMI_DIR,
+    timeout: float = DEFAULT_TIMEOUT,
+    delay: float = RETRY_DELAY,
+) -> list[str]:
+    """The whole `provision-files` run; returns the names written (user data, then initdata)."""
+    deadline = clock.seconds() + timeout
+    written: list[str] = []
+    if source is None:
+        source = await detect_source(http, cidata_dir, dmi_dir)
+    if source is None:
+        _log.info("unsupported user data provider (no cidata volume, unknown cloud): initdata only")
+    else:
+        _log.info("user data source: {source}", source=source.name)
+        files = await retrieve_cloud_config(source, clock, delay=delay, deadline=deadline)
+        written += write_allowed_files(files, output_dir)
+    try:
+        init = initdata.process(output_dir)
+    except (initdata.InitdataError, OSError) as e:
+        raise UserDataError(f"failed to extract initdata hash: {e}") from None
+    written += [n for n in init.data if n in initdata.INITDATA_FILES] + ["initdata.digest"]
+    return written
+
+
+def make_http_client(reactor: Any) -> Any:
+    """A treq client without persistent connections (a one-shot program leaves nothing open)."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="caa-process-user-data",
+        description="Write the pod VM's /run/peerpod files from its user data (cidata volume or cloud IMDS).",
+    )
+    p.add_argument("-v", "--version", action="store_true", help="print the version and exit")
+    p.add_argument("command", nargs="?", default="provision-files", choices=["provision-files"])
+    p.add_argument("-t", "--user-data-fetch-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="bound for the whole run (default 180)")
+    p.add_argument("--user-data-file", help="read user data from this file instead of detecting a source")
+    p.add_argument("--output-dir", default=PEERPOD_DIR, help="where to write the files (default /run/peerpod)")
+    p.add_argument("--cidata-dir", default=CIDATA_DIR, help="mount point of the NoCloud cidata volume")
+    p.add_argument("--no-mount-cidata", action="store_true", help="do not mount the cidata volume")
+    p.add_argument("--retry-delay", type=float, default=RETRY_DELAY, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from caa import __version__
+
+        print(f"caa-process-user-data version {__version__}")
+        raise SystemExit(0)
+    from twisted.internet.task import react
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    if args.user_data_file is None and not args.no_mount_cidata and args.cidata_dir == CIDATA_DIR:
+        _mount_cidata(args.cidata_dir)
+
+    async def run(reactor: Any) -> None:
+        source = FileSource(args.user_data_file) if args.user_data_file else None
+        http = None if source is not None else make_http_client(reactor)
+        try:
+            await provision(reactor, args.output_dir, source=source, http=http, cidata_dir=args.cidata_dir,
+                            timeout=args.user_data_fetch_timeout, delay=args.retry_delay)
+        except UserDataError as e:
+            print(f"caa-process-user-data: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
