@@ -27,6 +27,7 @@ Error contract (spec-providers §1.8, fixed where upstream is weak):
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from attrs import field, frozen
@@ -35,6 +36,10 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.python import usage
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
 
 
 @frozen
@@ -57,7 +62,7 @@ class InstanceSpec:
     gpus: int = 0
     image: str = ""
     multi_nic: bool = False
-    volumes: tuple[str, ...] = field(default=(), converter=tuple)
+    volumes: tuple[str, ...] = field(default=(), converter=_strings)
     arch: str = ""
 
 
@@ -75,7 +80,7 @@ class Instance:
 
     id: str
     name: str
-    ips: tuple[str, ...] = field(default=(), converter=tuple)
+    ips: tuple[str, ...] = field(default=(), converter=_strings)
 
 
 class ErrorKind(enum.Enum):

@@ -1,0 +1,593 @@
+"""
+The libvirt provider. Every libvirt call runs on one owner thread per connection (a one-thread pool), so
+the reactor never blocks and libvirt streams are never used re-entrantly; waits (the VM's IP) are
+scheduled on the injected reactor clock with one overall deadline.
+
+Fixes over upstream (spec-providers §16.2 #2-#6, #26):
+- a domain that already exists under the VM name is returned (after checking it belongs to the same
+  sandbox) instead of a success without UUID or IPs;
+- a create that fails at any step, or is cancelled, removes what it made (volumes, ISO, domain);
+  leftovers of an interrupted earlier create (same names) are removed before creating;
+- the IP wait polls the domain's lease addresses and the network's DHCP leases with a short back-off up
+  to one deadline (--ip-timeout), and stops at once if the domain dies;
+- the ISO's disk path is the volume's path, not its key;
+- a lost connection (libvirtd restart) is reopened on the next call;
+- deleting a missing instance succeeds.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from caa.providers.cidata import build_cidata_iso
+from caa.providers.interfaces import (
+    Instance,
+    InstanceSpec,
+    InvalidConfig,
+    IProvider,
+    ProviderError,
+    QuotaExceeded,
+    TransientError,
+)
+from caa.providers.libvirt.config import LibvirtConfig
+from caa.providers.libvirt.domainxml import (
+    METADATA_NS,
+    DomainParams,
+    HostCapabilities,
+    LaunchSecurity,
+    SevParameters,
+    build_domain_xml,
+    file_disk_paths,
+    interface_macs,
+    iso_volume_xml,
+    parse_sev_parameters,
+    resolve_launch_security,
+    root_volume_xml,
+    volume_capacity_bytes,
+    volume_format,
+)
+from caa.providers.naming import instance_name
+
+T = TypeVar("T")
+
+
+def _ignore_libvirt_errors(_context: object, _error: object) -> None:
+    """libvirt prints every error on stderr by default; we report them ourselves."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+_BROKEN_CONNECTION = {
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_INTERNAL_ERROR,
+}
+_CONFIG_ERRORS = {
+    libvirt.VIR_ERR_XML_ERROR,
+    libvirt.VIR_ERR_XML_DETAIL,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_INVALID_ARG,
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+    libvirt.VIR_ERR_NO_STORAGE_POOL,
+    libvirt.VIR_ERR_NO_NETWORK,
+    libvirt.VIR_ERR_NO_STORAGE_VOL,
+}
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+_QUOTA_WORDS = ("cannot allocate memory", "no space left", "out of memory", "insufficient")
+
+
+def _code(error: libvirt.libvirtError) -> int:
+    return error.get_error_code() or 0
+
+
+def map_libvirt_error(error: libvirt.libvirtError, context: str) -> ProviderError:
+    """`<context>: <libvirt message>` as a ProviderError of the right kind."""
+    message = f"{context}: {error.get_error_message() or error}"
+    code = _code(error)
+    if any(word in message.lower() for word in _QUOTA_WORDS):
+        return QuotaExceeded(message)
+    if code in _CONFIG_ERRORS:
+        return InvalidConfig(message)
+    return TransientError(message)
+
+
+def _is_connection_error(error: libvirt.libvirtError) -> bool:
+    if _code(error) not in _BROKEN_CONNECTION:
+        return False
+    text = str(error).lower()
+    return _code(error) != libvirt.VIR_ERR_INTERNAL_ERROR or "connection" in text or "closed" in text
+
+
+@define
+class _Made:
+    """What one create has made so far (filled in on the owner thread)."""
+
+    volumes: list[str] = field(factory=list)
+    domain_defined: bool = False
+
+
+class _ConnectionOwner:
+    """The thread that owns one libvirt connection; `run(f, ...)` calls `f(conn, ...)` there."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, uri: str, redacted_uri: str) -> None:
+        self._reactor = reactor
+        self._uri = uri
+        self._redacted_uri = redacted_uri
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"libvirt-{redacted_uri}")
+        self._started = False
+        self._conn: libvirt.virConnect | None = None
+
+    def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        if not self._started:
+            self._pool.start()
+            self._started = True
+        return deferToThreadPool(self._reactor, self._pool, self._call, function, *args)
+
+    def _connection(self) -> libvirt.virConnect:
+        if self._conn is not None:
+            try:
+                alive = self._conn.isAlive()
+            except libvirt.libvirtError:
+                alive = 0
+            if alive:
+                return self._conn
+            self._log.warn("libvirt connection to {uri} lost; reconnecting", uri=self._redacted_uri)
+            self._drop()
+        try:
+            self._conn = libvirt.open(self._uri)
+        except libvirt.libvirtError as e:
+            raise TransientError(f"cannot connect to libvirt at {self._redacted_uri}: {e}") from None
+        return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
+        conn = self._connection()
+        try:
+            return function(conn, *args)
+        except libvirt.libvirtError as e:
+            if _is_connection_error(e):
+                self._drop()
+            raise map_libvirt_error(e, "libvirt") from None
+
+    def close(self) -> Deferred[None]:
+        if not self._started:
+            return Deferred.fromCoroutine(_none())
+
+        def close_on_thread(_conn: object = None) -> None:
+            self._drop()
+
+        d = deferToThreadPool(self._reactor, self._pool, close_on_thread)
+
+        def stop(result: object) -> object:
+            self._pool.stop()
+            self._started = False
+            return result
+
+        d.addBoth(stop)
+        return d
+
+
+async def _none() -> None:
+    return None
+
+
+def _not_found(error: libvirt.libvirtError, *codes: int) -> bool:
+    return _code(error) in codes
+
+
+@implementer(IProvider)
+class LibvirtProvider:
+    _log = Logger()
+
+    def __init__(self, reactor: Any, config: LibvirtConfig) -> None:
+        self._reactor = reactor
+        self.config = config
+        self._owner = _ConnectionOwner(reactor, config.uri, str(config.redacted()["uri"]))
+        self._host: HostCapabilities | None = None
+        self._sev: SevParameters | None = None
+
+    # -- IProvider ------------------------------------------------------------------------------------
+
+    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
+        return instance_name(pod_name, sandbox_id, 63)
+
+    def create_instance(
+        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
+    ) -> Deferred[Instance]:
+        return Deferred.fromCoroutine(self._create(pod_name, sandbox_id, user_data, spec))
+
+    def delete_instance(self, instance_id: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._delete(instance_id))
+
+    def find_instance(self, name: str) -> Deferred[Instance | None]:
+        return self._owner.run(self._t_find, name)
+
+    def verify_config(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._verify())
+
+    def teardown(self) -> Deferred[None]:
+        return self._owner.close()
+
+    # -- coroutines on the reactor thread --------------------------------------------------------------
+
+    async def _verify(self) -> None:
+        self.config.check()
+        await self._owner.run(self._t_verify)
+        self._log.info("libvirt provider ready: {config}", config=self.config.redacted())
+
+    async def _create(self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        started = self._reactor.seconds()
+        deadline = started + self.config.ip_timeout
+        name = self.instance_name(pod_name, sandbox_id)
+        vcpus = spec.vcpus or self.config.cpu
+        memory = spec.memory_mib or self.config.memory
+        image = spec.image or self.config.vol_name
+        self._log.info(
+            "{sandbox_id}: Choosing {image} as libvirt volume for the PodVM image", sandbox_id=sandbox_id, image=image
+        )
+        host = await self._owner.run(self._t_host)
+        security = resolve_launch_security(self.config.disable_cvm, self.config.launch_security, host.arch)
+        existing = await self._owner.run(self._t_existing, name, sandbox_id)
+        if existing is not None:
+            self._log.info("{sandbox_id}: domain {name} exists already; reusing it", sandbox_id=sandbox_id, name=name)
+            ips = await self._wait_for_ips(existing, deadline)
+            return Instance(existing, name, ips)
+        made = _Made()
+        try:
+            if security in (LaunchSecurity.SEV, LaunchSecurity.SEV_SNP):
+                await self._owner.run(self._t_sev)
+            root_path, iso_path = await self._owner.run(self._t_volumes, name, image, user_data, made)
+            params = DomainParams(
+                name=name,
+                vcpus=vcpus,
+                memory_mib=memory,
+                root_path=root_path,
+                iso_path=iso_path,
+                network=self.config.network_name,
+                cpuset=self.config.cpuset,
+                firmware=self.config.firmware,
+                domain_type=self.config.domain_type,
+                launch_security=security,
+                sev=self._sev,
+                pod_name=pod_name,
+                sandbox_id=sandbox_id,
+            )
+            domain_xml = build_domain_xml(params, host)
+            domain_uuid = await self._owner.run(self._t_define_and_start, domain_xml, vcpus, memory, made)
+            ips = await self._wait_for_ips(domain_uuid, deadline)
+        except BaseException as e:
+            await self._rollback(name, made, sandbox_id, e)
+            if isinstance(e, (ProviderError, CancelledError)):
+                raise
+            raise TransientError(f"creating domain {name} failed: {e}") from e
+        self._log.info(
+            "{sandbox_id}: created instance {instance_id} ({name}) at {ips} in {elapsed:.1f}s",
+            sandbox_id=sandbox_id,
+            instance_id=domain_uuid,
+            name=name,
+            ips=list(ips),
+            elapsed=self._reactor.seconds() - started,
+        )
+        return Instance(domain_uuid, name, ips)
+
+    async def _rollback(self, name: str, made: _Made, sandbox_id: str, cause: BaseException) -> None:
+        self._log.warn(
+            "{sandbox_id}: creating {name} failed ({cause}); removing what was made",
+            sandbox_id=sandbox_id,
+            name=name,
+            cause=str(cause) or type(cause).__name__,
+        )
+        try:
+            await self._owner.run(self._t_remove_by_name, name)
+        except Exception:
+            self._log.failure("{sandbox_id}: rollback of {name} failed", sandbox_id=sandbox_id, name=name)
+            if isinstance(cause, ProviderError) and made.domain_defined:
+                cause.instance_id = name
+
+    async def _wait_for_ips(self, domain_uuid: str, deadline: float) -> tuple[str, ...]:
+        delay = 0.1
+        while True:
+            ips = await self._owner.run(self._t_addresses, domain_uuid)
+            if ips:
+                return ips
+            remaining = deadline - self._reactor.seconds()
+            if remaining <= 0:
+                raise TransientError(f"Domain (uuid={domain_uuid}) IP addresses not found")
+            await deferLater(self._reactor, min(delay, remaining), lambda: None)
+            delay = min(delay * 2, 1.0)
+
+    async def _delete(self, instance_id: str) -> None:
+        if not instance_id:
+            raise InvalidConfig("DeleteInstance called with empty instanceID")
+        removed = await self._owner.run(self._t_delete, instance_id)
+        if removed:
+            self._log.info("deleted instance {instance_id}", instance_id=instance_id)
+        else:
+            self._log.info("instance {instance_id} does not exist; nothing to delete", instance_id=instance_id)
+
+    # -- steps on the owner thread (each takes the connection first) -----------------------------------
+
+    def _pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
+        try:
+            return conn.storagePoolLookupByName(self.config.pool_name)
+        except libvirt.libvirtError as e:
+            raise InvalidConfig(f'can\'t find storage pool "{self.config.pool_name}": {e}') from None
+
+    def _refresh(self, pool: libvirt.virStoragePool) -> None:
+        # A refresh fails while another refresh or an upload runs; try a few times, briefly.
+        for attempt in range(5):
+            try:
+                pool.refresh(0)
+                return
+            except libvirt.libvirtError as e:
+                if attempt == 4:
+                    raise map_libvirt_error(e, f"refreshing storage pool {self.config.pool_name}") from None
+                time.sleep(0.2 * (attempt + 1))
+
+    def _t_verify(self, conn: libvirt.virConnect) -> None:
+        pool = self._pool(conn)
+        if not pool.isActive():
+            raise InvalidConfig(f'storage pool "{self.config.pool_name}" is not active')
+        try:
+            network = conn.networkLookupByName(self.config.network_name)
+        except libvirt.libvirtError as e:
+            raise InvalidConfig(f'can\'t find network "{self.config.network_name}": {e}') from None
+        if not network.isActive():
+            raise InvalidConfig(f'network "{self.config.network_name}" is not active')
+        self._t_host(conn)
+        try:
+            pool.storageVolLookupByName(self.config.vol_name)
+        except libvirt.libvirtError:
+            self._log.warn(
+                "base volume {vol} is not in pool {pool} yet; creates fail until it is uploaded",
+                vol=self.config.vol_name,
+                pool=self.config.pool_name,
+            )
+
+    def _t_host(self, conn: libvirt.virConnect) -> HostCapabilities:
+        if self._host is None:
+            model = conn.getInfo()[0]
+            self._host = HostCapabilities.parse(conn.getCapabilities(), model)
+        return self._host
+
+    def _t_sev(self, conn: libvirt.virConnect) -> None:
+        if self._sev is None:
+            try:
+                caps = conn.getDomainCapabilities(None, None, None, self.config.domain_type, 0)
+            except libvirt.libvirtError as e:
+                raise map_libvirt_error(e, "reading domain capabilities for SEV") from None
+            self._sev = parse_sev_parameters(caps)
+
+    def _t_existing(self, conn: libvirt.virConnect, name: str, sandbox_id: str) -> str | None:
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if _not_found(e, libvirt.VIR_ERR_NO_DOMAIN):
+                return None
+            raise map_libvirt_error(e, "Error in checking instance") from None
+        owner = _metadata_sandbox(domain.XMLDesc(0))
+        if owner != sandbox_id:
+            raise InvalidConfig(f"a domain named {name} already exists and does not belong to sandbox {sandbox_id}")
+        if not domain.isActive():
+            domain.create()
+        return str(domain.UUIDString())
+
+    def _t_volumes(
+        self, conn: libvirt.virConnect, name: str, image: str, user_data: bytes, made: _Made
+    ) -> tuple[str, str]:
+        pool = self._pool(conn)
+        self._refresh(pool)
+        try:
+            base = pool.storageVolLookupByName(image)
+        except libvirt.libvirtError:
+            try:
+                base = conn.storageVolLookupByKey(image)
+            except libvirt.libvirtError:
+                raise InvalidConfig(f"Error in creating volume: Can't retrieve volume {image}") from None
+        root_name, iso_name = f"{name}-root.qcow2", f"{name}-cloudinit.iso"
+        # Leftovers of an interrupted create under the same names would make createXML fail.
+        self._delete_volumes(pool, (root_name, iso_name))
+        base_capacity = base.info()[1]
+        capacity = volume_capacity_bytes(self.config.root_disk_size, base_capacity)
+        xml = root_volume_xml(root_name, capacity, base.path(), volume_format(base.XMLDesc(0)))
+        try:
+            root = pool.createXML(xml, 0)
+        except libvirt.libvirtError as e:
+            raise map_libvirt_error(e, "Error in creating volume") from None
+        made.volumes.append(root_name)
+        try:
+            iso_data = build_cidata_iso(user_data, name)
+        except Exception as e:
+            raise InvalidConfig(f"error in creating cloud init ISO file, cause: {e}") from None
+        try:
+            iso = pool.createXML(iso_volume_xml(iso_name, len(iso_data)), 0)
+        except libvirt.libvirtError as e:
+            raise map_libvirt_error(e, "Error in creating iso volume") from None
+        made.volumes.append(iso_name)
+        try:
+            self._upload(conn, iso, iso_data)
+        except libvirt.libvirtError as e:
+            raise map_libvirt_error(e, "Error in uploading iso volume") from None
+        return root.path(), iso.path()
+
+    def _upload(self, conn: libvirt.virConnect, volume: libvirt.virStorageVol, data: bytes) -> None:
+        stream = conn.newStream(0)
+        try:
+            volume.upload(stream, 0, len(data), 0)
+            sent = 0
+            view = memoryview(data)
+            while sent < len(data):
+                sent += stream.send(bytes(view[sent : sent + 262144]))
+            stream.finish()
+        except BaseException:
+            try:
+                stream.abort()
+            except libvirt.libvirtError:
+                pass
+            raise
+
+    def _t_define_and_start(
+        self, conn: libvirt.virConnect, domain_xml: str, vcpus: int, memory: int, made: _Made
+    ) -> str:
+        try:
+            domain = conn.defineXML(domain_xml)
+        except libvirt.libvirtError as e:
+            raise map_libvirt_error(e, "Error in defining domain") from None
+        made.domain_defined = True
+        try:
+            domain.create()
+        except libvirt.libvirtError as e:
+            raise map_libvirt_error(e, f"Error in starting domain ({vcpus} vCPUs, {memory} MiB)") from None
+        return str(domain.UUIDString())
+
+    def _t_addresses(self, conn: libvirt.virConnect, domain_uuid: str) -> tuple[str, ...]:
+        try:
+            domain = conn.lookupByUUIDString(domain_uuid)
+        except libvirt.libvirtError as e:
+            if _not_found(e, libvirt.VIR_ERR_NO_DOMAIN):
+                raise InvalidConfig(f"Domain (uuid={domain_uuid}) disappeared before it got an IP") from None
+            raise
+        if not domain.isActive():
+            raise InvalidConfig(f"Domain (uuid={domain_uuid}) stopped before it got an IP (see its console log)")
+        return self._addresses(conn, domain)
+
+    def _addresses(self, conn: libvirt.virConnect, domain: libvirt.virDomain) -> tuple[str, ...]:
+        v4: list[str] = []
+        v6: list[str] = []
+        try:
+            interfaces = domain.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0) or {}
+        except libvirt.libvirtError as e:
+            if _code(e) == libvirt.VIR_ERR_OPERATION_INVALID:  # stopped meanwhile
+                return ()
+            raise map_libvirt_error(e, "Internal error on getting domain IPs") from None
+        for interface in interfaces.values():
+            for address in interface.get("addrs") or []:
+                target = v4 if address.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 else v6
+                if address.get("addr") and address["addr"] not in target:
+                    target.append(address["addr"])
+        if not v4:
+            macs = interface_macs(domain.XMLDesc(0))
+            try:
+                leases = conn.networkLookupByName(self.config.network_name).DHCPLeases()
+            except libvirt.libvirtError:
+                leases = []
+            for lease in leases:
+                if str(lease.get("mac", "")).lower() in macs and lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                    if lease.get("ipaddr") and lease["ipaddr"] not in v4:
+                        v4.append(lease["ipaddr"])
+        return tuple(v4 + v6)
+
+    def _t_find(self, conn: libvirt.virConnect, name: str) -> Instance | None:
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if _not_found(e, libvirt.VIR_ERR_NO_DOMAIN):
+                return None
+            raise
+        ips = self._addresses(conn, domain) if domain.isActive() else ()
+        return Instance(str(domain.UUIDString()), name, ips)
+
+    def _lookup(self, conn: libvirt.virConnect, instance_id: str) -> libvirt.virDomain | None:
+        try:
+            if _UUID.match(instance_id):
+                return conn.lookupByUUIDString(str(uuidlib.UUID(instance_id)))
+            return conn.lookupByName(instance_id)
+        except libvirt.libvirtError as e:
+            if _not_found(e, libvirt.VIR_ERR_NO_DOMAIN):
+                return None
+            raise
+
+    def _t_delete(self, conn: libvirt.virConnect, instance_id: str) -> bool:
+        domain = self._lookup(conn, instance_id)
+        if domain is None:
+            return False
+        errors = self._remove_domain(conn, domain)
+        if errors:
+            raise TransientError(f"deleting instance {instance_id}: " + "; ".join(errors))
+        return True
+
+    def _t_remove_by_name(self, conn: libvirt.virConnect, name: str) -> None:
+        errors: list[str] = []
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if not _not_found(e, libvirt.VIR_ERR_NO_DOMAIN):
+                raise
+        else:
+            errors = self._remove_domain(conn, domain)
+        pool = self._pool(conn)
+        errors += self._delete_volumes(pool, (f"{name}-root.qcow2", f"{name}-cloudinit.iso"))
+        if errors:
+            raise TransientError(f"removing {name}: " + "; ".join(errors))
+
+    def _remove_domain(self, conn: libvirt.virConnect, domain: libvirt.virDomain) -> list[str]:
+        """Power off, delete the domain's own disks (`<name>-*` volumes), undefine. Returns errors."""
+        name = domain.name()
+        errors: list[str] = []
+        if domain.isActive():
+            try:
+                domain.destroy()
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID:
+                    return [f"destroying domain {name}: {e}"]
+        domain_xml = domain.XMLDesc(0)
+        for path in file_disk_paths(domain_xml):
+            try:
+                volume = conn.storageVolLookupByPath(path)
+                if not volume.name().startswith(f"{name}-"):
+                    continue  # never a disk we did not make (the base image is only a backing store)
+                volume.delete(0)
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    errors.append(f"deleting volume {path}: {e}")
+        try:
+            try:
+                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError as e:
+                if _code(e) not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                    raise
+                domain.undefine()
+        except libvirt.libvirtError as e:
+            if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:
+                errors.append(f"undefining domain {name}: {e}")
+        return errors
+
+    def _delete_volumes(self, pool: libvirt.virStoragePool, names: tuple[str, ...]) -> list[str]:
+        errors = []
+        for volume_name in names:
+            try:
+                pool.storageVolLookupByName(volume_name).delete(0)
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    errors.append(f"deleting volume {volume_name}: {e}")
+        return errors
+
+
+def _metadata_sandbox(domain_xml: str) -> str | None:
+    element = ET.fromstring(domain_xml).find(f"metadata/{{{METADATA_NS}}}instance")
+    return None if element is None else element.get("sandbox")
