@@ -15,6 +15,8 @@ APT_PACKAGES=(
   # real libvirtd + QEMU (TCG) for the libvirt provider and the real-VM tests
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   dnsmasq-base ovmf
+  # tiny BIOS-bootable test VM disk of the libvirt provider tests (tests/vmimage.py)
+  syslinux syslinux-common mtools dosfstools
   # pod VM image recipe
   debootstrap busybox-static e2fsprogs xorriso cpio kmod zstd
 )
