@@ -154,3 +154,25 @@ class IAgentTLS(Interface):
 
     def client_ca_pem() -> str:
         """PEM the forwarder trusts to verify the adaptor's client certificate ("" in manual-CA mode)."""
+
+
+@attrs.frozen(repr=False)
+class ProxyTLS:
+    """TLS client settings of every agent proxy (None = --disable-tls).
+
+    The proxy factory is built as `AgentProxyFactory(reactor, tls: ProxyTLS | None)` and makes each
+    proxy's client creator with `caa.tls.client_creator(ca_pem, cert_pem, key_pem, name, min_version,
+    cipher_suites)`, where name is `server_name_override` when set (manual CA: "podvm-server"), else the
+    server_name given to `IAgentProxy.start`.
+    """
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    server_name_override: str = ""
+    min_version: str = ""
+    cipher_suites: tuple[str, ...] = ()
+    skip_verify: bool = False
+
+    def __repr__(self) -> str:
+        return f"ProxyTLS(override={self.server_name_override!r}, min_version={self.min_version!r}, key=<redacted>)"
