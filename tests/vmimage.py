@@ -37,10 +37,10 @@ udhcpc -i eth0 -q -n -t 60 -T 1 -s /udhcpc.sh || echo "CAA-VM dhcp-failed"
 mkdir -p /cidata
 for i in $(seq 1 100); do [ -b /dev/sr0 ] && break; sleep 0.1; done
 mount -t iso9660 -o ro /dev/sr0 /cidata && echo "CAA-VM cidata-mounted" || echo "CAA-VM cidata-failed"
-httpd -p %(port)d -h /cidata
+httpd -p @PORT@ -h /cidata
 echo "CAA-VM ready uptime=$(cut -d' ' -f1 /proc/uptime)"
 while true; do sleep 3600; done
-""" % {"port": HTTP_PORT}
+""".replace("@PORT@", str(HTTP_PORT))
 
 UDHCPC = """#!/bin/sh
 case "$1" in
@@ -54,7 +54,10 @@ esac
 exit 0
 """
 
-SYSLINUX_CFG = "DEFAULT vm\nPROMPT 0\nTIMEOUT 0\nLABEL vm\n  KERNEL vmlinuz\n  INITRD initrd.gz\n  APPEND console=ttyS0 quiet panic=-1\n"
+SYSLINUX_CFG = (
+    "DEFAULT vm\nPROMPT 0\nTIMEOUT 0\nLABEL vm\n  KERNEL vmlinuz\n  INITRD initrd.gz\n"
+    "  APPEND console=ttyS0 quiet panic=-1\n"
+)
 
 
 def _run(*command: str, cwd: Path | None = None) -> str:
@@ -116,8 +119,9 @@ def build_image() -> Path:
             (root / "udhcpc.sh").write_text(UDHCPC)
             (root / "udhcpc.sh").chmod(0o755)
             files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+            listing = "\n".join(files).encode()
             cpio = subprocess.run(
-                ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input="\n".join(files).encode(), capture_output=True, check=True
+                ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=listing, capture_output=True, check=True
             ).stdout
             initrd = work / "initrd.gz"
             initrd.write_bytes(subprocess.run(["gzip", "-1"], input=cpio, capture_output=True, check=True).stdout)
