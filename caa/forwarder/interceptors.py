@@ -1,0 +1,373 @@
+"""The forwarder's interceptors: small rewrites of chosen kata-agent calls (spec-podvm §1.6-§1.7).
+
+Each step is a plain function with its own tests; `Interceptors` strings them together and exposes the
+`caa.ttrpc.Relay` interceptor table. Every other call passes through the relay untouched.
+
+- CreateContainer: add the pod network namespace (creating OCI/Linux when missing, never a crash), mount cloud
+  volumes and point their OCI mounts at them, create missing bind-mount sources, wait for CSI target paths
+  to be mounted, then forward.
+- CreateSandbox: clear `dns` so kata-agent leaves the VM's resolv.conf alone.
+- DestroySandbox: unmount the cloud volumes (reverse order), then forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from caa.ttrpc import CallContext, Code, TTRPCError
+
+__all__ = [
+    "AGENT_SERVICE",
+    "CLOUD_VOLUMES_ANNOTATION",
+    "TARGET_PATH_ANNOTATION",
+    "CLOUD_VOLUMES_DIR",
+    "CloudVolume",
+    "InterceptError",
+    "Interceptors",
+    "add_network_namespace",
+    "clear_dns",
+    "create_bind_sources",
+    "target_paths",
+    "parse_cloud_volumes",
+    "rewrite_volume_mounts",
+    "is_mount_point",
+    "wait_for_mounts",
+]
+
+AGENT_SERVICE = "grpc.AgentService"
+CLOUD_VOLUMES_ANNOTATION = "io.confidentialcontainers.org.cloud_volumes"
+TARGET_PATH_ANNOTATION = "io.confidentialcontainers.org.peerpodvolumes.target_path"
+CLOUD_VOLUMES_DIR = "/run/cloud-volumes"
+FS_TYPES = ("ext4", "ext3", "xfs")
+#: Upper bound of a CSI target-path wait (upstream: 3 min), also bounded by the call's deadline.
+MOUNT_WAIT_LIMIT = 180.0
+MOUNT_WAIT_MAX_DELAY = 5.0
+
+BlockingRunner = Callable[..., "Deferred[Any]"]
+
+_log = Logger(namespace="caa.forwarder.interceptors")
+
+
+class InterceptError(Exception):
+    """An interceptor refused the call; it is answered with this message and not forwarded."""
+
+
+# --- CreateContainer steps --------------------------------------------------------------------------------
+
+
+def add_network_namespace(req: Any, netns_path: str) -> None:
+    """Append `{Type: "network", Path: netns_path}` to `OCI.Linux.Namespaces` (creating OCI/Linux if absent)."""
+    ns = req.OCI.Linux.Namespaces.add()  # protobuf creates the parents on first touch
+    ns.Type = "network"
+    ns.Path = netns_path
+
+
+def create_bind_sources(req: Any, makedirs: Callable[[str], None] | None = None) -> list[str]:
+    """mkdir -p the source of every bind mount whose source does not exist; failures only logged."""
+    mk = makedirs or (lambda p: os.makedirs(p, mode=0o777, exist_ok=True))
+    made: list[str] = []
+    if not req.HasField("OCI"):
+        return made
+    for m in req.OCI.Mounts:
+        if m.type != "bind" or not m.source or os.path.exists(m.source):
+            continue
+        try:
+            mk(m.source)
+            made.append(m.source)
+        except OSError as e:
+            _log.warn("could not create bind mount source {source}: {error}", source=m.source, error=str(e))
+    return made
+
+
+def target_paths(annotations: Mapping[str, str]) -> list[str]:
+    """The CSI target paths to wait for: the annotation split on ',', trimmed, empty entries dropped."""
+    raw = annotations.get(TARGET_PATH_ANNOTATION, "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _unescape_mountinfo(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mount_point(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """True when `path` is a mount point per mountinfo (bind mounts included, unlike os.path.ismount)."""
+    try:
+        with open(mountinfo) as f:
+            return any(_unescape_mountinfo(line.split()[4]) == path for line in f if len(line.split()) > 4)
+    except OSError:
+        return False
+
+
+async def wait_for_mounts(
+    paths: Iterable[str],
+    clock: IReactorTime,
+    is_mount: Callable[[str], bool] = is_mount_point,
+    remaining: float | None = None,
+    limit: float = MOUNT_WAIT_LIMIT,
+) -> None:
+    """Poll each path until it is a mount point: back-off 0.1 s doubling to 5 s, at most `limit` seconds and
+    never past the call's `remaining` time. Raises InterceptError naming the path on timeout."""
+    budget = limit if remaining is None else min(limit, remaining)
+    deadline = clock.seconds() + budget
+    for path in paths:
+        delay = 0.1
+        while not is_mount(path):
+            left = deadline - clock.seconds()
+            if left <= 0:
+                raise InterceptError(
+                    f"Timeout waiting for device to mount to {path}: not mounted after {budget:.1f}s"
+                )
+            await deferLater(clock, min(delay, left), lambda: None)  # type: ignore[arg-type]
+            delay = min(delay * 2, MOUNT_WAIT_MAX_DELAY)
+
+
+def clear_dns(req: Any) -> bool:
+    """Empty CreateSandboxRequest.dns; True when there was something to clear."""
+    had = len(req.dns) > 0
+    del req.dns[:]
+    return had
+
+
+# --- cloud volumes ----------------------------------------------------------------------------------------
+
+
+@attr.frozen
+class CloudVolume:
+    name: str
+    mount_point: str
+    fs_type: str
+    lun: int
+    disk_id: str = ""
+    fs_group: str = ""
+    encrypt_type: str = ""
+    key_id: str = ""
+
+    @property
+    def host_path(self) -> str:
+        return f"{CLOUD_VOLUMES_DIR}/{self.name}"
+
+
+def parse_cloud_volumes(text: str) -> list[CloudVolume]:
+    """The cloud_volumes annotation -> volumes in sorted name order, validated (upstream's error texts)."""
+    if not text.strip():
+        return []
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise InterceptError(f"corrupt cloud_volumes annotation: {e}") from None
+    if not isinstance(doc, dict):
+        raise InterceptError("corrupt cloud_volumes annotation: expected a JSON object")
+    out: list[CloudVolume] = []
+    for name in sorted(doc):
+        spec = doc[name]
+        if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+            raise InterceptError(f"corrupt cloud_volumes annotation: cloud volume {name}: values must be strings")
+        mount_point, lun = spec.get("mount_point", ""), spec.get("lun", "")
+        if not mount_point or not lun:
+            raise InterceptError(f"cloud volume {name}: missing required mount_point or lun field")
+        if name in ("", ".", "..") or os.path.basename(name) != name:
+            raise InterceptError(f"cloud volume {name!r}: unsafe name")
+        fs_type = spec.get("fs_type") or "ext4"
+        if fs_type not in FS_TYPES:
+            raise InterceptError(f"cloud volume {name}: unsupported filesystem type {fs_type!r}")
+        try:
+            lun_n = int(lun)
+        except ValueError:
+            raise InterceptError(f"cloud volume {name}: invalid lun {lun!r}") from None
+        encrypt = spec.get("encrypt_type", "")
+        if encrypt:
+            if encrypt.lower() not in ("luks", "luks2"):
+                raise InterceptError(f"cloud volume {name}: unsupported encryption type {encrypt!r}")
+            encrypt = "luks2"
+            if not spec.get("key_id"):
+                raise InterceptError(f"cloud volume {name}: key_id is required for encryption")
+        out.append(CloudVolume(name, mount_point, fs_type, lun_n, spec.get("disk_id", ""),
+                               spec.get("fs_group", ""), encrypt, spec.get("key_id", "")))
+    return out
+
+
+def rewrite_volume_mounts(req: Any, volume: CloudVolume) -> bool:
+    """Point the first OCI mount whose destination is the volume's mount point at the host path (bind)."""
+    for m in req.OCI.Mounts:
+        if m.destination == volume.mount_point:
+            m.source = volume.host_path
+            m.type = "bind"
+            return True
+    _log.warn("cloud volume {name}: no OCI mount with destination {dst}", name=volume.name,
+              dst=volume.mount_point)
+    return False
+
+
+def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev") -> str | None:
+    """The block device of a data disk: Azure by-lun links, AWS EBS by-id links, libvirt /dev/vd<b+lun>."""
+    import glob
+
+    for p in (f"{dev}/disk/azure/data/by-lun/{lun}", f"{dev}/disk/azure/scsi1/lun{lun}"):
+        if os.path.exists(p):
+            return os.path.realpath(p)
+    ebs = sorted(p for p in glob.glob(f"{dev}/disk/by-id/nvme-Amazon_Elastic_Block_Store_*") if "-part" not in p)
+    if ebs:
+        if disk_id:
+            want = disk_id.replace("-", "")
+            match = [p for p in ebs if want in p]
+            return os.path.realpath(match[0]) if match else None
+        return os.path.realpath(ebs[lun]) if lun < len(ebs) else None
+    if 0 <= lun <= 24:
+        vd = f"{dev}/vd{chr(ord('b') + lun)}"
+        if os.path.exists(vd):
+            return vd
+    return None
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+
+
+def format_and_mount(device: str, mount_point: str, fs_type: str) -> None:
+    """Mount `device`; format it only when blkid finds no signature at all (never reformat). Blocking."""
+    os.makedirs(mount_point, mode=0o755, exist_ok=True)
+    if is_mount_point(mount_point):
+        return
+    if _run("mount", "-t", fs_type, device, mount_point).returncode == 0:
+        return
+    probe = _run("blkid", "-p", device)
+    if probe.stdout.strip():
+        r = _run("mount", device, mount_point)
+        if r.returncode:
+            raise InterceptError(f"mount {device} at {mount_point} failed: {r.stderr.strip()}")
+        return
+    if probe.returncode != 2:
+        raise InterceptError(f"refusing to format {device}: blkid exit {probe.returncode}")
+    r = _run(f"mkfs.{fs_type}", device)
+    if r.returncode:
+        raise InterceptError(f"mkfs.{fs_type} {device} failed: {r.stderr.strip()}")
+    r = _run("mount", "-t", fs_type, device, mount_point)
+    if r.returncode:
+        raise InterceptError(f"mount {device} at {mount_point} failed: {r.stderr.strip()}")
+
+
+def unmount(mount_point: str) -> None:
+    r = _run("umount", mount_point)
+    if r.returncode:
+        _log.warn("umount {path} failed: {error}", path=mount_point, error=r.stderr.strip())
+
+
+# --- the interceptor table ------------------------------------------------------------------------------
+
+
+def _inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return succeed(f(*args))
+
+
+class Interceptors:
+    """Builds the `Relay` interceptors. `run_blocking(f, *args) -> Deferred` runs mounts and disk lookups off
+    the reactor thread (a thread pool in the daemon; inline in tests)."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        netns_path: str,
+        clock: IReactorTime,
+        run_blocking: BlockingRunner = _inline,
+        is_mount: Callable[[str], bool] = is_mount_point,
+        mount_volume: Callable[[CloudVolume], None] | None = None,
+        unmount_volume: Callable[[CloudVolume], None] | None = None,
+    ) -> None:
+        self.netns_path = netns_path
+        self._clock = clock
+        self._run_blocking = run_blocking
+        self._is_mount = is_mount
+        self._mount_volume = mount_volume or self._default_mount
+        self._unmount_volume = unmount_volume or (lambda v: unmount(v.host_path))
+        #: cloud volumes mounted so far (one sandbox per VM), unmounted at DestroySandbox
+        self.mounted: list[CloudVolume] = []
+
+    def table(self) -> dict[tuple[str, str], Callable[[CallContext, bytes], Awaitable[bytes]]]:
+        return {
+            (AGENT_SERVICE, "CreateContainer"): self.create_container,
+            (AGENT_SERVICE, "CreateSandbox"): self.create_sandbox,
+            (AGENT_SERVICE, "DestroySandbox"): self.destroy_sandbox,
+        }
+
+    @staticmethod
+    def _default_mount(volume: CloudVolume) -> None:
+        if volume.encrypt_type:
+            raise InterceptError(
+                f"cloud volume {volume.name}: encrypted cloud volumes (CDH SecureMount) are not supported")
+        device = find_data_disk(volume.lun, volume.disk_id)
+        if device is None:
+            raise InterceptError(f"cloud volume {volume.name}: no data disk found for LUN {volume.lun}")
+        format_and_mount(device, volume.host_path, volume.fs_type)
+        if volume.fs_group.isdigit():
+            try:
+                os.chown(volume.host_path, -1, int(volume.fs_group))
+                os.chmod(volume.host_path, 0o2775)
+            except OSError as e:
+                _log.warn("cloud volume {name}: fs_group: {error}", name=volume.name, error=str(e))
+
+    @staticmethod
+    def _refuse(e: InterceptError) -> TTRPCError:
+        return TTRPCError(Code.INTERNAL, str(e))
+
+    async def create_container(self, ctx: CallContext, payload: bytes) -> bytes:
+        from caa.proto import agent_pb2
+
+        req = agent_pb2.CreateContainerRequest()
+        req.ParseFromString(payload)
+        try:
+            add_network_namespace(req, self.netns_path)
+            annotations = dict(req.OCI.Annotations)
+            for volume in parse_cloud_volumes(annotations.get(CLOUD_VOLUMES_ANNOTATION, "")):
+                await self._run_blocking(self._mount_volume, volume)
+                if volume not in self.mounted:
+                    self.mounted.append(volume)
+                rewrite_volume_mounts(req, volume)
+            await self._run_blocking(create_bind_sources, req)
+            paths = target_paths(annotations)
+            if paths:
+                await wait_for_mounts(paths, self._clock, self._is_mount, ctx.remaining())
+        except InterceptError as e:
+            self._log.error("CreateContainer {container_id}: {error}", container_id=req.container_id,
+                            error=str(e))
+            raise self._refuse(e) from None
+        self._log.info("CreateContainer {container_id}", container_id=req.container_id)
+        return req.SerializeToString()
+
+    async def create_sandbox(self, ctx: CallContext, payload: bytes) -> bytes:
+        from caa.proto import agent_pb2
+
+        req = agent_pb2.CreateSandboxRequest()
+        req.ParseFromString(payload)
+        self._log.info("CreateSandbox {sandbox_id}", sandbox_id=req.sandbox_id)
+        if clear_dns(req):
+            return req.SerializeToString()
+        return payload
+
+    async def destroy_sandbox(self, ctx: CallContext, payload: bytes) -> bytes:
+        volumes, self.mounted = self.mounted, []
+        for volume in reversed(volumes):
+            try:
+                await self._run_blocking(self._unmount_volume, volume)
+            except Exception as e:
+                self._log.warn("DestroySandbox: unmounting {name}: {error}", name=volume.name, error=str(e))
+        self._log.info("DestroySandbox")
+        return payload

@@ -1,0 +1,132 @@
+"""`twistd caa-forwarder`: options and service (plugin in twisted/plugins/caa_plugins.py).
+
+Flags follow upstream's agent-protocol-forwarder (spec-podvm §1.1) with `--` spelling; `--pod-netns` (alias
+`--pod-namespace`) takes a netns name or path so several forwarders can share one development host.
+apf.json and the TLS material are checked here, before anything is touched: a bad file is one line and
+exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+__all__ = ["Options", "makeService", "DEFAULT_CONFIG", "DEFAULT_LISTEN", "DEFAULT_AGENT_SOCKET",
+           "DEFAULT_POD_NETNS"]
+
+DEFAULT_CONFIG = "/run/peerpod/apf.json"
+DEFAULT_LISTEN = "0.0.0.0:15150"
+DEFAULT_AGENT_SOCKET = "/run/kata-containers/agent.sock"
+DEFAULT_POD_NETNS = "/run/netns/podns"
+
+
+def netns_path(value: str) -> str:
+    """A netns name (`podns`) or path (`/run/netns/podns`) -> the path."""
+    return value if "/" in value else f"/run/netns/{value}"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise usage.UsageError(f"--listen: expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Pod VM daemon: builds the pod network from apf.json and relays the adaptor's ttrpc calls "
+                "(TCP, mutual TLS by default) to kata-agent's unix socket.")
+    optParameters = [
+        ["config", None, DEFAULT_CONFIG, "apf.json written by caa-process-user-data."],
+        ["listen", None, DEFAULT_LISTEN, "host:port to listen on (the adaptor's --forwarder-port)."],
+        ["kata-agent-socket", None, DEFAULT_AGENT_SOCKET, "kata-agent's unix socket."],
+        ["pod-netns", None, DEFAULT_POD_NETNS, "Pod network namespace (name or path)."],
+        ["host-interface", None, "", "VM interface for tunnel traffic (default: the primary one)."],
+        ["ca-cert-file", None, "", "PEM trust anchors for client certificates (default: apf.json tls-client-ca)."],
+        ["cert-file", None, "", "PEM server certificate (default: apf.json tls-server-cert)."],
+        ["cert-key", None, "", "PEM server key (default: apf.json tls-server-key)."],
+        ["agent-wait", None, 150.0, "Seconds a call waits for the agent socket.", float],
+    ]
+    optFlags = [
+        ["disable-tls", None, "Plain TCP (the adaptor must use --disable-tls too)."],
+        ["tls-skip-verify", None, "Testing only: do not verify client certificates (refused with a CA)."],
+        ["version", None, "Print the version and exit."],
+    ]
+
+    def opt_pod_namespace(self, value: str) -> None:
+        """Alias of --pod-netns (upstream's name)."""
+        self["pod-netns"] = value
+
+    def opt_version(self) -> None:
+        from caa import __version__
+
+        print(f"caa-forwarder version {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        from caa.forwarder.config import ConfigError, load_config
+        from caa.forwarder.daemon import StartupError, TLSSettings, build_server_tls
+
+        self["listen-address"] = parse_listen(self["listen"])
+        if self["agent-wait"] <= 0:
+            raise usage.UsageError("--agent-wait must be positive")
+        try:
+            self["apf"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["tls"] = None
+        if not self["disable-tls"]:
+            settings = TLSSettings(self["cert-file"], self["cert-key"], self["ca-cert-file"],
+                                   bool(self["tls-skip-verify"]))
+            try:
+                self["tls"] = build_server_tls(settings, self["apf"])
+            except StartupError as e:
+                raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXClientEndpoint
+    from twisted.internet.threads import deferToThreadPool
+
+    from caa.forwarder.daemon import ForwarderService
+
+    reactor: Any = _reactor
+    host, port = options["listen-address"]
+    config = options["apf"]
+    pod_netns = netns_path(options["pod-netns"])
+    pod_network = None
+    if config.pod_network is not None:
+        from caa.network.podvm import PodNetwork
+
+        pod_network = PodNetwork(reactor, reactor.getThreadPool(), host_netns=None,
+                                 host_interface=options["host-interface"])
+
+    def run_blocking(f: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    def fatal(message: str) -> None:
+        sys.stderr.write(f"caa-forwarder: {message}\n")
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
+
+    tls_options = options["tls"]
+    service = ForwarderService(
+        reactor,
+        config,
+        TCP4ServerEndpoint(reactor, port, backlog=128, interface=host),
+        UNIXClientEndpoint(reactor, options["kata-agent-socket"], timeout=5),
+        pod_netns,
+        tls_options=(lambda: tls_options) if tls_options is not None else None,
+        pod_network=pod_network,
+        run_blocking=run_blocking,
+        on_fatal=fatal,
+    )
+    service.agent.wait_timeout = options["agent-wait"]
+    return service

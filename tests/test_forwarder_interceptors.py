@@ -1,0 +1,192 @@
+"""The forwarder's interceptors, one behaviour per test (upstream interceptor_test.go as the list)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from caa.forwarder import interceptors as ic
+from caa.proto import agent_pb2, oci_pb2
+from caa.ttrpc import CallContext, TTRPCError
+
+NETNS = "/run/netns/podns"
+
+
+def _ctx(clock: Clock, method: str, deadline: float | None = None) -> CallContext:
+    return CallContext(clock=clock, service="grpc.AgentService", method=method, stream_id=1, deadline=deadline)
+
+
+class StepTests(SynchronousTestCase):
+    def test_network_namespace_appended(self) -> None:
+        req = agent_pb2.CreateContainerRequest(container_id="c")
+        req.OCI.Linux.Namespaces.add(Type="pid", Path="")
+        req.OCI.Linux.Namespaces.add(Type="mount", Path="")
+        ic.add_network_namespace(req, NETNS)
+        self.assertEqual([(n.Type, n.Path) for n in req.OCI.Linux.Namespaces],
+                         [("pid", ""), ("mount", ""), ("network", NETNS)])
+
+    def test_no_oci_no_linux_is_not_a_crash(self) -> None:
+        req = agent_pb2.CreateContainerRequest(container_id="c")
+        ic.add_network_namespace(req, NETNS)
+        self.assertEqual([(n.Type, n.Path) for n in req.OCI.Linux.Namespaces], [("network", NETNS)])
+        req = agent_pb2.CreateContainerRequest(OCI=oci_pb2.Spec(Hostname="h"))
+        ic.add_network_namespace(req, "")
+        self.assertEqual(len(req.OCI.Linux.Namespaces), 1)
+        self.assertEqual(req.OCI.Hostname, "h")
+
+    def test_bind_sources_created(self) -> None:
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        req = agent_pb2.CreateContainerRequest()
+        missing, existing = os.path.join(d, "a", "b"), d
+        req.OCI.Mounts.add(destination="/x", source=missing, type="bind")
+        req.OCI.Mounts.add(destination="/y", source=existing, type="bind")
+        req.OCI.Mounts.add(destination="/z", source=os.path.join(d, "tmpfs"), type="tmpfs")
+        self.assertEqual(ic.create_bind_sources(req), [missing])
+        self.assertTrue(os.path.isdir(missing))
+        self.assertFalse(os.path.exists(os.path.join(d, "tmpfs")))
+        self.assertEqual(ic.create_bind_sources(agent_pb2.CreateContainerRequest()), [])
+
+    def test_bind_source_failure_only_logged(self) -> None:
+        req = agent_pb2.CreateContainerRequest()
+        req.OCI.Mounts.add(destination="/x", source="/nonexistent/q", type="bind")
+
+        def boom(p: str) -> None:
+            raise PermissionError("denied")
+
+        self.assertEqual(ic.create_bind_sources(req, boom), [])
+
+    def test_target_paths(self) -> None:
+        a = ic.TARGET_PATH_ANNOTATION
+        self.assertEqual(ic.target_paths({a: " /a/b , /c/,, "}), ["/a/b", "/c/"])
+        self.assertEqual(ic.target_paths({a: ""}), [])
+        self.assertEqual(ic.target_paths({}), [])
+
+    def test_wait_for_mounts(self) -> None:
+        clock = Clock()
+        mounted: set[str] = set()
+        d = Deferred.fromCoroutine(ic.wait_for_mounts(["/t/x"], clock, mounted.__contains__))
+        clock.advance(0.1)
+        clock.advance(0.2)
+        self.assertNoResult(d)
+        mounted.add("/t/x")
+        clock.advance(0.4)
+        self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_wait_exact_match_and_timeout(self) -> None:
+        """Trailing slashes matter; the wait is bounded by the call's remaining time."""
+        clock = Clock()
+        d = Deferred.fromCoroutine(ic.wait_for_mounts(["/t/x/"], clock, {"/t/x"}.__contains__, remaining=3))
+        for _ in range(10):
+            clock.advance(1)
+        f = self.failureResultOf(d, ic.InterceptError)
+        self.assertIn("Timeout waiting for device to mount to /t/x/", str(f.value))
+
+    def test_is_mount_point(self) -> None:
+        self.assertTrue(ic.is_mount_point("/"))
+        self.assertTrue(ic.is_mount_point("/proc"))
+        self.assertFalse(ic.is_mount_point("/proc/self"))
+
+    def test_clear_dns(self) -> None:
+        for dns in ([], ["nameserver 1.1.1.1"], ["a", "b", "c"]):
+            req = agent_pb2.CreateSandboxRequest(dns=dns, sandbox_id="s")
+            self.assertEqual(ic.clear_dns(req), bool(dns))
+            self.assertEqual(list(req.dns), [])
+            self.assertEqual(req.sandbox_id, "s")
+
+
+class CloudVolumeTests(SynchronousTestCase):
+    def test_parse_sorted_and_defaults(self) -> None:
+        vols = ic.parse_cloud_volumes(
+            '{"vol-b": {"mount_point": "/data", "lun": "1"},'
+            ' "vol-a": {"mount_point": "/logs", "lun": "0", "fs_type": "xfs", "encrypt_type": "LUKS",'
+            ' "key_id": "default/k/1"}}')
+        self.assertEqual([v.name for v in vols], ["vol-a", "vol-b"])
+        self.assertEqual((vols[0].fs_type, vols[0].encrypt_type, vols[0].lun), ("xfs", "luks2", 0))
+        self.assertEqual((vols[1].fs_type, vols[1].host_path), ("ext4", "/run/cloud-volumes/vol-b"))
+        self.assertEqual(ic.parse_cloud_volumes(""), [])
+
+    def test_parse_errors(self) -> None:
+        cases = {
+            "{bad": "corrupt cloud_volumes annotation",
+            '{"v": {"lun": "0"}}': "missing required mount_point or lun",
+            '{"v": {"mount_point": "/d"}}': "missing required mount_point or lun",
+            '{"../x": {"mount_point": "/d", "lun": "0"}}': "unsafe name",
+            '{"..": {"mount_point": "/d", "lun": "0"}}': "unsafe name",
+            '{"v": {"mount_point": "/d", "lun": "0", "fs_type": "ntfs"}}': "unsupported filesystem type",
+            '{"v": {"mount_point": "/d", "lun": "x"}}': "invalid lun",
+            '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "aes"}}': "unsupported encryption",
+            '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "luks2"}}': "key_id",
+        }
+        for text, word in cases.items():
+            with self.assertRaises(ic.InterceptError) as cm:
+                ic.parse_cloud_volumes(text)
+            self.assertIn(word, str(cm.exception), text)
+
+    def test_rewrite_mount(self) -> None:
+        req = agent_pb2.CreateContainerRequest()
+        req.OCI.Mounts.add(destination="/data", source="/var/lib/kubelet/x", type="ext4")
+        v = ic.parse_cloud_volumes('{"vol-0": {"mount_point": "/data", "lun": "0"}}')[0]
+        self.assertTrue(ic.rewrite_volume_mounts(req, v))
+        self.assertEqual((req.OCI.Mounts[0].source, req.OCI.Mounts[0].type), ("/run/cloud-volumes/vol-0", "bind"))
+        self.assertFalse(ic.rewrite_volume_mounts(agent_pb2.CreateContainerRequest(), v))
+
+    def test_find_data_disk_libvirt(self) -> None:
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        open(os.path.join(d, "vdc"), "w").close()
+        self.assertEqual(ic.find_data_disk(1, dev=d), os.path.join(d, "vdc"))
+        self.assertIsNone(ic.find_data_disk(0, dev=d))
+
+
+class InterceptorTableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mounted: list[str] = []
+        self.unmounted: list[str] = []
+        self.ic = ic.Interceptors(NETNS, self.clock, mount_volume=lambda v: self.mounted.append(v.name),
+                                  unmount_volume=lambda v: self.unmounted.append(v.name),
+                                  is_mount=lambda p: True)
+
+    def _call(self, method: str, payload: bytes) -> Any:
+        fn = self.ic.table()[("grpc.AgentService", method)]
+        return Deferred.fromCoroutine(fn(_ctx(self.clock, method), payload))  # type: ignore[arg-type]
+
+    def test_create_container(self) -> None:
+        req = agent_pb2.CreateContainerRequest(container_id="c1")
+        req.OCI.Mounts.add(destination="/data", source="/k", type="bind")
+        req.OCI.Annotations[ic.CLOUD_VOLUMES_ANNOTATION] = (
+            '{"vol-1": {"mount_point": "/data", "lun": "1"}, "vol-0": {"mount_point": "/x", "lun": "0"}}')
+        out = agent_pb2.CreateContainerRequest.FromString(self.successResultOf(
+            self._call("CreateContainer", req.SerializeToString())))
+        self.assertEqual(out.container_id, "c1")
+        self.assertEqual(out.OCI.Linux.Namespaces[-1].Path, NETNS)
+        self.assertEqual(out.OCI.Mounts[0].source, "/run/cloud-volumes/vol-1")
+        self.assertEqual(self.mounted, ["vol-0", "vol-1"])
+        self.successResultOf(self._call("DestroySandbox", b""))
+        self.assertEqual(self.unmounted, ["vol-1", "vol-0"])
+
+    def test_create_container_refused_not_forwarded(self) -> None:
+        req = agent_pb2.CreateContainerRequest(container_id="c1")
+        req.OCI.Annotations[ic.CLOUD_VOLUMES_ANNOTATION] = "{corrupt"
+        f = self.failureResultOf(self._call("CreateContainer", req.SerializeToString()), TTRPCError)
+        self.assertIn("corrupt cloud_volumes annotation", str(f.value))
+
+    def test_create_container_empty_payload(self) -> None:
+        out = agent_pb2.CreateContainerRequest.FromString(self.successResultOf(self._call("CreateContainer", b"")))
+        self.assertEqual(out.OCI.Linux.Namespaces[0].Type, "network")
+
+    def test_create_sandbox(self) -> None:
+        req = agent_pb2.CreateSandboxRequest(sandbox_id="s", dns=["nameserver 8.8.8.8"], hostname="h")
+        out = agent_pb2.CreateSandboxRequest.FromString(self.successResultOf(
+            self._call("CreateSandbox", req.SerializeToString())))
+        self.assertEqual((list(out.dns), out.hostname, out.sandbox_id), ([], "h", "s"))
+        raw = agent_pb2.CreateSandboxRequest(sandbox_id="s").SerializeToString()
+        self.assertIs(self.successResultOf(self._call("CreateSandbox", raw)), raw)
