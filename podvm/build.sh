@@ -4,9 +4,12 @@
 #   podvm/build.sh [--kata-agent PATH] [--print-dir]
 #
 # Outputs, in $CAA_PODVM_CACHE/podvm-<variant>-<key>/ (default cache /var/cache/caa-podvm):
-#   caa-podvm[-dev].qcow2  ext4 root filesystem (systemd + units; also the root of the fast boot)
-#   vmlinuz                the guest kernel (Debian cloud kernel)
-#   initrd.img             stage-1 initramfs: mounts the root read-only, runs the tiny init (or systemd)
+#   caa-podvm[-dev].qcow2       BIOS-bootable disk (FAT + syslinux: kernel + the whole root as initramfs),
+#                               for libvirt's firmware boot (the provider's domain XML) and BIOS clouds
+#   caa-podvm[-dev]-root.qcow2  ext4 root filesystem (systemd + units + the tiny init), read-only at run time
+#   vmlinuz, initrd.img         the guest kernel (Debian cloud kernel) and the stage-1 initramfs that mounts
+#                               the -root.qcow2 disk read-only and runs the tiny init (or systemd): the fast
+#                               direct-kernel boot the tests use
 #   manifest.json          names, sizes, build time, kernel version, variant
 # <key> hashes this recipe, caa's sources and the kata-agent binary, so an unchanged input is
 # never built twice; a second caller waits on the lock and reuses the result.
@@ -197,8 +200,24 @@ rm -rf "$R/usr/lib/udev/hwdb.d" "$R/usr/lib/udev/hwdb.bin" "$R/etc/udev/hwdb.bin
 STAGE=$WORK/out; mkdir -p "$STAGE"
 ROOT_MB=$(du -sm "$R" | cut -f1)
 mkfs.ext4 -q -F -L caa-podvm -d "$R" "$WORK/root.raw" "$PODVM_ROOT_SIZE" >/dev/null
-qemu-img convert -O qcow2 "$WORK/root.raw" "$STAGE/caa-podvm$SUFFIX.qcow2"
+qemu-img convert -O qcow2 "$WORK/root.raw" "$STAGE/caa-podvm$SUFFIX-root.qcow2"
 rm -f "$WORK/root.raw"
+# the BIOS-bootable disk: FAT + syslinux with the kernel and the whole root as a zstd initramfs (the cloud
+# kernel has no AHCI driver, so it could not read a SATA root disk; SeaBIOS can, and loads both files)
+install -m755 "$HERE/initramfs-init" "$R/init"
+(cd "$R" && find . -print0 | cpio --null -o -H newc --quiet) | zstd -q -3 -T0 > "$WORK/root.cpio.zst"
+rm -f "$R/init"
+fat_mb=$(( ( $(stat -c %s "$WORK/root.cpio.zst") + $(stat -c %s "$KDIR/kx/boot/vmlinuz-$KVER") ) / 1048576 + 8 ))
+truncate -s "${fat_mb}M" "$WORK/boot.img"
+mkfs.vfat -n CAAPODVM "$WORK/boot.img" >/dev/null
+printf 'DEFAULT caa\nPROMPT 0\nTIMEOUT 0\nLABEL caa\n  KERNEL vmlinuz\n  INITRD root.zst\n  APPEND %s\n' \
+  "console=ttyS0 quiet panic=-1" > "$WORK/syslinux.cfg"
+mcopy -i "$WORK/boot.img" "$KDIR/kx/boot/vmlinuz-$KVER" ::vmlinuz
+mcopy -i "$WORK/boot.img" "$WORK/root.cpio.zst" ::root.zst
+mcopy -i "$WORK/boot.img" "$WORK/syslinux.cfg" ::syslinux.cfg
+syslinux --install "$WORK/boot.img"
+qemu-img convert -O qcow2 "$WORK/boot.img" "$STAGE/caa-podvm$SUFFIX.qcow2"
+rm -f "$WORK/boot.img" "$WORK/root.cpio.zst"
 cp "$KDIR/kx/boot/vmlinuz-$KVER" "$STAGE/vmlinuz"
 S=$WORK/stage1; mkdir -p "$S/bin" "$S/mods" "$S/proc" "$S/sys" "$S/dev" "$S/newroot"
 cp "$KDIR/busybox" "$S/bin/busybox"
@@ -215,10 +234,11 @@ cat > "$STAGE/manifest.json" <<JSON
   "variant": "$VARIANT",
   "kernel_version": "$KVER",
   "qcow2": "caa-podvm$SUFFIX.qcow2",
+  "root_qcow2": "caa-podvm$SUFFIX-root.qcow2",
   "kernel": "vmlinuz",
   "initrd": "initrd.img",
   "kernel_cmdline": "console=ttyS0 quiet panic=-1 ro",
-  "sizes": {"qcow2": $(size "caa-podvm$SUFFIX.qcow2"), "kernel": $(size vmlinuz), "initrd": $(size initrd.img), "rootfs_mb": $ROOT_MB},
+  "sizes": {"qcow2": $(size "caa-podvm$SUFFIX.qcow2"), "root_qcow2": $(size "caa-podvm$SUFFIX-root.qcow2"), "kernel": $(size vmlinuz), "initrd": $(size initrd.img), "rootfs_mb": $ROOT_MB},
   "build_seconds": $BUILD_S,
   "wheels": [$(cd "$WORK/wheels" && ls ./*.whl | sed 's|^\./||; s/.*/"&"/' | paste -sd, -)]
 }
@@ -226,5 +246,5 @@ JSON
 rm -rf "$OUT"; mv "$STAGE" "$OUT"
 # keep the three newest builds
 ls -dt "$CACHE"/podvm-*-* 2>/dev/null | tail -n +4 | xargs -r rm -rf
-log "built $OUT in $BUILD_S s (root $ROOT_MB MB, qcow2 $(du -h "$OUT/caa-podvm$SUFFIX.qcow2" | cut -f1))"
+log "built $OUT in $BUILD_S s (root $ROOT_MB MB; $(cd "$OUT" && du -h ./*.qcow2 initrd.img vmlinuz | tr '\t\n' ' '))"
 echo "$OUT"

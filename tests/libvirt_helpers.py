@@ -169,7 +169,8 @@ class PodVMImage:
     """One build of podvm/build.sh (see its manifest.json)."""
 
     directory: Path
-    qcow2: Path
+    root_disk: Path  # ext4 root, booted with kernel + initrd (the fast boot)
+    bios_disk: Path  # BIOS-bootable disk (syslinux + kernel + whole-root initramfs), for firmware boot
     kernel: Path
     initrd: Path
     cmdline: str
@@ -189,7 +190,8 @@ def podvm_image(kata_agent: str | None = None) -> PodVMImage:
         raise RuntimeError(f"podvm/build.sh failed ({r.returncode}):\n{r.stderr[-4000:]}")
     out = Path(r.stdout.strip().splitlines()[-1])
     manifest = json.loads((out / "manifest.json").read_text())
-    return PodVMImage(out, out / manifest["qcow2"], out / manifest["kernel"], out / manifest["initrd"],
+    return PodVMImage(out, out / manifest["root_qcow2"], out / manifest["qcow2"], out / manifest["kernel"],
+                      out / manifest["initrd"],
                       manifest["kernel_cmdline"], manifest["variant"], manifest, time.monotonic() - t0)
 
 
@@ -357,7 +359,7 @@ def boot_podvm(image: PodVMImage, user_data: bytes, workdir: Path, name: str | N
     workdir.mkdir(parents=True, exist_ok=True)
     vm = PodVM(name, workdir, workdir / f"{name}-root.qcow2", workdir / f"{name}-cidata.iso",
                workdir / f"{name}-serial.log")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.qcow2),
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.root_disk),
                     str(vm.disk)], check=True, timeout=60)
     vm.cidata.write_bytes(build_cidata_iso(user_data, name))
     xml = domain_xml(name, image, vm.disk, vm.cidata, vm.serial_log, network, memory_mib, extra_cmdline)
