@@ -89,7 +89,7 @@ _CONFIG_ERRORS = {
     libvirt.VIR_ERR_NO_STORAGE_VOL,
 }
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
-_QUOTA_WORDS = ("cannot allocate memory", "no space left", "out of memory", "insufficient")
+_QUOTA_WORDS = ("cannot allocate memory", "no space left", "not enough free space", "out of memory", "insufficient")
 
 
 def _code(error: libvirt.libvirtError) -> int:
