@@ -53,7 +53,7 @@ exec 9>"$CACHE/.lock"
 flock 9
 if [ -f "$OUT/manifest.json" ]; then log "cached: $OUT"; echo "$OUT"; exit 0; fi
 T0=$(date +%s.%N)
-elapsed() { echo "$(date +%s.%N) - $T0" | bc; }
+elapsed() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
 
 # ---- stage A: base root filesystem (debootstrap), cached by suite + package list
 MIRROR=${PODVM_MIRROR:-$(grep -hoE '^(URIs:|deb) +https?://[^ ]+' /etc/apt/sources.list \
