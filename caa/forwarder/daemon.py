@@ -17,6 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from caa.forwarder.agent import AgentConnection
 from caa.forwarder.config import ForwarderConfig
@@ -123,7 +124,8 @@ class ForwarderService(MultiService):
         self.server.register_fallback(self.relay.handle)
         self.port: IListeningPort | None = None
         self._network_up = False
-        self.ready: Deferred[IListeningPort] = Deferred()
+        self._ready: Any = None  # the listening port, or the startup Failure
+        self._ready_waiters: list[Deferred[IListeningPort]] = []
         self._starting: Deferred[None] | None = None
 
     def startService(self) -> None:
@@ -162,16 +164,35 @@ class ForwarderService(MultiService):
             sd_notify("READY=1", self._environ)
         except OSError as e:
             self._log.warn("sd_notify READY=1 failed: {error}", error=str(e))
-        self.ready.callback(self.port)
+        self._set_ready(self.port)
+
+    def _set_ready(self, result: Any) -> None:
+        self._ready = result
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def when_ready(self) -> Deferred[IListeningPort]:
+        """Fires with the listening port once serving, or fails with StartupError."""
+        d: Deferred[IListeningPort] = Deferred()
+        if self._ready is None:
+            self._ready_waiters.append(d)
+        elif isinstance(self._ready, Failure):
+            d.errback(self._ready)
+        else:
+            d.callback(self._ready)
+        return d
 
     def _fatal(self, f: Any) -> None:
         msg = f.getErrorMessage() if f.check(StartupError) else f"startup failed: {f.getErrorMessage()}"
         if not f.check(StartupError):
             self._log.failure("forwarder startup failed", f)
         self._log.critical("{message}", message=msg)
-        if not self.ready.called:
-            self.ready.errback(StartupError(msg))
-            self.ready.addErrback(lambda _: None)
+        if self._ready is None:
+            self._set_ready(Failure(StartupError(msg)))
         if self._on_fatal is not None:
             self._on_fatal(msg)
 
