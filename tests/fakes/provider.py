@@ -45,18 +45,27 @@ class FakeOptions(ProviderOptions):
         ["fake-delete-delay", None, 0.0, "Delay of delete_instance (Go duration).", parse_duration],
         ["fake-forwarder-port", None, "15150", "Port the fake VMs listen on (the adaptor's forwarder port)."],
         ["fake-fail-image", None, "", "Image name whose creates fail with INVALID_CONFIG."],
+        ["fake-create-delay-after", None, 0.0, "Delay after the VM exists, before create returns.", parse_duration],
+        ["fake-delete-delay-after", None, 0.0, "Delay after the VM is gone, before delete returns.", parse_duration],
+        ["fake-vm-boot-delay", None, 0.0, "Seconds a process VM waits before its forwarder listens.", parse_duration],
     ]
     envVars: ClassVar[dict[str, str]] = {
         "fake-state-dir": "FAKE_STATE_DIR", "fake-create-delay": "FAKE_CREATE_DELAY",
         "fake-delete-delay": "FAKE_DELETE_DELAY", "fake-forwarder-port": "FORWARDER_PORT",
-        "fake-fail-image": "FAKE_FAIL_IMAGE",
+        "fake-fail-image": "FAKE_FAIL_IMAGE", "fake-create-delay-after": "FAKE_CREATE_DELAY_AFTER",
+        "fake-delete-delay-after": "FAKE_DELETE_DELAY_AFTER", "fake-vm-boot-delay": "FAKE_VM_BOOT_DELAY",
     }
 
 
 @implementer(IProvider)
 class FakeProvider:
     def __init__(self, clock: IReactorTime, state_dir: str = "", create_delay: float = 0.0,
-                 delete_delay: float = 0.0, forwarder_port: int = 15150, fail_image: str = "") -> None:
+                 delete_delay: float = 0.0, forwarder_port: int = 15150, fail_image: str = "",
+                 create_delay_after: float = 0.0, delete_delay_after: float = 0.0, vm_boot_delay: float = 0.0
+                 ) -> None:
+        self.create_delay_after = create_delay_after
+        self.delete_delay_after = delete_delay_after
+        self.vm_boot_delay = vm_boot_delay
         self.clock = clock
         self.state_dir = state_dir
         self.create_delay = create_delay
@@ -104,6 +113,8 @@ class FakeProvider:
             inst = Instance(id=f"i-{name}", name=name, ips=() if self.no_ips else (ip,))
         self.instances[inst.id] = inst
         self.user_data[inst.id] = user_data
+        if self.create_delay_after:
+            await deferLater(self.clock, self.create_delay_after)
         return inst
 
     def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes,
@@ -129,7 +140,8 @@ class FakeProvider:
         rec = {"id": f"fake-{name}", "name": name, "ip": ip, "pid": 0}
         self._write(name, rec)
         log = open(os.path.join(self.state_dir, name + ".log"), "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.vm", ip, str(self.forwarder_port)],
+        proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.vm", ip, str(self.forwarder_port),
+                                 str(self.vm_boot_delay)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         log.close()
@@ -170,6 +182,8 @@ class FakeProvider:
                         except (ProcessLookupError, ChildProcessError):
                             pass
                     os.unlink(self._record_path(rec["name"]))
+        if self.delete_delay_after:
+            await deferLater(self.clock, self.delete_delay_after)
 
     def delete_instance(self, instance_id: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._delete(instance_id))
@@ -210,4 +224,7 @@ class FakeProviderFactory:
         return FakeProvider(reactor, state_dir=options["fake-state-dir"],
                             create_delay=options["fake-create-delay"], delete_delay=options["fake-delete-delay"],
                             forwarder_port=int(options["fake-forwarder-port"]),
-                            fail_image=options["fake-fail-image"])
+                            fail_image=options["fake-fail-image"],
+                            create_delay_after=options["fake-create-delay-after"],
+                            delete_delay_after=options["fake-delete-delay-after"],
+                            vm_boot_delay=options["fake-vm-boot-delay"])

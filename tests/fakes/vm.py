@@ -1,42 +1,108 @@
-"""A fake pod VM for process-level adaptor tests: `python -m tests.fakes.vm IP PORT`.
+"""A fake pod VM for process-level adaptor tests: `python -m tests.fakes.vm IP PORT [BOOT_DELAY]`.
 
 Stands for a pod VM's agent-protocol-forwarder + kata-agent: a plain-TCP (no TLS) ttrpc server on IP:PORT
 answering grpc.Health/Check (SERVING) and grpc.Health/Version, and echoing every other method's payload.
+Deliberately dependency-free (asyncio, hand-coded protobuf) so fifty of them start quickly; the frame and
+envelope layout is containerd ttrpc's (10-byte header; Request{service=1, method=2, payload=3},
+Response{status=1, payload=2}; protos/ttrpc.proto).
 """
 
 from __future__ import annotations
 
+import asyncio
+import struct
 import sys
-from typing import Any
+import time
+
+REQUEST, RESPONSE = 1, 2
 
 
-def main() -> None:
-    from twisted.internet import reactor
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        c = b[i]
+        i += 1
+        result |= (c & 0x7F) << shift
+        if not c & 0x80:
+            return result, i
+        shift += 7
 
-    from caa.proto import health_pb2
-    from caa.ttrpc import CallContext, Server
-    from caa.ttrpc.endpoints import tcp_server_endpoint
 
-    server = Server(clock=reactor, name="fake-vm")
+def _enc_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        c = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(c | 0x80)
+        else:
+            out.append(c)
+            return bytes(out)
 
-    async def check(ctx: CallContext, req: health_pb2.CheckRequest) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def version(ctx: CallContext, req: health_pb2.CheckRequest) -> health_pb2.VersionCheckResponse:
-        return health_pb2.VersionCheckResponse(grpc_version="fake", agent_version="fake-vm")
+def _fields(b: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(b):
+        key, i = _varint(b, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            _, i = _varint(b, i)
+        elif wt == 2:
+            n, i = _varint(b, i)
+            out[num] = b[i:i + n]
+            i += n
+        elif wt == 1:
+            i += 8
+        elif wt == 5:
+            i += 4
+        else:
+            raise ValueError("bad wire type")
+    return out
 
-    async def echo(ctx: CallContext, service: str, method: str, payload: bytes) -> bytes:
-        return payload
 
-    server.register("grpc.Health", {"Check": (health_pb2.CheckRequest, check),
-                                    "Version": (health_pb2.CheckRequest, version)})
-    server.register_fallback(echo)
-    ip, port = sys.argv[1], int(sys.argv[2])
-    d: Any = tcp_server_endpoint(reactor, port, interface=ip).listen(server.factory())
-    d.addErrback(lambda f: (print(f"fake vm: listen failed: {f.value}", flush=True), reactor.stop()))
+def _bytes_field(num: int, value: bytes) -> bytes:
+    return _enc_varint(num << 3 | 2) + _enc_varint(len(value)) + value
+
+
+RESPONSE_PAYLOAD_FIELD = 2  # ttrpc.Response: Status status = 1; bytes payload = 2
+
+
+def answer(service: str, method: str, payload: bytes) -> bytes:
+    if (service, method) == ("grpc.Health", "Check"):
+        return b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+    if (service, method) == ("grpc.Health", "Version"):
+        return _bytes_field(1, b"fake") + _bytes_field(2, b"fake-vm")
+    return payload
+
+
+async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            header = await reader.readexactly(10)
+            length, stream_id, mtype, _flags = struct.unpack(">IIBB", header)
+            data = await reader.readexactly(length)
+            if mtype != REQUEST:
+                continue
+            f = _fields(data)
+            out = answer(f.get(1, b"").decode(), f.get(2, b"").decode(), f.get(3, b""))
+            body = _bytes_field(RESPONSE_PAYLOAD_FIELD, out) if out else b""
+            writer.write(struct.pack(">IIBB", len(body), stream_id, RESPONSE, 0) + body)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(ip: str, port: int) -> None:
+    server = await asyncio.start_server(serve, ip, port, reuse_address=True)
     print(f"fake vm listening on {ip}:{port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    async with server:
+        await server.serve_forever()
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 3 and float(sys.argv[3]):
+        time.sleep(float(sys.argv[3]))  # the "VM" boots: nothing listens yet
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))

@@ -1,0 +1,337 @@
+"""Integration tests: the real `twistd caa-adaptor` process driven with caactl, with the fake provider in
+process mode (each VM is a process serving a forwarder-compatible ttrpc endpoint on 127.77.x.y).
+
+Includes the fault-injection test: the adaptor is killed with SIGKILL at eight points of StartVM/StopVM,
+restarted, and each sandbox must then either serve its pod through the same agent socket or be gone
+(VM deleted, journal entry removed), and StopVM must succeed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_counter = itertools.count()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Adaptor:
+    """One adaptor installation (socket, pods dir, fake cloud state) that can be started and killed."""
+
+    def __init__(self, test: TestCase) -> None:
+        n = next(_counter)
+        self.base = f"/tmp/caa-proc-{os.getpid()}-{n}"
+        shutil.rmtree(self.base, ignore_errors=True)
+        os.makedirs(self.base)
+        test.addCleanup(self.cleanup)
+        self.socket = os.path.join(self.base, "hypervisor.sock")
+        self.pods = os.path.join(self.base, "pods")
+        self.cloud = os.path.join(self.base, "cloud")
+        self.netns = os.path.join(self.base, "netns")
+        open(self.netns, "w").close()
+        self.port = 20000 + (os.getpid() * 7 + n) % 20000
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = os.path.join(self.base, "adaptor.log")
+
+    def start(self, **env: str) -> None:
+        e = dict(os.environ)
+        e.update({"PYTHONPATH": ROOT, "CLOUD_PROVIDER": "tests.fakes.provider:FakeProviderFactory",
+                  "FAKE_STATE_DIR": self.cloud, "FORWARDER_PORT": str(self.port), "PROXY_TIMEOUT": "20s"})
+        e.update(env)
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fakes.run_adaptor", "-n", "--pidfile=", "caa-adaptor",
+             "--socket", self.socket, "--pods-dir", self.pods,
+             "--tls-dir", os.path.join(self.base, "tls"), "--tunnel-type", "none", "--disable-tls",
+             "--probe-port", "0"], stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
+        logf.close()
+        self.wait_for(lambda: self.ctl("version").returncode == 0, "adaptor serving")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def term(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(20)
+        self.proc = None
+        return rc
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            self.kill9()
+        for rec in self.vms():
+            try:
+                os.kill(rec["pid"], signal.SIGKILL)
+            except (ProcessLookupError, KeyError):
+                pass
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = [os.path.join(BIN, "caactl")]
+        if args and args[0] not in ("list", "agent"):
+            cmd += ["--socket", self.socket]
+        return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
+
+    def ctl_bg(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([os.path.join(BIN, "caactl"), "--socket", self.socket, *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def create(self, sid: str, pod: str) -> str:
+        r = self.ctl("create", "--id", sid, "--pod", pod, "--namespace", "default", "--netns", self.netns)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    def record(self, sid: str) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.pods, sid, "sandbox.json")) as f:
+                return json.load(f)  # type: ignore[no-any-return]
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def vms(self) -> list[dict[str, Any]]:
+        out = []
+        if os.path.isdir(self.cloud):
+            for name in os.listdir(self.cloud):
+                if name.endswith(".json"):
+                    try:
+                        with open(os.path.join(self.cloud, name)) as f:
+                            out.append(json.load(f))
+                    except (FileNotFoundError, ValueError):
+                        pass
+        return out
+
+    def wait_for(self, cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if cond():
+                return
+            time.sleep(0.05)
+        with open(self.log) as f:
+            tail = f.read()[-3000:]
+        raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+class ProcessTestCase(TestCase):
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.a = Adaptor(self)
+
+    def agent_check(self, path: str) -> str:
+        r = self.a.ctl("agent", "--socket", path, "check", timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else f"rc={r.returncode} {r.stderr.strip()}"
+
+
+class LifecycleTests(ProcessTestCase):
+    def test_lifecycle_and_bad_input(self) -> None:
+        a = self.a
+        a.start()
+        self.assertEqual(a.ctl("version").stdout, "0.0.0\n")
+        path = a.create("s1", "web")
+        self.assertEqual(path, os.path.join(a.pods, "s1", "agent.ttrpc"))
+        self.assertEqual(oct(os.stat(a.socket).st_mode & 0o777), "0o600")
+        r = a.ctl("start", "--id", "s1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(self.agent_check(path), "SERVING")
+        info = a.ctl("info", "--pod", "web", "--namespace", "default")
+        self.assertEqual(info.stdout.strip(), "fake-podvm-web-s1")
+        listing = a.ctl("list", "--pods-dir", a.pods).stdout
+        self.assertIn("default/web", listing)
+        self.assertIn("running", listing)
+        # bad input
+        r = a.ctl("start", "--id", "nope")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("NOT_FOUND: getting sandbox: sandbox nope does not exist", r.stderr)
+        r = a.ctl("create", "--id", "s2", "--pod", "", "--namespace", "default", "--netns", a.netns)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("io.kubernetes.cri.sandbox-name", r.stderr)
+        self.assertEqual(a.ctl("frobnicate").returncode, 2)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(a.socket)
+        s.sendall(b"\xff" * 64 + b"garbage")
+        s.close()
+        self.assertEqual(a.ctl("version").returncode, 0)
+        # StopVM removes everything
+        r = a.ctl("stop", "--id", "s1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(a.pods, "s1")))
+        self.assertEqual(a.vms(), [])
+        self.assertIn(a.term(), (0, -signal.SIGTERM))  # twistd re-raises the signal after a clean stop
+        self.assertFalse(os.path.exists(a.socket))
+
+    def test_bad_option_fails_start(self) -> None:
+        r = subprocess.run([TWISTD, "-n", "--pidfile=", "caa-adaptor", "--provider",
+                            "tests.fakes.provider:FakeProviderFactory", "--proxy-timeout", "5"],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("--proxy-timeout: '5' is not a duration", r.stdout + r.stderr)
+
+    def test_concurrent_fifty(self) -> None:
+        a = self.a
+        a.start()
+        sids = [f"c{i:02d}" for i in range(50)]
+        for i, sid in enumerate(sids):
+            a.create(sid, f"pod{i}")
+        t0 = time.monotonic()
+        starts = [a.ctl_bg("start", "--id", sid) for sid in sids]
+        for p in starts:
+            _, err = p.communicate(timeout=180)
+            self.assertEqual(p.returncode, 0, err)
+        elapsed = time.monotonic() - t0
+        self.assertEqual(len(a.vms()), 50)
+        for sid in sids[:5]:
+            self.assertEqual(self.agent_check(os.path.join(a.pods, sid, "agent.ttrpc")), "SERVING")
+        stops = [a.ctl_bg("stop", "--id", sid) for sid in sids]
+        for p in stops:
+            _, err = p.communicate(timeout=180)
+            self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(a.vms(), [])
+        self.assertEqual([d for d in os.listdir(a.pods) if not d.endswith(".json")], [])
+        print(f"\n50 concurrent StartVMs (process VMs) took {elapsed:.1f}s")
+
+
+class FaultInjectionTests(ProcessTestCase):
+    """kill -9 at a phase, restart, then: VM serves through the same socket or is gone; StopVM works."""
+
+    def settle(self, sid: str, path: str, expect_running: bool) -> None:
+        a = self.a
+        a.start()
+        a.wait_for(lambda: (r := a.record(sid)) is None or r["state"] in ("running", "created"),
+                   f"{sid} recovered")
+        rec = a.record(sid)
+        if expect_running:
+            assert rec is not None
+            self.assertEqual(rec["state"], "running")
+            self.assertEqual(rec["socket_path"], path)
+            a.wait_for(lambda: self.agent_check(path) == "SERVING", f"{sid} agent socket serving")
+        elif rec is not None:
+            self.assertEqual(rec["state"], "created")
+            self.assertEqual(a.vms(), [])  # the half-built VM was deleted
+        if rec is not None:
+            r = a.ctl("stop", "--id", sid)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIsNone(a.record(sid))
+        self.assertFalse(os.path.exists(os.path.join(a.pods, sid)))
+        self.assertEqual(a.vms(), [])
+        for vm in a.vms():
+            self.assertFalse(_alive(vm["pid"]))
+        a.kill9()
+
+    def kill_during_start(self, sid: str, cond: Callable[[], bool], what: str, **env: str) -> str:
+        a = self.a
+        a.start(**env)
+        path = a.create(sid, "web")
+        p = a.ctl_bg("start", "--id", sid)
+        a.wait_for(cond, what)
+        a.kill9()
+        p.communicate(timeout=30)
+        return path
+
+    def test_01_after_create_vm(self) -> None:
+        a = self.a
+        a.start()
+        path = a.create("f1", "web")
+        a.kill9()
+        a.start()
+        r = a.ctl("start", "--id", "f1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        a.kill9()
+        self.settle("f1", path, expect_running=True)
+
+    def test_02_during_provider_create_before_vm(self) -> None:
+        a = self.a
+        path = self.kill_during_start("f2", lambda: (a.record("f2") or {}).get("state") == "create-intent",
+                                      "create-intent", FAKE_CREATE_DELAY="30s")
+        self.settle("f2", path, expect_running=False)
+
+    def test_03_during_provider_create_after_vm(self) -> None:
+        a = self.a
+        path = self.kill_during_start("f3", lambda: any(v.get("pid") for v in a.vms()), "VM exists, unjournalled",
+                                      FAKE_CREATE_DELAY_AFTER="30s")
+        self.assertEqual(a.record("f3")["state"], "create-intent")  # type: ignore[index]
+        self.settle("f3", path, expect_running=False)
+
+    def test_04_during_vm_boot(self) -> None:
+        a = self.a
+        path = self.kill_during_start("f4", lambda: (a.record("f4") or {}).get("state") == "tunnel",
+                                      "proxy dialling", FAKE_VM_BOOT_DELAY="30s")
+        self.settle("f4", path, expect_running=False)
+
+    def test_05_running(self) -> None:
+        a = self.a
+        path = self.kill_during_start("f5", lambda: (a.record("f5") or {}).get("state") == "running", "running")
+        self.settle("f5", path, expect_running=True)
+
+    def test_06_during_delete_before_vm_gone(self) -> None:
+        a = self.a
+        a.start(FAKE_DELETE_DELAY="30s")
+        path = a.create("f6", "web")
+        self.assertEqual(a.ctl("start", "--id", "f6").returncode, 0)
+        p = a.ctl_bg("stop", "--id", "f6")
+        a.wait_for(lambda: (a.record("f6") or {}).get("state") == "stop-intent", "stop-intent")
+        a.kill9()
+        p.communicate(timeout=30)
+        a.start()
+        a.wait_for(lambda: a.record("f6") is None, "stop finished by recovery")
+        self.assertEqual(a.vms(), [])
+        self.assertFalse(os.path.exists(path))
+        a.kill9()
+
+    def test_07_during_delete_after_vm_gone(self) -> None:
+        a = self.a
+        a.start(FAKE_DELETE_DELAY_AFTER="30s")
+        a.create("f7", "web")
+        self.assertEqual(a.ctl("start", "--id", "f7").returncode, 0)
+        p = a.ctl_bg("stop", "--id", "f7")
+        a.wait_for(lambda: a.vms() == [], "VM deleted, journal not yet")
+        self.assertIsNotNone(a.record("f7"))
+        a.kill9()
+        p.communicate(timeout=30)
+        a.start()
+        a.wait_for(lambda: a.record("f7") is None, "stop finished by recovery")
+        a.kill9()
+
+    def test_08_running_pod_gone(self) -> None:
+        a = self.a
+        self.kill_during_start("f8", lambda: (a.record("f8") or {}).get("state") == "running", "running")
+        os.unlink(a.netns)
+        a.start()
+        a.wait_for(lambda: a.record("f8") is None, "record of a vanished pod cleaned")
+        self.assertEqual(a.vms(), [])
+        a.kill9()
+
+    def test_09_failed_start_then_kill(self) -> None:
+        a = self.a
+        a.start(PROXY_TIMEOUT="1s", FAKE_VM_BOOT_DELAY="30s")
+        path = a.create("f9", "web")
+        r = a.ctl("start", "--id", "f9")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("failed to establish agent proxy connection to 127.77", r.stderr)
+        self.assertEqual(a.vms(), [])
+        a.kill9()
+        self.settle("f9", path, expect_running=False)
