@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 BIN = os.path.dirname(sys.executable)
@@ -191,25 +192,42 @@ class LifecycleTests(ProcessTestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--proxy-timeout: '5' is not a duration", r.stdout + r.stderr)
 
-    def test_concurrent_fifty(self) -> None:
+    async def _call(self, method: str, req: Any, resp: type[Any]) -> Any:
+        from twisted.internet import reactor
+
+        from caa.ttrpc import connect
+        from caa.ttrpc.endpoints import unix_client_endpoint
+
+        client = await connect(unix_client_endpoint(reactor, self.a.socket), clock=reactor)
+        try:
+            return await client.call("hypervisor.Hypervisor", method, req, resp, timeout=600.0)
+        finally:
+            client.close()
+
+    def test_concurrent_fifty(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._fifty())
+
+    async def _fifty(self) -> None:
+        """50 sandboxes at once, each RPC on its own connection as the shim makes them."""
+        from caa.proto import hypervisor_pb2 as pb
+
         a = self.a
         a.start()
         sids = [f"c{i:02d}" for i in range(50)]
-        for i, sid in enumerate(sids):
-            a.create(sid, f"pod{i}")
+        paths = await gatherResults([Deferred.fromCoroutine(self._call("CreateVM", pb.CreateVMRequest(
+            id=sid, networkNamespacePath=a.netns, annotations={
+                "io.kubernetes.cri.sandbox-name": f"pod{i}", "io.kubernetes.cri.sandbox-namespace": "default"}),
+            pb.CreateVMResponse)) for i, sid in enumerate(sids)])
+        self.assertEqual(len({p.agentSocketPath for p in paths}), 50)
         t0 = time.monotonic()
-        starts = [a.ctl_bg("start", "--id", sid) for sid in sids]
-        for p in starts:
-            _, err = p.communicate(timeout=180)
-            self.assertEqual(p.returncode, 0, err)
+        await gatherResults([Deferred.fromCoroutine(self._call("StartVM", pb.StartVMRequest(id=sid),
+                                                               pb.StartVMResponse)) for sid in sids])
         elapsed = time.monotonic() - t0
         self.assertEqual(len(a.vms()), 50)
-        for sid in sids[:5]:
-            self.assertEqual(self.agent_check(os.path.join(a.pods, sid, "agent.ttrpc")), "SERVING")
-        stops = [a.ctl_bg("stop", "--id", sid) for sid in sids]
-        for p in stops:
-            _, err = p.communicate(timeout=180)
-            self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(self.agent_check(os.path.join(a.pods, sids[0], "agent.ttrpc")), "SERVING")
+        self.assertEqual(self.agent_check(os.path.join(a.pods, sids[-1], "agent.ttrpc")), "SERVING")
+        await gatherResults([Deferred.fromCoroutine(self._call("StopVM", pb.StopVMRequest(id=sid),
+                                                               pb.StopVMResponse)) for sid in sids])
         self.assertEqual(a.vms(), [])
         self.assertEqual([d for d in os.listdir(a.pods) if not d.endswith(".json")], [])
         print(f"\n50 concurrent StartVMs (process VMs) took {elapsed:.1f}s")
