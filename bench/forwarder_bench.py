@@ -208,19 +208,31 @@ def main() -> None:
     r["check_ratio"] = r["check_through_us"] / r["check_direct_us"]
     r["big_ratio"] = r["big_through_ms"] / r["big_direct_ms"]
     print(json.dumps(r, indent=2))
-    print(f"""
-| Measure | Value |
-|---|---|
-| `python3 -c pass` exec -> exit (median of {args.runs}); its RSS | {r['python_c_pass_s'] * 1000:.0f} ms; {r['python_c_pass_rss_kib'] / 1024:.1f} MiB |
-| `twistd caa-forwarder` exec -> listening (median of {args.runs}, mTLS) | {r['exec_to_listening_s'] * 1000:.0f} ms (min {r['exec_to_listening_min_s'] * 1000:.0f} ms) |
-| `python -m caa.forwarder` exec -> listening (median of {args.runs}, mTLS) | {r['m_exec_to_listening_s'] * 1000:.0f} ms (min {r['m_exec_to_listening_min_s'] * 1000:.0f} ms) |
-| RSS when listening: twistd / python -m | {r['rss_listening_kib'] / 1024:.1f} MiB / {r['m_rss_listening_kib'] / 1024:.1f} MiB |
-| RSS (twistd) after the relay runs below | {r['rss_after_relay_kib'] / 1024:.1f} MiB |
-| Health.Check, direct to the agent stand-in (unix) | {r['check_direct_us']:.0f} us/call |
-| Health.Check through the forwarder (mTLS TCP) | {r['check_through_us']:.0f} us/call (x{r['check_ratio']:.2f}) |
-| 4 MiB ReadStdout, direct | {r['big_direct_ms']:.1f} ms/call |
-| 4 MiB ReadStdout through the forwarder | {r['big_through_ms']:.1f} ms/call (x{r['big_ratio']:.2f}) |
-""")
+    def ms(k: str) -> str:
+        return f"{r[k] * 1000:.0f} ms"
+
+    def mib(k: str) -> str:
+        return f"{r[k] / 1024:.1f} MiB"
+
+    n = args.runs
+    rows = [
+        (f"`python3 -c pass` exec -> exit (median of {n}); its RSS", f"{ms('python_c_pass_s')}; "
+         f"{mib('python_c_pass_rss_kib')}"),
+        (f"`twistd caa-forwarder` exec -> listening (median of {n}, mTLS)",
+         f"{ms('exec_to_listening_s')} (min {ms('exec_to_listening_min_s')})"),
+        (f"`python -m caa.forwarder` exec -> listening (median of {n}, mTLS)",
+         f"{ms('m_exec_to_listening_s')} (min {ms('m_exec_to_listening_min_s')})"),
+        ("RSS when listening: twistd / python -m", f"{mib('rss_listening_kib')} / {mib('m_rss_listening_kib')}"),
+        ("RSS (twistd) after the relay runs below", mib("rss_after_relay_kib")),
+        ("Health.Check, direct to the agent stand-in (unix)", f"{r['check_direct_us']:.0f} us/call"),
+        ("Health.Check through the forwarder (mTLS TCP)",
+         f"{r['check_through_us']:.0f} us/call (x{r['check_ratio']:.2f})"),
+        ("4 MiB ReadStdout, direct", f"{r['big_direct_ms']:.1f} ms/call"),
+        ("4 MiB ReadStdout through the forwarder", f"{r['big_through_ms']:.1f} ms/call (x{r['big_ratio']:.2f})"),
+    ]
+    print("\n| Measure | Value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
 
 
 if __name__ == "__main__":
