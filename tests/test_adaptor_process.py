@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
@@ -353,3 +353,54 @@ class FaultInjectionTests(ProcessTestCase):
         self.assertEqual(a.vms(), [])
         a.kill9()
         self.settle("f9", path, expect_running=False)
+
+
+class GoShimTests(ProcessTestCase):
+    """The Go reference ttrpc client (containerd/ttrpc) plays the Kata shim against the adaptor process."""
+
+    def setUp(self) -> None:
+        from tests import goshim
+
+        if not goshim.go_available() and not os.environ.get("CI"):
+            raise SkipTest("go / golang-github-containerd-ttrpc-dev missing")
+        super().setUp()
+
+    def test_shim_lifecycle(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._shim())
+
+    async def _shim(self) -> None:
+        from twisted.internet import reactor
+
+        from tests import goshim
+
+        a = self.a
+        a.start()
+        sock = a.socket
+        r = await goshim.hv_version(reactor, sock, "x")
+        self.assertEqual(r.get("version"), "0.0.0")
+        r = await goshim.hv_create(reactor, sock, "g1", a.netns, {
+            "io.kubernetes.cri.sandbox-name": "web", "io.kubernetes.cri.sandbox-namespace": "default",
+            "io.katacontainers.config.hypervisor.default_vcpus": "2"})
+        self.assertTrue(r["ok"], r)
+        path = r["agentSocketPath"]
+        # GetInfo(wait) honours its deadline while nothing has an id yet
+        t0 = time.monotonic()
+        r = await goshim.pod_info(reactor, sock, "web", "default", wait=True, timeout=0.5)
+        self.assertEqual(r.get("code"), 4, r)
+        self.assertLess(time.monotonic() - t0, 5)
+        r = await goshim.hv_start(reactor, sock, "g1", timeout=600)
+        self.assertTrue(r["ok"], r)
+        r = await goshim.raw_call(reactor, path, "grpc.Health", "Check", b"", timeout=5)
+        self.assertEqual(r.get("payload"), "0801", r)
+        r = await goshim.pod_info(reactor, sock, "web", "default", wait=True, timeout=5)
+        self.assertEqual(r.get("VMID"), "fake-podvm-web-g1", r)
+        r = await goshim.hv_start(reactor, sock, "unknown", timeout=5)
+        self.assertEqual((r["ok"], r["code"]), (False, 5), r)
+        self.assertIn("getting sandbox: sandbox unknown does not exist", r["message"])
+        r = await goshim.hv_create(reactor, sock, "g2", a.netns, {"io.kubernetes.cri.sandbox-namespace": "x"})
+        self.assertEqual((r["ok"], r["code"]), (False, 3), r)
+        r = await goshim.hv_stop(reactor, sock, "g1")
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(a.vms(), [])
+        r = await goshim.hv_stop(reactor, sock, "g1")
+        self.assertEqual((r["ok"], r["code"]), (False, 5), r)
