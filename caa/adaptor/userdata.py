@@ -161,9 +161,11 @@ def encode_initdata(toml_text: str) -> str:
 def validate_initdata(value: str) -> None:
     """Validate the global --initdata (gzip+base64 TOML); raises ValueError naming what is wrong."""
     try:
-        raw = gzip.decompress(base64.b64decode(value, validate=True))
+        raw = base64.b64decode(value.strip(), validate=True)
+        if raw[:2] == b"\x1f\x8b":  # gzip (what upstream writes); plain TOML is accepted too
+            raw = gzip.decompress(raw)
     except Exception as e:
-        raise ValueError(f"initdata is not base64 of gzip data: {e}") from e
+        raise ValueError(f"initdata is not base64 (of gzip) data: {e}") from e
     try:
         doc = tomllib.loads(raw.decode())
     except Exception as e:
