@@ -45,6 +45,8 @@ class Options(usage.Options):
         ["kata-agent-socket", None, DEFAULT_AGENT_SOCKET, "kata-agent's unix socket."],
         ["pod-netns", None, DEFAULT_POD_NETNS, "Pod network namespace (name or path)."],
         ["host-interface", None, "", "VM interface for tunnel traffic (default: the primary one)."],
+        ["host-netns", None, "", "The VM's underlay netns (name or path; default: the forwarder's own). "
+         "For several development forwarders on one host."],
         ["ca-cert-file", None, "", "PEM trust anchors for client certificates (default: apf.json tls-client-ca)."],
         ["cert-file", None, "", "PEM server certificate (default: apf.json tls-server-cert)."],
         ["cert-key", None, "", "PEM server key (default: apf.json tls-server-key)."],
@@ -102,7 +104,8 @@ def makeService(options: Options) -> Any:
     if config.pod_network is not None:
         from caa.network.podvm import PodNetwork
 
-        pod_network = PodNetwork(reactor, reactor.getThreadPool(), host_netns=None,
+        host_netns = netns_path(options["host-netns"]) if options["host-netns"] else None
+        pod_network = PodNetwork(reactor, reactor.getThreadPool(), host_netns=host_netns,
                                  host_interface=options["host-interface"])
 
     def run_blocking(f: Any, *args: Any) -> Any:
