@@ -39,6 +39,8 @@ class AgentConnection(ClientService):
         self._clock = clock
         self.wait_timeout = wait_timeout
         self.connections = 0
+        self._timers: dict[Deferred[TTRPCClient], Any] = {}
+        self._pending: Deferred[Any] | None = None
 
     def _connected(self, client: Any) -> None:
         self.connections += 1
@@ -48,36 +50,38 @@ class AgentConnection(ClientService):
                                      why=client.close_reason or "closed by peer"))
 
     def get(self) -> Deferred[TTRPCClient]:
-        """The live client, or the next one. Cancelling the returned Deferred only stops this wait."""
-        inner = self.whenConnected()
-        timer: Any = None
-
-        def cancel(d: Deferred[TTRPCClient]) -> None:
-            if timer is not None and timer.active():
-                timer.cancel()
-
-        outer: Deferred[TTRPCClient] = Deferred(cancel)
-
-        def done(client: TTRPCClient) -> None:
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not outer.called:
-                outer.callback(client)
-
-        def failed(f: Any) -> None:
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not outer.called:
-                outer.errback(TTRPCError(Code.UNAVAILABLE,
-                                         f"agent connection is not established: {f.getErrorMessage()}"))
-
-        def expire() -> None:
-            if not outer.called:
-                outer.errback(TTRPCError(
-                    Code.UNAVAILABLE,
-                    f"agent connection is not established: no connection within {self.wait_timeout:.0f}s"))
-
-        inner.addCallbacks(done, failed)
-        if not outer.called:
-            timer = self._clock.callLater(self.wait_timeout, expire)
+        """The live client, or the next one. Cancelling the returned Deferred only stops this wait; all
+        waiters share one pending `whenConnected` (ClientService's waits cannot be cancelled)."""
+        outer: Deferred[TTRPCClient] = Deferred(self._forget)
+        self._timers[outer] = self._clock.callLater(self.wait_timeout, self._expire, outer)
+        if self._pending is None:
+            self._pending = self.whenConnected()
+            self._pending.addCallbacks(self._fire, self._fail)
         return outer
+
+    def _forget(self, d: Deferred[TTRPCClient]) -> None:
+        timer = self._timers.pop(d, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _expire(self, d: Deferred[TTRPCClient]) -> None:
+        self._timers.pop(d, None)
+        d.errback(TTRPCError(
+            Code.UNAVAILABLE,
+            f"agent connection is not established: no connection within {self.wait_timeout:.0f}s"))
+
+    def _settle(self) -> list[Deferred[TTRPCClient]]:
+        self._pending = None
+        waiters = list(self._timers)
+        for d in waiters:
+            self._forget(d)
+        return waiters
+
+    def _fire(self, client: TTRPCClient) -> None:
+        for d in self._settle():
+            d.callback(client)
+
+    def _fail(self, f: Any) -> None:
+        err = TTRPCError(Code.UNAVAILABLE, f"agent connection is not established: {f.getErrorMessage()}")
+        for d in self._settle():
+            d.errback(err)
