@@ -486,7 +486,6 @@ class CloudService:
                            error=str(e))
             await self._rollback(sb, f"re-adopt after restart failed: {e}")
             return
-        metrics.PROXY_RECONNECTS.inc()
 
     async def sweep(self) -> None:
         """Retry deletes that failed in StopVM (periodic; never raises)."""
