@@ -138,6 +138,39 @@ class CloudVolumeTests(SynchronousTestCase):
         self.assertEqual((req.OCI.Mounts[0].source, req.OCI.Mounts[0].type), ("/run/cloud-volumes/vol-0", "bind"))
         self.assertFalse(ic.rewrite_volume_mounts(agent_pb2.CreateContainerRequest(), v))
 
+    def test_disk_detect_settings(self) -> None:
+        self.assertEqual(ic.disk_detect_settings({}), (15, 2.0))
+        self.assertEqual(ic.disk_detect_settings({"CAA_DISK_DETECT_MAX_ATTEMPTS": "3",
+                                                  "CAA_DISK_DETECT_RETRY_DELAY": "1m500ms"}), (3, 60.5))
+        self.assertEqual(ic.disk_detect_settings({"CAA_DISK_DETECT_MAX_ATTEMPTS": "0",
+                                                  "CAA_DISK_DETECT_RETRY_DELAY": "2 s"}), (15, 2.0))
+        self.assertRaises(ValueError, ic.parse_go_duration, "5")
+
+    def test_wait_for_data_disk(self) -> None:
+        clock = Clock()
+        found: list[str | None] = [None, None, "/dev/vdb"]
+        v = ic.parse_cloud_volumes('{"vol-0": {"mount_point": "/d", "lun": "0"}}')[0]
+        d = Deferred.fromCoroutine(ic.wait_for_data_disk(v, clock, ic._inline, 5, 2.0,
+                                                         find=lambda lun, i: found.pop(0)))
+        clock.advance(2)
+        self.assertNoResult(d)
+        clock.advance(2)
+        self.assertEqual(self.successResultOf(d), "/dev/vdb")
+        d = Deferred.fromCoroutine(ic.wait_for_data_disk(v, clock, ic._inline, 15, 2.0, remaining=5,
+                                                         find=lambda lun, i: None))
+        clock.advance(2)
+        clock.advance(2)
+        f = self.failureResultOf(d, ic.InterceptError)
+        self.assertIn("no data disk found for LUN 0 after 3 attempt(s)", str(f.value))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_encrypted_volume_refused_clearly(self) -> None:
+        v = ic.parse_cloud_volumes(
+            '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "luks2", "key_id": "k"}}')[0]
+        i = ic.Interceptors(NETNS, Clock())
+        f = self.failureResultOf(Deferred.fromCoroutine(i._default_mount(v, None)), ic.InterceptError)
+        self.assertIn("not supported", str(f.value))
+
     def test_find_data_disk_libvirt(self) -> None:
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)
@@ -151,7 +184,10 @@ class InterceptorTableTests(SynchronousTestCase):
         self.clock = Clock()
         self.mounted: list[str] = []
         self.unmounted: list[str] = []
-        self.ic = ic.Interceptors(NETNS, self.clock, mount_volume=lambda v: self.mounted.append(v.name),
+        async def mount(v: ic.CloudVolume, remaining: float | None) -> None:
+            self.mounted.append(v.name)
+
+        self.ic = ic.Interceptors(NETNS, self.clock, mount_volume=mount,
                                   unmount_volume=lambda v: self.unmounted.append(v.name),
                                   is_mount=lambda p: True)
 
@@ -190,3 +226,35 @@ class InterceptorTableTests(SynchronousTestCase):
         self.assertEqual((list(out.dns), out.hostname, out.sandbox_id), ([], "h", "s"))
         raw = agent_pb2.CreateSandboxRequest(sandbox_id="s").SerializeToString()
         self.assertIs(self.successResultOf(self._call("CreateSandbox", raw)), raw)
+
+
+class FormatAndMountTests(SynchronousTestCase):
+    """format_and_mount on a real loop device (root): an empty disk is formatted once, never again."""
+
+    def test_format_once_then_mount(self) -> None:
+        import subprocess
+
+        if (os.geteuid() != 0 or not shutil.which("losetup") or not shutil.which("mkfs.ext4")) \
+                and not os.environ.get("CI"):
+            self.skipTest("needs root, losetup and mkfs.ext4")
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        img = os.path.join(d, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(16 << 20)
+        dev = subprocess.run(["losetup", "--find", "--show", img], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        self.addCleanup(subprocess.run, ["losetup", "-d", dev], check=False)
+        mp = os.path.join(d, "mnt")
+        ic.format_and_mount(dev, mp, "ext4")
+        self.addCleanup(subprocess.run, ["umount", mp], check=False)
+        self.assertTrue(ic.is_mount_point(mp))
+        with open(os.path.join(mp, "kept"), "w") as f:
+            f.write("data")
+        ic.format_and_mount(dev, mp, "ext4")  # already mounted: nothing happens
+        ic.unmount(mp)
+        self.assertFalse(ic.is_mount_point(mp))
+        ic.format_and_mount(dev, mp, "ext4")  # has a filesystem: mounted, not reformatted
+        with open(os.path.join(mp, "kept")) as f:
+            self.assertEqual(f.read(), "data")
+        ic.unmount(mp)

@@ -42,6 +42,9 @@ __all__ = [
     "rewrite_volume_mounts",
     "is_mount_point",
     "wait_for_mounts",
+    "wait_for_data_disk",
+    "disk_detect_settings",
+    "parse_go_duration",
 ]
 
 AGENT_SERVICE = "grpc.AgentService"
@@ -237,6 +240,56 @@ def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev") -> str | None
     return None
 
 
+def parse_go_duration(text: str) -> float:
+    """A Go duration such as "2s", "1500ms", "1m30s" -> seconds; ValueError when malformed."""
+    import re
+
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {text!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def disk_detect_settings(environ: Mapping[str, str] = os.environ) -> tuple[int, float]:
+    """(attempts, delay) from CAA_DISK_DETECT_MAX_ATTEMPTS (int > 0, default 15) and
+    CAA_DISK_DETECT_RETRY_DELAY (Go duration, default 2s); bad values fall back to the defaults."""
+    attempts, delay = 15, 2.0
+    raw = environ.get("CAA_DISK_DETECT_MAX_ATTEMPTS", "")
+    if raw.isdigit() and int(raw) > 0:
+        attempts = int(raw)
+    raw = environ.get("CAA_DISK_DETECT_RETRY_DELAY", "")
+    if raw:
+        try:
+            delay = parse_go_duration(raw)
+        except ValueError:
+            _log.warn("ignoring CAA_DISK_DETECT_RETRY_DELAY={value!r}", value=raw)
+    return attempts, delay
+
+
+async def wait_for_data_disk(
+    volume: CloudVolume,
+    clock: IReactorTime,
+    run_blocking: BlockingRunner,
+    attempts: int,
+    delay: float,
+    remaining: float | None = None,
+    find: Callable[[int, str], str | None] | None = None,
+) -> str:
+    """Look the volume's disk up `attempts` times, `delay` apart, never past the call's remaining time."""
+    finder = find or (lambda lun, disk_id: find_data_disk(lun, disk_id))
+    deadline = None if remaining is None else clock.seconds() + remaining
+    for attempt in range(1, attempts + 1):
+        device = await run_blocking(finder, volume.lun, volume.disk_id)
+        if device:
+            return str(device)
+        if attempt == attempts or (deadline is not None and clock.seconds() + delay > deadline):
+            break
+        await deferLater(clock, delay, lambda: None)  # type: ignore[arg-type]
+    raise InterceptError(
+        f"cloud volume {volume.name}: no data disk found for LUN {volume.lun} after {attempt} attempt(s)")
+
+
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=False)
 
@@ -289,14 +342,16 @@ class Interceptors:
         clock: IReactorTime,
         run_blocking: BlockingRunner = _inline,
         is_mount: Callable[[str], bool] = is_mount_point,
-        mount_volume: Callable[[CloudVolume], None] | None = None,
+        mount_volume: Callable[[CloudVolume, float | None], Awaitable[None]] | None = None,
         unmount_volume: Callable[[CloudVolume], None] | None = None,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.netns_path = netns_path
         self._clock = clock
         self._run_blocking = run_blocking
         self._is_mount = is_mount
         self._mount_volume = mount_volume or self._default_mount
+        self._disk_attempts, self._disk_delay = disk_detect_settings(environ)
         self._unmount_volume = unmount_volume or (lambda v: unmount(v.host_path))
         #: cloud volumes mounted so far (one sandbox per VM), unmounted at DestroySandbox
         self.mounted: list[CloudVolume] = []
@@ -308,21 +363,21 @@ class Interceptors:
             (AGENT_SERVICE, "DestroySandbox"): self.destroy_sandbox,
         }
 
-    @staticmethod
-    def _default_mount(volume: CloudVolume) -> None:
+    async def _default_mount(self, volume: CloudVolume, remaining: float | None) -> None:
         if volume.encrypt_type:
             raise InterceptError(
                 f"cloud volume {volume.name}: encrypted cloud volumes (CDH SecureMount) are not supported")
-        device = find_data_disk(volume.lun, volume.disk_id)
-        if device is None:
-            raise InterceptError(f"cloud volume {volume.name}: no data disk found for LUN {volume.lun}")
-        format_and_mount(device, volume.host_path, volume.fs_type)
+        device = await wait_for_data_disk(volume, self._clock, self._run_blocking, self._disk_attempts,
+                                          self._disk_delay, remaining)
+        await self._run_blocking(format_and_mount, device, volume.host_path, volume.fs_type)
         if volume.fs_group.isdigit():
             try:
                 os.chown(volume.host_path, -1, int(volume.fs_group))
                 os.chmod(volume.host_path, 0o2775)
             except OSError as e:
                 _log.warn("cloud volume {name}: fs_group: {error}", name=volume.name, error=str(e))
+        self._log.info("cloud volume {name}: {device} mounted at {path}", name=volume.name, device=device,
+                       path=volume.host_path)
 
     @staticmethod
     def _refuse(e: InterceptError) -> TTRPCError:
@@ -337,7 +392,7 @@ class Interceptors:
             add_network_namespace(req, self.netns_path)
             annotations = dict(req.OCI.Annotations)
             for volume in parse_cloud_volumes(annotations.get(CLOUD_VOLUMES_ANNOTATION, "")):
-                await self._run_blocking(self._mount_volume, volume)
+                await self._mount_volume(volume, ctx.remaining())
                 if volume not in self.mounted:
                     self.mounted.append(volume)
                 rewrite_volume_mounts(req, volume)
