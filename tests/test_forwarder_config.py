@@ -140,3 +140,36 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(StartupError) as cm:
             build_server_tls(TLSSettings(), bad)
         self.assertIn("invalid TLS profile", str(cm.exception))
+
+
+class PropertyTests(SynchronousTestCase):
+    def test_constants(self) -> None:
+        self.assertEqual((tap.DEFAULT_LISTEN, tap.DEFAULT_CONFIG, tap.DEFAULT_AGENT_SOCKET, tap.DEFAULT_POD_NETNS),
+                         ("0.0.0.0:15150", "/run/peerpod/apf.json", "/run/kata-containers/agent.sock",
+                          "/run/netns/podns"))
+
+    def test_key_case_and_unknown_keys(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        keys = ["pod-namespace", "pod-name", "tls-server-cert", "tls-server-key", "tls-client-ca",
+                "tls-min-version"]
+
+        @settings(max_examples=40, deadline=None)
+        @given(st.dictionaries(st.sampled_from(keys), st.text(max_size=20)),
+               st.lists(st.booleans(), min_size=40, max_size=40),
+               st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k.lower() not in keys
+                                                                      and k.lower() != "pod-network"
+                                                                      and k.lower() != "tls-cipher-suites"
+                                                                      and not k.lower().startswith("sc-")),
+                               st.integers(), max_size=3))
+        def check(values: dict[str, str], flips: list[bool], junk: dict[str, int]) -> None:
+            def recase(k: str) -> str:
+                return "".join(c.upper() if flips[i % 40] else c for i, c in enumerate(k))
+
+            doc: dict[str, object] = {recase(k): v for k, v in values.items()}
+            doc.update(junk)
+            self.assertEqual(parse_config(doc), parse_config(values))
+            self.assertEqual(parse_config(json.loads(json.dumps(doc) + "\n")), parse_config(values))
+
+        check()
