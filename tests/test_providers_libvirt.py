@@ -195,7 +195,9 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions([])
         config = LibvirtConfig.from_options(options)
         self.assertEqual(config.uri, "qemu+ssh://root@192.168.122.1/system?no_verify=1")
-        self.assertEqual((config.pool_name, config.network_name, config.vol_name), ("default", "default", "podvm-base.qcow2"))
+        self.assertEqual(
+            (config.pool_name, config.network_name, config.vol_name), ("default", "default", "podvm-base.qcow2")
+        )
         self.assertEqual((config.cpu, config.memory, config.root_disk_size), (2, 8192, 10))
         self.assertEqual(config.firmware, "/usr/share/OVMF/OVMF_CODE_4M.fd")
         self.assertTrue(config.disable_cvm)
@@ -215,7 +217,9 @@ class OptionsTests(SynchronousTestCase):
             ("qemu:///system", "p", "n", "v", "s390-pv"),
         )
         self.assertEqual((config.cpu, config.memory, config.cpuset, config.root_disk_size), (4, 1024, "0-1", 20))
-        self.assertEqual((config.disable_cvm, config.domain_type, config.ip_timeout, config.firmware), (False, "qemu", 30.0, ""))
+        self.assertEqual(
+            (config.disable_cvm, config.domain_type, config.ip_timeout, config.firmware), (False, "qemu", 30.0, "")
+        )
 
     def test_bad_values_fail_at_start(self) -> None:
         for argv in (["--cpu=0"], ["--cpuset=x"], ["--launch-security=magic"], ["--pool-name="], ["--domain-type=xen"]):
@@ -319,7 +323,8 @@ class TestDriverTests(_TestDriver, TestCase):
         async def run() -> None:
             provider = self.provider()
             pod, sid = unique_pod("td")
-            instance = await provider.create_instance(pod, sid, b"#cloud-config\n", InstanceSpec(vcpus=3, memory_mib=300))
+            spec = InstanceSpec(vcpus=3, memory_mib=300)
+            instance = await provider.create_instance(pod, sid, b"#cloud-config\n", spec)
             self.addCleanup(provider.delete_instance, instance.id)
             name = instance.name
             root = ET.fromstring(self.pool.storageVolLookupByName(f"{name}-root.qcow2").XMLDesc(0))
@@ -356,7 +361,8 @@ class TestDriverTests(_TestDriver, TestCase):
             pod, sid = unique_pod("td")
             with self.assertRaises(InvalidConfig) as caught:
                 await provider.create_instance(pod, sid, b"", InstanceSpec(image="non-existing-image"))
-            self.assertEqual(str(caught.exception), "Error in creating volume: Can't retrieve volume non-existing-image")
+            message = "Error in creating volume: Can't retrieve volume non-existing-image"
+            self.assertEqual(str(caught.exception), message)
 
         return Deferred.fromCoroutine(run())
 
