@@ -113,6 +113,8 @@ def ensure_libvirtd(timeout: float = 30.0) -> None:
 def open_connection() -> Any:
     import libvirt
 
+    # errors arrive as exceptions; without a handler libvirt also prints each one to stderr
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return libvirt.open(LIBVIRT_URI)
 
 

@@ -41,7 +41,9 @@ def simple_pod_user_data(worker_ip: str) -> bytes:
         "interface": "eth0",
         "worker-node-ip": f"{worker_ip}/{lh.TEST_NETWORK_PREFIX}",
         "tunnel-type": "vxlan",
-        "routes": [{"dst": "", "gw": "10.244.1.1", "dev": "eth0", "protocol": "boot", "scope": "universe"}],
+        # as the adaptor copies them from the pod's netns: the subnet's link route, then the default route
+        "routes": [{"dst": "10.244.1.0/24", "gw": "", "dev": "eth0", "protocol": "kernel", "scope": "link"},
+                   {"dst": "", "gw": "10.244.1.1", "dev": "eth0", "protocol": "boot", "scope": "universe"}],
         "neighbors": None,
         "mtu": 1450,
         "index": 0,
