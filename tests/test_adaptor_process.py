@@ -52,6 +52,7 @@ class Adaptor:
         self.netns = os.path.join(self.base, "netns")
         open(self.netns, "w").close()
         self.port = 20000 + (os.getpid() * 7 + n) % 20000
+        self.probe_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = os.path.join(self.base, "adaptor.log")
 
@@ -65,7 +66,7 @@ class Adaptor:
             [sys.executable, "-m", "tests.fakes.run_adaptor", "-n", "--pidfile=", "caa-adaptor",
              "--socket", self.socket, "--pods-dir", self.pods,
              "--tls-dir", os.path.join(self.base, "tls"), "--tunnel-type", "none", "--disable-tls",
-             "--probe-port", "0"], stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
+             "--probe-port", str(self.probe_port)], stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         logf.close()
         self.wait_for(lambda: self.ctl("version").returncode == 0, "adaptor serving")
 
@@ -231,6 +232,50 @@ class LifecycleTests(ProcessTestCase):
         self.assertEqual(a.vms(), [])
         self.assertEqual([d for d in os.listdir(a.pods) if not d.endswith(".json")], [])
         print(f"\n50 concurrent StartVMs (process VMs) took {elapsed:.1f}s")
+
+
+class RestartTests(ProcessTestCase):
+    def test_sigterm_keeps_vm_and_readopts(self) -> None:
+        a = self.a
+        a.probe_port = a.port + 1
+        a.start()
+        path = a.create("t1", "web")
+        self.assertEqual(a.ctl("start", "--id", "t1").returncode, 0)
+        probe = f"http://127.0.0.1:{a.probe_port}/startup"
+        import urllib.request
+
+        self.assertEqual(urllib.request.urlopen(probe, timeout=5).status, 200)
+        vms = a.vms()
+        a.term()
+        self.assertEqual(a.vms(), vms)  # the VM stays
+        self.assertEqual(a.record("t1")["state"], "running")  # type: ignore[index]
+        a.start()
+        a.wait_for(lambda: self.agent_check(path) == "SERVING", "re-adopted after SIGTERM")
+        self.assertEqual(a.ctl("stop", "--id", "t1").returncode, 0)
+        self.assertEqual(a.vms(), [])
+
+    def test_socket_takeover(self) -> None:
+        """A second adaptor on the same socket takes it over; the first one's exit leaves it in place."""
+        a = self.a
+        a.start()
+        first = a.proc
+        a.proc = None
+        before = os.stat(a.socket)
+        a.start()
+        def replaced() -> bool:
+            try:
+                st = os.stat(a.socket)
+            except FileNotFoundError:
+                return False
+            return (st.st_ino, st.st_ctime_ns) != (before.st_ino, before.st_ctime_ns)
+
+        a.wait_for(replaced, "the second adaptor bound the socket")
+        a.wait_for(lambda: "journal recovery done" in open(a.log).read().split("starting up.")[-1], "second ready")
+        assert first is not None
+        first.terminate()
+        first.wait(20)
+        self.assertTrue(os.path.exists(a.socket), open(a.log).read()[-2500:])
+        self.assertEqual(a.ctl("version").returncode, 0)
 
 
 class FaultInjectionTests(ProcessTestCase):

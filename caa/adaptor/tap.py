@@ -73,6 +73,12 @@ class _Probe(Resource):
         return b"" if ok else b"not ready\n"
 
 
+def _identity(path: str) -> tuple[int, int, int]:
+    """Who made the file at path: inode numbers are reused at once, so the change time is part of it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 def _can_connect(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1.0)
@@ -97,7 +103,7 @@ class AdaptorDaemon(MultiService):
         self.socket_path: str = options["socket"]
         self.recovered = False
         self._port: Any = None
-        self._inode: int | None = None
+        self._identity: tuple[int, int, int] | None = None
         self._threadpool: ThreadPool | None = None
         assert options.provider_factory is not None and options.provider_options is not None
         self.provider: IProvider = options.provider_factory.create(reactor, options.provider_options)
@@ -150,8 +156,8 @@ class AdaptorDaemon(MultiService):
         prepare_unix_path(self.socket_path)
         self._port = self.reactor.listenUNIX(self.socket_path, self.server.factory(),
                                              mode=self.options["socket-mode"], wantPID=False)
-        self._inode = os.stat(self.socket_path).st_ino
         os.chmod(self.socket_path, self.options["socket-mode"])
+        self._identity = _identity(self.socket_path)
         self._log.info("server started on {socket}", socket=self.socket_path)
         self._start_probe()
         self._start_metrics()
@@ -222,7 +228,7 @@ class AdaptorDaemon(MultiService):
         if self._port is not None:
             owner = False
             try:
-                owner = os.stat(self.socket_path).st_ino == self._inode
+                owner = _identity(self.socket_path) == self._identity
             except OSError:
                 pass
             if not owner:
