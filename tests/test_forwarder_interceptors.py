@@ -18,6 +18,31 @@ from caa.ttrpc import CallContext, TTRPCError
 NETNS = "/run/netns/podns"
 
 
+def decode_fields(data: bytes) -> dict[int, list[bytes]]:
+    """A minimal protobuf reader for length-delimited fields (independent of the encoder under test)."""
+    out: dict[int, list[bytes]] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        n = shift = 0
+        while True:
+            b = data[i]
+            i += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n
+
+    while i < len(data):
+        tag = varint()
+        assert tag & 7 == 2, tag
+        length = varint()
+        out.setdefault(tag >> 3, []).append(data[i : i + length])
+        i += length
+    return out
+
+
 def _ctx(clock: Clock, method: str, deadline: float | None = None) -> CallContext:
     return CallContext(clock=clock, service="grpc.AgentService", method=method, stream_id=1, deadline=deadline)
 
@@ -164,12 +189,37 @@ class CloudVolumeTests(SynchronousTestCase):
         self.assertIn("no data disk found for LUN 0 after 3 attempt(s)", str(f.value))
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_encrypted_volume_refused_clearly(self) -> None:
+    def test_encrypted_volume_without_cdh(self) -> None:
         v = ic.parse_cloud_volumes(
             '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "luks2", "key_id": "k"}}')[0]
         i = ic.Interceptors(NETNS, Clock())
-        f = self.failureResultOf(Deferred.fromCoroutine(i._default_mount(v, None)), ic.InterceptError)
-        self.assertIn("not supported", str(f.value))
+        f = self.failureResultOf(Deferred.fromCoroutine(i._secure_mount(v, "/dev/null", None)),
+                                 ic.InterceptError)
+        self.assertIn("no confidential-data-hub endpoint", str(f.value))
+
+    def test_is_luks(self) -> None:
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        for name, data, want in (("l", b"LUKS\xba\xbe\x00\x02", True), ("e", b"\0" * 512, False)):
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+            self.assertEqual(ic.is_luks(os.path.join(d, name)), want)
+        with open(os.path.join(d, "s"), "wb") as f:
+            f.write(b"LUK")
+        self.assertRaises(OSError, ic.is_luks, os.path.join(d, "s"))
+
+    def test_secure_mount_request_fields(self) -> None:
+        v = ic.parse_cloud_volumes(
+            '{"vol-0": {"mount_point": "/d", "lun": "0", "encrypt_type": "LUKS", "key_id": "default/key/1"}}')[0]
+        msg = decode_fields(ic.secure_mount_request(v, "/dev/sdc", "empty"))
+        self.assertEqual(msg[1], [b"block-device"])
+        self.assertEqual(msg[4], [b"/run/cloud-volumes/vol-0"])
+        self.assertNotIn(3, msg)
+        options = {decode_fields(e)[1][0].decode(): decode_fields(e)[2][0].decode() for e in msg[2]}
+        self.assertEqual(options, {
+            "devicePath": "/dev/sdc", "sourceType": "empty", "targetType": "fileSystem",
+            "encryptionType": "luks2", "filesystemType": "ext4", "key": "kbs:///default/key/1",
+            "mapperName": "caa-vol-0"})
 
     def test_find_data_disk_libvirt(self) -> None:
         d = tempfile.mkdtemp()

@@ -102,6 +102,7 @@ class ForwarderService(MultiService):
         run_blocking: Callable[..., Deferred[Any]] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         environ: Any = os.environ,
+        cdh_endpoint: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -114,7 +115,7 @@ class ForwarderService(MultiService):
         self._environ = environ
         self.agent = AgentConnection(agent_endpoint, reactor)
         self.agent.setServiceParent(self)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"cdh_endpoint": cdh_endpoint}
         if run_blocking is not None:
             kwargs["run_blocking"] = run_blocking
         self.interceptors = Interceptors(netns_path=pod_netns, clock=reactor, **kwargs)

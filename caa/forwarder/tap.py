@@ -50,6 +50,8 @@ class Options(usage.Options):
         ["ca-cert-file", None, "", "PEM trust anchors for client certificates (default: apf.json tls-client-ca)."],
         ["cert-file", None, "", "PEM server certificate (default: apf.json tls-server-cert)."],
         ["cert-key", None, "", "PEM server key (default: apf.json tls-server-key)."],
+        ["cdh-socket", None, "/run/confidential-containers/cdh.sock",
+         "confidential-data-hub's socket (SecureMount of encrypted cloud volumes)."],
         ["agent-wait", None, 150.0, "Seconds a call waits for the agent socket.", float],
     ]
     optFlags = [
@@ -130,6 +132,7 @@ def makeService(options: Options) -> Any:
         pod_network=pod_network,
         run_blocking=run_blocking,
         on_fatal=fatal,
+        cdh_endpoint=lambda: UNIXClientEndpoint(reactor, options["cdh-socket"], timeout=5),
     )
     service.agent.wait_timeout = options["agent-wait"]
     return service
