@@ -153,3 +153,22 @@ class CommandLineTests(SynchronousTestCase):
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(r.returncode, 1)
         self.assertIn("caa-process-user-data: failed to retrieve cloud config", r.stderr)
+
+
+class FuzzTests(SynchronousTestCase):
+    def test_arbitrary_text_only_user_data_errors(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=60, deadline=None)
+        @given(st.one_of(st.text(max_size=200), st.binary(max_size=200),
+                         st.builds(lambda p, c: cloud_config([(p, c)]), st.text(max_size=30),
+                                   st.text(max_size=60))))
+        def check(doc: str | bytes) -> None:
+            try:
+                files = userdata.parse_cloud_config(doc)
+            except userdata.UserDataError:
+                return
+            self.assertTrue(all(isinstance(f, userdata.WriteFile) for f in files))
+
+        check()
