@@ -113,13 +113,26 @@ class AdaptorDaemon(MultiService):
         self.proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls)
         self.store = SandboxStore(options["pods-dir"])
         self.network = self._network()
+        auth_lookup = None
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            from caa.adaptor.pullsecrets import KubernetesPullSecrets
+
+            self._k8s_pool = ThreadPool(minthreads=0, maxthreads=4, name="caa-k8s")
+            reactor.callWhenRunning(self._k8s_pool.start)
+            reactor.addSystemEventTrigger("during", "shutdown", self._k8s_pool.stop)
+            try:
+                auth_lookup = KubernetesPullSecrets(reactor, self._k8s_pool)
+            except Exception as e:
+                self._log.warn("no Kubernetes client ({error}): image pull secrets are not sent to pod VMs",
+                               error=str(e))
         self.cloud = CloudService(
             reactor, self.provider, self.proxies, self.store, self.network, issuer,
             ServiceConfig(pods_dir=options["pods-dir"], forwarder_port=options["forwarder-port"],
                           proxy_timeout=options["proxy-timeout"], disable_tls=bool(options["disable-tls"]),
                           tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites,
                           initdata=options["initdata"], enable_scratch_space=bool(options["enable-scratch-space"]),
-                          ext_network_via_podvm=bool(options["ext-network-via-podvm"])))
+                          ext_network_via_podvm=bool(options["ext-network-via-podvm"])),
+            auth_lookup=auth_lookup)
         self.server = Server(clock=reactor, name="hypervisor")
         HypervisorHandlers(self.cloud).register(self.server)
         sweeper = TimerService(60.0, self._sweep)
