@@ -269,6 +269,11 @@ class InterceptorTableTests(SynchronousTestCase):
         out = agent_pb2.CreateContainerRequest.FromString(self.successResultOf(self._call("CreateContainer", b"")))
         self.assertEqual(out.OCI.Linux.Namespaces[0].Type, "network")
 
+    def test_start_remove_container_forwarded_unchanged(self) -> None:
+        raw = agent_pb2.RemoveContainerRequest(container_id="c9", timeout=3).SerializeToString()
+        self.assertIs(self.successResultOf(self._call("RemoveContainer", raw)), raw)
+        self.assertIs(self.successResultOf(self._call("StartContainer", b"\xff\xff")), b"\xff\xff")
+
     def test_create_sandbox(self) -> None:
         req = agent_pb2.CreateSandboxRequest(sandbox_id="s", dns=["nameserver 8.8.8.8"], hostname="h")
         out = agent_pb2.CreateSandboxRequest.FromString(self.successResultOf(

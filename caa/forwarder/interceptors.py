@@ -416,7 +416,24 @@ class Interceptors:
             (AGENT_SERVICE, "CreateContainer"): self.create_container,
             (AGENT_SERVICE, "CreateSandbox"): self.create_sandbox,
             (AGENT_SERVICE, "DestroySandbox"): self.destroy_sandbox,
+            (AGENT_SERVICE, "StartContainer"): self.log_container("StartContainer"),
+            (AGENT_SERVICE, "RemoveContainer"): self.log_container("RemoveContainer"),
         }
+
+    def log_container(self, method: str) -> Callable[[CallContext, bytes], Awaitable[bytes]]:
+        """Diagnostics only: log the container id (field 1 of Start/RemoveContainerRequest), forward as is."""
+
+        async def log(ctx: CallContext, payload: bytes) -> bytes:
+            from caa.proto import agent_pb2
+
+            try:
+                cid = agent_pb2.StartContainerRequest.FromString(payload).container_id
+            except Exception:
+                cid = "?"
+            self._log.info("{method} {container_id}", method=method, container_id=cid)
+            return payload
+
+        return log
 
     async def _default_mount(self, volume: CloudVolume, remaining: float | None) -> None:
         device = await wait_for_data_disk(volume, self._clock, self._run_blocking, self._disk_attempts,
