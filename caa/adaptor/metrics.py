@@ -34,8 +34,8 @@ PROXY_CALLS = Counter(
     ["method", "code"], registry=REGISTRY)
 
 PROXY_BYTES = Counter(
-    "caa_proxy_bytes", "Payload bytes relayed by the proxy, by direction (to_agent, from_agent)",
-    ["direction"], registry=REGISTRY)
+    "caa_proxy_bytes", "Payload bytes relayed by the proxy, by service/method and direction (to_agent, from_agent)",
+    ["method", "direction"], registry=REGISTRY)
 
 PROXY_RECONNECTS = Counter(
     "caa_proxy_reconnects", "Upstream (forwarder) reconnects made by agent proxies", registry=REGISTRY)

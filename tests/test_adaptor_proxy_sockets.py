@@ -1,0 +1,272 @@
+"""Integration tests of caa.adaptor.proxy over real sockets: shim client -> proxy unix socket -> forwarder stand-in
+(a caa.ttrpc server on loopback TCP, plain or mutual TLS with certificates from caa.tls)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from caa import tls
+from caa.adaptor.interfaces import ProxyTLS
+from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, dial_backoff
+from caa.proto import agent_pb2, oci_pb2
+from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
+from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint, unix_client_endpoint
+
+reactor: Any = _reactor
+_count = itertools.count()
+
+
+class ForwarderStandIn:
+    """Stands in for caa-forwarder (the pod VM end): a ttrpc server answering any service/method.
+
+    Method names drive it: Echo* returns the payload, Fail answers NOT_FOUND, Hang never answers, Drop closes
+    the connection mid-call; every call is recorded with its metadata and remaining deadline.
+    """
+
+    def __init__(self) -> None:
+        self.server = Server(clock=reactor, name="forwarder-standin")
+        self.server.register_fallback(self.handle)
+        self.calls: list[tuple[str, str, bytes, list[tuple[str, str]], float | None]] = []
+        self.port: Any = None
+
+    async def handle(self, ctx: CallContext, service: str, method: str, payload: bytes) -> bytes:
+        self.calls.append((service, method, payload, list(ctx.metadata), ctx.remaining()))
+        if method == "Fail":
+            raise TTRPCError(Code.NOT_FOUND, "container xyz not found")
+        if method == "Hang":
+            await Deferred()
+        if method == "Drop":
+            reactor.callLater(0, self.server.abort)
+            await Deferred()
+        if method == "Slow":
+            await deferLater(reactor, 0.05)
+        return b"echo:" + payload
+
+    async def listen(self, context_factory: Any = None, port: int = 0) -> int:
+        if context_factory is None:
+            ep = tcp_server_endpoint(reactor, port, interface="127.0.0.1")
+        else:
+            ep = tls_server_endpoint(reactor, port, "127.0.0.1", context_factory)
+        self.port = await ep.listen(self.server.factory())
+        return int(self.port.getHost().port)
+
+    async def close(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+            self.port = None
+        self.server.abort()
+
+
+class ProxySocketTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix=f"caa-proxy-{os.getpid()}-{next(_count)}-")
+        os.chmod(self.dir, 0o700)
+        self.addCleanup(self._rmtree)
+        self.tls: ProxyTLS | None = None
+        self.server_ctx: Any = None
+
+    def _rmtree(self) -> None:
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def _forwarder(self, port: int = 0) -> tuple[ForwarderStandIn, int]:
+        fwd = ForwarderStandIn()
+        p = await fwd.listen(self.server_ctx, port)
+        self.addCleanup(lambda: Deferred.fromCoroutine(fwd.close()))
+        return fwd, p
+
+    def _proxy(self, **kw: Any) -> AgentProxy:
+        kw.setdefault("retry_policy", dial_backoff(initial=0.02, cap=0.2))
+        kw.setdefault("attempt_timeout", 1.0)
+        factory = AgentProxyFactory(reactor, self.tls, volumes_dir=os.path.join(self.dir, "dv"), **kw)
+        proxy = factory.new("sb1", os.path.join(self.dir, "sb1", "agent.ttrpc"))
+        assert isinstance(proxy, AgentProxy)
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    async def _shim(self, proxy: AgentProxy) -> TTRPCClient:
+        client = await connect(unix_client_endpoint(reactor, proxy.socket_path), reactor)
+        self.addCleanup(client.abort)
+        return client
+
+    async def _started(self) -> tuple[ForwarderStandIn, AgentProxy, TTRPCClient]:
+        fwd, port = await self._forwarder()
+        proxy = self._proxy()
+        await proxy.start(("127.0.0.1", port), "vm-sb1", reactor.seconds() + 10)
+        return fwd, proxy, await self._shim(proxy)
+
+    # -- the tests
+
+    async def _passthrough(self) -> None:
+        fwd, proxy, shim = await self._started()
+        st = os.stat(proxy.socket_path)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
+        # a method the proxy never heard of, with metadata and a deadline
+        out = await shim.call_raw("grpc.FutureService", "EchoBrandNew", b"\x01\x02", timeout=7.0,
+                                  metadata=[("k", "v"), ("k", "w")])
+        self.assertEqual(out, b"echo:\x01\x02")
+        service, method, payload, md, remaining = fwd.calls[-1]
+        self.assertEqual((service, method, payload, md), ("grpc.FutureService", "EchoBrandNew", b"\x01\x02",
+                                                          [("k", "v"), ("k", "w")]))
+        assert remaining is not None
+        self.assertTrue(5.0 < remaining <= 7.0, remaining)
+        # no deadline stays no deadline
+        await shim.call_raw("grpc.Health", "Echo", b"")
+        self.assertIsNone(fwd.calls[-1][4])
+        # upstream status codes come back unchanged
+        err = await self.assertFailure(shim.call_raw("grpc.AgentService", "Fail", b"", timeout=5), TTRPCError)
+        self.assertEqual((err.code, err.message), (Code.NOT_FOUND, "container xyz not found"))
+        # 50 concurrent calls over the one upstream link
+        outs = await gatherResults([shim.call_raw("grpc.AgentService", "Slow", str(i).encode(), timeout=10)
+                                    for i in range(50)])
+        self.assertEqual(outs, [b"echo:" + str(i).encode() for i in range(50)])
+        self.assertEqual(proxy.connections, 1)
+
+    def test_passthrough_tcp(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._passthrough())
+
+    def test_passthrough_mtls(self) -> Deferred[None]:
+        self._use_tls()
+        return Deferred.fromCoroutine(self._passthrough())
+
+    def _use_tls(self, client: tls.CertKeyPair | None = None) -> None:
+        ca = tls.CertificateAuthority.create()
+        server = ca.issue_server_certificate("vm-sb1")
+        client = client or tls.make_client_certificate()
+        self.server_ctx = tls.server_context_factory(server.cert_pem, server.key_pem, client.cert_pem)
+        self.tls = ProxyTLS(ca_pem=ca.cert_pem, cert_pem=client.cert_pem, key_pem=client.key_pem)
+
+    async def _create_container_rewritten(self) -> None:
+        fwd, proxy, shim = await self._started()
+        src = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pv1/mount"
+        import base64
+        os.makedirs(os.path.join(self.dir, "dv", base64.urlsafe_b64encode(src.encode()).decode()))
+        req = agent_pb2.CreateContainerRequest(container_id="c1", OCI=oci_pb2.Spec(
+            Mounts=[oci_pb2.Mount(destination="/data", source=src)],
+            Annotations={"io.katacontainers.config.hypervisor.default_gpus": "1"}))
+        await shim.call_raw("grpc.AgentService", "CreateContainer", req.SerializeToString(), timeout=5)
+        got = agent_pb2.CreateContainerRequest.FromString(fwd.calls[-1][2][len(b""):])
+        ann = dict(got.OCI.Annotations)
+        self.assertEqual(ann["io.confidentialcontainers.org.peerpodvolumes.target_path"], src)
+        self.assertEqual(ann["cdi.k8s.io/peer-pods"], "nvidia.com/gpu=all")
+        # no OCI: forwarded unchanged, not a crash
+        bare = agent_pb2.CreateContainerRequest(container_id="c2").SerializeToString()
+        await shim.call_raw("grpc.AgentService", "CreateContainer", bare, timeout=5)
+        self.assertEqual(fwd.calls[-1][2], bare)
+
+    def test_create_container_rewritten(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._create_container_rewritten())
+
+    async def _never_answers(self) -> None:
+        fwd, proxy, shim = await self._started()
+        t0 = reactor.seconds()
+        err = await self.assertFailure(shim.call_raw("grpc.AgentService", "Hang", b"", timeout=0.3), TTRPCError)
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        self.assertLess(reactor.seconds() - t0, 2.0)
+        # the link is still good
+        self.assertEqual(await shim.call_raw("grpc.AgentService", "Echo", b"x", timeout=5), b"echo:x")
+
+    def test_forwarder_never_answers(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._never_answers())
+
+    async def _drop_mid_call(self) -> None:
+        fwd, proxy, shim = await self._started()
+        err = await self.assertFailure(shim.call_raw("grpc.AgentService", "Drop", b"", timeout=5), TTRPCError)
+        self.assertEqual(err.code, Code.UNAVAILABLE)
+        # the next call through the same agent socket waits for the reconnect and succeeds
+        self.assertEqual(await shim.call_raw("grpc.AgentService", "Echo", b"again", timeout=5), b"echo:again")
+        self.assertEqual(proxy.connections, 2)
+
+    def test_drop_mid_call_reconnects(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._drop_mid_call())
+
+    def test_drop_mid_call_reconnects_mtls(self) -> Deferred[None]:
+        self._use_tls()
+        return Deferred.fromCoroutine(self._drop_mid_call())
+
+    async def _stop_closes_everything(self) -> None:
+        fwd, proxy, shim = await self._started()
+        pending = shim.call_raw("grpc.AgentService", "Hang", b"", timeout=20)
+        await deferLater(reactor, 0.05)
+        await proxy.stop()
+        err = await self.assertFailure(pending, TTRPCError)
+        self.assertEqual(err.code, Code.UNAVAILABLE)
+        self.assertFalse(os.path.exists(proxy.socket_path))
+        await shim.when_closed()
+        self.assertFalse(shim.connected)
+        await deferLater(reactor, 0.05)
+        self.assertEqual(len(fwd.server._connections), 0)
+        await proxy.stop()  # idempotent
+
+    def test_stop_closes_everything(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop_closes_everything())
+
+    async def _never_connects(self) -> None:
+        fwd, port = await self._forwarder()
+        await fwd.close()  # nothing listens there now: connection refused
+        proxy = self._proxy()
+        t0 = reactor.seconds()
+        err = await self.assertFailure(proxy.start(("127.0.0.1", port), "vm-sb1", t0 + 0.5), TTRPCError)
+        elapsed = reactor.seconds() - t0
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        self.assertTrue(err.message.startswith(f"failed to establish agent proxy connection to 127.0.0.1:{port}: "),
+                        err.message)
+        self.assertIn("refused", err.message)
+        self.assertTrue(0.45 <= elapsed < 1.5, elapsed)
+        self.assertFalse(os.path.exists(proxy.socket_path))
+
+    def test_start_never_connects(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._never_connects())
+
+    async def _late_forwarder(self) -> None:
+        fwd, port = await self._forwarder()
+        await fwd.close()
+        proxy = self._proxy()
+        started = proxy.start(("127.0.0.1", port), "vm-sb1", reactor.seconds() + 10)
+        await deferLater(reactor, 0.3)
+        self.assertNoResult(started)
+        fwd2 = ForwarderStandIn()
+        await fwd2.listen(None, port)
+        self.addCleanup(lambda: Deferred.fromCoroutine(fwd2.close()))
+        t0 = reactor.seconds()
+        await started
+        self.assertLess(reactor.seconds() - t0, 0.5)  # back-off cap 0.2 s in this test
+
+    def test_start_waits_for_late_forwarder(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._late_forwarder())
+
+    async def _tls_refused(self) -> None:
+        self._use_tls()
+        # the forwarder trusts another client certificate: every attempt fails, start errbacks at the deadline
+        assert self.tls is not None
+        other = tls.make_client_certificate()
+        self.tls = ProxyTLS(ca_pem=self.tls.ca_pem, cert_pem=other.cert_pem, key_pem=other.key_pem,
+                            min_version="VersionTLS12")
+        self.server_ctx = tls.server_context_factory(*self._server_pair(), tls.make_client_certificate().cert_pem)
+        fwd, port = await self._forwarder()
+        proxy = self._proxy()
+        err = await self.assertFailure(proxy.start(("127.0.0.1", port), "vm-sb1", reactor.seconds() + 0.6),
+                                       TTRPCError)
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        self.assertEqual(proxy.connections, 0)
+
+    def _server_pair(self) -> tuple[bytes, bytes]:
+        assert self.tls is not None
+        # a server certificate from an unrelated CA for the right name
+        pair = tls.CertificateAuthority.create().issue_server_certificate("vm-sb1")
+        return pair.cert_pem, pair.key_pem
+
+    def test_tls_refused_until_deadline(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._tls_refused())
