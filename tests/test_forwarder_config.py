@@ -108,6 +108,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(tap.netns_path(o["pod-netns"]), "/run/netns/podns2")
         self.assertIsNone(o["tls"])
 
+    def test_go_style_flags(self) -> None:
+        """An upstream TLS_OPTIONS line (single dashes, Go booleans) parses the same."""
+        o = self._parse("-listen", "127.0.0.1:99", "-kata-agent-socket=/tmp/k.sock", "-pod-namespace",
+                        "/run/netns/x", "-disable-tls=true", "-tls-skip-verify=false")
+        self.assertEqual(o["listen-address"], ("127.0.0.1", 99))
+        self.assertEqual((o["kata-agent-socket"], o["pod-netns"]), ("/tmp/k.sock", "/run/netns/x"))
+        self.assertIsNone(o["tls"])
+        self.assertFalse(o["tls-skip-verify"])
+
     def test_errors(self) -> None:
         for argv in (["--listen", "nope"], ["--tls-skip-verify"], ["--agent-wait", "0"]):
             self.assertRaises(usage.UsageError, self._parse, *argv)

@@ -35,6 +35,21 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _go_flags(argv: list[str], names: set[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[1:].partition("=")
+            if name in names:
+                if eq and value.lower() in ("true", "false"):  # Go boolean syntax -flag=true
+                    if value.lower() == "true":
+                        out.append(f"--{name}")
+                    continue
+                arg = f"--{arg[1:]}"
+        out.append(arg)
+    return out
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Pod VM daemon: builds the pod network from apf.json and relays the adaptor's ttrpc calls "
@@ -59,6 +74,16 @@ class Options(usage.Options):
         ["tls-skip-verify", None, "Testing only: do not verify client certificates (refused with a CA)."],
         ["version", None, "Print the version and exit."],
     ]
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Also accept upstream's Go-style single-dash flags (`-cert-file x`, `-disable-tls=true`), so an
+        upstream `/etc/default/agent-protocol-forwarder` TLS_OPTIONS line keeps working."""
+        argv = sys.argv[1:] if options is None else list(options)
+        super().parseOptions(_go_flags(argv, self._long_names()))
+
+    def _long_names(self) -> set[str]:
+        params: list[Any] = [*self.optParameters, *self.optFlags]
+        return {str(p[0]) for p in params} | {"pod-namespace", "help"}
 
     def opt_pod_namespace(self, value: str) -> None:
         """Alias of --pod-netns (upstream's name)."""
