@@ -162,7 +162,7 @@ else
 # DEVELOPMENT pod VM image: this is NOT kata-agent. caa's stand-in (caa/devtools/agent.py) answers the
 # agent protocol on the same socket so the adaptor and the forwarder can be exercised end to end.
 mkdir -p /run/kata-containers
-exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock
+exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock --pod-netns podns
 AGENT
   chmod 755 "$R/usr/local/bin/kata-agent"
   IMAGE_NAME="caa DEVELOPMENT pod VM image (kata-agent is caa's stand-in, caa/devtools/agent.py; not for production)"
