@@ -26,6 +26,7 @@ from typing import Any
 
 from twisted.internet import ssl as tssl
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
@@ -126,6 +127,10 @@ class _Upstream(TTRPCClient):
         super().connectionLost(reason)
         if not self.ready.called:
             self.ready.errback(reason)
+
+
+class DialTimeout(Exception):
+    """One dial attempt (TCP connect plus TLS handshake) took longer than the attempt timeout."""
 
 
 def _describe(failure: Failure | BaseException) -> str:
@@ -275,8 +280,8 @@ class AgentProxy:
         d.addTimeout(self._attempt_timeout, self._clock)
         try:
             return await d
-        except TimeoutError as e:
-            raise TimeoutError(f"dial {self._address} timed out after {self._attempt_timeout:g}s") from e
+        except DeferredTimeout as e:
+            raise DialTimeout(f"dial {self._address} timed out after {self._attempt_timeout:g}s") from e
 
     async def _connect_once(self, endpoint: IStreamClientEndpoint) -> _Upstream:
         factory = Factory.forProtocol(
