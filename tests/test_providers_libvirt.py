@@ -17,7 +17,8 @@ from typing import Any
 
 import libvirt
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -442,6 +443,27 @@ class TestDriverTests(_TestDriver, TestCase):
             self.assertLess(time.monotonic() - started, 5)
             self.assertIn("IP addresses not found", str(caught.exception))
             self.assertEqual(self.left([provider.instance_name(pod, sid)]), [])
+
+        return Deferred.fromCoroutine(run())
+
+    def test_cancel_rolls_back(self) -> Deferred[None]:
+        class NoLease(_StreamlessLibvirtProvider):
+            def _addresses(self, conn: Any, domain: Any) -> tuple[str, ...]:
+                return ()
+
+        async def run() -> None:
+            provider = self.provider(cls=NoLease, ip_timeout=60.0)
+            pod, sid = unique_pod("td")
+            name = provider.instance_name(pod, sid)
+            creating = provider.create_instance(pod, sid, b"", InstanceSpec())
+            while name not in [d.name() for d in self.conn.listAllDomains()]:
+                await deferLater(global_reactor, 0.05, lambda: None)
+            creating.cancel()
+            with self.assertRaises(CancelledError):
+                await creating
+            # the rollback runs on the owner thread after the cancelled step
+            await provider._owner.run(lambda conn: None)
+            self.assertEqual(self.left([name]), [])
 
         return Deferred.fromCoroutine(run())
 
