@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -74,7 +75,7 @@ class ProxyDialTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.ep = ScriptedEndpoint(self.clock)
         d = tempfile.mkdtemp(prefix=f"caa-proxyunit-{os.getpid()}-")
-        self.addCleanup(lambda: __import__("shutil").rmtree(d, ignore_errors=True))
+        self.addCleanup(shutil.rmtree, d, True)
         self.factory = AgentProxyFactory(self.clock, None, volumes_dir=d,
                                          retry_policy=dial_backoff(jitter=lambda: 0.0),
                                          make_endpoint=lambda host, port, name: self.ep)
