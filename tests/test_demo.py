@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from twisted.trial.unittest import TestCase
 
@@ -17,7 +19,9 @@ class DemoTests(TestCase):
             self.skipTest("the demo creates network namespaces: needs root")
 
     def test_demo_walks_a_pod_and_leaves_nothing(self) -> None:
-        workdir = os.path.abspath(self.mktemp())
+        # unix socket paths are limited to 108 bytes: keep the work directory short.
+        workdir = tempfile.mkdtemp(prefix="caademo-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, workdir, True)
         proc = subprocess.run([sys.executable, "-m", "caa.devtools.demo", "--workdir", workdir],
                               capture_output=True, text=True, timeout=200)
         out = proc.stdout + proc.stderr
