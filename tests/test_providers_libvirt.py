@@ -19,7 +19,9 @@ import libvirt
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -341,6 +343,23 @@ class TestDriverTests(_TestDriver, TestCase):
             self.assertEqual(xml.findtext("vcpu"), "3")
             self.assertEqual(xml.find("memory").text, str(300 * 1024))  # type: ignore[union-attr]
             self.assertEqual(file_disk_paths(domain.XMLDesc(0)), [root.findtext("target/path"), iso.path()])
+
+        return Deferred.fromCoroutine(run())
+
+    def test_logs_image_choice_and_creation(self) -> Deferred[None]:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+        async def run() -> None:
+            provider = self.provider()
+            pod, sid = unique_pod("td")
+            instance = await provider.create_instance(pod, sid, b"", InstanceSpec())
+            await provider.delete_instance(instance.id)
+            events = [e for e in observer if e.get("log_source") is provider]
+            texts = [formatEvent(e) for e in events]
+            self.assertIn(f"{sid}: Choosing {self.base} as libvirt volume for the PodVM image", texts)
+            created = [e for e in events if e.get("instance_id") == instance.id and "created" in e["log_format"]]
+            self.assertEqual(len(created), 1)
+            self.assertEqual(created[0]["sandbox_id"], sid)
 
         return Deferred.fromCoroutine(run())
 
