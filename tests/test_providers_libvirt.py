@@ -506,7 +506,7 @@ class RealLibvirtContractTests(ProviderContractMixin, TestCase):
     timeout = 300
     concurrent_creates = int(os.environ.get("CAA_LIBVIRT_CONCURRENT", "4"))
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on a Deferred
         reason = _real_skip()
         if reason:
             raise SkipTest(reason)
