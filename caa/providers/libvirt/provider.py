@@ -134,12 +134,22 @@ class _ConnectionOwner:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"libvirt-{redacted_uri}")
         self._started = False
         self._conn: libvirt.virConnect | None = None
+        self._trigger: Any = None
 
     def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         if not self._started:
             self._pool.start()
             self._started = True
+            # The worker thread is not a daemon: stop it with the reactor even if teardown() is never called.
+            add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+            if add_trigger is not None:
+                self._trigger = add_trigger("during", "shutdown", self._stop_pool)
         return deferToThreadPool(self._reactor, self._pool, self._call, function, *args)
+
+    def _stop_pool(self) -> None:
+        if self._started:
+            self._started = False
+            self._pool.stop()
 
     def _connection(self) -> libvirt.virConnect:
         if self._conn is not None:
@@ -184,8 +194,10 @@ class _ConnectionOwner:
         d = deferToThreadPool(self._reactor, self._pool, close_on_thread)
 
         def stop(result: object) -> object:
-            self._pool.stop()
-            self._started = False
+            self._stop_pool()
+            if self._trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._trigger)
+                self._trigger = None
             return result
 
         d.addBoth(stop)
