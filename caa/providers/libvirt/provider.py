@@ -262,6 +262,11 @@ class LibvirtProvider:
         self._log.info(
             "{sandbox_id}: Choosing {image} as libvirt volume for the PodVM image", sandbox_id=sandbox_id, image=image
         )
+        if spec.gpus or spec.instance_type:
+            self._log.info(
+                "{sandbox_id}: libvirt ignores the instance type {type!r} and GPU count {gpus} (as upstream)",
+                sandbox_id=sandbox_id, type=spec.instance_type, gpus=spec.gpus,
+            )
         host = await self._owner.run(self._t_host)
         security = resolve_launch_security(self.config.disable_cvm, self.config.launch_security, host.arch)
         existing = await self._owner.run(self._t_existing, name, sandbox_id)
