@@ -53,19 +53,23 @@ class Adaptor:
         open(self.netns, "w").close()
         self.port = 20000 + (os.getpid() * 7 + n) % 20000
         self.probe_port = 0
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = os.path.join(self.base, "adaptor.log")
+
+    extra_args: list[str] = ["--tunnel-type", "none"]
 
     def start(self, **env: str) -> None:
         e = dict(os.environ)
         e.update({"PYTHONPATH": ROOT, "CLOUD_PROVIDER": "tests.fakes.provider:FakeProviderFactory",
                   "FAKE_STATE_DIR": self.cloud, "FORWARDER_PORT": str(self.port), "PROXY_TIMEOUT": "20s"})
+        e.update(self.env)
         e.update(env)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.fakes.run_adaptor", "-n", "--pidfile=", "caa-adaptor",
              "--socket", self.socket, "--pods-dir", self.pods,
-             "--tls-dir", os.path.join(self.base, "tls"), "--tunnel-type", "none", "--disable-tls",
+             "--tls-dir", os.path.join(self.base, "tls"), *self.extra_args, "--disable-tls",
              "--probe-port", str(self.probe_port)], stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         logf.close()
         self.wait_for(lambda: self.ctl("version").returncode == 0, "adaptor serving")
@@ -449,3 +453,76 @@ class GoShimTests(ProcessTestCase):
         self.assertEqual(a.vms(), [])
         r = await goshim.hv_stop(reactor, sock, "g1")
         self.assertEqual((r["ok"], r["code"]), (False, 5), r)
+
+
+class VxlanTests(ProcessTestCase):
+    """The adaptor in a worker netns with the real VXLAN tunnel: no tunnel or VNI survives StopVM or a rollback
+    after kill -9, and a running pod keeps its tunnel across a kill -9."""
+
+    def setUp(self) -> None:
+        from tests import netns_helpers as nh
+
+        nh.need_root(self)
+        super().setUp()
+        self.worker = nh.make_netns(self, "caw")
+        other = nh.make_netns(self, "cao")
+        nh.underlay(self, self.worker, other, net="192.168.79.0/24")
+        nh.bridge(self.worker, "cbr0", "10.88.0.1/24")
+        nh.set_up(self.worker, "lo")
+        self.pod = nh.cni_pod(self, self.worker, "cbr0", "10.88.0.5/24", "10.88.0.1")
+        netns_dir = os.path.join(self.a.base, "netns.d")
+        os.makedirs(netns_dir)
+        os.symlink(self.pod.path, os.path.join(netns_dir, "pod"))
+        self.a.netns = self.pod.path
+        self.a.env["CAA_TEST_NETNS"] = self.worker.path
+        self.a.extra_args = ["--tunnel-type", "vxlan", "--vxlan-port", str(self.a.port + 2), "--netns-dir", netns_dir]
+
+    def vxlan_in_pod(self) -> bool:
+        r = self.pod.run(["ip", "-d", "link", "show", "vxlan1"], check=False)
+        return r.returncode == 0
+
+    def vnis(self) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self.a.pods, "vni.json")) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        return data.get("allocation", data) if isinstance(data, dict) else {}
+
+    def test_tunnel_lifecycle_and_kill(self) -> None:
+        a = self.a
+        a.start()
+        path = a.create("v1", "web")
+        rec = a.record("v1")
+        assert rec is not None
+        self.assertEqual(rec["vni"], 555000)
+        with open(os.path.join(a.pods, "v1", "apf.json")) as f:
+            apf = json.load(f)
+        self.assertEqual(apf["pod-network"]["podip"], "10.88.0.5/24")
+        r = a.ctl("start", "--id", "v1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(self.vxlan_in_pod())
+        a.kill9()
+        a.start()
+        a.wait_for(lambda: self.agent_check(path) == "SERVING", "re-adopted")
+        self.assertTrue(self.vxlan_in_pod())
+        self.assertEqual(a.ctl("stop", "--id", "v1").returncode, 0)
+        self.assertFalse(self.vxlan_in_pod())
+        self.assertEqual(self.vnis(), {})
+        self.assertEqual(a.vms(), [])
+        # kill -9 while the proxy dials a booting VM: rollback removes the tunnel
+        a.kill9()
+        a.start(FAKE_VM_BOOT_DELAY="30s")
+        a.create("v2", "web")
+        p = a.ctl_bg("start", "--id", "v2")
+        a.wait_for(lambda: (a.record("v2") or {}).get("state") == "tunnel", "tunnel up, proxy dialling")
+        self.assertTrue(self.vxlan_in_pod())
+        a.kill9()
+        p.communicate(timeout=30)
+        a.start()
+        a.wait_for(lambda: (a.record("v2") or {}).get("state") == "created", "rolled back")
+        self.assertFalse(self.vxlan_in_pod())
+        self.assertEqual(a.vms(), [])
+        self.assertEqual(a.ctl("stop", "--id", "v2").returncode, 0)
+        self.assertEqual(self.vnis(), {})
+        a.kill9()

@@ -30,6 +30,19 @@ class NodeNetworking:
               pod_network: dict[str, Any]) -> Deferred[None]:
         return self.node.setup(netns, list(ips), PodNetworkConfig.from_json(pod_network))
 
+    def ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
+               pod_network: dict[str, Any]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._ensure(sandbox_id, netns, ips, pod_network))
+
+    async def _ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> None:
+        config = PodNetworkConfig.from_json(pod_network)
+        present = await self.node.present_vnis()
+        if config.vxlan_id in present:
+            self._log.info("{sandbox_id}: tunnel VNI {vni} still present; kept", sandbox_id=sandbox_id,
+                           vni=config.vxlan_id)
+            return
+        await self.node.setup(netns, list(ips), config)
+
     def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
         if not pod_network:
             return succeed(None)
@@ -55,6 +68,10 @@ class NullNetworking:
 
     def setup(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
               pod_network: dict[str, Any]) -> Deferred[None]:
+        return succeed(None)
+
+    def ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
+               pod_network: dict[str, Any]) -> Deferred[None]:
         return succeed(None)
 
     def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:

@@ -139,7 +139,10 @@ class IPodNetworking(Interface):
         object (JSON-ready dict, with "vxlan-id"). Allocating twice for one sandbox gives the same VNI."""
 
     def setup(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> Deferred[None]:
-        """Set up (or check and repair) the tunnel between the pod netns and the VM at ips[0]."""
+        """Set up the tunnel between the pod netns and the VM at ips[0] (rolled back on failure)."""
+
+    def ensure(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> Deferred[None]:
+        """Re-adoption after a restart: leave an existing tunnel of this VNI alone, set it up if it is gone."""
 
     def teardown(sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
         """Remove the tunnel if any and release the sandbox's VNI. Succeeds when nothing is there."""

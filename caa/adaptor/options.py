@@ -89,6 +89,7 @@ class AdaptorOptions(ProviderOptions):
         ["vxlan-port", None, 4789, "VXLAN UDP port.", _port],
         ["vxlan-min-id", None, 555000, "Lowest VNI.", _int],
         ["host-interface", None, "", "Worker node interface for tunnel traffic."],
+        ["netns-dir", None, "/run/netns", "Where pod network namespaces are (swept for stale tunnels at start)."],
         ["initdata", None, "", "Default initdata (gzip+base64 TOML) for pods without the annotation."],
         ["peerpods-limit-per-node", None, 10, "Capacity of kata.peerpods.io/vm; < 0: don't advertise.", _int],
         ["pod-subnet-cidrs", None, "", "Comma-separated CIDRs routed via the tunnel (experimental)."],

@@ -479,7 +479,7 @@ class CloudService:
         self._log.info("{sandbox_id}: recovery: re-adopting VM {instance_id} at {ips}", sandbox_id=sid,
                        instance_id=rec.instance_id, ips=list(rec.ips))
         try:
-            await self.network.setup(sid, rec.netns, rec.ips, dict(rec.pod_network or {}))
+            await self.network.ensure(sid, rec.netns, rec.ips, dict(rec.pod_network or {}))
             await self._start_proxy(sb, None)
         except Exception as e:
             self._log.warn("{sandbox_id}: re-adopting failed ({error}); deleting the VM", sandbox_id=sid,

@@ -73,6 +73,13 @@ class _Probe(Resource):
         return b"" if ok else b"not ready\n"
 
 
+def _list_dir(directory: str) -> list[str]:
+    try:
+        return [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
+    except FileNotFoundError:
+        return []
+
+
 def _identity(path: str) -> tuple[int, int, int]:
     """Who made the file at path: inode numbers are reused at once, so the change time is part of it."""
     st = os.stat(path)
@@ -150,7 +157,8 @@ class AdaptorDaemon(MultiService):
         node = NodeNetwork(self.reactor, self._threadpool, allocator,
                            host_interface=self.options["host-interface"], vxlan_port=self.options["vxlan-port"],
                            pod_subnet_cidrs=self.options.pod_subnet_cidrs,
-                           external_net_via_pod_vm=bool(self.options["ext-network-via-podvm"]))
+                           external_net_via_pod_vm=bool(self.options["ext-network-via-podvm"]),
+                           netns_lister=lambda: _list_dir(self.options["netns-dir"]))
         return NodeNetworking(node)
 
     def _sweep(self) -> Deferred[None]:

@@ -100,6 +100,13 @@ class FakeNetworking:
         self.tunnels[sandbox_id] = ips
         return succeed(None)
 
+    def ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
+               pod_network: dict[str, Any]) -> Deferred[None]:
+        self.calls.append(("ensure", sandbox_id))
+        if sandbox_id in self.tunnels:
+            return succeed(None)
+        return self.setup(sandbox_id, netns, ips, pod_network)
+
     def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
         self.calls.append(("teardown", sandbox_id))
         self.tunnels.pop(sandbox_id, None)
