@@ -31,6 +31,22 @@ def encode_ok(payload: bytes) -> bytes:
     return ttrpc_pb2.Response(payload=payload).SerializeToString()
 
 
+def ok_prefix(payload_length: int) -> bytes:
+    """The bytes of an OK `Response` that precede its payload (field 2, length-delimited).
+
+    Lets a server write a large payload without copying it into a new envelope; an empty payload is an
+    empty message, as protobuf encodes it."""
+    if payload_length == 0:
+        return b""
+    out = bytearray(b"\x12")
+    n = payload_length
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def encode_error(code: int, message: str) -> bytes:
     return ttrpc_pb2.Response(status=status_pb2.Status(code=code, message=message)).SerializeToString()
 

@@ -62,8 +62,12 @@ class FrameDecoder:
         self._skip = 0  # payload bytes of an oversized frame still to discard
 
     def feed(self, data: bytes) -> Iterator[Frame | OversizedFrame]:
-        buf = self._buf
-        buf += data
+        # With nothing buffered, parse straight out of `data` (one copy per frame); keep only the tail.
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data
         pos = 0
         end = len(buf)
         try:
@@ -86,9 +90,17 @@ class FrameDecoder:
                     return
                 start = pos + HEADER_LENGTH
                 pos = start + length
-                yield Frame(stream_id, type_, flags, bytes(buf[start:pos]))
+                if buf is data:
+                    payload = data[start:pos]
+                else:
+                    with memoryview(buf) as view:
+                        payload = bytes(view[start:pos])
+                yield Frame(stream_id, type_, flags, payload)
         finally:
-            del buf[:pos]
+            if buf is data:
+                self._buf = bytearray(data[pos:]) if pos < end else bytearray()
+            else:
+                del self._buf[:pos]
 
     @property
     def buffered(self) -> int:

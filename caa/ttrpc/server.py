@@ -9,7 +9,7 @@ unknown frame type, a Response sent to a server) closes that one connection with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -74,6 +74,10 @@ class ServerProtocol(Protocol):
     # -- connection lifecycle
     def connectionMade(self) -> None:
         self._server._connections.add(self)
+        try:
+            self._peer_address: object = self.transport.getPeer() if self.transport is not None else None
+        except Exception:  # some test transports have no peer
+            self._peer_address = None
 
     def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:  # noqa: B008
         self._closed = True
@@ -135,10 +139,7 @@ class ServerProtocol(Protocol):
             self.transport.loseConnection()
 
     def _peer(self) -> object:
-        try:
-            return self.transport.getPeer() if self.transport is not None else None
-        except Exception:  # some test transports have no peer
-            return None
+        return getattr(self, "_peer_address", None)
 
     def _on_request(self, frame: Frame) -> None:
         sid = frame.stream_id
@@ -169,9 +170,18 @@ class ServerProtocol(Protocol):
         except TTRPCError as e:
             self._respond(sid, envelope.encode_error(e.code, e.message))
             return
+        # Fast path: most handlers finish without waiting; answer them without a Deferred.
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            self._on_result(done.value, sid, ctx)
+            return
+        except BaseException:
+            self._on_failure(Failure(), sid, ctx)
+            return
         call = _Call()
         self._calls[sid] = call
-        d: Deferred[bytes] = Deferred.fromCoroutine(coro)
+        d: Deferred[bytes] = Deferred.fromCoroutine(_resume(coro, first))
         call.deferred = d
         if req.timeout_nano > 0 and not d.called:
             call.timer = clock.callLater(req.timeout_nano / 1e9, self._expire, sid)
@@ -199,7 +209,12 @@ class ServerProtocol(Protocol):
                 f"message length {len(payload)} exceed maximum message size of {MAX_MESSAGE_LENGTH}",
             )
         else:
-            out = envelope.encode_ok(payload)
+            if self.transport is not None:
+                prefix = envelope.ok_prefix(len(payload))
+                self.transport.writeSequence([
+                    HEADER.pack(len(prefix) + len(payload), sid, TYPE_RESPONSE, 0), prefix, payload])
+            self._server._check_idle()
+            return
         self._respond(sid, out)
         self._server._check_idle()
 
@@ -323,6 +338,27 @@ class Server:
             if conn.transport is not None:
                 conn.transport.loseConnection()
         self.abort()
+
+
+def _resume(coro: Coroutine[Any, Any, bytes], yielded: Any) -> Generator[Any, Any, bytes]:
+    """Drive `coro`, which has already been started and yielded `yielded`, as a generator that
+    Deferred.fromCoroutine accepts (results and exceptions, including cancellation, are passed on)."""
+    while True:
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:
+            try:
+                yielded = coro.throw(e)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = coro.send(value)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
 
 async def _await(awaitable: Awaitable[bytes]) -> bytes:
