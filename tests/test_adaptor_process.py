@@ -164,6 +164,8 @@ class LifecycleTests(ProcessTestCase):
         r = a.ctl("start", "--id", "s1")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(self.agent_check(path), "SERVING")
+        r = a.ctl("agent", "--socket", path, "call", "grpc.AgentService", "ListRoutes", "--payload-hex", "0a0162")
+        self.assertEqual((r.returncode, r.stdout), (0, "0a0162\n"), r.stderr)  # any method is relayed
         info = a.ctl("info", "--pod", "web", "--namespace", "default")
         self.assertEqual(info.stdout.strip(), "fake-podvm-web-s1")
         listing = a.ctl("list", "--pods-dir", a.pods).stdout
