@@ -1,0 +1,300 @@
+"""Agent proxy benchmark: what the adaptor adds to StartVM beyond the provider, and the dial policy's gain.
+
+Part 1, StartVM overhead: the real CloudService (journal with fsync, user data, proxy) in this process, a test
+provider with a fixed create delay whose VMs are at 127.0.0.1, `--tunnel-type none`, the agent proxy with
+mutual TLS (manual-CA mode, server name podvm-server) to a forwarder stand-in in a child process (a caa.ttrpc
+server with an echo fallback, already up: the VM is booted when the provider returns). Overhead = StartVM
+latency - provider delay, sequentially and for N concurrent pods. RSS of this process idle (after one warm-up
+lifecycle) and with N running sandboxes (each: a unix listener, a journal entry, one mTLS upstream link).
+
+Part 2, dial policy: N pods whose VM "boots" (forwarder starts listening) a random 2-20 s after the provider
+returned; for each pod two proxies dial at once, ours (100 ms doubling, cap 1 s) and upstream's (100 ms doubling
+plus up to 100 ms jitter, cap 5 s). Lag = connected - forwarder listening. Both in one run, so the ratio is fair.
+
+    .venv/bin/python bench/adaptor_proxy_bench.py [--delay 0.5] [--pods 100] [--seq 20] [--boot-max 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+def forwarder_main(port: int, tls_dir: str) -> None:
+    """Child process: the forwarder stand-in (echo for any method) on 127.0.0.1:port with mTLS."""
+    from twisted.internet import reactor
+
+    from caa import tls
+    from caa.ttrpc import CallContext, Server
+    from caa.ttrpc.endpoints import tls_server_endpoint
+
+    def rd(name: str) -> bytes:
+        with open(os.path.join(tls_dir, name), "rb") as f:
+            return f.read()
+
+    async def echo(ctx: CallContext, service: str, method: str, payload: bytes) -> bytes:
+        return payload
+
+    server = Server(clock=reactor, name="forwarder-standin")
+    server.register_fallback(echo)
+    ctx = tls.server_context_factory(rd("server.crt"), rd("server.key"), rd("client.crt"))
+    tls_server_endpoint(reactor, port, "127.0.0.1", ctx, backlog=1024).listen(server.factory())
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--delay", type=float, default=0.5, help="provider create delay (s)")
+    ap.add_argument("--pods", type=int, default=100)
+    ap.add_argument("--seq", type=int, default=20)
+    ap.add_argument("--boot-min", type=float, default=2.0)
+    ap.add_argument("--boot-max", type=float, default=20.0)
+    ap.add_argument("--forwarder", nargs=2, metavar=("PORT", "TLS_DIR"))
+    ap.add_argument("--skip-dial", action="store_true")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="make os.fsync a no-op in this process (separates the journal's cost from the proxy's)")
+    args = ap.parse_args()
+    if args.forwarder:
+        forwarder_main(int(args.forwarder[0]), args.forwarder[1])
+        return
+
+    if args.no_fsync:
+        os.fsync = lambda fd: None
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.task import deferLater
+
+    from caa import tls
+    from caa.adaptor.adapters import NullNetworking
+    from caa.adaptor.interfaces import ProxyTLS
+    from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, dial_backoff
+    from caa.adaptor.service import CloudService, ServiceConfig
+    from caa.adaptor.store import SandboxStore
+    from caa.adaptor.userdata import ANN_POD_NAME, ANN_POD_NAMESPACE
+    from caa.providers.interfaces import Instance
+    from caa.ttrpc import CallContext, Server
+    from caa.ttrpc.endpoints import tcp_server_endpoint
+    from tests.fakes.provider import FakeProvider
+
+    r: Any = reactor
+    work = tempfile.mkdtemp(prefix=f"caa-proxybench-{os.getpid()}-")
+    tls_dir = os.path.join(work, "tls")
+    os.makedirs(tls_dir)
+    ca = tls.CertificateAuthority.create()
+    server = ca.issue_server_certificate(tls.MANUAL_SERVER_NAME)
+    client = tls.make_client_certificate()
+    for name, data in (("server.crt", server.cert_pem), ("server.key", server.key_pem),
+                       ("client.crt", client.cert_pem)):
+        with open(os.path.join(tls_dir, name), "wb") as f:
+            f.write(data)
+    fport = free_port()
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--forwarder", str(fport), tls_dir])
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", fport), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+
+    class LoopbackProvider(FakeProvider):
+        def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes, spec: Any) -> Any:
+            d = super().create_instance(pod_name, sandbox_id, user_data, spec)
+            return d.addCallback(lambda i: Instance(id=i.id, name=i.name, ips=("127.0.0.1",)))
+
+    results: dict[str, Any] = {}
+
+    async def part1() -> None:
+        provider = LoopbackProvider(r, create_delay=args.delay)
+        proxies = AgentProxyFactory(r, ProxyTLS(ca_pem=ca.cert_pem, cert_pem=client.cert_pem, key_pem=client.key_pem,
+                                                server_name_override=tls.MANUAL_SERVER_NAME))
+        store = SandboxStore(os.path.join(work, "pods"))
+        put = store.put
+        journal = {"t": 0.0, "n": 0}
+
+        def timed_put(record: Any) -> None:
+            t = time.perf_counter()
+            put(record)
+            journal["t"] += time.perf_counter() - t
+            journal["n"] += 1
+
+        store.put = timed_put  # type: ignore[method-assign]
+        starts: dict[str, float] = {}
+        orig_start = proxies.new
+
+        def new(sandbox_id: str, socket_path: str) -> Any:
+            p = orig_start(sandbox_id, socket_path)
+            real = p.start
+
+            def start(address: Any, server_name: str, deadline: float) -> Any:
+                t = time.perf_counter()
+                return real(address, server_name, deadline).addCallback(
+                    lambda _: starts.__setitem__(sandbox_id, time.perf_counter() - t))
+
+            p.start = start  # type: ignore[method-assign]
+            return p
+
+        proxies.new = new  # type: ignore[method-assign]
+        svc = CloudService(r, provider, proxies, store, NullNetworking(), None,
+                           ServiceConfig(pods_dir=store.pods_dir, forwarder_port=fport))
+        n = 0
+
+        async def lifecycle_start(sid: str) -> float:
+            await svc.create_vm(sid, {ANN_POD_NAME: f"pod-{sid}", ANN_POD_NAMESPACE: "default"}, "")
+            t0 = time.perf_counter()
+            await svc.start_vm(sid, r.seconds() + 60)
+            return time.perf_counter() - t0
+
+        # warm-up, then idle RSS
+        await lifecycle_start("warmup")
+        await svc.stop_vm("warmup")
+        gc.collect()
+        await deferLater(r, 0.2)
+        results["rss_idle"] = rss_kib()
+        seq = []
+        for _ in range(args.seq):
+            n += 1
+            sid = f"seq{n:04d}"
+            seq.append(await lifecycle_start(sid) - args.delay)
+            await svc.stop_vm(sid)
+        results["seq"] = seq
+        results["seq_proxy"] = [starts[f"seq{i:04d}"] for i in range(1, n + 1)]
+        results["seq_journal"] = journal["t"] / max(1, journal["n"])
+        sids = [f"con{i:04d}" for i in range(args.pods)]
+        for sid in sids:
+            await svc.create_vm(sid, {ANN_POD_NAME: f"pod-{sid}", ANN_POD_NAMESPACE: "default"}, "")
+        t0 = time.perf_counter()
+        ends: list[float] = []
+
+        async def one(sid: str) -> None:
+            await svc.start_vm(sid, r.seconds() + 60)
+            ends.append(time.perf_counter() - t0)
+
+        await gatherResults([Deferred.fromCoroutine(one(s)) for s in sids])
+        results["con"] = [e - args.delay for e in ends]
+        results["con_total"] = max(ends)
+        results["con_proxy"] = [starts[s] for s in sids]
+        gc.collect()
+        await deferLater(r, 0.2)
+        results["rss_full"] = rss_kib()
+        await gatherResults([Deferred.fromCoroutine(svc.stop_vm(s)) for s in sids])
+
+    async def part2() -> None:
+        rng = random.Random(4242)
+        ours_f = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0))
+        theirs_f = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 5.0), attempt_timeout=30.0)
+        lags: dict[str, list[float]] = {"ours": [], "upstream": []}
+        ports: list[Any] = []
+        servers: list[Server] = []
+        proxies: list[AgentProxy] = []
+
+        async def echo(ctx: CallContext, service: str, method: str, payload: bytes) -> bytes:
+            return payload
+
+        async def pod(i: int) -> None:
+            port = free_port()
+            boot = rng.uniform(args.boot_min, args.boot_max)
+            up: list[float] = []
+
+            def boot_vm() -> None:
+                srv = Server(clock=r, name=f"vm{i}")
+                srv.register_fallback(echo)
+                servers.append(srv)
+                ports.append(tcp_server_endpoint(r, port, "127.0.0.1").listen(srv.factory()))
+                up.append(time.perf_counter())
+
+            r.callLater(boot, boot_vm)
+
+            async def dial(kind: str, factory: AgentProxyFactory) -> None:
+                p = factory.new(f"{kind}{i}", os.path.join(work, "dial", f"{kind}{i}", "agent.ttrpc"))
+                assert isinstance(p, AgentProxy)
+                proxies.append(p)
+                await p.start(("127.0.0.1", port), "vm", r.seconds() + 120)
+                lags[kind].append(time.perf_counter() - up[0])
+
+            await gatherResults([Deferred.fromCoroutine(dial("ours", ours_f)),
+                                 Deferred.fromCoroutine(dial("upstream", theirs_f))])
+
+        await gatherResults([Deferred.fromCoroutine(pod(i)) for i in range(args.pods)])
+        results["lags"] = lags
+        await gatherResults([p.stop() for p in proxies])
+        for d in ports:
+            d.addCallback(lambda port: port.stopListening())
+        for s in servers:
+            s.abort()
+
+    async def run() -> None:
+        try:
+            await part1()
+            if not args.skip_dial:
+                await part2()
+        finally:
+            r.stop()
+
+    def go() -> None:
+        d = Deferred.fromCoroutine(run())
+        d.addErrback(lambda f: (f.printTraceback(), None)[1])
+
+    r.callWhenRunning(go)
+    r.run()
+    child.terminate()
+    child.wait()
+    shutil.rmtree(work, ignore_errors=True)
+
+    ms = 1000.0
+    seq, con = results["seq"], results["con"]
+    print(f"provider delay {args.delay * ms:.0f} ms; mTLS to a forwarder stand-in on loopback (child process)")
+    print(f"StartVM overhead, sequential x{len(seq)}: p50 {pct(seq, 50) * ms:.1f} ms, p99 {pct(seq, 99) * ms:.1f} ms")
+    print(f"StartVM overhead, {len(con)} concurrent: p50 {pct(con, 50) * ms:.1f} ms, p99 {pct(con, 99) * ms:.1f} ms;"
+          f" all done {results['con_total']:.3f} s (delay + {results['con_total'] - args.delay:.3f} s)")
+    sp, cp = results["seq_proxy"], results["con_proxy"]
+    print(f"  of which proxy.start (listen + mTLS dial): sequential p50 {pct(sp, 50) * ms:.1f} ms, "
+          f"p99 {pct(sp, 99) * ms:.1f} ms; concurrent p50 {pct(cp, 50) * ms:.1f} ms, p99 {pct(cp, 99) * ms:.1f} ms")
+    print(f"  journal write (store.put, fsync) mean {results['seq_journal'] * ms:.1f} ms each, on the reactor thread")
+    idle, full = results["rss_idle"], results["rss_full"]
+    print(f"RSS idle {idle / 1024:.1f} MiB; with {len(con)} running sandboxes {full / 1024:.1f} MiB; "
+          f"per sandbox {(full - idle) / len(con):.1f} KiB")
+    if "lags" in results:
+        for kind, xs in results["lags"].items():
+            print(f"dial lag after VM boot, {kind}: p50 {pct(xs, 50) * ms:.0f} ms, p99 {pct(xs, 99) * ms:.0f} ms, "
+                  f"mean {statistics.mean(xs) * ms:.0f} ms, max {max(xs) * ms:.0f} ms")
+        o, u = results["lags"]["ours"], results["lags"]["upstream"]
+        print(f"gain (upstream / ours): mean {statistics.mean(u) / statistics.mean(o):.1f}x, "
+              f"p50 {pct(u, 50) / pct(o, 50):.1f}x, p99 {pct(u, 99) / pct(o, 99):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
