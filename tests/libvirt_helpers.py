@@ -377,3 +377,83 @@ def boot_podvm(image: PodVMImage, user_data: bytes, workdir: Path, name: str | N
     finally:
         conn.close()
     return vm
+
+
+@dataclass
+class TestPool:
+    """A directory storage pool of one test, holding a copy of the pod VM image as its base volume."""
+
+    name: str
+    path: Path
+    base_volume: str
+
+    def volumes(self) -> list[str]:
+        conn = open_connection()
+        try:
+            pool = conn.storagePoolLookupByName(self.name)
+            pool.refresh(0)
+            return sorted(pool.listVolumes())
+        finally:
+            conn.close()
+
+    def remove(self) -> None:
+        import libvirt
+
+        conn = open_connection()
+        try:
+            try:
+                pool = conn.storagePoolLookupByName(self.name)
+            except libvirt.libvirtError:
+                pool = None
+            if pool is not None:
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+        finally:
+            conn.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def make_pool(base_image: Path, directory: Path, name: str | None = None,
+              base_volume: str = "podvm-base.qcow2") -> TestPool:
+    """Define and start a dir pool at `directory` whose base volume is a copy of `base_image`."""
+    ensure_libvirtd()
+    name = name or unique_name("caa-pool")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base_image, directory / base_volume)
+    xml = (f"<pool type='dir'><name>{escape(name)}</name>"
+           f"<target><path>{escape(str(directory))}</path></target></pool>")
+    conn = open_connection()
+    try:
+        pool = conn.storagePoolDefineXML(xml, 0)
+        pool.create(0)
+        pool.refresh(0)
+    finally:
+        conn.close()
+    return TestPool(name, directory, base_volume)
+
+
+def domains_named(prefix: str) -> list[str]:
+    """Names of the defined domains that start with `prefix`."""
+    conn = open_connection()
+    try:
+        return sorted(d.name() for d in conn.listAllDomains(0) if d.name().startswith(prefix))
+    finally:
+        conn.close()
+
+
+def destroy_domain(name: str) -> None:
+    """Destroy (if running) and undefine a domain; nothing if it does not exist."""
+    import libvirt
+
+    conn = open_connection()
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    finally:
+        conn.close()

@@ -1,0 +1,186 @@
+"""
+End to end on real libvirt + QEMU (TCG): the adaptor as a real process, the Go ttrpc reference client acting as
+the Kata shim, the development pod VM image booted by the libvirt provider through its firmware (BIOS) disk.
+
+CreateVM (a pod netns wired like a bridge CNI) -> StartVM: the VM boots, reads its cidata, the forwarder builds
+the pod netns + VXLAN end and serves mTLS -> StartVM returns -> `caactl agent check` through the adaptor's agent
+socket answers SERVING -> a process in another netns on the CNI bridge reaches the pod IP, which the VM's pod
+netns answers over the tunnel -> StopVM -> domain, volume, tunnel and journal entry are gone.
+Phase times are logged and written to _trial_temp/e2e-libvirt-times.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests import libvirt_helpers as lh
+
+VENV_BIN = Path(sys.executable).parent
+POD_CIDR = "10.244.7.5/24"
+POD_IP = "10.244.7.5"
+CLIENT_CIDR = "10.244.7.6/24"
+GATEWAY = "10.244.7.1"
+
+
+def _links(ns: Any) -> dict[str, str]:
+    with ns.ipr() as ipr:
+        out = {}
+        for link in ipr.get_links():
+            kind = ""
+            info = link.get_attr("IFLA_LINKINFO")
+            if info is not None:
+                kind = info.get_attr("IFLA_INFO_KIND") or ""
+            out[link.get_attr("IFLA_IFNAME")] = kind
+        return out
+
+
+class LibvirtEndToEndTests(TestCase):
+    timeout = 1800
+    _log = Logger()
+
+    def setUp(self) -> None:
+        from tests import goshim, netns_helpers
+
+        reason = lh.skip_reason()
+        if reason is None and not os.environ.get("CI") and not goshim.go_available():
+            reason = "Go toolchain for the reference shim client is missing"
+        if reason:
+            raise SkipTest(reason)
+        netns_helpers.need_root(self)
+
+    def test_pod_lifecycle(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._e2e())
+
+    async def _poll(self, what: str, check: Any, timeout: float, interval: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while not await deferToThread(check):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            await deferLater(reactor, interval, lambda: None)
+
+    async def _e2e(self) -> None:
+        from caa.adaptor.userdata import ANN_POD_NAME, ANN_POD_NAMESPACE, ANN_POD_UID
+        from tests import goshim
+        from tests import netns_helpers as nh
+
+        times: dict[str, Any] = {}
+        t_all = time.monotonic()
+        await deferToThread(goshim.build_go_peer)
+        image = await deferToThread(lh.podvm_image)
+        times["image_build_or_reuse_s"] = round(image.seconds, 2)
+        net = await deferToThread(lh.ensure_network)
+        tmp = Path(tempfile.mkdtemp(prefix="caa-e2e-"))  # short: unix socket paths live under it
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pool = await deferToThread(lh.make_pool, image.bios_disk, tmp / "pool")
+        self.addCleanup(deferToThread, pool.remove)
+
+        # the pod as a bridge CNI would wire it, and a second pod on the same bridge as the client
+        worker = nh.make_netns(self, "w")
+        nh.bridge(worker, "cni0", f"{GATEWAY}/24")
+        pod = nh.cni_pod(self, worker, "cni0", POD_CIDR, GATEWAY)
+        client = nh.cni_pod(self, worker, "cni0", CLIENT_CIDR, GATEWAY)
+
+        # the adaptor, a real twistd process
+        sock = tmp / "hypervisor.sock"
+        pods_dir = tmp / "pods"
+        log_path = Path("adaptor.log").resolve()  # in the trial temp dir: kept after the test
+        argv = [str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "caa-adaptor",
+                "--provider", "libvirt", "--socket", str(sock), "--pods-dir", str(pods_dir),
+                "--tls-dir", str(tmp / "tls"), "--probe-port", "0", "--proxy-timeout", "900s",
+                "--uri", lh.LIBVIRT_URI, "--pool-name", pool.name, "--network-name", net.name,
+                "--vol-name", pool.base_volume, "--firmware", "", "--domain-type", "qemu",
+                "--cpu", "1", "--memory", "1024", "--root-disk-size", "1", "--ip-timeout", "600s"]
+        log = open(log_path, "wb")
+        self.addCleanup(log.close)
+        adaptor = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp))
+
+        def stop_adaptor() -> None:
+            if adaptor.poll() is None:
+                adaptor.send_signal(signal.SIGTERM)
+                try:
+                    adaptor.wait(30)
+                except subprocess.TimeoutExpired:
+                    adaptor.kill()
+                    adaptor.wait()
+
+        self.addCleanup(stop_adaptor)
+
+        def adaptor_log() -> str:
+            return log_path.read_text(errors="replace")[-6000:]
+
+        t = time.monotonic()
+        await self._poll("the adaptor's socket", lambda: sock.exists() or adaptor.poll() is not None, 120, 0.2)
+        self.assertIsNone(adaptor.poll(), f"adaptor exited:\n{adaptor_log()}")
+        times["adaptor_ready_s"] = round(time.monotonic() - t, 2)
+
+        sid = f"e2e{os.getpid()}{int(time.time()) % 100000}"
+        annotations = {ANN_POD_NAME: "e2e-pod", ANN_POD_NAMESPACE: "default", ANN_POD_UID: f"uid-{sid}"}
+        stopped_ok: list[bool] = []
+
+        async def stop_if_needed() -> None:
+            # a failed run must not leak its VM: StopVM while the adaptor still runs, then destroy leftovers
+            if not stopped_ok:
+                await goshim.hv_stop(reactor, str(sock), sid, timeout=300)
+            for name in await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}"):
+                await deferToThread(lh.destroy_domain, name)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_if_needed()))
+        t = time.monotonic()
+        created = await goshim.hv_create(reactor, str(sock), sid, pod.path, annotations)
+        times["create_vm_s"] = round(time.monotonic() - t, 2)
+        self.assertTrue(created.get("ok"), f"CreateVM: {created}\n{adaptor_log()}")
+        agent_socket = created["agentSocketPath"]
+
+        t = time.monotonic()
+        started = await goshim.hv_start(reactor, str(sock), sid, timeout=900)
+        times["start_vm_s"] = round(time.monotonic() - t, 2)
+        self.assertTrue(started.get("ok"), f"StartVM: {started}\n{adaptor_log()}")
+        vms = await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}")
+        self.assertEqual(len(vms), 1, vms)
+
+        # the agent, through the adaptor's agent socket, the mTLS link and the forwarder
+        t = time.monotonic()
+        check = await deferToThread(
+            subprocess.run, [str(VENV_BIN / "caactl"), "agent", "--socket", agent_socket, "check"],
+            capture_output=True, text=True, timeout=120)
+        times["caactl_agent_check_s"] = round(time.monotonic() - t, 2)
+        self.assertEqual(check.returncode, 0, check.stderr)
+        self.assertIn("SERVING", check.stdout)
+
+        # pod traffic: the client on the CNI bridge reaches the pod IP; the VM's pod netns answers over VXLAN
+        links = _links(pod)
+        self.assertIn("vxlan", links.values(), links)
+        t = time.monotonic()
+        ping = await deferToThread(client.run, ["ping", "-c", "3", "-i", "0.3", "-W", "5", POD_IP], False)
+        times["pod_ip_ping_s"] = round(time.monotonic() - t, 2)
+        self.assertEqual(ping.returncode, 0, f"{ping.stdout}{ping.stderr}")
+
+        # StopVM: everything goes
+        t = time.monotonic()
+        stopped = await goshim.hv_stop(reactor, str(sock), sid, timeout=300)
+        times["stop_vm_s"] = round(time.monotonic() - t, 2)
+        self.assertTrue(stopped.get("ok"), f"StopVM: {stopped}\n{adaptor_log()}")
+        stopped_ok.append(True)
+        self.assertEqual(await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}"), [])
+        self.assertEqual(await deferToThread(pool.volumes), [pool.base_volume])
+        self.assertNotIn("vxlan", _links(pod).values())
+        self.assertFalse((pods_dir / sid).exists(), list(pods_dir.iterdir()) if pods_dir.exists() else None)
+        times["total_s"] = round(time.monotonic() - t_all, 2)
+        self._log.info("e2e libvirt phases: {times}", times=times)
+        Path("e2e-libvirt-times.json").resolve().write_text(json.dumps(times, indent=2) + "\n")
