@@ -367,3 +367,38 @@ class RecoveryTests(Harness):
         os.unlink(self.netns)
         self.restart()
         self.assertClean()
+
+
+class StrayAndSweepTests(Harness):
+    def test_stray_dir_removed(self) -> None:
+        os.makedirs(os.path.join(self.pods_dir, "half"))
+        open(os.path.join(self.pods_dir, "half", "apf.json"), "w").close()
+        self.create()
+        self.svc = self.make()
+        self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
+        self.assertFalse(os.path.exists(os.path.join(self.pods_dir, "half")))
+        self.assertEqual([r.sandbox_id for r in self.store.load_all()], [SID])
+
+    def test_pod_gone_swept(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))
+        self.assertEqual(len(self.provider.instances), 1)  # pod still there: untouched
+        os.unlink(self.netns)
+        self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))
+        self.assertClean()
+
+
+class ReleaseUnownedTests(SynchronousTestCase):
+    def test_release(self) -> None:
+        from types import SimpleNamespace
+
+        from caa.adaptor.adapters import NodeNetworking
+        from caa.network.vni import MemoryVniStore, VniAllocator
+
+        alloc = VniAllocator(MemoryVniStore())
+        a, b = alloc.allocate("live"), alloc.allocate("crashed")
+        alloc.reconcile([555100])  # found on the system, owner unknown: left to the tunnel sweep
+        net = NodeNetworking(SimpleNamespace(allocator=alloc))  # type: ignore[arg-type]
+        self.assertEqual(net.release_unowned(["live"]), [b])
+        self.assertEqual(set(alloc.allocated()), {a, 555100})

@@ -51,6 +51,18 @@ class NodeNetworking:
     def sweep(self, live_vnis: Sequence[int]) -> Deferred[list[int]]:
         return self.node.sweep(live_vnis)
 
+    def release_unowned(self, live_sandboxes: Sequence[str]) -> list[int]:
+        """Release VNIs allocated to sandboxes the journal does not know (CreateVM interrupted after inspect)."""
+        allocator = getattr(self.node, "allocator", None)
+        if allocator is None:
+            return []
+        released = []
+        for vni, owner in allocator.allocated().items():
+            if owner and owner not in live_sandboxes:
+                allocator.release(vni)
+                released.append(vni)
+        return released
+
 
 @implementer(IPodNetworking)
 class NullNetworking:

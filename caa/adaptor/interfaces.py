@@ -127,6 +127,10 @@ class ISandboxStore(Interface):
     def load_all() -> list[SandboxRecord]:
         """Every readable record (unreadable ones are logged and skipped), oldest first."""
 
+    def remove_strays() -> list[str]:
+        """Remove pod directories without a record (a CreateVM interrupted before its first journal write);
+        return their sandbox ids. Called at start, before anything is served."""
+
 
 class IPodNetworking(Interface):
     """The node side of pod networking as the hypervisor service uses it (adapter over caa.network).

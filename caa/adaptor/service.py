@@ -436,6 +436,8 @@ class CloudService:
 
     async def recover(self) -> None:
         """Re-adopt or undo every journalled sandbox (concurrently); never raises."""
+        for sid in self.store.remove_strays():
+            self._log.info("{sandbox_id}: removed the directory of an interrupted CreateVM", sandbox_id=sid)
         records = self.store.load_all()
         self._log.info("journal: recovering {n} sandboxes", n=len(records))
         work = []
@@ -488,7 +490,21 @@ class CloudService:
             return
 
     async def sweep(self) -> None:
-        """Retry deletes that failed in StopVM (periodic; never raises)."""
+        """Periodic, never raises: retry deletes that failed in StopVM, and stop sandboxes whose pod network
+        namespace has vanished (the pod is gone without a StopVM: nothing may leak)."""
+        for sid, sb in list(self.sandboxes.items()):
+            if sb.lock.locked or sb.stopping or not sb.record.netns or os.path.exists(sb.record.netns):
+                continue
+            self._log.warn("{sandbox_id}: pod netns {netns} is gone; stopping the sandbox", sandbox_id=sid,
+                           netns=sb.record.netns)
+            sb.stopping = True
+            await sb.lock.acquire()
+            try:
+                await self._finish_stop(sb)
+            except Exception:
+                self._log.failure("{sandbox_id}: sweep failed", sandbox_id=sid)
+            finally:
+                sb.lock.release()
         for sid, sb in list(self._orphans.items()):
             if sb.lock.locked:
                 continue

@@ -103,3 +103,16 @@ class SandboxStore:
                 self._log.warn("journal: skipping unreadable record {path}: {error}", path=path, error=str(e))
         out.sort(key=lambda r: (r.created, r.sandbox_id))
         return out
+
+    def remove_strays(self) -> list[str]:
+        removed: list[str] = []
+        try:
+            names = sorted(os.listdir(self.pods_dir))
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            d = os.path.join(self.pods_dir, name)
+            if os.path.isdir(d) and not os.path.exists(os.path.join(d, RECORD_NAME)):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(name)
+        return removed

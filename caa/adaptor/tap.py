@@ -197,7 +197,11 @@ class AdaptorDaemon(MultiService):
                     return
             await self.cloud.recover()
             if isinstance(self.network, NodeNetworking):
-                live = [r.vni for r in self.store.load_all() if r.vni]
+                records = self.store.load_all()
+                released = self.network.release_unowned([r.sandbox_id for r in records])
+                if released:
+                    self._log.info("released VNIs {vnis} of sandboxes not in the journal", vnis=released)
+                live = [r.vni for r in records if r.vni]
                 try:
                     removed = await self.network.sweep(live)
                     if removed:
