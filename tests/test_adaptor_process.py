@@ -54,6 +54,7 @@ class Adaptor:
         self.port = 20000 + (os.getpid() * 7 + n) % 20000
         self.probe_port = 0
         self.env: dict[str, str] = {}
+        self.tls_args = ["--disable-tls"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = os.path.join(self.base, "adaptor.log")
 
@@ -69,7 +70,7 @@ class Adaptor:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.fakes.run_adaptor", "-n", "--pidfile=", "caa-adaptor",
              "--socket", self.socket, "--pods-dir", self.pods,
-             "--tls-dir", os.path.join(self.base, "tls"), *self.extra_args, "--disable-tls",
+             "--tls-dir", os.path.join(self.base, "tls"), *self.extra_args, *self.tls_args,
              "--probe-port", str(self.probe_port)], stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         logf.close()
         self.wait_for(lambda: self.ctl("version").returncode == 0, "adaptor serving")
@@ -238,6 +239,39 @@ class LifecycleTests(ProcessTestCase):
         self.assertEqual(a.vms(), [])
         self.assertEqual([d for d in os.listdir(a.pods) if not d.endswith(".json")], [])
         print(f"\n50 concurrent StartVMs (process VMs) took {elapsed:.1f}s")
+
+
+class MutualTLSTests(ProcessTestCase):
+    def test_auto_mtls_and_restart(self) -> None:
+        """Auto mode: the VM serves the certificate CreateVM issued (CN = VM name) and verifies the adaptor's
+        client certificate; the CA persists, so a restarted adaptor re-adopts the VM over mTLS."""
+        a = self.a
+        a.tls_args = ["--tls-min-version", "VersionTLS13"]
+        a.start()
+        path = a.create("m1", "web")
+        r = a.ctl("start", "--id", "m1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(self.agent_check(path), "SERVING")
+        a.kill9()
+        a.start()
+        a.wait_for(lambda: self.agent_check(path) == "SERVING", "re-adopted over mTLS")
+        self.assertEqual(a.ctl("stop", "--id", "m1").returncode, 0)
+
+    def test_wrong_ca_refused(self) -> None:
+        """A VM whose certificate the adaptor's CA did not issue is never trusted: StartVM fails, VM deleted."""
+        a = self.a
+        a.tls_args = []
+        a.start(PROXY_TIMEOUT="2s")
+        path = a.create("m2", "web")
+        shutil.rmtree(os.path.join(a.base, "tls"))  # a new CA on restart: the VM's certificate is foreign
+        a.kill9()
+        a.start(PROXY_TIMEOUT="2s")
+        r = a.ctl("start", "--id", "m2")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("failed to establish agent proxy connection", r.stderr)
+        self.assertEqual(a.vms(), [])
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(a.ctl("stop", "--id", "m2").returncode, 0)
 
 
 class RestartTests(ProcessTestCase):

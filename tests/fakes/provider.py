@@ -139,9 +139,12 @@ class FakeProvider:
         # Record the intent first so a killed adaptor still finds (and deletes) the VM by name.
         rec = {"id": f"fake-{name}", "name": name, "ip": ip, "pid": 0}
         self._write(name, rec)
+        ud_path = os.path.join(self.state_dir, name + ".user-data")
+        with open(ud_path, "wb") as f:
+            f.write(user_data)
         log = open(os.path.join(self.state_dir, name + ".log"), "wb")
         proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.vm", ip, str(self.forwarder_port),
-                                 str(self.vm_boot_delay)],
+                                 str(self.vm_boot_delay), ud_path],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         log.close()
@@ -182,6 +185,11 @@ class FakeProvider:
                         except (ProcessLookupError, ChildProcessError):
                             pass
                     os.unlink(self._record_path(rec["name"]))
+                    for suffix in (".user-data", ".log"):
+                        try:
+                            os.unlink(os.path.join(self.state_dir, rec["name"] + suffix))
+                        except FileNotFoundError:
+                            pass
         if self.delete_delay_after:
             await deferLater(self.clock, self.delete_delay_after)
 

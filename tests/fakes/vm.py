@@ -1,7 +1,8 @@
 """A fake pod VM for process-level adaptor tests: `python -m tests.fakes.vm IP PORT [BOOT_DELAY]`.
 
-Stands for a pod VM's agent-protocol-forwarder + kata-agent: a plain-TCP (no TLS) ttrpc server on IP:PORT
-answering grpc.Health/Check (SERVING) and grpc.Health/Version, and echoing every other method's payload.
+Stands for a pod VM's agent-protocol-forwarder + kata-agent: a TCP ttrpc server on IP:PORT
+(mutual TLS with the per-VM certificate when the user data's apf.json carries one) answering grpc.Health/Check
+(SERVING) and grpc.Health/Version, and echoing every other method's payload.
 Deliberately dependency-free (asyncio, hand-coded protobuf) so fifty of them start quickly; the frame and
 envelope layout is containerd ttrpc's (10-byte header; Request{service=1, method=2, payload=3},
 Response{status=1, payload=2}; protos/ttrpc.proto).
@@ -10,6 +11,8 @@ Response{status=1, payload=2}; protos/ttrpc.proto).
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import struct
 import sys
 import time
@@ -95,8 +98,39 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def main(ip: str, port: int) -> None:
-    server = await asyncio.start_server(serve, ip, port, reuse_address=True)
+def apf_from_user_data(path: str) -> dict[str, object]:
+    """The apf.json document from the cloud-config the adaptor wrote (as process-user-data would)."""
+    import json
+
+    lines = open(path).read().split("\n")
+    start = lines.index("  - path: /run/peerpod/apf.json") + 2
+    body = []
+    for line in lines[start:]:
+        if not line.startswith("      "):
+            break
+        body.append(line[6:])
+    return json.loads("\n".join(body))  # type: ignore[no-any-return]
+
+
+def tls_context(apf: dict[str, object]) -> ssl.SSLContext | None:
+    """mTLS like the forwarder: the per-VM certificate, client certificates verified against tls-client-ca."""
+    if not apf.get("tls-server-cert"):
+        return None
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
+        open(cert, "w").write(str(apf["tls-server-cert"]))
+        open(key, "w").write(str(apf["tls-server-key"]))
+        ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cadata=str(apf["tls-client-ca"]))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def main(ip: str, port: int, ctx: ssl.SSLContext | None = None) -> None:
+    server = await asyncio.start_server(serve, ip, port, reuse_address=True, ssl=ctx)
     print(f"fake vm listening on {ip}:{port}", flush=True)
     async with server:
         await server.serve_forever()
@@ -105,4 +139,5 @@ async def main(ip: str, port: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 3 and float(sys.argv[3]):
         time.sleep(float(sys.argv[3]))  # the "VM" boots: nothing listens yet
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    context = tls_context(apf_from_user_data(sys.argv[4])) if len(sys.argv) > 4 else None
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), context))
