@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import stat
 import tempfile
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from caa import tls
 from caa.adaptor.interfaces import ProxyTLS
-from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, dial_backoff
+from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, dial_backoff
 from caa.proto import agent_pb2, oci_pb2
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint, unix_client_endpoint
@@ -120,6 +121,12 @@ class ProxySocketTests(TestCase):
         st = os.stat(proxy.socket_path)
         self.assertTrue(stat.S_ISSOCK(st.st_mode))
         self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
+        # TCP keepalive on the upstream socket (through the TLS wrapper too)
+        assert proxy._client is not None
+        sock = _tcp_socket(proxy._client.transport)
+        assert sock is not None
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 15)
         # a method the proxy never heard of, with metadata and a deadline
         out = await shim.call_raw("grpc.FutureService", "EchoBrandNew", b"\x01\x02", timeout=7.0,
                                   metadata=[("k", "v"), ("k", "w")])
@@ -148,12 +155,19 @@ class ProxySocketTests(TestCase):
         self._use_tls()
         return Deferred.fromCoroutine(self._passthrough())
 
-    def _use_tls(self, client: tls.CertKeyPair | None = None) -> None:
+    def test_passthrough_mtls13_manual_ca_name(self) -> Deferred[None]:
+        self._use_tls(min_version="VersionTLS13", server_name=tls.MANUAL_SERVER_NAME)
+        return Deferred.fromCoroutine(self._passthrough())
+
+    def _use_tls(self, min_version: str = "", server_name: str = "vm-sb1") -> None:
         ca = tls.CertificateAuthority.create()
-        server = ca.issue_server_certificate("vm-sb1")
-        client = client or tls.make_client_certificate()
-        self.server_ctx = tls.server_context_factory(server.cert_pem, server.key_pem, client.cert_pem)
-        self.tls = ProxyTLS(ca_pem=ca.cert_pem, cert_pem=client.cert_pem, key_pem=client.key_pem)
+        server = ca.issue_server_certificate(server_name)
+        client = tls.make_client_certificate()
+        self.server_ctx = tls.server_context_factory(server.cert_pem, server.key_pem, client.cert_pem,
+                                                     min_version=min_version)
+        override = server_name if server_name != "vm-sb1" else ""
+        self.tls = ProxyTLS(ca_pem=ca.cert_pem, cert_pem=client.cert_pem, key_pem=client.key_pem,
+                            server_name_override=override, min_version=min_version)
 
     async def _create_container_rewritten(self) -> None:
         fwd, proxy, shim = await self._started()
