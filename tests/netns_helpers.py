@@ -44,8 +44,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from twisted.trial.unittest import SynchronousTestCase
+
+from caa.network import _netns
 
 _counter = itertools.count()
 NETNS_DIR = "/run/netns"
@@ -72,11 +74,12 @@ class Netns:
     def __init__(self, name: str) -> None:
         self.name = name
         self.path = os.path.join(NETNS_DIR, name)
-        netns.create(name)
+        _netns.create(self.path)
 
     @contextmanager
     def ipr(self) -> Iterator[IPRoute]:
-        ipr = IPRoute(netns=self.path, flags=0)
+        with _netns.entered(self.path):
+            ipr = IPRoute()
         try:
             yield ipr
         finally:
@@ -93,7 +96,7 @@ class Netns:
 
     def remove(self) -> None:
         if os.path.exists(self.path):
-            netns.remove(self.name)
+            _netns.remove(self.path)
 
     def __repr__(self) -> str:
         return f"Netns({self.name})"
@@ -114,7 +117,11 @@ def _index(ipr: IPRoute, name: str) -> int:
 
 def veth(a: Netns, name_a: str, b: Netns, name_b: str, mtu: int | None = None) -> None:
     with a.ipr() as ipr:
-        ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": name_b, "net_ns_fd": b.name})
+        fd = os.open(b.path, os.O_RDONLY)
+        try:
+            ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": name_b, "net_ns_fd": fd})
+        finally:
+            os.close(fd)
         if mtu:
             ipr.link("set", index=_index(ipr, name_a), mtu=mtu)
         ipr.link("set", index=_index(ipr, name_a), state="up")

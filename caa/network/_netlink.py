@@ -17,6 +17,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from caa.network import _netns
 from caa.network.interfaces import (
     AddressError,
     InterfaceNotFoundError,
@@ -53,7 +54,8 @@ def ipr_in(netns: str | None) -> Iterator[IPRoute]:
         if not os.path.exists(path):
             raise NetnsNotFoundError(f"network namespace {path} does not exist")
         try:
-            ipr = IPRoute(netns=path, flags=0)
+            with _netns.entered(path):
+                ipr = IPRoute()
         except OSError as e:
             raise NetnsNotFoundError(f"cannot enter network namespace {path}: {e}") from e
     try:
