@@ -290,3 +290,24 @@ class ProxySocketTests(TestCase):
 
     def test_tls_refused_until_deadline(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._tls_refused())
+
+    async def _tls13_client_refused(self) -> None:
+        # TLS 1.3: our handshake completes before the forwarder checks our certificate; the proxy must still
+        # see the refusal (not report a connection, not redial in a tight loop) and fail at the deadline.
+        ca = tls.CertificateAuthority.create()
+        server = ca.issue_server_certificate("vm-sb1")
+        ours, trusted = tls.make_client_certificate(), tls.make_client_certificate()
+        self.server_ctx = tls.server_context_factory(server.cert_pem, server.key_pem, trusted.cert_pem,
+                                                     min_version="VersionTLS13")
+        self.tls = ProxyTLS(ca_pem=ca.cert_pem, cert_pem=ours.cert_pem, key_pem=ours.key_pem,
+                            min_version="VersionTLS13")
+        fwd, port = await self._forwarder()
+        proxy = self._proxy()
+        err = await self._fails(proxy.start(("127.0.0.1", port), "vm-sb1", reactor.seconds() + 0.8))
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        self.assertIn("alert", err.message)
+        self.assertEqual(proxy.connections, 0)
+        self.assertEqual(fwd.calls, [])
+
+    def test_tls13_client_certificate_refused(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._tls13_client_refused())

@@ -172,15 +172,18 @@ class ProxyDialTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         client = self.proxy._get_client()
         before = metrics.PROXY_RECONNECTS._value.get()
+        self.clock.advance(6.0)  # a stable link
         # the link drops: a call arriving now waits for the new link
         self.ep.mode = "refuse"
         self.ep.transports[-1].abortConnection()
         waiting = self.proxy._get_client()
         assert isinstance(waiting, Deferred)
         self.assertNoResult(waiting)
-        self.advance_to(0.75)  # refused at once, then 0.1 s back-off
+        self.assertAlmostEqual(self.ep.attempts[-1], 6.71)  # redialled at once
+        self.advance_to(6.75)  # refused at once, then 0.1 s back-off
         self.ep.mode = "accept"
-        self.advance_to(1.0)
+        self.advance_to(7.0)
+        self.assertAlmostEqual(self.ep.attempts[-1], 6.81)
         fresh = self.successResultOf(waiting)
         self.assertIsNot(fresh, client)
         self.assertEqual(self.proxy.connections, 2)
@@ -189,6 +192,22 @@ class ProxyDialTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         with self.assertRaises(TTRPCError):
             self.proxy._get_client()
+
+    def test_short_lived_links_back_off(self) -> None:
+        """A peer that accepts and drops at once (e.g. refuses our certificate) is not redialled in a loop."""
+        self.ep.mode = "accept"
+        d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)
+        self.successResultOf(d)
+        delays = []
+        for _ in range(6):
+            dropped = self.clock.seconds()
+            self.ep.transports[-1].abortConnection()
+            self.advance_to(dropped + 1.5)
+            delays.append(round(self.ep.attempts[-1] - dropped, 3))
+        self.assertEqual(delays, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+        self.assertIn("link dropped after", self.proxy._last_error)
+        self.successResultOf(self.proxy.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_waiting_call_gives_up_at_its_deadline(self) -> None:
         d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)

@@ -57,6 +57,8 @@ AGENT_SERVICE = "grpc.AgentService"
 KEEPALIVE_IDLE = 15
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
+#: A link that lived this long resets the back-off; a shorter one counts as a failed attempt.
+STABLE_LINK = 5.0
 
 EndpointMaker = Callable[[str, int, str], IStreamClientEndpoint]
 
@@ -103,28 +105,52 @@ def _enable_keepalive(transport: Any) -> None:
 
 @implementer(IHandshakeListener)
 class _Upstream(TTRPCClient):
-    """The ttrpc client of the forwarder link; `ready` fires once TCP (and the TLS handshake) is done."""
+    """The ttrpc client of the forwarder link; `ready` fires once TCP (and the TLS handshake) is done.
+
+    With TLS 1.3 the client finishes its handshake before the server has checked the client certificate, so a
+    refused certificate shows up only as an alert one round trip later. `ready` therefore waits, for TLS 1.3,
+    as long again as the handshake took (at least `TLS13_SETTLE_MIN` s): a link the server refuses fails the
+    attempt instead of counting as connected.
+    """
+
+    TLS13_SETTLE_MIN = 0.01
 
     def __init__(self, clock: IReactorTime, name: str, tls: bool) -> None:
         super().__init__(clock, name)
         self._tls = tls
         self.ready: Deferred[None] = Deferred()
+        self._made_at = 0.0
+        self._settle: Any = None
+        self.lost_reason = ""
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._made_at = self._clock.seconds()
         _enable_keepalive(self.transport)
         if not self._tls:
             self._set_ready()
 
     def handshakeCompleted(self) -> None:
-        self._set_ready()
+        version = ""
+        try:
+            version = self.transport.getHandle().get_protocol_version_name()  # type: ignore[union-attr]
+        except Exception:
+            pass
+        if version == "TLSv1.3":
+            took = self._clock.seconds() - self._made_at
+            self._settle = self._clock.callLater(max(self.TLS13_SETTLE_MIN, took), self._set_ready)
+        else:
+            self._set_ready()
 
     def _set_ready(self) -> None:
         if not self.ready.called:
             self.ready.callback(None)
 
     def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:  # noqa: B008
+        self.lost_reason = reason.getErrorMessage()
         super().connectionLost(reason)
+        if self._settle is not None and self._settle.active():
+            self._settle.cancel()
         if not self.ready.called:
             self.ready.errback(reason)
 
@@ -265,15 +291,25 @@ class AgentProxy:
                     attempt=failures, delay=delay, address=self._address)
                 await deferLater(self._clock, delay)
                 continue
-            failures = 0
             self._connected(client)
+            linked_at = self._clock.seconds()
             await client.when_closed()
             if self._client is client:
                 self._client = None
-            if not self._stopped:
-                self._log.warn("{sandbox_id}: agent proxy link to {address} lost ({reason}); reconnecting",
-                               sandbox_id=self.sandbox_id, address=self._address,
-                               reason=client.close_reason or "closed")
+            if self._stopped:
+                break
+            lived = self._clock.seconds() - linked_at
+            reason = client.close_reason or client.lost_reason or "closed"
+            self._log.warn("{sandbox_id}: agent proxy link to {address} lost after {lived:.1f}s ({reason}); "
+                           "reconnecting", sandbox_id=self.sandbox_id, address=self._address, lived=lived,
+                           reason=reason)
+            if lived >= STABLE_LINK:
+                failures = 0
+                continue
+            # A link that drops right away (a refusing or crashing peer) counts as a failed attempt: back off.
+            failures += 1
+            self._last_error = f"link dropped after {lived:.3f}s: {reason}"
+            await deferLater(self._clock, self._policy(failures))
 
     async def _attempt(self, endpoint: IStreamClientEndpoint) -> _Upstream:
         d = Deferred.fromCoroutine(self._connect_once(endpoint))
