@@ -149,6 +149,12 @@ class ProcessTestCase(TestCase):
     def setUp(self) -> None:
         self.a = Adaptor(self)
 
+    def assert_network_clean(self) -> None:
+        """No tunnel, NOTRACK rule or VNI left (meaningful with the VXLAN tunnel, see VxlanMixin)."""
+
+    def remove_pod(self) -> None:
+        os.unlink(self.a.netns)
+
     def agent_check(self, path: str) -> str:
         r = self.a.ctl("agent", "--socket", path, "check", timeout=30)
         return r.stdout.strip() if r.returncode == 0 else f"rc={r.returncode} {r.stderr.strip()}"
@@ -343,6 +349,7 @@ class FaultInjectionTests(ProcessTestCase):
         self.assertEqual(a.vms(), [])
         for vm in a.vms():
             self.assertFalse(_alive(vm["pid"]))
+        self.assert_network_clean()
         a.kill9()
 
     def kill_during_start(self, sid: str, cond: Callable[[], bool], what: str, **env: str) -> str:
@@ -403,6 +410,7 @@ class FaultInjectionTests(ProcessTestCase):
         a.wait_for(lambda: a.record("f6") is None, "stop finished by recovery")
         self.assertEqual(a.vms(), [])
         self.assertFalse(os.path.exists(path))
+        self.assert_network_clean()
         a.kill9()
 
     def test_07_during_delete_after_vm_gone(self) -> None:
@@ -417,15 +425,17 @@ class FaultInjectionTests(ProcessTestCase):
         p.communicate(timeout=30)
         a.start()
         a.wait_for(lambda: a.record("f7") is None, "stop finished by recovery")
+        self.assert_network_clean()
         a.kill9()
 
     def test_08_running_pod_gone(self) -> None:
         a = self.a
         self.kill_during_start("f8", lambda: (a.record("f8") or {}).get("state") == "running", "running")
-        os.unlink(a.netns)
+        self.remove_pod()
         a.start()
         a.wait_for(lambda: a.record("f8") is None, "record of a vanished pod cleaned")
         self.assertEqual(a.vms(), [])
+        self.assert_network_clean()
         a.kill9()
 
     def test_09_failed_start_then_kill(self) -> None:
@@ -491,9 +501,8 @@ class GoShimTests(ProcessTestCase):
         self.assertEqual((r["ok"], r["code"]), (False, 5), r)
 
 
-class VxlanTests(ProcessTestCase):
-    """The adaptor in a worker netns with the real VXLAN tunnel: no tunnel or VNI survives StopVM or a rollback
-    after kill -9, and a running pod keeps its tunnel across a kill -9."""
+class VxlanMixin(ProcessTestCase):
+    """The adaptor in a worker netns (its "node") with the real VXLAN tunnel into a CNI-like pod netns."""
 
     def setUp(self) -> None:
         from tests import netns_helpers as nh
@@ -525,6 +534,22 @@ class VxlanTests(ProcessTestCase):
             return {}
         return data.get("allocation", data) if isinstance(data, dict) else {}
 
+    def assert_network_clean(self) -> None:
+        if os.path.exists(self.pod.path):
+            self.assertFalse(self.vxlan_in_pod(), "vxlan1 left in the pod netns")
+        self.assertEqual(self.vnis(), {}, "VNI left allocated")
+        rules = self.worker.run(["iptables-save"], check=False).stdout
+        self.assertNotIn("peerpod", rules, "NOTRACK rule left on the node")
+        links = self.worker.run(["ip", "-o", "link", "show", "type", "vxlan"], check=False).stdout
+        self.assertEqual(links.strip(), "", "VXLAN device left on the node")
+
+    def remove_pod(self) -> None:
+        self.pod.remove()
+
+
+class VxlanTests(VxlanMixin):
+    """No tunnel or VNI survives StopVM or a rollback after kill -9; a running pod keeps its tunnel."""
+
     def test_tunnel_lifecycle_and_kill(self) -> None:
         a = self.a
         a.start()
@@ -538,6 +563,8 @@ class VxlanTests(ProcessTestCase):
         r = a.ctl("start", "--id", "v1")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertTrue(self.vxlan_in_pod())
+        self.assertIn("peerpod", self.worker.run(["iptables-save"], check=False).stdout)  # what the checks look for
+        self.assertEqual(self.vnis(), {"555000": "v1"})
         a.kill9()
         a.start()
         a.wait_for(lambda: self.agent_check(path) == "SERVING", "re-adopted")
@@ -562,3 +589,7 @@ class VxlanTests(ProcessTestCase):
         self.assertEqual(a.ctl("stop", "--id", "v2").returncode, 0)
         self.assertEqual(self.vnis(), {})
         a.kill9()
+
+
+class FaultInjectionVxlanTests(VxlanMixin, FaultInjectionTests):
+    """The nine kill -9 points again, with the real VXLAN tunnel: no tunnel, rule or VNI is ever left."""
