@@ -30,8 +30,8 @@ Functions and classes:
     ``worker``, the address, a default route via ``gateway``, permanent neighbours.
 ``snapshot(ns) -> dict``
     Links (name, kind, mtu, mac, master), addresses, routes, permanent neighbours, qdiscs, tc
-    filters and ``iptables -S`` of the raw and filter tables: diff two snapshots to prove a clean
-    teardown.
+    filters, ``iptables -S`` of the raw, filter and nat tables and caa's nft table ``ip caa_peerpod``: diff two
+    snapshots to prove a clean teardown.
 """
 
 from __future__ import annotations
@@ -242,4 +242,7 @@ def snapshot(ns: Netns) -> dict[str, Any]:
     for table in ("raw", "filter", "nat"):
         proc = ns.run(["iptables", "--wait", "-t", table, "-S"], check=False)
         out[f"iptables-{table}"] = proc.stdout.splitlines()
+    if shutil.which("nft"):
+        # caa's own nft table (used where iptables is absent); iptables-nft's tables show in iptables -S
+        out["nft-caa"] = ns.run(["nft", "list", "table", "ip", "caa_peerpod"], check=False).stdout.splitlines()
     return out

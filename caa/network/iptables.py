@@ -8,7 +8,9 @@ Rules (spec-adaptor §6.3 step 1, spec-podvm §1.8 step 6), in table ``raw``::
     -A peerpod-PREROUTING -m comment --comment "peerpod [vni:N]" -s <peer> -p udp -m udp --dport <port> -j NOTRACK
 
 The binary is ``iptables`` (always with ``--wait``; iptables-nft or legacy, whichever the system
-has). In a network namespace other than the current one it runs under ``nsenter --net=<path>``.
+has). Where iptables is absent, the same rules go into an nftables table ``ip caa_peerpod``
+(chains ``output``/``prerouting`` at raw priority) with the same comments, through ``nft``.
+In a network namespace other than the current one the binary runs under ``nsenter --net=<path>``.
 Every function here blocks: call it from a worker thread. Calls for the same namespace are
 serialised by a process-wide lock (``--wait`` serialises against other processes).
 """
@@ -70,7 +72,7 @@ def _chain_exists(netns: str | None, chain: str) -> bool:
     return _run(netns, ["-S", chain], check=False).returncode == 0
 
 
-def add_notrack(netns: str | None, vni: int, peer: str, port: int) -> None:
+def _ipt_add_notrack(netns: str | None, vni: int, peer: str, port: int) -> None:
     """Ensure both chains, their jumps and the two rules for ``vni`` exist (idempotent).
     ``peer`` is the other tunnel end's address (the pod VM on the node, the node in the VM)."""
     with _lock_for(netns):
@@ -91,7 +93,7 @@ def _rules_of(netns: str | None, chain: str) -> list[list[str]]:
     return [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("-A ")]
 
 
-def list_vnis(netns: str | None) -> set[int]:
+def _ipt_list_vnis(netns: str | None) -> set[int]:
     """VNIs that have a ``peerpod [vni:N]`` rule in either chain."""
     found: set[int] = set()
     with _lock_for(netns):
@@ -103,7 +105,7 @@ def list_vnis(netns: str | None) -> set[int]:
     return found
 
 
-def remove_notrack(netns: str | None, vni: int) -> None:
+def _ipt_remove_notrack(netns: str | None, vni: int) -> None:
     """Delete every rule commented ``peerpod [vni:<vni>]`` (whatever its peer/port), then each
     chain that became empty together with its jump. Idempotent; no error when nothing is there."""
     marker = f"peerpod [vni:{vni}]"
@@ -128,7 +130,131 @@ def _drop_chain_if_empty(netns: str | None, chain: str, base: str) -> None:
     _run(netns, ["-X", chain])
 
 
-def dump(netns: str | None) -> str:
+def _ipt_dump(netns: str | None) -> str:
     """The whole raw table as ``iptables -S`` prints it (for tests and diagnostics)."""
     with _lock_for(netns):
         return _run(netns, ["-S"]).stdout
+
+
+# ---------------------------------------------------------------- nftables (no iptables binary)
+
+NFT_TABLE = "caa_peerpod"
+NFT_CHAINS = (("output", "daddr"), ("prerouting", "saddr"))
+FORCE_BACKEND: str | None = None  # "iptables" / "nft"; None = iptables when installed
+
+
+def backend() -> str:
+    """``iptables`` when the binary exists, else ``nft``; :class:`IptablesError` when neither does."""
+    if FORCE_BACKEND:
+        return FORCE_BACKEND
+    if shutil.which("iptables"):
+        return "iptables"
+    if shutil.which("nft"):
+        return "nft"
+    raise IptablesError("neither iptables nor nft found in PATH (install iptables or nftables)")
+
+
+def _nft(netns: str | None, args: Sequence[str], stdin: str | None = None,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    argv = ["nft", *args]
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise IptablesError(f"{shlex.join(argv)}: {e}") from e
+    if check and proc.returncode != 0:
+        raise IptablesError(f"{shlex.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def _nft_rules(netns: str | None) -> list[tuple[str, str, int]]:
+    """(chain, rule text, handle) of every rule in our table."""
+    proc = _nft(netns, ["-a", "list", "table", "ip", NFT_TABLE], check=False)
+    if proc.returncode != 0:
+        return []
+    rules: list[tuple[str, str, int]] = []
+    chain = ""
+    for line in proc.stdout.splitlines():
+        text = line.strip()
+        if text.startswith("chain "):
+            chain = text.split()[1]
+        elif "# handle" in text and not text.startswith(("chain", "table", "type")):
+            body, handle = text.rsplit("# handle", 1)
+            rules.append((chain, body.strip(), int(handle)))
+    return rules
+
+
+def _nft_add_notrack(netns: str | None, vni: int, peer: str, port: int) -> None:
+    comment = f"peerpod [vni:{vni}]"
+    existing = _nft_rules(netns)
+    script = [f"add table ip {NFT_TABLE}"]
+    for chain, _dir in NFT_CHAINS:
+        script.append(f"add chain ip {NFT_TABLE} {chain} {{ type filter hook {chain} priority -300; }}")
+    for chain, direction in NFT_CHAINS:
+        if any(c == chain and comment in r and f"{direction} {peer} " in r for c, r, _h in existing):
+            continue
+        script.append(f'add rule ip {NFT_TABLE} {chain} ip {direction} {peer} udp dport {port} notrack '
+                      f'comment "{comment}"')
+    _nft(netns, ["-f", "-"], stdin="\n".join(script) + "\n")
+
+
+def _nft_list_vnis(netns: str | None) -> set[int]:
+    return {int(m.group(1)) for _c, r, _h in _nft_rules(netns) if (m := _COMMENT_RE.search(r))}
+
+
+def _nft_remove_notrack(netns: str | None, vni: int) -> None:
+    comment = f'"peerpod [vni:{vni}]"'
+    rules = _nft_rules(netns)
+    for chain, rule, handle in rules:
+        if comment in rule:
+            _nft(netns, ["delete", "rule", "ip", NFT_TABLE, chain, "handle", str(handle)])
+    if rules and not _nft_rules(netns):
+        _nft(netns, ["delete", "table", "ip", NFT_TABLE], check=False)
+    elif not rules:
+        # an empty table (chains only) left by an interrupted run
+        _nft(netns, ["delete", "table", "ip", NFT_TABLE], check=False)
+
+
+def _nft_dump(netns: str | None) -> str:
+    proc = _nft(netns, ["list", "table", "ip", NFT_TABLE], check=False)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+# ---------------------------------------------------------------- public API (either backend)
+
+
+def add_notrack(netns: str | None, vni: int, peer: str, port: int) -> None:
+    """Ensure both chains, their jumps and the two rules for ``vni`` exist (idempotent).
+    ``peer`` is the other tunnel end's address (the pod VM on the node, the node in the VM)."""
+    with _lock_for(netns):
+        if backend() == "nft":
+            _nft_add_notrack(netns, vni, peer, port)
+            return
+    _ipt_add_notrack(netns, vni, peer, port)
+
+
+def list_vnis(netns: str | None) -> set[int]:
+    """VNIs that have a ``peerpod [vni:N]`` rule in either chain."""
+    if backend() == "nft":
+        with _lock_for(netns):
+            return _nft_list_vnis(netns)
+    return _ipt_list_vnis(netns)
+
+
+def remove_notrack(netns: str | None, vni: int) -> None:
+    """Delete every rule commented ``peerpod [vni:<vni>]`` (whatever its peer/port), then each
+    chain that became empty together with its jump. Idempotent; no error when nothing is there."""
+    if backend() == "nft":
+        with _lock_for(netns):
+            _nft_remove_notrack(netns, vni)
+        return
+    _ipt_remove_notrack(netns, vni)
+
+
+def dump(netns: str | None) -> str:
+    """The rules as the backend prints them (``iptables -t raw -S`` or ``nft list table``)."""
+    if backend() == "nft":
+        with _lock_for(netns):
+            return _nft_dump(netns)
+    return _ipt_dump(netns)
