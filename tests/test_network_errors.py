@@ -17,6 +17,8 @@ from caa.network.interfaces import (
     NetnsNotFoundError,
     NoDefaultRouteError,
     PodNetworkConfig,
+    Route,
+    TeardownError,
     TunnelError,
 )
 from caa.network.node import NodeNetwork
@@ -153,6 +155,30 @@ class NodeErrorTests(TestCase):
         self.assertEqual(self.store.data, {})
 
 
+    def test_teardown_runs_every_step(self) -> Deferred[None]:
+        return ensureDeferred(self._every_step())
+
+    async def _every_step(self) -> None:
+        pod = self._pod()
+        before = await deferToThread(lambda: (h.snapshot(self.worker), h.snapshot(pod)))
+        cfg = await self.node.inspect(pod.path)
+        await self.node.setup(pod.path, [self.vm_ip], cfg)
+
+        def broken(netns: str | None, vni: int) -> None:
+            raise iptables.IptablesError("iptables is broken today")
+
+        real = iptables.remove_notrack
+        self.patch(iptables, "remove_notrack", broken)
+        with self.assertRaises(TeardownError) as ctx:
+            await self.node.teardown(pod.path, cfg)
+        self.assertIn("iptables is broken today", str(ctx.exception))
+        # The other steps still ran: no tunnel device, no tc in the pod netns.
+        self.assertEqual(await deferToThread(h.snapshot, pod), before[1])
+        self.patch(iptables, "remove_notrack", real)
+        await self.node.teardown(pod.path, cfg)
+        self.assertEqual(await deferToThread(h.snapshot, self.worker), before[0])
+
+
 class PodVmErrorTests(TestCase):
     timeout = 60
 
@@ -196,3 +222,27 @@ class PodVmErrorTests(TestCase):
         await self.podvm.teardown(self.cfg, pod.name)
         state = await deferToThread(h.snapshot, pod)
         self.assertEqual([lk[0] for lk in state["links"]], ["lo"])
+
+    def test_external_network_via_pod_vm(self) -> Deferred[None]:
+        return ensureDeferred(self._external())
+
+    async def _external(self) -> None:
+        # The VM's second NIC (ens5, own default route, metric 200) moves into the pod netns and
+        # carries the pod's default route; the primary (underlay) keeps the tunnel.
+        ext = h.make_netns(self, "xe")
+        h.veth(self.vm, "ens5", ext, "up0")
+        h.add_addr(self.vm, "ens5", "172.20.0.2/24")
+        h.add_addr(ext, "up0", "172.20.0.1/24")
+        with self.vm.ipr() as ipr:
+            ipr.route("add", dst="0.0.0.0", dst_len=0, gateway="172.20.0.1", priority=200)
+        pod = h.make_netns(self, "xp")
+        cfg = PodNetworkConfig(**{**self.cfg.__dict__, "external_net_via_pod_vm": True, "routes": (
+            Route(dst="0.0.0.0/0", gw="10.88.0.1", dev="eth0"), Route(dst="10.88.0.0/24", dev="eth0"))})
+        await self.podvm.setup(cfg, pod.name)
+        state = await deferToThread(h.snapshot, pod)
+        self.assertIn(("ens5", "172.20.0.2", 24), state["addrs"])
+        defaults = [r for r in state["routes"] if r[1] is None and r[-1] == 2]
+        self.assertEqual([(r[3], r[4]) for r in defaults], [("172.20.0.1", "ens5")])
+        ping = await deferToThread(lambda: pod.run(["ping", "-c", "1", "-W", "2", "172.20.0.1"], check=False))
+        self.assertEqual(ping.returncode, 0, ping.stdout)
+        await self.podvm.teardown(cfg, pod.name)

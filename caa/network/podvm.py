@@ -179,8 +179,10 @@ class PodNetwork:
             chosen: tuple[int, str, str] | None = None
             for link in host.link("dump"):
                 name = str(link.get_attr("IFLA_IFNAME"))
-                if name == primary or name.startswith(_SKIP_PREFIXES) or link.get_attr("IFLA_LINKINFO"):
-                    continue
+                info = link.get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                if name == primary or name.startswith(_SKIP_PREFIXES) or kind not in (None, "veth"):
+                    continue  # virtual devices (a veth stands in for a NIC in tests and local VMs)
                 addrs = nl.ipv4_addresses(host, link["index"])
                 if not addrs:
                     continue
