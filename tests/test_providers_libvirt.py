@@ -17,8 +17,8 @@ from typing import Any
 
 import libvirt
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -251,6 +251,59 @@ class OptionsTests(SynchronousTestCase):
         quota = map_libvirt_error(error(libvirt.VIR_ERR_INTERNAL_ERROR, "Cannot allocate memory"), "start")
         self.assertIs(quota.kind, ErrorKind.QUOTA)
         self.assertEqual(str(quota), "start: Cannot allocate memory")
+
+
+class _ScriptedOwner:
+    """Stands in for the connection's owner thread: answers `run` synchronously from a script."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    def run(self, function: Any, *args: Any) -> Deferred[Any]:
+        self.calls.append(function.__name__)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            return fail(answer)
+        return succeed(answer)
+
+
+class IPWaitTests(SynchronousTestCase):
+    """The IP wait on a Clock: back-off 0.1 s doubling to 1 s, one deadline, no sleeps."""
+
+    def test_polls_with_backoff_until_an_address(self) -> None:
+        clock = Clock()
+        owner = _ScriptedOwner([(), (), (), (), (), ("192.168.122.9",)])
+        provider = LibvirtProvider(clock, LibvirtConfig(), owner=owner)
+        d = Deferred.fromCoroutine(provider._wait_for_ips("u", clock.seconds() + 10))
+        for step in (0.1, 0.2, 0.4, 0.8):
+            self.assertNoResult(d)
+            clock.advance(step)
+        self.assertNoResult(d)
+        clock.advance(1.0)
+        self.assertEqual(self.successResultOf(d), ("192.168.122.9",))
+        self.assertEqual(len(owner.calls), 6)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadline(self) -> None:
+        clock = Clock()
+        owner = _ScriptedOwner([()] * 100)
+        provider = LibvirtProvider(clock, LibvirtConfig(), owner=owner)
+        d = Deferred.fromCoroutine(provider._wait_for_ips("u", 3.0))
+        clock.pump([0.1] * 40)
+        failure = self.failureResultOf(d, TransientError)
+        self.assertEqual(str(failure.value), "Domain (uuid=u) IP addresses not found")
+        self.assertLessEqual(len(owner.calls), 10)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_dead_domain_stops_at_once(self) -> None:
+        clock = Clock()
+        owner = _ScriptedOwner([(), InvalidConfig("Domain (uuid=u) stopped before it got an IP")])
+        provider = LibvirtProvider(clock, LibvirtConfig(), owner=owner)
+        d = Deferred.fromCoroutine(provider._wait_for_ips("u", 100.0))
+        clock.advance(0.1)
+        self.failureResultOf(d, InvalidConfig)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class _StreamlessLibvirtProvider(LibvirtProvider):

@@ -216,10 +216,13 @@ def _not_found(error: libvirt.libvirtError, *codes: int) -> bool:
 class LibvirtProvider:
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: LibvirtConfig) -> None:
+    def __init__(self, reactor: Any, config: LibvirtConfig, owner: Any = None) -> None:
         self._reactor = reactor
         self.config = config
-        self._owner = _ConnectionOwner(reactor, config.uri, str(config.redacted()["uri"]))
+        # `owner` runs f(conn, *args) on the connection's thread; tests may pass a synchronous one.
+        if owner is None:
+            owner = _ConnectionOwner(reactor, config.uri, str(config.redacted()["uri"]))
+        self._owner = owner
         self._host: HostCapabilities | None = None
         self._sev: SevParameters | None = None
 
