@@ -193,7 +193,7 @@ class AdaptorDaemon(MultiService):
                 except Exception as e:
                     self._log.critical("provider configuration check failed: {error}", error=str(e))
                     self.exit_code = 1
-                    self.reactor.stop()
+                    self.reactor.callLater(0, self.reactor.stop)  # may run before the reactor does
                     return
             await self.cloud.recover()
             if isinstance(self.network, NodeNetworking):

@@ -45,6 +45,7 @@ class FakeOptions(ProviderOptions):
         ["fake-delete-delay", None, 0.0, "Delay of delete_instance (Go duration).", parse_duration],
         ["fake-forwarder-port", None, "15150", "Port the fake VMs listen on (the adaptor's forwarder port)."],
         ["fake-fail-image", None, "", "Image name whose creates fail with INVALID_CONFIG."],
+        ["fake-verify-error", None, "", "verify_config fails with this message."],
         ["fake-create-delay-after", None, 0.0, "Delay after the VM exists, before create returns.", parse_duration],
         ["fake-delete-delay-after", None, 0.0, "Delay after the VM is gone, before delete returns.", parse_duration],
         ["fake-vm-boot-delay", None, 0.0, "Seconds a process VM waits before its forwarder listens.", parse_duration],
@@ -63,6 +64,7 @@ class FakeProvider:
                  delete_delay: float = 0.0, forwarder_port: int = 15150, fail_image: str = "",
                  create_delay_after: float = 0.0, delete_delay_after: float = 0.0, vm_boot_delay: float = 0.0
                  ) -> None:
+        self.verify_error = ""
         self.create_delay_after = create_delay_after
         self.delete_delay_after = delete_delay_after
         self.vm_boot_delay = vm_boot_delay
@@ -209,6 +211,8 @@ class FakeProvider:
         return succeed(None)
 
     def verify_config(self) -> Deferred[None]:
+        if self.verify_error:
+            return Deferred.fromCoroutine(self._fail(self.verify_error))
         if self.state_dir and not os.path.isdir(self.state_dir):
             return Deferred.fromCoroutine(self._fail(f"state dir {self.state_dir} missing"))
         return succeed(None)
@@ -229,10 +233,12 @@ class FakeProviderFactory:
         return FakeOptions()
 
     def create(self, reactor: Any, options: Any) -> IProvider:
-        return FakeProvider(reactor, state_dir=options["fake-state-dir"],
+        p = FakeProvider(reactor, state_dir=options["fake-state-dir"],
                             create_delay=options["fake-create-delay"], delete_delay=options["fake-delete-delay"],
                             forwarder_port=int(options["fake-forwarder-port"]),
                             fail_image=options["fake-fail-image"],
                             create_delay_after=options["fake-create-delay-after"],
                             delete_delay_after=options["fake-delete-delay-after"],
                             vm_boot_delay=options["fake-vm-boot-delay"])
+        p.verify_error = options["fake-verify-error"]
+        return p
