@@ -162,6 +162,11 @@ else
 # DEVELOPMENT pod VM image: this is NOT kata-agent. caa's stand-in (caa/devtools/agent.py) answers the
 # agent protocol on the same socket so the adaptor and the forwarder can be exercised end to end.
 mkdir -p /run/kata-containers
+# A stand-in for the pod's workload, which the real agent would run as containers in podns: busybox httpd on
+# port 8080 in podns, so tests and demos can reach "the pod" at its pod IP over the tunnel.
+mkdir -p /run/caa-dev-workload
+echo "caa development pod VM $(hostname): hello from the pod network namespace" > /run/caa-dev-workload/index.html
+ip netns exec podns busybox httpd -p 8080 -h /run/caa-dev-workload || echo "caa: dev workload not started" >&2
 exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock --pod-netns podns
 AGENT
   chmod 755 "$R/usr/local/bin/kata-agent"

@@ -4,8 +4,9 @@ the Kata shim, the development pod VM image booted by the libvirt provider throu
 
 CreateVM (a pod netns wired like a bridge CNI) -> StartVM: the VM boots, reads its cidata, the forwarder builds
 the pod netns + VXLAN end and serves mTLS -> StartVM returns -> `caactl agent check` through the adaptor's agent
-socket answers SERVING -> a process in another netns on the CNI bridge reaches the pod IP, which the VM's pod
-netns answers over the tunnel -> StopVM -> domain, volume, tunnel and journal entry are gone.
+socket answers SERVING -> a process in another netns on the CNI bridge reaches the pod IP (ping, and HTTP
+to the development image's stand-in workload on 8080 in the VM's pod netns) over the tunnel -> StopVM ->
+domain, volume, tunnel and journal entry are gone.
 Phase times are logged and written to _trial_temp/e2e-libvirt-times.json.
 """
 
@@ -36,18 +37,14 @@ POD_CIDR = "10.244.7.5/24"
 POD_IP = "10.244.7.5"
 CLIENT_CIDR = "10.244.7.6/24"
 GATEWAY = "10.244.7.1"
+HTTP_GET = "import urllib.request; print(urllib.request.urlopen('{url}', timeout=20).read().decode())"
 
 
-def _links(ns: Any) -> dict[str, str]:
-    with ns.ipr() as ipr:
-        out = {}
-        for link in ipr.get_links():
-            kind = ""
-            info = link.get_attr("IFLA_LINKINFO")
-            if info is not None:
-                kind = info.get_attr("IFLA_INFO_KIND") or ""
-            out[link.get_attr("IFLA_IFNAME")] = kind
-        return out
+def _has_vxlan(ns: Any) -> bool:
+    r = ns.run(["ip", "-d", "-o", "link", "show"], False)
+    if r.returncode != 0:
+        raise AssertionError(f"listing links in {ns.path} (exists: {os.path.exists(ns.path)}): {r.stderr}")
+    return " vxlan id " in r.stdout
 
 
 class LibvirtEndToEndTests(TestCase):
@@ -100,9 +97,14 @@ class LibvirtEndToEndTests(TestCase):
         sock = tmp / "hypervisor.sock"
         pods_dir = tmp / "pods"
         log_path = Path("adaptor.log").resolve()  # in the trial temp dir: kept after the test
+        (tmp / "netns").mkdir()
         argv = [str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "caa-adaptor",
                 "--provider", "libvirt", "--socket", str(sock), "--pods-dir", str(pods_dir),
                 "--tls-dir", str(tmp / "tls"), "--probe-port", "0", "--proxy-timeout", "900s",
+                # sweep only our own (empty) netns dir: other tests' pod netns are not this adaptor's
+                "--netns-dir", str(tmp / "netns"),
+                # VXLAN sockets share the root netns: a VNI range of our own, apart from other adaptors' (demo)
+                "--vxlan-min-id", str(600000 + (os.getpid() % 100000) * 8),
                 "--uri", lh.LIBVIRT_URI, "--pool-name", pool.name, "--network-name", net.name,
                 "--vol-name", pool.base_volume, "--firmware", "", "--domain-type", "qemu",
                 "--cpu", "1", "--memory", "1024", "--root-disk-size", "1", "--ip-timeout", "600s"]
@@ -164,12 +166,19 @@ class LibvirtEndToEndTests(TestCase):
         self.assertIn("SERVING", check.stdout)
 
         # pod traffic: the client on the CNI bridge reaches the pod IP; the VM's pod netns answers over VXLAN
-        links = _links(pod)
-        self.assertIn("vxlan", links.values(), links)
+        self.assertTrue(await deferToThread(_has_vxlan, pod), "no VXLAN end in the pod netns")
         t = time.monotonic()
         ping = await deferToThread(client.run, ["ping", "-c", "3", "-i", "0.3", "-W", "5", POD_IP], False)
         times["pod_ip_ping_s"] = round(time.monotonic() - t, 2)
         self.assertEqual(ping.returncode, 0, f"{ping.stdout}{ping.stderr}")
+        # the development image's stand-in workload listens on 8080 in the VM's pod netns
+        t = time.monotonic()
+        get = await deferToThread(client.run, [sys.executable, "-c", HTTP_GET.format(url=f"http://{POD_IP}:8080/")],
+                                  False)
+        times["pod_ip_tcp_s"] = round(time.monotonic() - t, 2)
+        self.assertEqual(get.returncode, 0, get.stderr)
+        self.assertIn("hello from the pod network namespace", get.stdout)
+        self.assertIn(vms[0], get.stdout)  # the VM's hostname: the answer came from inside that VM
 
         # StopVM: everything goes
         t = time.monotonic()
@@ -179,7 +188,7 @@ class LibvirtEndToEndTests(TestCase):
         stopped_ok.append(True)
         self.assertEqual(await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}"), [])
         self.assertEqual(await deferToThread(pool.volumes), [pool.base_volume])
-        self.assertNotIn("vxlan", _links(pod).values())
+        self.assertFalse(await deferToThread(_has_vxlan, pod), "VXLAN end left in the pod netns")
         self.assertFalse((pods_dir / sid).exists(), list(pods_dir.iterdir()) if pods_dir.exists() else None)
         times["total_s"] = round(time.monotonic() - t_all, 2)
         self._log.info("e2e libvirt phases: {times}", times=times)
