@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from caa import tls
 from caa.adaptor.interfaces import ProxyTLS
-from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, dial_backoff
+from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream, dial_backoff
 from caa.proto import agent_pb2, oci_pb2
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint, unix_client_endpoint
@@ -301,6 +301,8 @@ class ProxySocketTests(TestCase):
                                                      min_version="VersionTLS13")
         self.tls = ProxyTLS(ca_pem=ca.cert_pem, cert_pem=ours.cert_pem, key_pem=ours.key_pem,
                             min_version="VersionTLS13")
+        # a wide settle window so a descheduled test process cannot make this flaky
+        self.patch(_Upstream, "TLS13_SETTLE", (0.2, 0.25))
         fwd, port = await self._forwarder()
         proxy = self._proxy()
         err = await self._fails(proxy.start(("127.0.0.1", port), "vm-sb1", reactor.seconds() + 0.8))
