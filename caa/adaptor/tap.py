@@ -167,17 +167,23 @@ class AdaptorDaemon(MultiService):
         return d
 
     def startService(self) -> None:
-        if self._threadpool is not None:
-            self._threadpool.start()
         self._log.info("starting Cloud API Adaptor daemon for {provider} (version {version})",
                        provider=self.options["provider"], version=VERSION)
         if self.options["disable-tls"]:
             self._log.warn("TLS is disabled: the agent connection to pod VMs is plain TCP")
         # Listen synchronously so a bad socket path aborts startup.
-        prepare_unix_path(self.socket_path)
-        self._port = self.reactor.listenUNIX(self.socket_path, self.server.factory(),
-                                             mode=self.options["socket-mode"], wantPID=False)
+        # Worker threads start only once listening worked: a live non-daemon thread would keep a process
+        # whose startup failed from exiting.
+        try:
+            prepare_unix_path(self.socket_path)
+            self._port = self.reactor.listenUNIX(self.socket_path, self.server.factory(),
+                                                 mode=self.options["socket-mode"], wantPID=False)
+        except Exception as e:
+            self._log.critical("cannot listen on {socket}: {error}", socket=self.socket_path, error=str(e))
+            raise
         os.chmod(self.socket_path, self.options["socket-mode"])
+        if self._threadpool is not None:
+            self._threadpool.start()
         self._identity = _identity(self.socket_path)
         self._log.info("server started on {socket}", socket=self.socket_path)
         self._start_probe()
