@@ -28,6 +28,9 @@ POD_IP = "10.244.77.10"
 CLIENT_IP = "10.244.77.20"
 PREFIX = 24
 ECHO_PORT = 8080
+# the development pod VM image's stand-in workload: an HTTP server on 8080 inside the VM's pod netns
+WORKLOAD_REPLY = "hello from the pod network namespace"
+HTTP_GET = "import urllib.request, sys; print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())"
 
 
 class DemoError(Exception):
@@ -109,6 +112,21 @@ def find_vm_pod_netns(before: set[str]) -> str:
     raise DemoError(f"no pod VM namespace holds the pod IP {POD_IP}")
 
 
+def libvirt_leftovers(env: Any, domain_prefix: str) -> list[str]:
+    """Domains of this pod and volumes other than the base one still in the pool."""
+    conn = env.open()
+    try:
+        left = [f"domain {d.name()}" for d in conn.listAllDomains(0) if d.name().startswith(domain_prefix)]
+        pool = conn.storagePoolLookupByName(env.pool)
+        pool.refresh(0)
+        extra = sorted(v for v in pool.listVolumes() if v != env.volume)
+    finally:
+        conn.close()
+    if extra:
+        left.append(f"volumes {extra} in pool {env.pool}")
+    return left
+
+
 class Shim:
     """The Kata shim's side of the two ttrpc sockets, with the caa ttrpc client on a private reactor thread."""
 
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     pods_dir = os.path.join(work, "pods")
     log_path = os.path.join(work, "adaptor.log")
     sid = secrets.token_hex(32)
+    libvirt_env: Any = None
     adaptor: subprocess.Popen[bytes] | None = None
     echo: subprocess.Popen[bytes] | None = None
     shim = Shim(hv_sock)
@@ -171,13 +190,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         steps.run("wire a pod network namespace like a CNI plugin would", wire_pods)
         ns_before = netns_list()
+        extra_args: list[str] = []
+        if args.provider == "libvirt":
+            from caa.devtools import libvirt_env as lv
+
+            def prepare() -> None:
+                nonlocal libvirt_env
+                libvirt_env = lv.prepare()
+                print(f"    network {libvirt_env.network}, pool {libvirt_env.pool}, base volume "
+                      f"{libvirt_env.volume} from {libvirt_env.image_dir} "
+                      f"(image step {libvirt_env.image_seconds:.1f}s)")
+
+            steps.run("prepare libvirt: libvirtd, NAT network, dir pool, pod VM image (build or cached)", prepare)
+            extra_args = [*libvirt_env.adaptor_args(), "--proxy-timeout", "900s", "--probe-port", "0"]
 
         def start_adaptor() -> None:
             nonlocal adaptor
             twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
             cmd = [twistd, "-n", "--pidfile=", f"--logfile={log_path}", "caa-adaptor",
-                   "--provider", args.provider, "--socket", hv_sock, "--pods-dir", pods_dir]
-            print(f"    $ {' '.join(cmd)}")
+                   "--provider", args.provider, "--socket", hv_sock, "--pods-dir", pods_dir, *extra_args]
+            print(f"    $ {' '.join(a or repr(a) for a in cmd)}")
             adaptor = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 30
             while not os.path.exists(hv_sock):
@@ -223,8 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         def pod_ip() -> None:
             nonlocal echo
             if args.provider != "local":
-                out = sh("ip", "netns", "exec", CLIENT_NS, "ping", "-c", "2", "-W", "2", POD_IP).stdout
-                print("    " + out.strip().splitlines()[-1])
+                # the VM's pod netns is inside the guest: ping it, then its stand-in workload's HTTP listener
+                out = sh("ip", "netns", "exec", CLIENT_NS, "ping", "-c", "2", "-W", "5", POD_IP).stdout
+                print("    ping: " + out.strip().splitlines()[-1])
+                url = f"http://{POD_IP}:{ECHO_PORT}/"
+                get = sh("ip", "netns", "exec", CLIENT_NS, *_py(HTTP_GET), url, check=False)
+                if get.returncode != 0:
+                    print(f"    no TCP listener reached at {url} ({get.stderr.strip().splitlines()[-1:]}); "
+                          "the image offers none: the ping above is the proof")
+                    return
+                reply = get.stdout.strip()
+                print(f"    another pod -> {url} answered {reply!r}")
+                if WORKLOAD_REPLY not in reply:
+                    raise DemoError(f"unexpected reply {reply!r}")
                 return
             vm_ns = find_vm_pod_netns(ns_before)
             echo = subprocess.Popen(["ip", "netns", "exec", vm_ns, *_py(ECHO_SERVER)], stdout=subprocess.PIPE)
@@ -242,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
 
         steps.run("StopVM (proxy down, VM deleted, tunnel down, journal entry gone)",
                   lambda: shim.call(hv_sock, "hypervisor.Hypervisor", "StopVM",
-                                    hypervisor_pb2.StopVMRequest(id=sid), hypervisor_pb2.StopVMResponse, 60))
+                                    hypervisor_pb2.StopVMRequest(id=sid), hypervisor_pb2.StopVMResponse, 300))
 
         def nothing_left() -> None:
             left = []
             if os.path.exists(os.path.join(pods_dir, sid)):
                 left.append(f"pod directory {os.path.join(pods_dir, sid)}")
-            new_ns = netns_list() - ns_before
+            # only this pod's VM namespaces (<instance name>, <instance name>-pod): other suites may make theirs
+            new_ns = {ns for ns in netns_list() - ns_before if ns.startswith(f"podvm-demo-pod-{sid[:8]}")}
             if new_ns:
                 left.append(f"namespaces {sorted(new_ns)}")
             links = json.loads(sh("ip", "-n", POD_NS, "-j", "link").stdout)
@@ -261,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
             root_vxlan = json.loads(sh("ip", "-j", "-d", "link", "show", "type", "vxlan").stdout or "[]")
             if root_vxlan:
                 left.append(f"vxlan devices {[v['ifname'] for v in root_vxlan]}")
+            if libvirt_env is not None:
+                left += libvirt_leftovers(libvirt_env, f"podvm-demo-pod-{sid[:8]}")
             if left:
                 raise DemoError("left behind: " + "; ".join(left))
             print("    no pod directory, VM namespace, tunnel device, qdisc or journal entry left")
+            if libvirt_env is not None:
+                print(f"    no domain of the pod, only the base volume in pool {libvirt_env.pool}")
 
         steps.run("check that nothing is left", nothing_left)
         ok = True
