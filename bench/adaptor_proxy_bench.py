@@ -225,11 +225,15 @@ def main() -> None:
             return payload
 
         async def pod(i: int) -> None:
-            port = free_port()
+            # hold the port until the VM boots so no two pods draw the same one
+            hold = socket.socket()
+            hold.bind(("127.0.0.1", 0))
+            port = int(hold.getsockname()[1])
             boot = rng.uniform(args.boot_min, args.boot_max)
             up: list[float] = []
 
             def boot_vm() -> None:
+                hold.close()
                 srv = Server(clock=r, name=f"vm{i}")
                 srv.register_fallback(echo)
                 servers.append(srv)
@@ -261,6 +265,9 @@ def main() -> None:
             await part1()
             if not args.skip_dial:
                 await part2()
+        except BaseException as e:
+            print(f"bench failed: {e!r}", file=sys.stderr)
+            raise
         finally:
             r.stop()
 
