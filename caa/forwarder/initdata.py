@@ -105,7 +105,8 @@ def parse(toml: bytes) -> Initdata:
     return Initdata(algorithm=algorithm, version=version, data=dict(data), toml=toml, digest=digest)
 
 
-def _write(path: Path, content: bytes, mode: int = 0o644) -> None:
+def write_file(path: Path, content: bytes, mode: int = 0o644) -> None:
+    """Write `content` to `path` atomically (temporary file, rename) with exactly `mode`."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -131,7 +132,7 @@ def process(output_dir: str | os.PathLike[str]) -> Initdata:
     else:
         _log.info("no initdata: writing the default one")
         toml = DUMMY_TOML
-        _write(source, encode(toml))
+        write_file(source, encode(toml))
     init = parse(toml)
     allowed = {os.path.normpath(out / n) for n in INITDATA_FILES}
     for key, value in init.data.items():
@@ -139,7 +140,7 @@ def process(output_dir: str | os.PathLike[str]) -> Initdata:
         if target not in allowed:
             _log.warn("initdata: {key!r} is not an allowed file; skipped", key=key)
             continue
-        _write(Path(target), value.encode("utf-8"))
-    _write(out / "initdata.digest", init.digest.encode("ascii"))
+        write_file(Path(target), value.encode("utf-8"))
+    write_file(out / "initdata.digest", init.digest.encode("ascii"))
     _log.info("initdata: {algorithm} digest {digest}", algorithm=init.algorithm, digest=init.digest)
     return init

@@ -157,16 +157,6 @@ def parse_cloud_config(text: bytes | str) -> list[WriteFile]:
     return files
 
 
-def _write(path: Path, content: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, content)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def write_allowed_files(files: Sequence[WriteFile], output_dir: str | os.PathLike[str]) -> list[str]:
@@ -183,7 +173,7 @@ def write_allowed_files(files: Sequence[WriteFile], output_dir: str | os.PathLik
             _log.warn("File: {path} is not allowed in WriteFiles.", path=f.path)
             continue
         mode = 0o600 if name in CREDENTIAL_FILES else 0o644
-        _write(out / name, f.content.encode("utf-8"), mode)
+        initdata.write_file(out / name, f.content.encode("utf-8"), mode)
         _log.info("wrote {path} ({size} bytes, mode {mode:o})", path=str(out / name),
                   size=len(f.content), mode=mode)
         written.append(name)
