@@ -113,9 +113,17 @@ def make_client_certificate(
     Subject O=cloud-api-adaptor without CN, EKU clientAuth, BasicConstraints CA:FALSE, KeyUsage
     certSign+digitalSignature (certSign lets OpenSSL treat it as its own issuer: it is the trust anchor).
     """
-    now = now or _now()
+    key, cert = _self_signed(CLIENT_ORGANIZATION, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+                             now=now or _now(), validity=validity)
+    return CertKeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _self_signed(
+    organization: str, ca: bool, usage: x509.ObjectIdentifier, now: datetime.datetime, validity: datetime.timedelta
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh key and a self-signed certificate naming only O=<organization> (the CA and the client cert)."""
     key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, CLIENT_ORGANIZATION)])
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -124,13 +132,13 @@ def make_client_certificate(
         .serial_number(_serial())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(_key_usage(), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return CertKeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+    return key, cert
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -206,23 +214,8 @@ class CertificateAuthority:
         cls, now: datetime.datetime | None = None, validity: datetime.timedelta = _VALIDITY
     ) -> CertificateAuthority:
         """A fresh self-signed CA (O=agent-protocol-forwarder, like upstream's)."""
-        now = now or _now()
-        key = _new_key()
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, SERVER_ORGANIZATION)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(_serial())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + validity)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_key_usage(), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        key, cert = _self_signed(SERVER_ORGANIZATION, ca=True, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+                                 now=now or _now(), validity=validity)
         return cls(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
     @classmethod
