@@ -18,7 +18,7 @@
 # The last line printed is the output directory.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-SRC=${CAA_SRC:-$(dirname "$HERE")}
+SRC=$(cd "${CAA_SRC:-$(dirname "$HERE")}" && pwd)
 CACHE=${CAA_PODVM_CACHE:-/var/cache/caa-podvm}
 KATA_AGENT=${KATA_AGENT:-}
 PRINT_ONLY=0
@@ -32,7 +32,6 @@ done
 # shellcheck source=podvm/config.sh
 . "$HERE/config.sh"
 log() { echo "podvm: $*" >&2; }
-[ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
 # ---- cache key: the recipe, caa's sources (the wheel's inputs), the kata-agent binary
 source_files() {
@@ -41,12 +40,13 @@ source_files() {
 }
 key=$( {
   (cd "$HERE" && find . -type f -not -name '*~' | LC_ALL=C sort | xargs sha256sum)
-  (cd "$SRC" && source_files | xargs sha256sum)
+  (cd "$SRC" && source_files | xargs -r sha256sum)
   if [ -n "$KATA_AGENT" ]; then sha256sum < "$KATA_AGENT"; fi
 } | sha256sum | cut -c1-16)
 if [ -n "$KATA_AGENT" ]; then VARIANT=kata; SUFFIX=; else VARIANT=dev; SUFFIX=-dev; fi
 OUT=$CACHE/podvm-$VARIANT-$key
 if [ "$PRINT_ONLY" = 1 ]; then echo "$OUT"; exit 0; fi
+[ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
