@@ -150,7 +150,7 @@ class Shim:
 
         from twisted.internet.defer import Deferred
 
-        return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))
+        return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))  # type: ignore[arg-type]
 
 
 def start_reactor_thread() -> None:
