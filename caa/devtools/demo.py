@@ -127,6 +127,14 @@ def libvirt_leftovers(env: Any, domain_prefix: str) -> list[str]:
     return left
 
 
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 class Shim:
     """The Kata shim's side of the two ttrpc sockets, with the caa ttrpc client on a private reactor thread."""
 
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="local", help="local (default) or libvirt")
     parser.add_argument("--workdir", default="/run/caa-demo")
     parser.add_argument("--keep", action="store_true", help="leave the demo network and logs in place")
+    parser.add_argument("--vxlan-min-id", type=int, default=555000,
+                        help="first VNI of the demo adaptor (tests pick one no other suite uses)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces)", file=sys.stderr)
@@ -207,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         def start_adaptor() -> None:
             nonlocal adaptor
             twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+            # The demo's adaptor must not sweep tunnels of the machine's other pods: give it an empty netns dir.
+            netns_dir = os.path.join(work, "netns")
+            os.makedirs(netns_dir, exist_ok=True)
             cmd = [twistd, "-n", "--pidfile=", f"--logfile={log_path}", "caa-adaptor",
-                   "--provider", args.provider, "--socket", hv_sock, "--pods-dir", pods_dir, *extra_args]
+                   "--provider", args.provider, "--socket", hv_sock, "--pods-dir", pods_dir,
+                   "--netns-dir", netns_dir, "--vxlan-min-id", str(args.vxlan_min_id), *extra_args]
             print(f"    $ {' '.join(a or repr(a) for a in cmd)}")
             adaptor = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 30
@@ -283,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             echo.kill()
             echo.wait()
 
+        vnis_used = {int(v) for v in _read_json(os.path.join(pods_dir, "vni.json"))}
+        print(f"    (the sandbox holds VNI {sorted(vnis_used)})")
         steps.run("StopVM (proxy down, VM deleted, tunnel down, journal entry gone)",
                   lambda: shim.call(hv_sock, "hypervisor.Hypervisor", "StopVM",
                                     hypervisor_pb2.StopVMRequest(id=sid), hypervisor_pb2.StopVMResponse, 300))
@@ -303,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             if qdiscs.strip():
                 left.append("tc ingress qdisc on the pod's eth0")
             root_vxlan = json.loads(sh("ip", "-j", "-d", "link", "show", "type", "vxlan").stdout or "[]")
-            if root_vxlan:
-                left.append(f"vxlan devices {[v['ifname'] for v in root_vxlan]}")
+            ours = [v["ifname"] for v in root_vxlan
+                    if v.get("linkinfo", {}).get("info_data", {}).get("id") in vnis_used]
+            if ours:
+                left.append(f"vxlan devices {ours}")
             if libvirt_env is not None:
                 left += libvirt_leftovers(libvirt_env, f"podvm-demo-pod-{sid[:8]}")
             if left:
