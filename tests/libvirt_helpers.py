@@ -11,7 +11,6 @@ Recipes: /work/shared/specs/real-vm-recipes.md (tested on this machine kind).
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
@@ -19,19 +18,19 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
+
+from caa.devtools import libvirt_env
+from caa.devtools.libvirt_env import file_lock
 
 LIBVIRT_URI = "qemu:///system"
 TEST_NETWORK = "caa-test"
 TEST_BRIDGE = "virbr-caatest"
 TEST_NETWORK_GATEWAY = "192.168.150.1"
 TEST_NETWORK_PREFIX = 24
-LOCK_DIR = "/run/lock"
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "podvm" / "build.sh"
 
@@ -66,48 +65,9 @@ def skip_reason() -> str | None:
     return None
 
 
-@contextmanager
-def file_lock(name: str) -> Iterator[None]:
-    """An exclusive flock on /run/lock/<name>.lock, shared by every process on the machine."""
-    os.makedirs(LOCK_DIR, exist_ok=True)
-    with open(os.path.join(LOCK_DIR, f"{name}.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _virsh_ok() -> bool:
-    r = subprocess.run(["virsh", "-c", LIBVIRT_URI, "version"], capture_output=True, timeout=30)
-    return r.returncode == 0
-
-
-def _pid_alive(pidfile: str) -> bool:
-    try:
-        pid = int(Path(pidfile).read_text().strip())
-        os.kill(pid, 0)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def ensure_libvirtd(timeout: float = 30.0) -> None:
     """Start virtlogd and libvirtd (no systemd here) unless qemu:///system already answers."""
-    with file_lock("caa-test-libvirtd"):
-        if _virsh_ok():
-            return
-        for d in ("/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt"):
-            os.makedirs(d, exist_ok=True)
-        if not _pid_alive("/run/virtlogd.pid"):
-            subprocess.run(["virtlogd", "-d"], check=True, timeout=30)
-        if not _pid_alive("/run/libvirtd.pid"):
-            subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
-        deadline = time.monotonic() + timeout
-        while not _virsh_ok():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"libvirtd did not answer on {LIBVIRT_URI} within {timeout:.0f}s")
-            time.sleep(0.1)
+    libvirt_env.ensure_daemons(timeout)
 
 
 def open_connection() -> Any:
@@ -120,23 +80,7 @@ def open_connection() -> Any:
 
 def network_xml(name: str = TEST_NETWORK, bridge: str = TEST_BRIDGE, gateway: str = TEST_NETWORK_GATEWAY) -> str:
     """A NAT network with DHCP: 2-minute leases (each test VM gets a new MAC) and no ping before an offer."""
-    base = gateway.rsplit(".", 1)[0]
-    return f"""<network xmlns:dnsmasq='http://libvirt.org/schemas/network/dnsmasq/1.0'>
-  <name>{name}</name>
-  <forward mode='nat'/>
-  <bridge name='{bridge}' stp='off' delay='0'/>
-  <ip address='{gateway}' netmask='255.255.255.0'>
-    <dhcp>
-      <range start='{base}.100' end='{base}.250'>
-        <lease expiry='2' unit='minutes'/>
-      </range>
-    </dhcp>
-  </ip>
-  <dnsmasq:options>
-    <dnsmasq:option value='no-ping'/>
-  </dnsmasq:options>
-</network>
-"""
+    return libvirt_env.network_xml(name, bridge, gateway)
 
 
 @dataclass(frozen=True)

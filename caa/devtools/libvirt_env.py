@@ -60,7 +60,8 @@ class LibvirtEnv:
 
 
 @contextmanager
-def _lock(name: str) -> Iterator[None]:
+def file_lock(name: str) -> Iterator[None]:
+    """An exclusive flock on /run/lock/<name>.lock, shared by every process on the machine."""
     os.makedirs("/run/lock", exist_ok=True)
     with open(f"/run/lock/{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -95,7 +96,7 @@ def _pid_alive(pidfile: str) -> bool:
 
 def ensure_daemons(timeout: float = 30.0) -> None:
     """Start virtlogd and libvirtd (daemonised) unless qemu:///system already answers."""
-    with _lock("caa-test-libvirtd"):  # the same lock as the tests' helper: never two libvirtd starts
+    with file_lock("caa-test-libvirtd"):  # the same lock as the tests' helper: never two libvirtd starts
         if _answers():
             return
         for d in ("/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt"):
@@ -131,7 +132,7 @@ def network_xml(name: str = NETWORK, bridge: str = BRIDGE, gateway: str = GATEWA
 def ensure_network(name: str = NETWORK) -> None:
     import libvirt
 
-    with _lock(f"caa-net-{name}"):
+    with file_lock(f"caa-net-{name}"):
         conn = _open()
         try:
             try:
@@ -159,7 +160,7 @@ def ensure_pool(image_dir: Path, name: str = POOL, directory: Path = POOL_DIR, v
 
     manifest = json.loads((image_dir / "manifest.json").read_text())
     disk = image_dir / manifest["qcow2"]
-    with _lock(f"caa-pool-{name}"):
+    with file_lock(f"caa-pool-{name}"):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / ".podvm-base.source").unlink(missing_ok=True)  # where an earlier version kept it
         mark = directory.parent / f"{directory.name}{_SOURCE_MARK}"
