@@ -85,12 +85,6 @@ class LocalOptions(ProviderOptions):
         "local-boot-timeout": "LOCAL_BOOT_TIMEOUT",
     }
 
-    def postOptions(self) -> None:
-        super().postOptions()
-        try:
-            LocalConfig.from_options(self).check()
-        except InvalidConfig as e:
-            raise usage.UsageError(str(e)) from None
 
 
 @frozen
@@ -495,3 +489,6 @@ class LocalProviderFactory:
 
     def create(self, reactor: Any, options: usage.Options) -> IProvider:
         return LocalProvider(reactor, LocalConfig.from_options(options))
+
+
+LocalOptions.config_type = LocalConfig

@@ -99,10 +99,21 @@ class ProviderOptions(usage.Options):
                 continue
             self.sources[name] = "env"
 
+    #: A provider's config class with `from_options(options)` and `check()` (raising InvalidConfig); when set,
+    #: a bad combination of values fails option parsing with its one-line message.
+    config_type: ClassVar[Any] = None
+
     def postOptions(self) -> None:
         errors = [error for name, error in self._envErrors.items() if self.sources.get(name) != "flag"]
         if errors:
             raise usage.UsageError("; ".join(errors))
+        if self.config_type is not None:
+            from caa.providers.interfaces import InvalidConfig
+
+            try:
+                self.config_type.from_options(self).check()
+            except InvalidConfig as e:
+                raise usage.UsageError(str(e)) from None
 
     def redacted(self) -> dict[str, Any]:
         """The option values with secrets replaced by '**********', for logging."""

@@ -44,12 +44,6 @@ class LibvirtOptions(ProviderOptions):
         "ip-timeout": "LIBVIRT_IP_TIMEOUT",
     }
 
-    def postOptions(self) -> None:
-        super().postOptions()
-        try:
-            LibvirtConfig.from_options(self).check()
-        except InvalidConfig as e:
-            raise usage.UsageError(str(e)) from None
 
 
 @frozen
@@ -121,3 +115,6 @@ class LibvirtConfig:
             scheme, rest = self.uri.split("//", 1) if "//" in self.uri else ("", self.uri)
             fields["uri"] = f"{scheme}//**********@{rest.split('@', 1)[1]}"
         return fields
+
+
+LibvirtOptions.config_type = LibvirtConfig
