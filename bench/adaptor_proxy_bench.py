@@ -73,7 +73,7 @@ def forwarder_main(port: int, tls_dir: str) -> None:
     server.register_fallback(echo)
     ctx = tls.server_context_factory(rd("server.crt"), rd("server.key"), rd("client.crt"))
     tls_server_endpoint(reactor, port, "127.0.0.1", ctx, backlog=1024).listen(server.factory())
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 def main() -> None:

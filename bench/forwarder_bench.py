@@ -200,7 +200,7 @@ def main() -> None:
         finally:
             stop(proc)
     finally:
-        stop(agent)  # type: ignore[arg-type]
+        stop(agent)
         import shutil
 
         shutil.rmtree(d, ignore_errors=True)

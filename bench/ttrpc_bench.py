@@ -59,9 +59,9 @@ def serve(sock: str, profile: str | None) -> None:
             profiler.disable()
             profiler.dump_stats(profile)  # type: ignore[arg-type]
 
-    reactor.addSystemEventTrigger("before", "shutdown", dump)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", dump)
     print(json.dumps({"event": "listening", "socket": sock}), flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 def client(sock: str, inflight: int, size: int, seconds: float) -> None:
@@ -113,10 +113,10 @@ def client(sock: str, inflight: int, size: int, seconds: float) -> None:
         d = Deferred.fromCoroutine(main())
         d.addCallback(result.update)
         d.addErrback(lambda f: result.update(ok=False, error=f.getErrorMessage()))
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        d.addBoth(lambda _: reactor.stop())
 
-    reactor.callWhenRunning(run)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(run)
+    reactor.run()
     print(json.dumps(result), flush=True)
 
 

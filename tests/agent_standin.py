@@ -86,7 +86,9 @@ class AgentStandin:
         """Like kata-agent exiting: close the socket and every connection."""
         if self.port is not None:
             port, self.port = self.port, None
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         self.server.abort()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 
@@ -101,7 +102,7 @@ class PodNetworkConfigTests(SynchronousTestCase):
         ]
         for doc in bad:
             self.assertRaises(ConfigError, PodNetworkConfig.from_json, doc)
-        self.assertRaises(ConfigError, PodNetworkConfig.from_json, [])  # type: ignore[arg-type]
+        self.assertRaises(ConfigError, PodNetworkConfig.from_json, [])
 
     @given(
         st.ip_addresses(v=4), st.integers(0, 32), st.integers(0, 2**48 - 1), st.integers(1, 9000),
@@ -178,7 +179,7 @@ class VniAllocatorTests(SynchronousTestCase):
 
     def test_json_file_store(self) -> None:
         d = tempfile.mkdtemp()
-        self.addCleanup(lambda: [os.unlink(os.path.join(d, f)) for f in os.listdir(d)] and os.rmdir(d))
+        self.addCleanup(shutil.rmtree, d, True)
         path = os.path.join(d, "vni.json")
         store = JsonFileVniStore(path)
         self.assertEqual(store.load(), {})

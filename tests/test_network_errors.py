@@ -59,22 +59,22 @@ class NodeErrorTests(TestCase):
             return e
         self.fail(f"expected {exc.__name__}")
 
-    def test_missing_netns(self) -> Deferred[None]:
+    def test_missing_netns(self) -> Deferred[Exception]:
         return ensureDeferred(self._fails(self.node.inspect("/run/netns/does-not-exist-caa"),
                                           NetnsNotFoundError, "/run/netns/does-not-exist-caa"))
 
-    def test_two_ipv4_addresses(self) -> Deferred[None]:
+    def test_two_ipv4_addresses(self) -> Deferred[Exception]:
         pod = self._pod()
         h.add_addr(pod, "eth0", "10.88.0.99/24")
         return ensureDeferred(self._fails(self.node.inspect(pod.path), AddressError, "eth0", "2 IPv4"))
 
-    def test_no_default_route(self) -> Deferred[None]:
+    def test_no_default_route(self) -> Deferred[Exception]:
         pod = h.make_netns(self, "nr")
         h.veth(pod, "eth0", self.worker, h.unique("vq"))
         h.add_addr(pod, "eth0", "10.88.0.10/24")
         return ensureDeferred(self._fails(self.node.inspect(pod.path), NoDefaultRouteError, pod.path))
 
-    def test_host_interface_without_ipv4(self) -> Deferred[None]:
+    def test_host_interface_without_ipv4(self) -> Deferred[Exception]:
         other = h.make_netns(self, "eo")
         h.veth(self.worker, "ens9", other, "x0")
         node = self._node(host_interface="ens9")

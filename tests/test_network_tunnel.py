@@ -229,9 +229,9 @@ class TunnelTests(TestCase):
         self.assertEqual(await topo.node.present_vnis(), set(range(555000, 555020)))
         order = list(range(20))
         random.shuffle(order)
-        results = await DeferredList([ensureDeferred(topo.bring_down(pods[i][0], pods[i][1], cfgs[i]))
-                                      for i in order], consumeErrors=True)
-        self.assertEqual([r for ok, r in results if not ok], [])
+        downs = await DeferredList([Deferred.fromCoroutine(topo.bring_down(pods[i][0], pods[i][1], cfgs[i]))
+                                    for i in order], consumeErrors=True)
+        self.assertEqual([r for ok, r in downs if not ok], [])
         self.assertEqual(await run_thread(topo.snapshots), before)
 
     def test_sweep_removes_orphans(self) -> Deferred[None]:

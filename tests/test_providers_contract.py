@@ -131,7 +131,7 @@ class FakeProviderContractTests(ProviderContractMixin, TestCase):
     async def make_provider(self) -> IProvider:
         from tests.fakes.provider import FakeProvider
 
-        self.fake = FakeProvider(global_reactor, fail_image="no-such-image")  # type: ignore[arg-type]
+        self.fake = FakeProvider(global_reactor, fail_image="no-such-image")
         return self.fake
 
     def impossible_spec(self) -> tuple[InstanceSpec, ErrorKind]:

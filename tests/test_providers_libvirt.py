@@ -267,6 +267,9 @@ class _ScriptedOwner:
             return fail(answer)
         return succeed(answer)
 
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
 
 class IPWaitTests(SynchronousTestCase):
     """The IP wait on a Clock: back-off 0.1 s doubling to 1 s, one deadline, no sleeps."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import Clock, EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,6 +16,7 @@ from caa.proto import ttrpc_pb2
 from caa.proto.google.rpc import status_pb2
 from caa.ttrpc import CallContext, Code, Relay, Server, TTRPCClient, TTRPCError
 from caa.ttrpc.framing import HEADER, MAX_MESSAGE_LENGTH, Frame, FrameDecoder, OversizedFrame, encode_frame
+from caa.ttrpc.server import ServerProtocol
 
 KV = ttrpc_pb2.KeyValue
 
@@ -22,6 +27,12 @@ def request_frame(sid: int, service: str, method: str, payload: bytes = b"", tim
     for k, v in metadata or []:
         req.metadata.add(key=k, value=v)
     return encode_frame(sid, 1, 0, req.SerializeToString())
+
+
+def server_protocol(server: Server) -> ServerProtocol:
+    proto = server.factory().buildProtocol(None)
+    assert isinstance(proto, ServerProtocol)
+    return proto
 
 
 def responses(data: bytes) -> dict[int, ttrpc_pb2.Response]:
@@ -93,7 +104,7 @@ class EchoServerMixin:
 class ServerTests(EchoServerMixin, SynchronousTestCase):
     def setUp(self) -> None:
         self.server = self.make_server()
-        self.proto = self.server.factory().buildProtocol(None)
+        self.proto = server_protocol(self.server)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 
@@ -185,13 +196,15 @@ class ServerTests(EchoServerMixin, SynchronousTestCase):
     def test_connection_lost_cancels(self) -> None:
         self.send(request_frame(1, "test.Echo", "Echo", KV(key="wait", value="A").SerializeToString(),
                                 timeout_nano=10**9))
-        self.proto.connectionLost()
+        self.proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.cancelled, ["A"])
         self.assertEqual(self.server.in_flight, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_garbage_closes_connection_with_log(self) -> None:
-        logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        logs = EventLoggingObserver()
+        globalLogPublisher.addObserver(logs)
+        self.addCleanup(globalLogPublisher.removeObserver, logs)
         self.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(len([e for e in logs if "malformed" in e.get("log_format", "")]), 1)
@@ -259,7 +272,9 @@ class ClientServerTests(EchoServerMixin, SynchronousTestCase):
         d = self.call("wait", "x")
         self.pump.flush()
         closed = self.client.when_closed()
-        self.sproto.transport.loseConnection()
+        sproto = cast(ServerProtocol, self.sproto)
+        assert sproto.transport is not None
+        sproto.transport.loseConnection()
         self.pump.flush()
         self.assertEqual(self.failureResultOf(d, TTRPCError).value.code, Code.UNAVAILABLE)
         self.successResultOf(closed)
@@ -279,7 +294,7 @@ class ClientServerTests(EchoServerMixin, SynchronousTestCase):
                       interceptors={("test.Echo", "Echo"): intercept},
                       observer=lambda ctx, i, o, code: observed.append((ctx.method, code)))
         front.register_fallback(relay.handle)
-        proto = front.factory().buildProtocol(None)
+        proto = server_protocol(front)
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(request_frame(1, "test.Echo", "Echo", KV(key="k", value="abc").SerializeToString(),

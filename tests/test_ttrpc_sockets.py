@@ -7,7 +7,9 @@ import socket
 import stat
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -21,6 +23,12 @@ from caa.ttrpc.endpoints import (
 )
 
 KV = ttrpc_pb2.KeyValue
+
+
+def tcp_port(port: IListeningPort) -> int:
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
 
 
 def echo_server() -> Server:
@@ -110,7 +118,7 @@ class TCPTests(TestCase):
         port = await tcp_server_endpoint(reactor, 0, interface="127.0.0.1").listen(server.factory())
         self.addCleanup(port.stopListening)
         self.addCleanup(server.abort)
-        client = await connect(tcp_client_endpoint(reactor, "127.0.0.1", port.getHost().port), reactor)
+        client = await connect(tcp_client_endpoint(reactor, "127.0.0.1", tcp_port(port)), reactor)
         self.addCleanup(client.close)
         big = "x" * (1 << 20)
         reply = await client.call("test.Echo", "Echo", KV(key=big, value="k"), KV)
@@ -136,7 +144,7 @@ class MutualTLSTests(TestCase):
         port = await tls_server_endpoint(reactor, 0, "127.0.0.1", factory).listen(server.factory())
         self.addCleanup(port.stopListening)
         self.addCleanup(server.abort)
-        portno = port.getHost().port
+        portno = tcp_port(port)
 
         creator = tls.client_creator(ca.cert_pem, client_pair.cert_pem, client_pair.key_pem, "podvm-test-12345678")
         client = await connect(tls_client_endpoint(reactor, "127.0.0.1", portno, creator), reactor)

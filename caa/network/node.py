@@ -92,7 +92,7 @@ class NodeNetwork:
         self._index_lock = threading.Lock()
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     # ---------------------------------------------------------------- inspect
 

@@ -54,7 +54,7 @@ class PodNetwork:
         self.host_interface = host_interface
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def setup(self, config: PodNetworkConfig, pod_netns: str) -> Deferred[None]:
         return self._run(self._setup_sync, config, pod_netns)

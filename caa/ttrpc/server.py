@@ -126,8 +126,14 @@ class ServerProtocol(Protocol):
             else:
                 self._protocol_error(f"unexpected frame type {frame.type} on stream {frame.stream_id}")
                 return
-            if self._closed:
+            if self.closed:  # the request just handled may have closed the connection
                 return
+
+    @property
+    def closed(self) -> bool:
+        """True once this connection is closing; read through a property so checks inside the frame loop
+        are not narrowed away by the type checker."""
+        return self._closed
 
     def _protocol_error(self, why: str) -> None:
         self._log.warn(

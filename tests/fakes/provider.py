@@ -139,11 +139,11 @@ class FakeProvider:
             n += 1
         ip = f"127.77.{n // 250}.{n % 250 + 1}"
         # Record the intent first so a killed adaptor still finds (and deletes) the VM by name.
-        rec = {"id": f"fake-{name}", "name": name, "ip": ip, "pid": 0}
+        rec: dict[str, Any] = {"id": f"fake-{name}", "name": name, "ip": ip, "pid": 0}
         self._write(name, rec)
         ud_path = os.path.join(self.state_dir, name + ".user-data")
-        with open(ud_path, "wb") as f:
-            f.write(user_data)
+        with open(ud_path, "wb") as out:
+            out.write(user_data)
         log = open(os.path.join(self.state_dir, name + ".log"), "wb")
         proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.vm", ip, str(self.forwarder_port),
                                  str(self.vm_boot_delay), ud_path],

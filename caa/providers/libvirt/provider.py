@@ -22,7 +22,7 @@ import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import libvirt
 from attrs import define, field
@@ -122,6 +122,14 @@ class _Made:
     domain_defined: bool = False
 
 
+class ConnectionRunner(Protocol):
+    """Runs f(conn, *args) where the libvirt connection lives; tests may pass a synchronous one."""
+
+    def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
 class _ConnectionOwner:
     """The thread that owns one libvirt connection; `run(f, ...)` calls `f(conn, ...)` there."""
 
@@ -216,13 +224,13 @@ def _not_found(error: libvirt.libvirtError, *codes: int) -> bool:
 class LibvirtProvider:
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: LibvirtConfig, owner: Any = None) -> None:
+    def __init__(self, reactor: Any, config: LibvirtConfig, owner: ConnectionRunner | None = None) -> None:
         self._reactor = reactor
         self.config = config
         # `owner` runs f(conn, *args) on the connection's thread; tests may pass a synchronous one.
         if owner is None:
             owner = _ConnectionOwner(reactor, config.uri, str(config.redacted()["uri"]))
-        self._owner = owner
+        self._owner: ConnectionRunner = owner
         self._host: HostCapabilities | None = None
         self._sev: SevParameters | None = None
 
