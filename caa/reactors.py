@@ -11,24 +11,25 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
-    IReactorFromThreads,
     IReactorSocket,
     IReactorSSL,
     IReactorTCP,
+    IReactorThreads,
     IReactorTime,
     IReactorUNIX,
 )
 
 
 class INodeReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorUNIX, IReactorSSL, IReactorSocket,
-                   IReactorFromThreads):
+                   IReactorThreads):
     """What the adaptor, the forwarder and the providers use of a reactor: time, TCP/unix/TLS
-    listeners and dialers, adopted sockets, system event triggers and calls from worker threads."""
+    listeners and dialers, adopted sockets, system event triggers, its thread pool and calls from
+    worker threads."""
 
 
 def as_node_reactor(reactor: object) -> INodeReactor:
     """The global reactor as an INodeReactor: Twisted's reactors provide each part but do not declare the sum."""
-    for part in (IReactorCore, IReactorTime, IReactorTCP, IReactorUNIX, IReactorSSL, IReactorFromThreads):
+    for part in (IReactorCore, IReactorTime, IReactorTCP, IReactorUNIX, IReactorSSL, IReactorThreads):
         if not part.providedBy(reactor):
             raise TypeError(f"{reactor!r} does not provide {part.__name__}")
     return cast(INodeReactor, reactor)

@@ -18,7 +18,7 @@ from typing import Any
 import libvirt
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -45,6 +45,8 @@ from caa.providers.libvirt.domainxml import (
     volume_capacity_bytes,
 )
 from caa.providers.libvirt.provider import LibvirtProvider, map_libvirt_error
+from caa.reactors import as_node_reactor
+from tests.reactors import NodeMemoryReactor
 from tests.test_providers_contract import ProviderContractMixin, unique_pod
 
 CAPS = """<capabilities><host><cpu><arch>{arch}</arch></cpu></host>
@@ -275,7 +277,7 @@ class IPWaitTests(SynchronousTestCase):
     """The IP wait on a Clock: back-off 0.1 s doubling to 1 s, one deadline, no sleeps."""
 
     def test_polls_with_backoff_until_an_address(self) -> None:
-        clock = Clock()
+        clock = NodeMemoryReactor()
         owner = _ScriptedOwner([(), (), (), (), (), ("192.168.122.9",)])
         provider = LibvirtProvider(clock, LibvirtConfig(), owner=owner)
         d = Deferred.fromCoroutine(provider._wait_for_ips("u", clock.seconds() + 10))
@@ -289,7 +291,7 @@ class IPWaitTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_deadline(self) -> None:
-        clock = Clock()
+        clock = NodeMemoryReactor()
         owner = _ScriptedOwner([()] * 100)
         provider = LibvirtProvider(clock, LibvirtConfig(), owner=owner)
         d = Deferred.fromCoroutine(provider._wait_for_ips("u", 3.0))
@@ -300,7 +302,7 @@ class IPWaitTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_dead_domain_stops_at_once(self) -> None:
-        clock = Clock()
+        clock = NodeMemoryReactor()
         owner = _ScriptedOwner([(), InvalidConfig("Domain (uuid=u) stopped before it got an IP")])
         provider = LibvirtProvider(clock, LibvirtConfig(), owner=owner)
         d = Deferred.fromCoroutine(provider._wait_for_ips("u", 100.0))
@@ -346,7 +348,7 @@ class _TestDriver:
         return LibvirtConfig(**values)
 
     def provider(self, cls: type[LibvirtProvider] = _StreamlessLibvirtProvider, **kw: Any) -> LibvirtProvider:
-        provider = cls(global_reactor, self.config(**kw))
+        provider = cls(as_node_reactor(global_reactor), self.config(**kw))
         self.case.addCleanup(provider.teardown)
         return provider
 
@@ -595,7 +597,7 @@ class RealLibvirtContractTests(ProviderContractMixin, TestCase):
             uri="qemu:///system", pool_name=self.pool_name, network_name=self.network, vol_name="base.qcow2",
             firmware="", domain_type="qemu", cpu=1, memory=256, root_disk_size=1, ip_timeout=120.0,
         )
-        provider = LibvirtProvider(global_reactor, config)
+        provider = LibvirtProvider(as_node_reactor(global_reactor), config)
         self.addCleanup(provider.teardown)
         await provider.verify_config()
         return provider

@@ -25,6 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from caa.proto import agent_pb2, health_pb2
 from caa.providers.interfaces import ErrorKind, Instance, InstanceSpec, InvalidConfig
 from caa.providers.local import LocalConfig, LocalOptions, LocalProvider, LocalProviderFactory
+from caa.reactors import as_node_reactor
 from caa.ttrpc import connect
 from tests.test_providers_contract import ProviderContractMixin, unique_pod
 
@@ -80,9 +81,10 @@ class OptionsTests(SynchronousTestCase):
             self.assertRaises(usage.UsageError, LocalOptions(environ={}).parseOptions, argv)
 
     def test_agent_command(self) -> None:
-        provider = LocalProvider(global_reactor, LocalConfig(agent_command="my-agent --v"))
+        provider = LocalProvider(as_node_reactor(global_reactor), LocalConfig(agent_command="my-agent --v"))
         self.assertEqual(provider._agent_command("/s", "p"), ["my-agent", "--v", "--socket", "/s", "--pod-netns", "p"])
-        provider = LocalProvider(global_reactor, LocalConfig(agent_command="a -s {socket} -n {pod_netns}"))
+        provider = LocalProvider(as_node_reactor(global_reactor),
+                                 LocalConfig(agent_command="a -s {socket} -n {pod_netns}"))
         self.assertEqual(provider._agent_command("/s", "p"), ["a", "-s", "/s", "-n", "p"])
         factory = LocalProviderFactory()
         self.assertIsInstance(factory.create(global_reactor, factory.options()), LocalProvider)
@@ -108,7 +110,7 @@ class _LocalHost:
         )
 
     def local_provider(self, **kw: Any) -> LocalProvider:
-        provider = LocalProvider(global_reactor, attrs.evolve(self.config, **kw))
+        provider = LocalProvider(as_node_reactor(global_reactor), attrs.evolve(self.config, **kw))
         self.case.addCleanup(provider.teardown)
         return provider
 

@@ -17,6 +17,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from caa.reactors import INodeReactor
+
 _log = Logger(namespace="caa.adaptor.pullsecrets")
 
 Lookup = Callable[[str, str], Mapping[str, Any] | None]
@@ -78,7 +80,7 @@ def registry_auths(namespace: str, pod_name: str, get_pod: Lookup, get_service_a
 class KubernetesPullSecrets:
     """auth_lookup for CloudService: the official kubernetes client (in-cluster) in a thread pool."""
 
-    def __init__(self, reactor: Any, threadpool: ThreadPool, timeout: float = 10.0) -> None:
+    def __init__(self, reactor: INodeReactor, threadpool: ThreadPool, timeout: float = 10.0) -> None:
         from kubernetes import client, config
 
         config.load_incluster_config()

@@ -20,10 +20,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
+
+import attrs
 
 URI = "qemu:///system"
 NETWORK = "caa-demo"
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 BUILD_SCRIPT = REPO / "podvm" / "build.sh"
 
 
-@dataclass(frozen=True)
+@attrs.frozen
 class LibvirtEnv:
     """What the adaptor needs to use the prepared environment."""
 

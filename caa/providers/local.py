@@ -63,6 +63,7 @@ from caa.providers.interfaces import (
 )
 from caa.providers.naming import instance_name
 from caa.providers.options import ProviderOptions, parse_duration, parse_uint
+from caa.reactors import INodeReactor
 
 
 class LocalOptions(ProviderOptions):
@@ -167,7 +168,7 @@ def _bin(name: str) -> str:
 class LocalProvider:
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: LocalConfig, threadpool: Any = None) -> None:
+    def __init__(self, reactor: INodeReactor, config: LocalConfig, threadpool: Any = None) -> None:
         self._reactor = reactor
         self.config = config
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()

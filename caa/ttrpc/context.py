@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import attrs
 from twisted.internet.interfaces import IReactorTime
 
 
-@dataclass
+@attrs.define
 class CallContext:
     clock: IReactorTime
     service: str
     method: str
     stream_id: int
-    metadata: list[tuple[str, str]] = field(default_factory=list)
+    metadata: list[tuple[str, str]] = attrs.field(factory=list)
     deadline: float | None = None
     peer: object = None
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+import attrs
 
 HEADER = struct.Struct(">IIBB")
 HEADER_LENGTH = HEADER.size  # 10
@@ -23,7 +24,7 @@ FLAG_REMOTE_OPEN = 0x02
 FLAG_NO_DATA = 0x04
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Frame:
     stream_id: int
     type: int
@@ -31,7 +32,7 @@ class Frame:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class OversizedFrame:
     """A frame whose declared length exceeds the limit; its payload was discarded."""
 

@@ -61,6 +61,7 @@ from caa.providers.libvirt.domainxml import (
     volume_format,
 )
 from caa.providers.naming import instance_name
+from caa.reactors import INodeReactor
 
 T = TypeVar("T")
 
@@ -135,7 +136,7 @@ class _ConnectionOwner:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, uri: str, redacted_uri: str) -> None:
+    def __init__(self, reactor: INodeReactor, uri: str, redacted_uri: str) -> None:
         self._reactor = reactor
         self._uri = uri
         self._redacted_uri = redacted_uri
@@ -224,7 +225,7 @@ def _not_found(error: libvirt.libvirtError, *codes: int) -> bool:
 class LibvirtProvider:
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: LibvirtConfig, owner: ConnectionRunner | None = None) -> None:
+    def __init__(self, reactor: INodeReactor, config: LibvirtConfig, owner: ConnectionRunner | None = None) -> None:
         self._reactor = reactor
         self.config = config
         # `owner` runs f(conn, *args) on the connection's thread; tests may pass a synchronous one.
