@@ -1,18 +1,31 @@
 """`caactl`: operator CLI, a ttrpc client of the adaptor's hypervisor socket and of agent sockets.
 
 Exit codes: 0 ok, 1 the call failed (status code and message printed on stderr), 2 usage.
+It runs on `twisted.internet.task.react`, which starts the reactor, stops it once the command is done and
+exits with the command's code.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import NoReturn, TextIO
+
+from twisted.internet.interfaces import IReactorCore
+from twisted.internet.task import react
+
+from caa.proto import admin_pb2
+from caa.reactors import INodeReactor, as_node_reactor
 
 DEFAULT_SOCKET = "/run/peerpod/hypervisor.sock"
-DEFAULT_PODS_DIR = "/run/peerpod/pods"
+
+_LIST_HELP = """\
+Lists the adaptor's sandboxes: sandbox id, pod, instance, VM IP, state (with the last error) and age. By
+default it asks the running adaptor on --socket (the read-only call caa.adaptor.v1.Admin/ListSandboxes).
+With --pods-dir it reads a journal directory directly instead, for an adaptor that is not running: give
+the --pods-dir (env PODS_DIR) that adaptor was started with."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--pod", required=True)
     i.add_argument("--namespace", required=True)
     i.add_argument("--wait", action="store_true")
-    ls = sub.add_parser("list", help="sandboxes in the journal")
-    ls.add_argument("--pods-dir", default=None, help=f"default {DEFAULT_PODS_DIR}, env PODS_DIR")
+    ls = sub.add_parser("list", help="the adaptor's sandboxes (asks the adaptor)", description=_LIST_HELP)
+    ls.add_argument("--pods-dir", default=None, metavar="DIR",
+                    help="read this journal directory instead of asking the adaptor (adaptor not running)")
     a = sub.add_parser("agent", help="talk to an agent socket (<pods-dir>/<sid>/agent.ttrpc)")
     a.add_argument("--socket", dest="agent_socket", required=True)
     asub = a.add_subparsers(dest="agent_cmd", required=True)
@@ -50,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; a usage error prints usage and exits 2 (argparse)."""
+    return _parser().parse_args(argv)
+
+
 def _age(seconds: float) -> str:
     seconds = max(0, int(seconds))
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -58,30 +77,38 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def cmd_list(pods_dir: str, out: Any) -> int:
-    from caa.adaptor.store import SandboxStore
-
-    records = SandboxStore.__new__(SandboxStore)
-    records.pods_dir = pods_dir
+def write_table(sandboxes: Iterable[admin_pb2.Sandbox], now: float, out: TextIO) -> None:
+    """The `caactl list` table: one row per sandbox, AGE measured from `now` (wall-clock seconds)."""
     rows = [("SANDBOX", "POD", "INSTANCE", "VM IP", "STATE", "AGE")]
-    now = time.time()
-    for r in records.load_all():
-        rows.append((r.sandbox_id[:12], f"{r.pod_namespace}/{r.pod_name}", r.instance_id or "-",
-                     r.ips[0] if r.ips else "-", r.state.value + (f" ({r.error})" if r.error else ""),
-                     _age(now - r.created)))
+    for s in sandboxes:
+        created = s.created.seconds + s.created.nanos / 1e9
+        rows.append((s.id[:12], f"{s.pod_namespace}/{s.pod_name}", s.instance_id or "-",
+                     s.vm_ips[0] if s.vm_ips else "-", s.state + (f" ({s.error})" if s.error else ""),
+                     _age(now - created)))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5] + "\n")
-    return 0
 
 
-async def _run(reactor: Any, args: argparse.Namespace, out: Any) -> None:
-    import os
+def journal_sandboxes(pods_dir: str) -> list[admin_pb2.Sandbox]:
+    """The sandboxes journaled under `pods_dir` (none if it does not exist), as the adaptor would list them."""
+    from caa.adaptor.admin import list_sandboxes_response
+    from caa.adaptor.store import SandboxStore
 
+    if not os.path.isdir(pods_dir):
+        return []
+    return list(list_sandboxes_response(SandboxStore(pods_dir).load_all()).sandboxes)
+
+
+async def _call(reactor: INodeReactor, args: argparse.Namespace, out: TextIO) -> None:
+    from caa.adaptor.admin import ADMIN_SERVICE
     from caa.proto import health_pb2, hypervisor_pb2, podvminfo_pb2
     from caa.ttrpc import connect
     from caa.ttrpc.endpoints import unix_client_endpoint
 
+    if args.cmd == "list" and args.pods_dir:
+        write_table(journal_sandboxes(args.pods_dir), reactor.seconds(), out)
+        return
     if args.cmd == "agent":
         path = args.agent_socket
     else:
@@ -115,6 +142,10 @@ async def _run(reactor: Any, args: argparse.Namespace, out: Any) -> None:
                                                                 Wait=args.wait),
                                    podvminfo_pb2.GetInfoResponse, timeout=t)
             out.write(f"{r2.VMID}\n")
+        elif args.cmd == "list":
+            listed = await client.call(ADMIN_SERVICE, "ListSandboxes", admin_pb2.ListSandboxesRequest(),
+                                       admin_pb2.ListSandboxesResponse, timeout=t)
+            write_table(listed.sandboxes, reactor.seconds(), out)
         elif args.agent_cmd == "check":
             h = await client.call("grpc.Health", "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
                                   timeout=t)
@@ -130,38 +161,35 @@ async def _run(reactor: Any, args: argparse.Namespace, out: Any) -> None:
         client.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)  # usage errors exit 2
-    import os
+async def run(reactor: INodeReactor, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run one parsed command; its exit code (0 ok, 1 the call failed, said on `err`)."""
+    from caa.ttrpc import Code, TTRPCError
 
-    if args.cmd == "list":
-        return cmd_list(args.pods_dir or os.environ.get("PODS_DIR") or DEFAULT_PODS_DIR, sys.stdout)
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
+    try:
+        await _call(reactor, args, out)
+    except TTRPCError as e:
+        hint = ""
+        if args.cmd == "list" and e.code == Code.UNIMPLEMENTED:
+            hint = " (this adaptor has no caa.adaptor.v1.Admin service: use list --pods-dir)"
+        err.write(f"caactl: {e.code_name}: {e.message}{hint}\n")
+        return 1
+    except Exception as e:
+        err.write(f"caactl: {type(e).__name__}: {e}\n")
+        return 1
+    return 0
 
-    from caa.ttrpc import TTRPCError
 
-    result: dict[str, int] = {"rc": 0}
+async def _react_main(reactor: IReactorCore, args: argparse.Namespace) -> None:
+    code = await run(as_node_reactor(reactor), args, sys.stdout, sys.stderr)
+    if code:
+        raise SystemExit(code)  # react exits with it
 
-    def done(_: object) -> None:
-        reactor.stop()
 
-    def failed(f: Any) -> None:
-        e = f.value
-        if isinstance(e, TTRPCError):
-            sys.stderr.write(f"caactl: {e.code_name}: {e.message}\n")
-        else:
-            sys.stderr.write(f"caactl: {type(e).__name__}: {e}\n")
-        result["rc"] = 1
-        reactor.stop()
-
-    def go() -> None:
-        Deferred.fromCoroutine(_run(reactor, args, sys.stdout)).addCallbacks(done, failed)
-
-    reactor.callWhenRunning(go)
-    reactor.run()  # type: ignore[attr-defined]
-    return result["rc"]
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The `caactl` console script: parse (usage errors exit 2), then run the command under `react`."""
+    args = parse_args(argv)
+    react(_react_main, (args,))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -29,8 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet import ssl as tssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.logger import Logger
+from zope.interface import implementer
 
 __all__ = [
     "CLIENT_ORGANIZATION",
@@ -44,6 +49,9 @@ __all__ = [
     "parse_min_version",
     "openssl_cipher_string",
     "server_context_factory",
+    "ServerTLSOptions",
+    "X509_VERIFY_ERRORS",
+    "x509_verify_error",
     "client_creator",
     "certificate_expiry",
 ]
@@ -412,24 +420,72 @@ _ALERTS = {
     116: "certificate_required",
 }
 
+#: X509_V_ERR_* numbers a refused client certificate can carry, with OpenSSL 3.0's text
+#: (crypto/x509/x509_txt.c; later releases append hints to a few). pyOpenSSL has no public call for
+#: X509_verify_cert_error_string, so the table is ours; tests check it against the messages of
+#: `OpenSSL.crypto.X509StoreContextError`.
+X509_VERIFY_ERRORS: dict[int, str] = {
+    2: "unable to get issuer certificate",
+    4: "unable to decrypt certificate's signature",
+    6: "unable to decode issuer public key",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    13: "format error in certificate's notBefore field",
+    14: "format error in certificate's notAfter field",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    22: "certificate chain too long",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    25: "path length constraint exceeded",
+    26: "unsupported certificate purpose",
+    27: "certificate not trusted",
+    28: "certificate rejected",
+    32: "key usage does not include certificate signing",
+    62: "hostname mismatch",
+}
 
-class _ServerOptions(tssl.CertificateOptions):
-    """CertificateOptions that log why a client was refused (verification errors and sent alerts)."""
+
+def x509_verify_error(errno: int) -> str:
+    """OpenSSL's text for an X509_V_ERR_* number (the number itself for one we do not name)."""
+    return X509_VERIFY_ERRORS.get(errno, f"certificate verify error {errno}")
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ServerTLSOptions:
+    """The forwarder's TLS server side: `CertificateOptions` (built from public arguments: key, certificate,
+    trust, versions, ciphers) plus two callbacks on its context that log why a client was refused
+    (certificate verification errors and the fatal alerts we send).
+
+    Provides `IOpenSSLServerConnectionCreator` (what `TLSMemoryBIOFactory` and `SSL4ServerEndpoint` use) and
+    `IOpenSSLContextFactory` (`getContext`).
+    """
 
     _log = Logger()
 
-    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        conn = super().serverConnectionForTLS(protocol)
-        conn.set_app_data(protocol)
-        return conn
+    def __init__(self, options: tssl.CertificateOptions, verify: bool, require_certificate: bool) -> None:
+        self.options = options
+        # Named like CertificateOptions' attributes, which callers read to tell mTLS from server-only TLS.
+        self.verify = verify
+        self.requireCertificate = require_certificate
+        self._context = options.getContext()
+        if verify:
+            # Replaces CertificateOptions' own callback (which only passes OpenSSL's verdict on) with one that
+            # also says why; the verdict is still OpenSSL's.
+            flags = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if require_certificate else 0)
+            self._context.set_verify(flags, self._verify_callback)
+        self._context.set_info_callback(self._info_callback)
 
-    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
-        ctx = super()._makeContext(skipCiphers=skipCiphers)
-        if self.verify:
-            flags = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if self.requireCertificate else 0)
-            ctx.set_verify(flags, self._verify_callback)
-        ctx.set_info_callback(self._info_callback)
-        return ctx
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)  # the callbacks name the peer through it
+        return connection
 
     @staticmethod
     def _peer(conn: SSL.Connection) -> str:
@@ -437,21 +493,18 @@ class _ServerOptions(tssl.CertificateOptions):
         try:
             p = proto.transport.getPeer()
             return f"{p.host}:{p.port}"
-        except Exception:
+        except AttributeError:
             return "?"
 
     def _verify_callback(self, conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
         if not ok:
-            from OpenSSL._util import ffi, lib  # OpenSSL's own error string for the X509 error number
-
-            reason = ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
             subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "?"
             self._log.warn(
                 "TLS: refused client certificate from {peer} ({subject}, depth {depth}): {reason}",
                 peer=self._peer(conn),
                 subject=subject,
                 depth=depth,
-                reason=reason,
+                reason=x509_verify_error(errno),
                 errno=errno,
             )
         return bool(ok)
@@ -474,7 +527,7 @@ def server_context_factory(
     client_ca_pem: bytes | None = None,
     min_version: str | Any | None = None,
     cipher_suites: Sequence[str] | None = None,
-) -> tssl.CertificateOptions:
+) -> ServerTLSOptions:
     """The forwarder's TLS server options (usable with `SSL4ServerEndpoint` and `wrapServerTLS`).
 
     With `client_ca_pem` (a PEM bundle, e.g. the adaptor's self-signed client certificate), clients must
@@ -493,13 +546,14 @@ def server_context_factory(
             caCerts=[c.original for c in _load_certs(client_ca_pem)],
             requireCertificate=True,
         )
-    return _ServerOptions(
+    options = tssl.CertificateOptions(
         privateKey=pc.privateKey.original,
         certificate=pc.original,
         raiseMinimumTo=version,
         enableSessions=False,
         **kwargs,
     )
+    return ServerTLSOptions(options, verify=bool(client_ca_pem), require_certificate=bool(client_ca_pem))
 
 
 def client_creator(

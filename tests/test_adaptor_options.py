@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
+import sys
+
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -60,3 +64,73 @@ class OptionTests(SynchronousTestCase):
         for argv, env, text in cases:
             e = self.assertRaises(usage.UsageError, parse, argv, env)
             self.assertIn(text, str(e), (argv, env))
+
+    def test_provider_flags_anywhere_with_values_and_abbreviations(self) -> None:
+        # Provider flags before, between and after the common ones; `--x=v` and `--x v`; getopt's unique prefixes.
+        o = parse(["--fake-fail-image=bad", "--pods-dir", "/p", "--fake-create-delay", "1m", "--disable-tls",
+                   "--fake-vm-boot", "3s", "--provider", FAKE])
+        assert o.provider_options is not None
+        self.assertEqual((o.provider_options["fake-fail-image"], o.provider_options["fake-create-delay"],
+                          o.provider_options["fake-vm-boot-delay"], o["pods-dir"], o["disable-tls"]),
+                         ("bad", 60.0, 3.0, "/p", True))
+        self.assertEqual(o.provider_options.sources["fake-vm-boot-delay"], "flag")
+        self.assertEqual(o.provider_options.sources["fake-delete-delay"], "default")
+
+    def test_provider_env_precedence(self) -> None:
+        self.patch(os, "environ", {**os.environ, "FAKE_CREATE_DELAY": "5s", "FAKE_DELETE_DELAY": "7s"})
+        o = parse(["--fake-create-delay", "9s"])
+        assert o.provider_options is not None
+        self.assertEqual((o.provider_options["fake-create-delay"], o.provider_options["fake-delete-delay"]),
+                         (9.0, 7.0))
+        self.assertEqual((o.provider_options.sources["fake-create-delay"],
+                          o.provider_options.sources["fake-delete-delay"]), ("flag", "env"))
+
+    def test_flags_read_their_env_var_as_a_boolean(self) -> None:
+        self.assertIs(parse([], {"TLS_SKIP_VERIFY": "1"})["tls-skip-verify"], True)
+        self.assertIs(parse([], {"TLS_SKIP_VERIFY": "false"})["tls-skip-verify"], False)
+        self.assertIs(parse(["--tls-skip-verify"], {"TLS_SKIP_VERIFY": "0"})["tls-skip-verify"], True)
+        self.assertIs(parse([])["disable-tls"], False)
+        e = self.assertRaises(usage.UsageError, parse, [], {"TLS_SKIP_VERIFY": "yes"})
+        self.assertEqual(str(e), "environment variable TLS_SKIP_VERIFY='yes': 'yes' is not a boolean (true/false/1/0)")
+
+    def test_bad_provider_values_name_the_provider_and_the_flag(self) -> None:
+        e = self.assertRaises(usage.UsageError, parse, ["--fake-create-delay", "soon"])
+        self.assertEqual(str(e), "provider fake: --fake-create-delay: 'soon' is not a duration such as 300s, 5m or "
+                                 "1h30m")
+        self.assertNotIn("\n", str(e))
+        e = self.assertRaises(usage.UsageError, parse, ["--fake-create-delay"])
+        self.assertIn("requires argument", str(e))
+        e = self.assertRaises(usage.UsageError, parse, ["stray"])
+        self.assertIn("provider fake: Wrong number of arguments", str(e))
+        # Provider flags without a provider: the missing provider is the one clear error.
+        e = self.assertRaises(usage.UsageError, parse, ["--fake-create-delay", "1s"], {"CLOUD_PROVIDER": ""})
+        self.assertIn("no cloud provider", str(e))
+        e = self.assertRaises(usage.UsageError, parse, ["--uri", "x"], {"CLOUD_PROVIDER": "nope"})
+        self.assertIn("Unsupported cloud provider", str(e))
+
+    def test_provider_config_checked_at_parse_time(self) -> None:
+        e = self.assertRaises(usage.UsageError, parse, ["--provider", "libvirt", "--domain-type", "xen"],
+                              {"CLOUD_PROVIDER": ""})
+        self.assertIn("provider libvirt:", str(e))
+        self.assertIn("xen", str(e))
+
+    def test_help_lists_the_provider_options_with_env_vars(self) -> None:
+        o = AdaptorOptions({"CLOUD_PROVIDER": ""})
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        e = self.assertRaises(SystemExit, o.parseOptions, ["--provider", "libvirt", "--help"])
+        self.assertEqual(e.code, 0)
+        text = out.getvalue()
+        common, _, provider = text.partition("Options of provider libvirt:")
+        self.assertIn("--pods-dir=", common)
+        self.assertIn("(env PODS_DIR)", common)
+        self.assertIn("--uri=", provider)
+        self.assertIn("(env LIBVIRT_URI)", provider)
+        self.assertIn("--ip-timeout=", provider)
+        self.assertNotIn("--help", provider)
+        # Without a provider, --help still works and shows the common options only.
+        out.truncate(0)
+        e = self.assertRaises(SystemExit, AdaptorOptions({}).parseOptions, ["--help"])
+        self.assertEqual(e.code, 0)
+        self.assertIn("--provider=", out.getvalue())
+        self.assertNotIn("Options of provider", out.getvalue())

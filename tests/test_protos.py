@@ -11,6 +11,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.proto import (
+    admin_pb2,
     agent_pb2,
     csi_pb2,
     health_pb2,
@@ -107,7 +108,7 @@ class GeneratedUpToDateTests(SynchronousTestCase):
     def test_every_proto_has_a_module(self) -> None:
         names = {p.stem for p in (ROOT / "protos").rglob("*.proto")}
         self.assertEqual(
-            names, {"ttrpc", "status", "hypervisor", "podvminfo", "agent", "health", "oci", "types", "csi"}
+            names, {"ttrpc", "status", "hypervisor", "podvminfo", "agent", "health", "oci", "types", "csi", "admin"}
         )
 
     def test_imports_are_rewritten_into_caa_proto(self) -> None:
@@ -173,6 +174,24 @@ class WireNumberTests(SynchronousTestCase):
             _fields(podvminfo_pb2.GetInfoRequest), {"PodName": (1, S), "PodNamespace": (2, S), "Wait": (3, B)}
         )
         self.assertEqual(_fields(podvminfo_pb2.GetInfoResponse), {"VMID": (1, S)})
+
+    def test_admin(self) -> None:
+        """caa's own operator service (docs/ttrpc-api.md): caactl and the adaptor must agree on these numbers."""
+        self.assertEqual(admin_pb2.DESCRIPTOR.package, "caa.adaptor.v1")
+        service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+        self.assertEqual(service.full_name, "caa.adaptor.v1.Admin")
+        method = service.methods_by_name["ListSandboxes"]
+        self.assertEqual((method.input_type.name, method.output_type.name),
+                         ("ListSandboxesRequest", "ListSandboxesResponse"))
+        self.assertEqual(_fields(admin_pb2.ListSandboxesRequest), {})
+        self.assertEqual(_fields(admin_pb2.ListSandboxesResponse), {"sandboxes": (1, M)})
+        self.assertEqual(
+            _fields(admin_pb2.Sandbox),
+            {"id": (1, S), "pod_name": (2, S), "pod_namespace": (3, S), "instance_id": (4, S), "vm_ips": (5, S),
+             "state": (6, S), "created": (7, M), "error": (8, S)},
+        )
+        self.assertEqual(admin_pb2.Sandbox.DESCRIPTOR.fields_by_name["created"].message_type.full_name,
+                         "google.protobuf.Timestamp")
 
     def test_health(self) -> None:
         self.assertEqual(health_pb2.DESCRIPTOR.package, "grpc")

@@ -116,6 +116,64 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(table["--cpu"]["env"], "T_CPU")
         self.assertTrue(table["--secret"]["secret"])
 
+    def test_bad_flag_names_the_flag_in_one_line(self) -> None:
+        error = self.assertRaises(usage.UsageError, _Options(environ={}).parseOptions, ["--cpu", "x"])
+        self.assertEqual(str(error), "--cpu: invalid literal for int() with base 10: 'x'")
+        error = self.assertRaises(usage.UsageError, _Options(environ={}).parseOptions, ["--nope"])
+        self.assertEqual(str(error), "option --nope not recognized")
+
+    def test_sources_follow_getopt_prefixes_and_repeats(self) -> None:
+        options = _Options(environ={"T_URI": "test:///default"})
+        options.parseOptions(["--disable=false", "--cpu", "3", "--cpu", "5"])
+        self.assertEqual((options["disable-cvm"], options["cpu"], options["uri"]), (False, 5, "test:///default"))
+        self.assertEqual((options.sources["disable-cvm"], options.sources["cpu"], options.sources["uri"]),
+                         ("flag", "flag", "env"))
+
+    def test_flags_read_env_as_booleans(self) -> None:
+        class WithFlag(_Options):
+            optFlags = [["debug", None, "Debug."]]
+            envVars = {**_Options.envVars, "debug": "T_DEBUG"}
+
+        self.assertIs(WithFlag(environ={"T_DEBUG": "true"})["debug"], True)
+        options = WithFlag(environ={})
+        options.parseOptions([])
+        self.assertIs(options["debug"], False)
+        options = WithFlag(environ={"T_DEBUG": "0"})
+        options.parseOptions(["--debug"])
+        self.assertIs(options["debug"], True)
+        self.assertEqual(options.sources["debug"], "flag")
+        self.assertRaises(usage.UsageError, WithFlag(environ={"T_DEBUG": "maybe"}).parseOptions, [])
+
+    def test_help_names_env_vars(self) -> None:
+        options = _Options(environ={})
+        self.assertIn("(env T_CPU)", options.getUsage(width=200))
+        rows = {row["long"]: row for row in options.usage_rows()}
+        self.assertNotIn("help", rows)
+        self.assertEqual((rows["cpu"]["default"], rows["cpu"]["optType"]), (2, "parameter"))
+        self.assertIn("(env T_CPU)", rows["cpu"]["doc"])
+
+    def test_config_type_checked_at_parse_time(self) -> None:
+        class Config:
+            def __init__(self, cpu: int) -> None:
+                self.cpu = cpu
+
+            @classmethod
+            def from_options(cls, options: usage.Options) -> Config:
+                return cls(options["cpu"])
+
+            def check(self) -> None:
+                if self.cpu > 64:
+                    raise InvalidConfig(f"test: --cpu {self.cpu} is more than 64")
+
+        class Checked(_Options):
+            config_type = Config
+
+        error = self.assertRaises(usage.UsageError, Checked(environ={"T_CPU": "65"}).parseOptions, [])
+        self.assertEqual(str(error), "test: --cpu 65 is more than 64")
+        options = Checked(environ={"T_CPU": "65"})
+        options.parseOptions(["--cpu", "64"])
+        self.assertEqual(options["cpu"], 64)
+
     def test_parsers(self) -> None:
         self.assertEqual(parse_duration("1h30m"), 5400.0)
         self.assertEqual(parse_duration("150s"), 150.0)

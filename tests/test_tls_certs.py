@@ -10,8 +10,11 @@ import tempfile
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from caa import tls
 
@@ -161,3 +164,58 @@ class ProfileTests(SynchronousTestCase):
         ca = tls.CertificateAuthority.create()
         c = tls.make_client_certificate()
         self.assertRaises(tls.TLSConfigError, tls.client_creator, ca.cert_pem, c.cert_pem, None, "vm")
+
+
+def _verify_error(cert_pem: bytes, trusted: list[bytes], at: datetime.datetime | None = None) -> tuple[int, str]:
+    """(X509 error number, OpenSSL's message) of verifying cert_pem against `trusted` with pyOpenSSL."""
+    store = crypto.X509Store()
+    for pem in trusted:
+        store.add_cert(crypto.X509.from_cryptography(_cert(pem)))
+    if at is not None:
+        store.set_time(at)
+    context = crypto.X509StoreContext(store, crypto.X509.from_cryptography(_cert(cert_pem)))
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return int(e.errors[0]), str(e.errors[2])
+    raise AssertionError("the certificate verified")
+
+
+class VerifyErrorTests(SynchronousTestCase):
+    def test_texts_match_openssl(self) -> None:
+        """Our table gives OpenSSL's own text (newer OpenSSL releases may append a hint) for the errors a
+        refused client certificate carries."""
+        ca = tls.CertificateAuthority.create()
+        server = ca.issue_server_certificate("vm")
+        client = tls.make_client_certificate()
+        now = datetime.datetime.now(datetime.UTC)
+        cases = [
+            _verify_error(server.cert_pem, []),  # 20: unknown issuer
+            _verify_error(client.cert_pem, [tls.make_client_certificate().cert_pem]),  # 18: another self-signed
+            _verify_error(server.cert_pem, [ca.cert_pem], now + datetime.timedelta(days=3000)),  # 10: expired
+            _verify_error(server.cert_pem, [ca.cert_pem], now - datetime.timedelta(days=1)),  # 9: not yet valid
+        ]
+        self.assertEqual(sorted(errno for errno, _ in cases), [9, 10, 18, 20])
+        for errno, message in cases:
+            self.assertTrue(message.startswith(tls.x509_verify_error(errno)), (errno, message))
+
+    def test_unknown_number(self) -> None:
+        self.assertEqual(tls.x509_verify_error(9999), "certificate verify error 9999")
+
+
+class ServerOptionsTests(SynchronousTestCase):
+    def test_interfaces_and_modes(self) -> None:
+        ca = tls.CertificateAuthority.create()
+        pair = ca.issue_server_certificate("vm")
+        mutual = tls.server_context_factory(pair.cert_pem, pair.key_pem, tls.make_client_certificate().cert_pem)
+        verifyObject(IOpenSSLServerConnectionCreator, mutual)
+        verifyObject(IOpenSSLContextFactory, mutual)
+        self.assertTrue(mutual.verify and mutual.requireCertificate)
+        self.assertEqual(mutual.getContext().get_verify_mode(), SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        plain = tls.server_context_factory(pair.cert_pem, pair.key_pem)
+        self.assertFalse(plain.verify)
+        self.assertEqual(plain.getContext().get_verify_mode(), SSL.VERIFY_NONE)
+        marker = object()
+        connection = mutual.serverConnectionForTLS(marker)
+        self.assertIs(connection.get_app_data(), marker)
+        self.assertIs(connection.get_context(), mutual.getContext())

@@ -114,6 +114,9 @@ class HandshakeTests(TestCase):
             self.ca.cert_pem, other.cert_pem, other.key_pem, "podvm-test-1"))
         self.assertEqual(got, b"")
         self.assertTrue(any("refused client certificate" in f for f in self._refusals()))
+        # The reason is OpenSSL's verdict in words: a self-signed certificate that is not the trust anchor.
+        refused = [(e["errno"], e["reason"], e["depth"]) for e in self.events if "errno" in e]
+        self.assertIn((18, "self-signed certificate", 0), refused)
 
     async def test_expired_client_certificate_refused(self) -> None:
         expired = tls.make_client_certificate(now=_old(10), validity=datetime.timedelta(days=1))

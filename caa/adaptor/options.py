@@ -7,15 +7,17 @@ syntax (`90s`, `5m`). A bad value raises `UsageError` naming the flag or variabl
 
 from __future__ import annotations
 
+import getopt
 import importlib
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
 from caa.providers.interfaces import IProviderFactory
-from caa.providers.options import ProviderOptions, parse_bool, parse_duration
+from caa.providers.options import ProviderOptions, parse_duration
 from caa.providers.registry import UnknownProvider, get_factory, provider_names
 
 
@@ -38,18 +40,6 @@ def _mode(value: str) -> int:
 
 
 _mode.coerceDoc = "An octal file mode such as 0600."  # type: ignore[attr-defined]
-
-def _named_coerce(name: str, coerce: Any) -> Any:
-    def named(value: str) -> Any:
-        try:
-            return coerce(value)
-        except ValueError as e:
-            raise ValueError(f"--{name}: {e}") from e
-
-    named._named = True  # type: ignore[attr-defined]
-    named.coerceDoc = getattr(coerce, "coerceDoc", None)  # type: ignore[attr-defined]
-    return named
-
 
 TLS_VERSIONS = ("", "VersionTLS12", "VersionTLS13")
 
@@ -130,95 +120,81 @@ class AdaptorOptions(ProviderOptions):
     secretOptions: ClassVar[frozenset[str]] = frozenset({"initdata"})
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        self.environ = os.environ if environ is None else environ
-        super().__init__(self.environ)
-        flags = {f[0] for f in self.optFlags}
-        for name, var in self.envVars.items():
-            if name in flags:
-                raw = self.environ.get(var, "")
-                self._envErrors.pop(name, None)
-                if raw:
-                    try:
-                        self.opts[name] = parse_bool(raw)
-                    except ValueError as e:
-                        self._envErrors[name] = f"environment variable {var}={raw!r}: {e}"
-                else:
-                    self.opts[name] = False
-        for name, dispatcher in self._dispatch.items():
-            coerce = getattr(dispatcher, "coerce", None)
-            if coerce is not None and not getattr(coerce, "_named", False):
-                dispatcher.coerce = _named_coerce(name, coerce)
+        super().__init__(environ)
         self.provider_factory: IProviderFactory | None = None
         self.provider_options: usage.Options | None = None
-
-    def _own(self) -> tuple[set[str], set[str]]:
-        params = {p[0] for p in self.optParameters}
-        flags = {str(f[0]) for f in self.optFlags} | {"help", "version"}
-        return params, flags
+        self._provider_error: usage.UsageError | None = None
+        self._provider_argv: list[str] = []
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        argv = list(options or [])
-        params, flags = self._own()
-        mine: list[str] = []
-        theirs: list[str] = []
-        i = 0
-        while i < len(argv):
-            arg = argv[i]
-            if not arg.startswith("-") or arg == "-":
-                theirs.extend(argv[i:])
-                break
-            name = arg.lstrip("-").split("=", 1)[0]
-            target = mine if (name in params or name in flags or name == "h") else theirs
-            target.append(arg)
-            if "=" not in arg and i + 1 < len(argv):
-                takes_value = name in params if target is mine else self._provider_takes_value(argv, name)
-                if takes_value:
-                    target.append(argv[i + 1])
-                    i += 1
-            i += 1
-        self._provider_argv = theirs
+        """Two passes over one command line: find the provider (`--provider` or CLOUD_PROVIDER) and make its
+        parser, split the arguments between the two parsers with getopt, then let each parse its share (the
+        provider's in `postOptions`, after the common options are valid)."""
+        argv = sys.argv[1:] if options is None else list(options)
+        self._load_provider(_provider_named(argv) or str(self["provider"] or ""))
+        mine, self._provider_argv = self._split(argv)
         super().parseOptions(mine)
 
-    def _provider_takes_value(self, argv: Sequence[str], name: str) -> bool:
-        factory = self._factory_from(argv)
-        if factory is None:
-            return True
-        opts = factory.options()
-        flag_names = {f[0] for f in getattr(opts, "optFlags", [])}
-        return name not in flag_names
-
-    def _factory_from(self, argv: Sequence[str]) -> IProviderFactory | None:
-        name = str(self.opts.get("provider") or "")
-        for j, a in enumerate(argv):
-            if a in ("--provider", "-provider") and j + 1 < len(argv):
-                name = argv[j + 1]
-            elif a.startswith(("--provider=", "-provider=")):
-                name = a.split("=", 1)[1]
+    def _load_provider(self, name: str) -> None:
+        self.provider_factory, self.provider_options, self._provider_error = None, None, None
         if not name:
-            return None
-        try:
-            return load_provider_factory(name)
-        except Exception:
-            return None
-
-    def postOptions(self) -> None:
-        super().postOptions()
-        name = self["provider"]
-        if not name:
-            raise usage.UsageError(
+            self._provider_error = usage.UsageError(
                 f"no cloud provider: set --provider or CLOUD_PROVIDER (one of {', '.join(provider_names())})")
+            return
         try:
             self.provider_factory = load_provider_factory(name)
         except UnknownProvider as e:
-            raise usage.UsageError(str(e)) from e
+            self._provider_error = usage.UsageError(str(e))
+            return
         except (ImportError, AttributeError) as e:
-            raise usage.UsageError(f"Unsupported cloud provider: {name!r} ({e})") from e
-        popts = self.provider_factory.options()
+            self._provider_error = usage.UsageError(f"Unsupported cloud provider: {name!r} ({e})")
+            return
+        self.provider_options = self.provider_factory.options()
+
+    def _split(self, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(common arguments, provider arguments), each option with its value; the common options win a
+        name both declare (--help, --version)."""
+        provider = self.provider_options
+        shorts = self.shortOpt + (provider.shortOpt if provider is not None else "")
+        longs = self.longOpt + (provider.longOpt if provider is not None else [])
         try:
-            popts.parseOptions(self._provider_argv)
+            pairs, rest = getopt.getopt(list(argv), shorts, longs)
+        except getopt.GetoptError as e:
+            if self._provider_error is not None:
+                raise self._provider_error from None  # the provider's flags are unknown without it
+            raise usage.UsageError(str(e)) from None
+        own = set(self.synonyms.values())
+        mine: list[str] = []
+        theirs: list[str] = []
+        for option, value in pairs:
+            target = mine if provider is None or self.long_name(option) in own else theirs
+            target.append(option)
+            if _takes_value(option, shorts, longs):
+                target.append(value)
+        theirs.extend(rest)
+        return mine, theirs
+
+    def getUsage(self, width: int | None = None) -> str:
+        """The common options, then the chosen provider's (with their environment variables)."""
+        text = super().getUsage(width)
+        provider = self.provider_options
+        if not isinstance(provider, ProviderOptions) or self.provider_factory is None:
+            return text
+        rows = provider.usage_rows()
+        if not rows:
+            return text
+        chunks = usage.docMakeChunks(rows, width or int(os.environ.get("COLUMNS", "80")))
+        return f"{text}\nOptions of provider {self.provider_factory.name}:\n{''.join(chunks)}"
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self._provider_error is not None:
+            raise self._provider_error
+        assert self.provider_factory is not None and self.provider_options is not None
+        try:
+            self.provider_options.parseOptions(self._provider_argv)
         except usage.UsageError as e:
-            raise usage.UsageError(f"provider {name}: {e}") from e
-        self.provider_options = popts
+            raise usage.UsageError(f"provider {self.provider_factory.name}: {e}") from e
         if self["tls-min-version"] not in TLS_VERSIONS:
             raise usage.UsageError(
                 f"--tls-min-version: {self['tls-min-version']!r} is not VersionTLS12 or VersionTLS13")
@@ -245,3 +221,25 @@ class AdaptorOptions(ProviderOptions):
     @property
     def pod_subnet_cidrs(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in str(self["pod-subnet-cidrs"]).split(",") if s.strip())
+
+
+def _provider_named(argv: Sequence[str]) -> str:
+    """The last `--provider NAME` / `--provider=NAME` on a command line ("" if none): the provider must be
+    known before the arguments can be split, because its flags are only known then."""
+    name = ""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--provider" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--provider="):
+            name = arg.split("=", 1)[1]
+    return name
+
+
+def _takes_value(option: str, shorts: str, longs: Sequence[str]) -> bool:
+    """Whether getopt gave `option` (a full `--name` or `-x`) a value."""
+    if option.startswith("--"):
+        return f"{option[2:]}=" in longs
+    position = shorts.find(option[1])
+    return position >= 0 and shorts[position + 1:position + 2] == ":"
