@@ -122,8 +122,8 @@ class ProxySocketTests(TestCase):
         self.assertTrue(stat.S_ISSOCK(st.st_mode))
         self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
         # TCP keepalive on the upstream socket (through the TLS wrapper too)
-        assert proxy._client is not None
-        sock = _tcp_socket(proxy._client.transport)
+        assert proxy.link is not None and proxy.link.current is not None
+        sock = _tcp_socket(proxy.link.current.transport)
         assert sock is not None
         self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 15)
