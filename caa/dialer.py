@@ -28,7 +28,14 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,14 +85,14 @@ class _Handle(Protocol):
         self.client = client
 
 
-@implementer(IProtocolFactory)
 class _HandleFactory(Factory):
-    """Builds the `_Handle` of the client the gate has just made ready."""
+    """Builds the `_Handle` of the client the gate has just made ready (`whenConnected()` yields the handle;
+    callers of a `Link` use `current` and `wait()` instead)."""
 
     def __init__(self) -> None:
         self.ready: TTRPCClient | None = None
 
-    def buildProtocol(self, addr: object) -> _Handle | None:
+    def buildProtocol(self, addr: IAddress | None) -> _Handle | None:
         client, self.ready = self.ready, None
         return None if client is None else _Handle(client)
 
@@ -129,8 +136,7 @@ class Link(ClientService, Generic[C]):
         on_retry: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self._handles = _HandleFactory()
-        super().__init__(_ReadyGate(self), self._handles, retryPolicy=self._next_delay,  # type: ignore[arg-type]
-                         clock=clock)
+        super().__init__(_ReadyGate(self), self._handles, retryPolicy=self._next_delay, clock=clock)
         self._endpoint = endpoint
         self._make_client = make_client
         self._clock = clock

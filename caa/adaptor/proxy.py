@@ -221,7 +221,7 @@ class AgentProxy:
             self._stopped = True
             raise TTRPCError(Code.INTERNAL, f"agent proxy: listening on {self.socket_path}: {e}") from e
         self._port = port_
-        if self._stopped:  # stop() ran while we were binding
+        if self._stopping is not None:  # stop() ran while we were binding
             await self._close_port()
             raise self._failed(Code.UNAVAILABLE, "agent proxy stopped")
         link: Link[_Upstream] = Link(
