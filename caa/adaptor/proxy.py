@@ -11,12 +11,12 @@ Where we differ from upstream (the Go weak points, §3.3/§3.4):
   by `attempt_timeout` (TCP connect plus TLS handshake); StartVM returns the moment the first link is up;
 - the dial is cancellable: `stop()` or a cancelled `start()` ends it at once, nothing is left scheduled;
 - the link heals: when it drops, only the calls in flight fail (Unavailable) and the proxy dials again; calls
-  that arrive meanwhile wait for the new link within their own deadline.
+  that arrive meanwhile wait for the new link within their own deadline;
+- `stop()` closes the listener, every shim connection and the upstream link at once (no graceful wait on the
+  shim's long-polling GetOOMEvent).
 
 The dialling, back-off and redial are `caa.dialer.Link` (a `ClientService`), shared with the forwarder's link
 to kata-agent.
-- `stop()` closes the listener, every shim connection and the upstream link at once (no graceful wait on the
-  shim's long-polling GetOOMEvent).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from twisted.internet import ssl as tssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHandshakeListener,
     IListeningPort,
     IReactorTime,
@@ -109,7 +110,7 @@ class _Upstream(TTRPCClient):
         self._dialled_at = dialled_at
         self.ready: Deferred[None] = Deferred()
         self._made_at = 0.0
-        self._settle: Any = None
+        self._settle: IDelayedCall | None = None
         self.lost_reason = ""
 
     def connectionMade(self) -> None:
@@ -143,7 +144,6 @@ class _Upstream(TTRPCClient):
             self._settle.cancel()
         if not self.ready.called:
             self.ready.errback(reason)
-
 
 
 @implementer(IAgentProxy)

@@ -15,7 +15,7 @@ from typing import Any
 import attr
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,6 +23,7 @@ from caa.forwarder.agent import AgentConnection
 from caa.forwarder.config import ForwarderConfig
 from caa.forwarder.interceptors import Interceptors
 from caa.notifier import Notifier
+from caa.reactors import INodeReactor
 from caa.ttrpc import Relay, Server
 
 __all__ = ["StartupError", "TLSSettings", "ForwarderService", "sd_notify", "build_server_tls"]
@@ -93,10 +94,10 @@ class ForwarderService(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         config: ForwarderConfig,
         endpoint: IStreamServerEndpoint,
-        agent_endpoint: Any,
+        agent_endpoint: IStreamClientEndpoint,
         pod_netns: str,
         tls_options: Callable[[], Any] | None = None,
         pod_network: Any = None,
