@@ -23,6 +23,7 @@ from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory
 from caa.adaptor.proxy import AgentProxy, AgentProxyFactory
 from caa.dialer import dial_backoff
 from caa.ttrpc import CallContext, Code, TTRPCError
+from tests.reactors import NodeMemoryReactor
 
 
 class _Transport(StringTransport):
@@ -73,7 +74,7 @@ class ScriptedEndpoint:
 
 class ProxyDialTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = MemoryReactorClock()
+        self.clock = NodeMemoryReactor()
         self.ep = ScriptedEndpoint(self.clock)
         d = tempfile.mkdtemp(prefix=f"caa-proxyunit-{os.getpid()}-")
         self.addCleanup(shutil.rmtree, d, True)

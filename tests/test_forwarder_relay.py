@@ -8,14 +8,14 @@ import itertools
 import os
 import socket
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -63,8 +63,9 @@ class ForwarderTestBase(TestCase):
         self.server_pair = self.ca.issue_server_certificate("podvm-test")
         self.client_pair = tls.make_client_certificate()
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)  # a plain callable is a log observer
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def tearDown(self) -> None:
         import shutil
@@ -98,7 +99,9 @@ class ForwarderTestBase(TestCase):
 
     def port_of(self, svc: ForwarderService) -> int:
         assert svc.port is not None
-        return int(svc.port.getHost().port)
+        host = svc.port.getHost()
+        assert isinstance(host, IPv4Address)
+        return host.port
 
     async def dial(self, svc: ForwarderService, client_pair: Any = "default", use_tls: bool = True,
                    ca_pem: bytes | None = None, server_name: str = "podvm-test") -> Any:
