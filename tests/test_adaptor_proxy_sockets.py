@@ -17,7 +17,8 @@ from twisted.trial.unittest import TestCase
 
 from caa import tls
 from caa.adaptor.interfaces import ProxyTLS
-from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream, dial_backoff
+from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream
+from caa.dialer import dial_backoff
 from caa.proto import agent_pb2, oci_pb2
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint, unix_client_endpoint
