@@ -101,10 +101,11 @@ def main() -> None:
     from caa import tls
     from caa.adaptor.adapters import NullNetworking
     from caa.adaptor.interfaces import ProxyTLS
-    from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, dial_backoff
+    from caa.adaptor.proxy import AgentProxy, AgentProxyFactory
     from caa.adaptor.service import CloudService, ServiceConfig
     from caa.adaptor.store import SandboxStore
     from caa.adaptor.userdata import ANN_POD_NAME, ANN_POD_NAMESPACE
+    from caa.dialer import dial_backoff
     from caa.providers.interfaces import Instance
     from caa.ttrpc import CallContext, Server
     from caa.ttrpc.endpoints import tcp_server_endpoint

@@ -17,7 +17,8 @@ from twisted.trial.unittest import TestCase
 
 from caa import tls
 from caa.adaptor.interfaces import ProxyTLS
-from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream, dial_backoff
+from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream
+from caa.dialer import dial_backoff
 from caa.proto import agent_pb2, oci_pb2
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint, unix_client_endpoint
@@ -122,8 +123,8 @@ class ProxySocketTests(TestCase):
         self.assertTrue(stat.S_ISSOCK(st.st_mode))
         self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
         # TCP keepalive on the upstream socket (through the TLS wrapper too)
-        assert proxy._client is not None
-        sock = _tcp_socket(proxy._client.transport)
+        assert proxy.link is not None and proxy.link.current is not None
+        sock = _tcp_socket(proxy.link.current.transport)
         assert sock is not None
         self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 15)

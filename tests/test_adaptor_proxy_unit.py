@@ -20,8 +20,10 @@ from zope.interface.verify import verifyObject
 
 from caa.adaptor import metrics
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory
-from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, dial_backoff
+from caa.adaptor.proxy import AgentProxy, AgentProxyFactory
+from caa.dialer import dial_backoff
 from caa.ttrpc import CallContext, Code, TTRPCError
+from tests.reactors import NodeMemoryReactor
 
 
 class _Transport(StringTransport):
@@ -72,7 +74,7 @@ class ScriptedEndpoint:
 
 class ProxyDialTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = MemoryReactorClock()
+        self.clock = NodeMemoryReactor()
         self.ep = ScriptedEndpoint(self.clock)
         d = tempfile.mkdtemp(prefix=f"caa-proxyunit-{os.getpid()}-")
         self.addCleanup(shutil.rmtree, d, True)
@@ -88,6 +90,10 @@ class ProxyDialTests(SynchronousTestCase):
             calls = [c.getTime() for c in self.clock.getDelayedCalls()]
             nxt = min([c for c in calls if c > self.clock.seconds()] + [t])
             self.clock.advance(nxt - self.clock.seconds())
+
+    def last_error(self) -> str:
+        assert self.proxy.link is not None
+        return self.proxy.link.last_error
 
     def fails(self, d: Deferred[Any]) -> TTRPCError:
         err = self.failureResultOf(d, TTRPCError).value
@@ -160,7 +166,7 @@ class ProxyDialTests(SynchronousTestCase):
         self.ep.mode = "accept"
         self.advance_to(5.0)
         self.successResultOf(d)
-        self.assertIn("timed out after 2s", self.proxy._last_error)
+        self.assertIn("timed out after 2s", self.last_error())
 
     def test_connects_then_reconnects(self) -> None:
         d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)
@@ -179,7 +185,8 @@ class ProxyDialTests(SynchronousTestCase):
         waiting = self.proxy._get_client()
         assert isinstance(waiting, Deferred)
         self.assertNoResult(waiting)
-        self.assertAlmostEqual(self.ep.attempts[-1], 6.71)  # redialled at once
+        self.clock.advance(0)
+        self.assertAlmostEqual(self.ep.attempts[-1], 6.71)  # redialled at once (on the next reactor turn)
         self.advance_to(6.75)  # refused at once, then 0.1 s back-off
         self.ep.mode = "accept"
         self.advance_to(7.0)
@@ -197,6 +204,7 @@ class ProxyDialTests(SynchronousTestCase):
         """A peer that accepts and drops at once (e.g. refuses our certificate) is not redialled in a loop."""
         self.ep.mode = "accept"
         d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)
+        self.clock.advance(0)  # the link is handed out on the reactor turn after ClientService records it
         self.successResultOf(d)
         delays = []
         for _ in range(6):
@@ -205,7 +213,7 @@ class ProxyDialTests(SynchronousTestCase):
             self.advance_to(dropped + 1.5)
             delays.append(round(self.ep.attempts[-1] - dropped, 3))
         self.assertEqual(delays, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
-        self.assertIn("link dropped after", self.proxy._last_error)
+        self.assertIn("link dropped after", self.last_error())
         self.successResultOf(self.proxy.stop())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -220,8 +228,38 @@ class ProxyDialTests(SynchronousTestCase):
         assert isinstance(w, Deferred)
         w.cancel()  # what the server does at the call's deadline
         self.failureResultOf(w, CancelledError)
-        self.assertEqual(self.proxy._waiters, [])
+        assert self.proxy.link is not None
+        self.assertEqual(len(self.proxy.link._waiters), 0)
         self.successResultOf(self.proxy.stop())
+
+    def test_stop_from_the_start_callback(self) -> None:
+        """A caller may stop the proxy as soon as start() fires (ClientService refuses re-entry: the link is
+        handed out outside its state machine)."""
+        self.ep.mode = "accept"
+        stopped: list[object] = []
+        d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)
+        d.addCallback(lambda _: self.proxy.stop().addCallback(stopped.append))
+        self.clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(stopped, [None])
+        self.assertEqual(self.ep.transports[-1].protocol, None)  # the link is closed
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_link_lost_before_ready_is_a_failed_attempt(self) -> None:
+        """A link the peer drops before it is ready (e.g. during the TLS 1.3 settle) is one failed attempt."""
+        proxy = AgentProxy(self.clock, "tls", os.path.join(os.path.dirname(self.proxy.socket_path), "t.sock"),
+                           lambda host, port, name: self.ep, True, dial_backoff(jitter=lambda: 0.0), 2.0, {})
+        self.ep.mode = "accept"
+        d = proxy.start(("10.0.0.9", 15150), "vm", 300.0)
+        self.ep.transports[-1].abortConnection()  # no handshake ever completes
+        self.assertNoResult(d)
+        assert proxy.link is not None
+        self.assertIn("ConnectionRefusedError", proxy.link.last_error)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.ep.attempts), 2)
+        self.successResultOf(proxy.stop())
+        self.assertEqual(self.fails(d).code, Code.UNAVAILABLE)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_stop_fails_waiting_calls_unavailable(self) -> None:
         d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)

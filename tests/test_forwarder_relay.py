@@ -8,13 +8,16 @@ import itertools
 import os
 import socket
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from caa import tls
 from caa.forwarder.config import ForwarderConfig, parse_config
@@ -22,6 +25,7 @@ from caa.forwarder.daemon import ForwarderService, StartupError, TLSSettings, bu
 from caa.proto import agent_pb2, health_pb2
 from caa.ttrpc import Code, TTRPCError, connect
 from tests.agent_standin import AgentStandin
+from tests.reactors import NodeMemoryReactor
 
 reactor: Any = _reactor
 _counter = itertools.count()
@@ -59,8 +63,9 @@ class ForwarderTestBase(TestCase):
         self.server_pair = self.ca.issue_server_certificate("podvm-test")
         self.client_pair = tls.make_client_certificate()
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)  # a plain callable is a log observer
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def tearDown(self) -> None:
         import shutil
@@ -94,7 +99,9 @@ class ForwarderTestBase(TestCase):
 
     def port_of(self, svc: ForwarderService) -> int:
         assert svc.port is not None
-        return int(svc.port.getHost().port)
+        host = svc.port.getHost()
+        assert isinstance(host, IPv4Address)
+        return host.port
 
     async def dial(self, svc: ForwarderService, client_pair: Any = "default", use_tls: bool = True,
                    ca_pem: bytes | None = None, server_name: str = "podvm-test") -> Any:
@@ -299,3 +306,76 @@ class LifecycleTests(ForwarderTestBase):
             await svc.when_ready()
         self.assertEqual(net.calls, [("setup", NETNS), ("teardown", NETNS)])
         self.assertTrue(fatal and fatal[0].startswith("failed to listen"))
+
+
+@implementer(IStreamServerEndpoint)
+class _ScriptedListen:
+    """Stands in for the forwarder's TCP server endpoint: listen() answers when the test says."""
+
+    def __init__(self) -> None:
+        self.listening: defer.Deferred[Any] = defer.Deferred()
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        return self.listening
+
+
+@implementer(IStreamClientEndpoint)
+class _SilentAgent:
+    """Stands in for kata-agent's unix endpoint: the dial never answers (cancellable)."""
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        return defer.Deferred()
+
+
+class ReadyWaitTests(SynchronousTestCase):
+    """when_ready() on the clock alone: every waiter gets the port (or the startup error), later callers at once,
+    and stopping leaves nothing scheduled."""
+
+    def setUp(self) -> None:
+        self.clock = NodeMemoryReactor()
+        self.listen = _ScriptedListen()
+        self.svc = ForwarderService(self.clock, parse_config({}), self.listen, _SilentAgent(), NETNS, environ={},
+                                    on_fatal=lambda msg: None)
+        self.svc.startService()
+
+    def test_waiters_get_the_port(self) -> None:
+        a, b = self.svc.when_ready(), self.svc.when_ready()
+        self.assertNoResult(a)
+        port = StubPort()
+        self.listen.listening.callback(port)
+        self.assertIs(self.successResultOf(a), port)
+        self.assertIs(self.successResultOf(b), port)
+        self.assertIs(self.successResultOf(self.svc.when_ready()), port)
+        self.successResultOf(self.svc.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_startup_failure_reaches_every_waiter(self) -> None:
+        a = self.svc.when_ready()
+        self.listen.listening.errback(OSError("address in use"))
+        for d in (a, self.svc.when_ready()):
+            err = self.failureResultOf(d, StartupError)
+            self.assertIn("failed to listen: address in use", str(err.value))
+        self.successResultOf(self.svc.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelled_waiter_is_forgotten(self) -> None:
+        a = self.svc.when_ready()
+        a.cancel()
+        self.failureResultOf(a, defer.CancelledError)
+        self.listen.listening.callback(StubPort())
+        self.successResultOf(self.svc.when_ready())
+        self.successResultOf(self.svc.stopService())
+
+
+@implementer(IListeningPort)
+class StubPort:
+    """Stands in for the TCP listening port."""
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        pass
+
+    def getHost(self) -> Any:
+        return IPv4Address("TCP", "127.0.0.1", 15150)

@@ -9,32 +9,33 @@ Where we differ from upstream (the Go weak points, §3.3/§3.4):
 
 - dial back-off starts at 100 ms, doubles and is capped at 1 s (upstream: capped at 5 s), each attempt bounded
   by `attempt_timeout` (TCP connect plus TLS handshake); StartVM returns the moment the first link is up;
-- the dial loop is cancellable: `stop()` or a cancelled `start()` ends it at once, nothing is left scheduled;
+- the dial is cancellable: `stop()` or a cancelled `start()` ends it at once, nothing is left scheduled;
 - the link heals: when it drops, only the calls in flight fail (Unavailable) and the proxy dials again; calls
   that arrive meanwhile wait for the new link within their own deadline;
 - `stop()` closes the listener, every shim connection and the upstream link at once (no graceful wait on the
   shim's long-polling GetOOMEvent).
+
+The dialling, back-off and redial are `caa.dialer.Link` (a `ClientService`), shared with the forwarder's link
+to kata-agent.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import ssl as tssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHandshakeListener,
     IListeningPort,
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,6 +48,9 @@ from caa.adaptor.interceptors import (
     describe_call,
 )
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory, ProxyTLS
+from caa.dialer import Link, LinkStopped, dial_backoff
+from caa.notifier import Notifier
+from caa.reactors import INodeReactor
 from caa.ttrpc import CallContext, Code, Relay, Server, TTRPCClient, TTRPCError
 from caa.ttrpc.endpoints import tcp_client_endpoint, tls_client_endpoint, unix_server_endpoint
 from caa.ttrpc.relay import Interceptor
@@ -57,23 +61,8 @@ AGENT_SERVICE = "grpc.AgentService"
 KEEPALIVE_IDLE = 15
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
-#: A link that lived this long resets the back-off; a shorter one counts as a failed attempt.
-STABLE_LINK = 5.0
 
 EndpointMaker = Callable[[str, int, str], IStreamClientEndpoint]
-
-
-def dial_backoff(
-    initial: float = 0.1, cap: float = 1.0, factor: float = 2.0, jitter: Callable[[], float] = random.random
-) -> Callable[[int], float]:
-    """Delay before retry number `attempt` (1, 2, ...): initial * factor**(attempt-1) plus up to `initial` of
-    jitter, never more than `cap` seconds."""
-
-    def policy(attempt: int) -> float:
-        base = initial * factor ** min(max(attempt - 1, 0), 32)
-        return min(cap, base + initial * jitter())
-
-    return policy
 
 
 def _tcp_socket(transport: Any) -> socket.socket | None:
@@ -121,7 +110,7 @@ class _Upstream(TTRPCClient):
         self._dialled_at = dialled_at
         self.ready: Deferred[None] = Deferred()
         self._made_at = 0.0
-        self._settle: Any = None
+        self._settle: IDelayedCall | None = None
         self.lost_reason = ""
 
     def connectionMade(self) -> None:
@@ -157,16 +146,6 @@ class _Upstream(TTRPCClient):
             self.ready.errback(reason)
 
 
-class DialTimeout(Exception):
-    """One dial attempt (TCP connect plus TLS handshake) took longer than the attempt timeout."""
-
-
-def _describe(failure: Failure | BaseException) -> str:
-    err = failure.value if isinstance(failure, Failure) else failure
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 @implementer(IAgentProxy)
 class AgentProxy:
     """One sandbox's agent proxy (see the module docstring and `IAgentProxy`)."""
@@ -175,7 +154,7 @@ class AgentProxy:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         sandbox_id: str,
         socket_path: str,
         make_endpoint: EndpointMaker,
@@ -197,41 +176,42 @@ class AgentProxy:
                             observer=self._observe, name=f"agent-proxy {sandbox_id}")
         self._server.register_fallback(self._relay.handle)
         self._port: IListeningPort | None = None
-        self._client: _Upstream | None = None
-        self._waiters: list[Deferred[TTRPCClient]] = []
-        self._first: Deferred[None] | None = None
-        self._loop: Deferred[None] | None = None
+        self.link: Link[_Upstream] | None = None  # made by start()
         self._address = ""
-        self._last_error = "no connection attempt finished yet"
         self._started = False
         self._stopped = False
-        self._stop_done: Deferred[None] | None = None
-        self._stop_waiters: list[Deferred[None]] = []
-        self.connections = 0  # upstream links made (1 + reconnects)
+        self._stopping: Deferred[None] | None = None
+        self._stop_finished = False
+        self._stop_waiters: Notifier[None] = Notifier()
+
+    @property
+    def connections(self) -> int:
+        """Upstream links made (1 + reconnects)."""
+        return 0 if self.link is None else self.link.connections
 
     # -- IAgentProxy
     def start(self, address: tuple[str, int], server_name: str, deadline: float) -> Deferred[None]:
         return Deferred.fromCoroutine(self._start(address, server_name, deadline))
 
     def stop(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self._stop_done is None:
-            self._stop_waiters.append(d)
-            self._stop_done = Deferred.fromCoroutine(self._stop())
-            self._stop_done.addBoth(self._stopped_all)
-        elif self._stop_done.called:
-            d.callback(None)
-        else:
-            self._stop_waiters.append(d)
-        return d
+        if self._stop_finished:
+            return succeed(None)
+        done = self._stop_waiters.wait()
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._stop())
+            self._stopping.addBoth(self._stopped_all)
+        return done
 
     # -- start
+    def _failed(self, code: Code, why: str) -> TTRPCError:
+        return TTRPCError(code, f"failed to establish agent proxy connection to {self._address}: {why}")
+
     async def _start(self, address: tuple[str, int], server_name: str, deadline: float) -> None:
         host, port = address
         self._address = f"{host}:{port}"
         if self._started or self._stopped:
-            raise TTRPCError(Code.UNAVAILABLE, f"failed to establish agent proxy connection to {self._address}: "
-                             + ("agent proxy stopped" if self._stopped else "agent proxy already started"))
+            raise self._failed(Code.UNAVAILABLE,
+                               "agent proxy stopped" if self._stopped else "agent proxy already started")
         self._started = True
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.socket_path)), mode=0o700, exist_ok=True)
@@ -241,125 +221,62 @@ class AgentProxy:
             self._stopped = True
             raise TTRPCError(Code.INTERNAL, f"agent proxy: listening on {self.socket_path}: {e}") from e
         self._port = port_
-        if self._stopped:  # stop() ran while we were binding
+        if self._stopping is not None:  # stop() ran while we were binding
             await self._close_port()
-            raise TTRPCError(Code.UNAVAILABLE,
-                             f"failed to establish agent proxy connection to {self._address}: agent proxy stopped")
-        endpoint = self._make_endpoint(host, port, server_name)
-        first: Deferred[None] = Deferred()
-        self._first = first
-        self._loop = Deferred.fromCoroutine(self._run(endpoint))
-        self._loop.addErrback(self._loop_ended)
+            raise self._failed(Code.UNAVAILABLE, "agent proxy stopped")
+        link: Link[_Upstream] = Link(
+            self._make_endpoint(host, port, server_name), self._new_upstream, self._clock, self._policy,
+            attempt_timeout=self._attempt_timeout, client_ready=lambda client: client.ready,
+            on_link=self._linked, on_drop=self._dropped, on_retry=self._retrying)
+        self.link = link
+        link.startService()
         t0 = self._clock.seconds()
-        timer = self._clock.callLater(max(0.0, deadline - t0), self._give_up)
+        first = link.wait()
+        first.addTimeout(max(0.0, deadline - t0), self._clock)
         try:
             await first
-        except BaseException:
+        except BaseException as e:
             if not self._stopped:
                 await self.stop()
+            if isinstance(e, DeferredTimeout):
+                raise self._failed(Code.DEADLINE_EXCEEDED, link.last_error) from None
+            if isinstance(e, LinkStopped):
+                raise self._failed(Code.UNAVAILABLE, "agent proxy stopped") from None
             raise
-        finally:
-            if timer.active():
-                timer.cancel()
         self._log.info("{sandbox_id}: agent proxy connected to {address} in {elapsed:.3f}s; serving {socket}",
                        sandbox_id=self.sandbox_id, address=self._address,
                        elapsed=self._clock.seconds() - t0, socket=self.socket_path)
 
-    def _give_up(self) -> None:
-        if self._first is not None and not self._first.called:
-            self._first.errback(TTRPCError(
-                Code.DEADLINE_EXCEEDED,
-                f"failed to establish agent proxy connection to {self._address}: {self._last_error}"))
+    # -- the link (caa.dialer.Link: back-off, redial when it drops)
+    def _new_upstream(self, dialled_at: float) -> _Upstream:
+        return _Upstream(self._clock, f"agent-proxy {self.sandbox_id}", self._tls, dialled_at)
 
-    def _loop_ended(self, failure: Failure) -> None:
-        if not failure.check(CancelledError):
-            self._log.failure("{sandbox_id}: agent proxy dial loop failed", failure, sandbox_id=self.sandbox_id)
-
-    # -- the link: dial with back-off, serve, redial when it drops
-    async def _run(self, endpoint: IStreamClientEndpoint) -> None:
-        failures = 0
-        while not self._stopped:
-            try:
-                client = await self._attempt(endpoint)
-            except CancelledError:
-                raise
-            except Exception as e:
-                failures += 1
-                self._last_error = _describe(e)
-                delay = self._policy(failures)
-                self._log.info(
-                    "{sandbox_id}: Retrying failed agent proxy connection: {error} (attempt {attempt}, "
-                    "next in {delay:.2f}s)", sandbox_id=self.sandbox_id, error=self._last_error,
-                    attempt=failures, delay=delay, address=self._address)
-                await deferLater(self._clock, delay)
-                continue
-            self._connected(client)
-            linked_at = self._clock.seconds()
-            await client.when_closed()
-            if self._client is client:
-                self._client = None
-            if self._stopped:
-                break
-            lived = self._clock.seconds() - linked_at
-            reason = client.close_reason or client.lost_reason or "closed"
-            self._log.warn("{sandbox_id}: agent proxy link to {address} lost after {lived:.1f}s ({reason}); "
-                           "reconnecting", sandbox_id=self.sandbox_id, address=self._address, lived=lived,
-                           reason=reason)
-            if lived >= STABLE_LINK:
-                failures = 0
-                continue
-            # A link that drops right away (a refusing or crashing peer) counts as a failed attempt: back off.
-            failures += 1
-            self._last_error = f"link dropped after {lived:.3f}s: {reason}"
-            await deferLater(self._clock, self._policy(failures))
-
-    async def _attempt(self, endpoint: IStreamClientEndpoint) -> _Upstream:
-        d = Deferred.fromCoroutine(self._connect_once(endpoint))
-        d.addTimeout(self._attempt_timeout, self._clock)
-        try:
-            return await d
-        except DeferredTimeout as e:
-            raise DialTimeout(f"dial {self._address} timed out after {self._attempt_timeout:g}s") from e
-
-    async def _connect_once(self, endpoint: IStreamClientEndpoint) -> _Upstream:
-        dialled_at = self._clock.seconds()
-        factory = Factory.forProtocol(
-            lambda: _Upstream(self._clock, f"agent-proxy {self.sandbox_id}", self._tls, dialled_at))
-        proto: _Upstream = await endpoint.connect(factory)  # type: ignore[assignment]
-        try:
-            await proto.ready
-        except BaseException:
-            proto.abort()
-            raise
-        return proto
-
-    def _connected(self, client: _Upstream) -> None:
-        self.connections += 1
-        self._client = client
+    def _linked(self, client: _Upstream) -> None:
         if self.connections > 1:
             metrics.PROXY_RECONNECTS.inc()
             self._log.info("{sandbox_id}: agent proxy reconnected to {address}", sandbox_id=self.sandbox_id,
                            address=self._address)
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.callback(client)
-        if self._first is not None and not self._first.called:
-            self._first.callback(None)
+
+    def _dropped(self, client: _Upstream, lived: float) -> None:
+        self._log.warn("{sandbox_id}: agent proxy link to {address} lost after {lived:.1f}s ({reason}); "
+                       "reconnecting", sandbox_id=self.sandbox_id, address=self._address, lived=lived,
+                       reason=client.close_reason or client.lost_reason or "closed")
+
+    def _retrying(self, error: str, attempt: int, delay: float) -> None:
+        self._log.info("{sandbox_id}: Retrying failed agent proxy connection: {error} (attempt {attempt}, "
+                       "next in {delay:.2f}s)", sandbox_id=self.sandbox_id, error=error, attempt=attempt,
+                       delay=delay, address=self._address)
 
     def _get_client(self) -> Deferred[TTRPCClient] | TTRPCClient:
-        client = self._client
+        link = self.link
+        if self._stopped or link is None:
+            raise TTRPCError(Code.UNAVAILABLE, "agent proxy stopped" if self._stopped else "agent proxy not started")
+        client = link.current
         if client is not None and client.connected:
             return client
-        if self._stopped:
-            raise TTRPCError(Code.UNAVAILABLE, "agent proxy stopped")
-
-        def forget(d: Deferred[TTRPCClient]) -> None:
-            if d in self._waiters:
-                self._waiters.remove(d)
-
-        waiter: Deferred[TTRPCClient] = Deferred(forget)
-        self._waiters.append(waiter)
-        return waiter
+        # a call that arrives while the link heals waits for it (the server cancels it at the call's deadline)
+        waiting: Deferred[TTRPCClient] = link.wait()  # type: ignore[assignment]
+        return waiting.addErrback(_unavailable_when_stopped)
 
     def _observe(self, ctx: CallContext, n_in: int, n_out: int, code: int) -> None:
         method = f"{ctx.service}/{ctx.method}"
@@ -375,24 +292,10 @@ class AgentProxy:
     # -- stop
     async def _stop(self) -> None:
         self._stopped = True
-        if self._first is not None and not self._first.called:
-            self._first.errback(TTRPCError(
-                Code.UNAVAILABLE,
-                f"failed to establish agent proxy connection to {self._address}: agent proxy stopped"))
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.errback(TTRPCError(Code.UNAVAILABLE, "agent proxy stopped"))
-        if self._loop is not None and not self._loop.called:
-            self._loop.cancel()
         self._server.abort()
-        client, self._client = self._client, None
-        closed = None
-        if client is not None:
-            closed = client.when_closed()
-            client.abort()
+        if self.link is not None:
+            await self.link.stopService()  # cancels a dial, aborts the link, fails waiting calls and start()
         await self._close_port()
-        if closed is not None:
-            await closed
         if self._started:
             self._log.info("{sandbox_id}: agent proxy stopped", sandbox_id=self.sandbox_id)
 
@@ -416,9 +319,14 @@ class AgentProxy:
     def _stopped_all(self, result: object) -> None:
         if isinstance(result, Failure):
             self._log.failure("{sandbox_id}: stopping agent proxy", result, sandbox_id=self.sandbox_id)
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for w in waiters:
-            w.callback(None)
+        self._stop_finished = True
+        self._stop_waiters.notify(None)
+
+
+def _unavailable_when_stopped(failure: Failure) -> TTRPCClient:
+    failure.trap(LinkStopped)
+    raise TTRPCError(Code.UNAVAILABLE, "agent proxy stopped")
+
 
 
 def _insecure_creator(tls: ProxyTLS) -> Any:
@@ -437,7 +345,7 @@ class AgentProxyFactory:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         tls: ProxyTLS | None,
         volumes_dir: str = DIRECT_VOLUMES_DIR,
         retry_policy: Callable[[int], float] | None = None,

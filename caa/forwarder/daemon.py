@@ -14,14 +14,16 @@ from typing import Any
 
 import attr
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from caa.forwarder.agent import AgentConnection
 from caa.forwarder.config import ForwarderConfig
 from caa.forwarder.interceptors import Interceptors
+from caa.notifier import Notifier
+from caa.reactors import INodeReactor
 from caa.ttrpc import Relay, Server
 
 __all__ = ["StartupError", "TLSSettings", "ForwarderService", "sd_notify", "build_server_tls"]
@@ -92,10 +94,10 @@ class ForwarderService(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         config: ForwarderConfig,
         endpoint: IStreamServerEndpoint,
-        agent_endpoint: Any,
+        agent_endpoint: IStreamClientEndpoint,
         pod_netns: str,
         tls_options: Callable[[], Any] | None = None,
         pod_network: Any = None,
@@ -125,8 +127,8 @@ class ForwarderService(MultiService):
         self.server.register_fallback(self.relay.handle)
         self.port: IListeningPort | None = None
         self._network_up = False
-        self._ready: Any = None  # the listening port, or the startup Failure
-        self._ready_waiters: list[Deferred[IListeningPort]] = []
+        self._ready: IListeningPort | Failure | None = None  # the listening port, or the startup Failure
+        self._ready_waiters: Notifier[IListeningPort] = Notifier()
         self._starting: Deferred[None] | None = None
 
     def startService(self) -> None:
@@ -167,25 +169,20 @@ class ForwarderService(MultiService):
             self._log.warn("sd_notify READY=1 failed: {error}", error=str(e))
         self._set_ready(self.port)
 
-    def _set_ready(self, result: Any) -> None:
+    def _set_ready(self, result: IListeningPort | Failure) -> None:
         self._ready = result
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+        if isinstance(result, Failure):
+            self._ready_waiters.fail(result)
+        else:
+            self._ready_waiters.notify(result)
 
     def when_ready(self) -> Deferred[IListeningPort]:
         """Fires with the listening port once serving, or fails with StartupError."""
-        d: Deferred[IListeningPort] = Deferred()
         if self._ready is None:
-            self._ready_waiters.append(d)
-        elif isinstance(self._ready, Failure):
-            d.errback(self._ready)
-        else:
-            d.callback(self._ready)
-        return d
+            return self._ready_waiters.wait()
+        if isinstance(self._ready, Failure):
+            return fail(self._ready)
+        return succeed(self._ready)
 
     def _fatal(self, f: Any) -> None:
         msg = f.getErrorMessage() if f.check(StartupError) else f"startup failed: {f.getErrorMessage()}"

@@ -1,0 +1,264 @@
+"""One way to keep a client link up: `Link`, a `ClientService` that dials with back-off and heals.
+
+Both long-lived links of the project use it: the agent proxy's link to the pod VM's forwarder
+(caa/adaptor/proxy.py) and the forwarder's link to kata-agent (caa/forwarder/agent.py).
+
+What `Link` adds to `ClientService`:
+
+- a ready gate: the endpoint `ClientService` dials only answers once the client says it is usable (e.g. TLS 1.3
+  settled), within `attempt_timeout`. `ClientService` itself never sees a half-made link: a connection lost
+  during its `prepareConnection` raises `NoTransition` from its state machine;
+- back-off that remembers short links: a link that drops before `stable_after` seconds counts as one more failed
+  attempt (a peer that accepts and drops at once is not redialled in a loop); after a stable link the first
+  redial is immediate;
+- `current` (the live client or None) and `wait()` (a cancellable Deferred for the next one), handed out on the
+  reactor turn after `ClientService` has recorded the connection, because its state machine refuses re-entry
+  (a waiter that stops the link from its callback would otherwise fail);
+- `stopService()` aborts the live client at once instead of a graceful close, and fails waiters with
+  `LinkStopped`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from caa.notifier import Notifier
+from caa.ttrpc import TTRPCClient
+
+__all__ = ["DialTimeout", "Link", "LinkStopped", "STABLE_LINK", "describe_error", "dial_backoff"]
+
+#: A link that lived this long resets the back-off; a shorter one counts as a failed attempt.
+STABLE_LINK = 5.0
+
+C = TypeVar("C", bound=TTRPCClient)
+
+
+def dial_backoff(
+    initial: float = 0.1, cap: float = 1.0, factor: float = 2.0, jitter: Callable[[], float] = random.random
+) -> Callable[[int], float]:
+    """Delay before retry number `attempt` (1, 2, ...): initial * factor**(attempt-1) plus up to `initial` of
+    jitter, never more than `cap` seconds (Twisted's `backoffPolicy` caps before the jitter; we cap after)."""
+    base = backoffPolicy(initialDelay=initial / factor, maxDelay=cap, factor=factor,
+                         jitter=lambda: initial * jitter())
+    return lambda attempt: min(cap, base(attempt))
+
+
+class DialTimeout(Exception):
+    """One dial attempt (connect plus the client's ready wait) took longer than the attempt timeout."""
+
+
+class LinkStopped(Exception):
+    """The link was stopped while the caller waited for a connection."""
+
+
+def describe_error(failure: Failure | BaseException) -> str:
+    """'Type: message' of an error, for logs and the deadline messages."""
+    err = failure.value if isinstance(failure, Failure) else failure
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class _Handle(Protocol):
+    """What `ClientService` holds for one ready link: it shares the client's transport (so the service's own
+    close reaches the link) and is told by `Link` when the client's connection is lost."""
+
+    def __init__(self, client: TTRPCClient) -> None:
+        self.client = client
+
+
+class _HandleFactory(Factory):
+    """Builds the `_Handle` of the client the gate has just made ready (`whenConnected()` yields the handle;
+    callers of a `Link` use `current` and `wait()` instead)."""
+
+    def __init__(self) -> None:
+        self.ready: TTRPCClient | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> _Handle | None:
+        client, self.ready = self.ready, None
+        return None if client is None else _Handle(client)
+
+
+@implementer(IStreamClientEndpoint)
+class _ReadyGate:
+    """The endpoint `ClientService` dials: one attempt of its `Link`."""
+
+    def __init__(self, link: Link[Any]) -> None:
+        self._link = link
+
+    def __repr__(self) -> str:
+        return f"<ready gate of {self._link._endpoint!r}>"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        return Deferred.fromCoroutine(self._link._attempt(protocolFactory))
+
+
+class Link(ClientService, Generic[C]):
+    """Keeps one client link up (see the module docstring).
+
+    `make_client(dialled_at)` builds the client protocol of an attempt started at `dialled_at` (clock time);
+    `client_ready(client)`, if given, is awaited before the link counts as up. `on_link(client)` and
+    `on_drop(client, lived)` are called when a link is handed out and when it drops while running,
+    `on_retry(last_error, failures, delay)` when a redial is scheduled after a failure or a short link.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        make_client: Callable[[float], C],
+        clock: IReactorTime,
+        retry_policy: Callable[[int], float],
+        attempt_timeout: float | None = None,
+        client_ready: Callable[[C], Awaitable[object]] | None = None,
+        stable_after: float = STABLE_LINK,
+        on_link: Callable[[C], None] | None = None,
+        on_drop: Callable[[C, float], None] | None = None,
+        on_retry: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self._handles = _HandleFactory()
+        super().__init__(_ReadyGate(self), self._handles, retryPolicy=self._next_delay, clock=clock)
+        self._endpoint = endpoint
+        self._make_client = make_client
+        self._clock = clock
+        self._policy = retry_policy
+        self._attempt_timeout = attempt_timeout
+        self._client_ready = client_ready
+        self._stable_after = stable_after
+        self._on_link = on_link
+        self._on_drop = on_drop
+        self._on_retry = on_retry
+        self._waiters: Notifier[C] = Notifier()
+        self._handout: IDelayedCall | None = None
+        self._failures = 0  # failed attempts and short links since the last stable link
+        self._after_stable_drop = False
+        self.current: C | None = None
+        self.connections = 0  # links handed out (1 + reconnects)
+        self.last_error = "no connection attempt finished yet"
+
+    # -- for callers
+    def wait(self) -> Deferred[C]:
+        """The live client, or the next one; fails with LinkStopped when the link stops. Cancelling it only ends
+        this wait."""
+        client = self.current
+        if client is not None and client.connected:
+            d: Deferred[C] = Deferred()
+            d.callback(client)
+            return d
+        if not self.running:
+            d = Deferred()
+            d.errback(LinkStopped())
+            return d
+        return self._waiters.wait()
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()  # no longer running: a drop from here on is not redialled
+        if self._handout is not None and self._handout.active():
+            self._handout.cancel()
+        self._handout = None
+        client, self.current = self.current, None
+        if client is not None:
+            client.abort()  # at once: a graceful TLS close could wait for an unresponsive peer
+        self._waiters.fail(LinkStopped())
+        return stopped
+
+    # -- the back-off
+    def _next_delay(self, attempt: int) -> float:
+        """`ClientService` asks once per failed attempt or dropped link; we count across links (see above)."""
+        if self._after_stable_drop:
+            self._after_stable_drop = False
+            self._failures = 0
+            return 0.0
+        self._failures += 1
+        delay = self._policy(self._failures)
+        if self._on_retry is not None:
+            self._on_retry(self.last_error, self._failures, delay)
+        return delay
+
+    # -- one attempt (called through _ReadyGate)
+    async def _attempt(self, factory: IProtocolFactory) -> IProtocol:
+        attempt = Deferred.fromCoroutine(self._connect_ready())
+        if self._attempt_timeout is not None:
+            attempt.addTimeout(self._attempt_timeout, self._clock)
+        try:
+            client = await attempt
+        except DeferredTimeout as e:
+            timeout = DialTimeout(f"dial timed out after {self._attempt_timeout:g}s")
+            self.last_error = describe_error(timeout)
+            raise timeout from e
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.last_error = describe_error(e)
+            raise
+        transport = client.transport
+        assert transport is not None
+        self._handles.ready = client
+        handle = factory.buildProtocol(transport.getPeer())
+        assert handle is not None
+        handle.makeConnection(transport)
+        linked_at = self._clock.seconds()
+        client.when_closed().addCallback(lambda _: self._dropped(client, handle, linked_at))
+        self._handout = self._clock.callLater(0, self._hand_out, client)
+        return handle
+
+    async def _connect_ready(self) -> C:
+        dialled_at = self._clock.seconds()
+        made: list[C] = []
+
+        def build() -> C:
+            made.append(self._make_client(dialled_at))
+            return made[-1]
+
+        client: C = await self._endpoint.connect(Factory.forProtocol(build))  # type: ignore[assignment]
+        try:
+            if self._client_ready is not None:
+                await self._client_ready(client)
+            if not client.connected:
+                raise ConnectionDone(f"closed during setup: {client.close_reason or 'by peer'}")
+        except BaseException:
+            client.abort()
+            raise
+        return client
+
+    def _hand_out(self, client: C) -> None:
+        self._handout = None
+        if not client.connected:
+            return
+        self.current = client
+        self.connections += 1
+        if self._on_link is not None:
+            self._on_link(client)
+        self._waiters.notify(client)
+
+    def _dropped(self, client: C, handle: IProtocol, linked_at: float) -> None:
+        lived = self._clock.seconds() - linked_at
+        if self.current is client:
+            self.current = None
+        if lived >= self._stable_after:
+            self._after_stable_drop = True
+        else:
+            self.last_error = f"link dropped after {lived:.3f}s: {client.close_reason or 'closed'}"
+        if self.running and self._on_drop is not None:
+            self._on_drop(client, lived)
+        # now ClientService learns of it: it schedules the redial through _next_delay (or finishes stopping)
+        handle.connectionLost(Failure(ConnectionDone(client.close_reason or "closed")))
