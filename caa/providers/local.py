@@ -61,7 +61,7 @@ from caa.providers.interfaces import (
     QuotaExceeded,
     TransientError,
 )
-from caa.providers.naming import instance_name
+from caa.podvm_api.naming import instance_name
 from caa.providers.options import ProviderOptions, parse_duration, parse_uint
 
 

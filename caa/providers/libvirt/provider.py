@@ -60,7 +60,7 @@ from caa.providers.libvirt.domainxml import (
     volume_capacity_bytes,
     volume_format,
 )
-from caa.providers.naming import instance_name
+from caa.podvm_api.naming import instance_name
 
 T = TypeVar("T")
 
