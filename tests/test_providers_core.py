@@ -1,4 +1,6 @@
-"""Unit tests of the provider framework: values, errors, options, registry, instance types (naming: test_podvm_api_naming)."""
+"""Unit tests of the provider framework: values, errors, options, registry, instance types.
+
+Naming is tested in test_podvm_api_naming."""
 
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from caa.providers.interfaces import (
 )
 from caa.providers.options import ProviderOptions, parse_bool, parse_duration
 from caa.providers.registry import ProviderRegistry, UnknownProvider
-
 
 
 class ValueTests(SynchronousTestCase):

@@ -36,6 +36,10 @@ def _pod_network(value: PodNetworkConfig | Mapping[str, Any] | None) -> PodNetwo
     return PodNetworkConfig.from_json(value)
 
 
+def _strings_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True, repr=False)
 class APFConfig:
     pod_network: PodNetworkConfig | None = attrs.field(default=None, converter=_pod_network)
@@ -45,7 +49,7 @@ class APFConfig:
     tls_server_cert: str = ""
     tls_client_ca: str = ""
     tls_min_version: str = ""
-    tls_cipher_suites: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    tls_cipher_suites: tuple[str, ...] = attrs.field(default=(), converter=_strings_tuple)
     #: upstream's legacy "secure comms" keys: read and carried, never used, never written by CAA
     sc_pp_prv: bytes = b""
     sc_wn_pub: bytes = b""
