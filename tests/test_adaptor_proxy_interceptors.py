@@ -15,12 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from caa.adaptor.interceptors import (
     CDI_KEY,
-    CLOUD_VOLUMES_KEY,
     TARGET_PATH_KEY,
     CreateContainerInterceptor,
     describe_call,
     rewrite_create_container,
 )
+from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION
 from caa.proto import agent_pb2, oci_pb2
 from caa.ttrpc import CallContext
 
@@ -109,7 +109,7 @@ class CreateContainerTests(SynchronousTestCase):
                             ("/o", csi("other", uid="someone-else"))],
                            **{"io.kubernetes.cri.sandbox-uid": UID})
         out = self.rewrite(req)
-        got = out.OCI.Annotations[CLOUD_VOLUMES_KEY]
+        got = out.OCI.Annotations[CLOUD_VOLUMES_ANNOTATION]
         self.assertEqual(got, json.dumps({
             "vol-0": {"mount_point": "/m0", "fs_type": "xfs", "lun": "0", "disk_id": "/dev/sdb",
                       "encrypt_type": "luks2", "key_id": "k1"},

@@ -15,6 +15,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from caa.forwarder import interceptors as ic
+from caa.podvm_api.volumes import CloudVolume, decode_cloud_volumes
 from caa.ttrpc import CallContext, Server
 from caa.ttrpc.endpoints import unix_server_endpoint
 from tests.test_forwarder_interceptors import decode_fields
@@ -41,10 +42,10 @@ class SecureMountTests(TestCase):
         disk = os.path.join(d, "disk")
         with open(disk, "wb") as f:
             f.write(b"LUKS\xba\xbe" + b"\0" * 1000)
-        v = ic.parse_cloud_volumes(
+        v = decode_cloud_volumes(
             '{"vol-0": {"mount_point": "/d", "lun": "0", "encrypt_type": "luks", "key_id": "ns/k/1"}}')[0]
         i = ic.Interceptors("/run/netns/podns", reactor, cdh_endpoint=lambda: UNIXClientEndpoint(reactor, sock))
-        self.patch(ic.CloudVolume, "host_path", property(lambda self: os.path.join(d, "mnt", self.name)))
+        self.patch(CloudVolume, "host_path", property(lambda self: os.path.join(d, "mnt", self.name)))
         await i._secure_mount(v, disk, 10.0)
         (service, method, payload), = seen
         self.assertEqual((service, method), ("api.SecureMountService", "SecureMount"))

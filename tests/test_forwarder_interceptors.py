@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.forwarder import interceptors as ic
+from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION, CloudVolume, decode_cloud_volumes
 from caa.proto import agent_pb2, oci_pb2
 from caa.ttrpc import CallContext, TTRPCError
 
@@ -128,37 +129,10 @@ class StepTests(SynchronousTestCase):
 
 
 class CloudVolumeTests(SynchronousTestCase):
-    def test_parse_sorted_and_defaults(self) -> None:
-        vols = ic.parse_cloud_volumes(
-            '{"vol-b": {"mount_point": "/data", "lun": "1"},'
-            ' "vol-a": {"mount_point": "/logs", "lun": "0", "fs_type": "xfs", "encrypt_type": "LUKS",'
-            ' "key_id": "default/k/1"}}')
-        self.assertEqual([v.name for v in vols], ["vol-a", "vol-b"])
-        self.assertEqual((vols[0].fs_type, vols[0].encrypt_type, vols[0].lun), ("xfs", "luks2", 0))
-        self.assertEqual((vols[1].fs_type, vols[1].host_path), ("ext4", "/run/cloud-volumes/vol-b"))
-        self.assertEqual(ic.parse_cloud_volumes(""), [])
-
-    def test_parse_errors(self) -> None:
-        cases = {
-            "{bad": "corrupt cloud_volumes annotation",
-            '{"v": {"lun": "0"}}': "missing required mount_point or lun",
-            '{"v": {"mount_point": "/d"}}': "missing required mount_point or lun",
-            '{"../x": {"mount_point": "/d", "lun": "0"}}': "unsafe name",
-            '{"..": {"mount_point": "/d", "lun": "0"}}': "unsafe name",
-            '{"v": {"mount_point": "/d", "lun": "0", "fs_type": "ntfs"}}': "unsupported filesystem type",
-            '{"v": {"mount_point": "/d", "lun": "x"}}': "invalid lun",
-            '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "aes"}}': "unsupported encryption",
-            '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "luks2"}}': "key_id",
-        }
-        for text, word in cases.items():
-            with self.assertRaises(ic.InterceptError) as cm:
-                ic.parse_cloud_volumes(text)
-            self.assertIn(word, str(cm.exception), text)
-
     def test_rewrite_mount(self) -> None:
         req = agent_pb2.CreateContainerRequest()
         req.OCI.Mounts.add(destination="/data", source="/var/lib/kubelet/x", type="ext4")
-        v = ic.parse_cloud_volumes('{"vol-0": {"mount_point": "/data", "lun": "0"}}')[0]
+        v = decode_cloud_volumes('{"vol-0": {"mount_point": "/data", "lun": "0"}}')[0]
         self.assertTrue(ic.rewrite_volume_mounts(req, v))
         self.assertEqual((req.OCI.Mounts[0].source, req.OCI.Mounts[0].type), ("/run/cloud-volumes/vol-0", "bind"))
         self.assertFalse(ic.rewrite_volume_mounts(agent_pb2.CreateContainerRequest(), v))
@@ -169,12 +143,11 @@ class CloudVolumeTests(SynchronousTestCase):
                                                   "CAA_DISK_DETECT_RETRY_DELAY": "1m500ms"}), (3, 60.5))
         self.assertEqual(ic.disk_detect_settings({"CAA_DISK_DETECT_MAX_ATTEMPTS": "0",
                                                   "CAA_DISK_DETECT_RETRY_DELAY": "2 s"}), (15, 2.0))
-        self.assertRaises(ValueError, ic.parse_go_duration, "5")
 
     def test_wait_for_data_disk(self) -> None:
         clock = Clock()
         found: list[str | None] = [None, None, "/dev/vdb"]
-        v = ic.parse_cloud_volumes('{"vol-0": {"mount_point": "/d", "lun": "0"}}')[0]
+        v = decode_cloud_volumes('{"vol-0": {"mount_point": "/d", "lun": "0"}}')[0]
         d = Deferred.fromCoroutine(ic.wait_for_data_disk(v, clock, ic._inline, 5, 2.0,
                                                          find=lambda lun, i: found.pop(0)))
         clock.advance(2)
@@ -190,7 +163,7 @@ class CloudVolumeTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_encrypted_volume_without_cdh(self) -> None:
-        v = ic.parse_cloud_volumes(
+        v = decode_cloud_volumes(
             '{"v": {"mount_point": "/d", "lun": "0", "encrypt_type": "luks2", "key_id": "k"}}')[0]
         i = ic.Interceptors(NETNS, Clock())
         f = self.failureResultOf(Deferred.fromCoroutine(i._secure_mount(v, "/dev/null", None)),
@@ -209,7 +182,7 @@ class CloudVolumeTests(SynchronousTestCase):
         self.assertRaises(OSError, ic.is_luks, os.path.join(d, "s"))
 
     def test_secure_mount_request_fields(self) -> None:
-        v = ic.parse_cloud_volumes(
+        v = decode_cloud_volumes(
             '{"vol-0": {"mount_point": "/d", "lun": "0", "encrypt_type": "LUKS", "key_id": "default/key/1"}}')[0]
         msg = decode_fields(ic.secure_mount_request(v, "/dev/sdc", "empty"))
         self.assertEqual(msg[1], [b"block-device"])
@@ -234,7 +207,7 @@ class InterceptorTableTests(SynchronousTestCase):
         self.clock = Clock()
         self.mounted: list[str] = []
         self.unmounted: list[str] = []
-        async def mount(v: ic.CloudVolume, remaining: float | None) -> None:
+        async def mount(v: CloudVolume, remaining: float | None) -> None:
             self.mounted.append(v.name)
 
         self.ic = ic.Interceptors(NETNS, self.clock, mount_volume=mount,
@@ -248,7 +221,7 @@ class InterceptorTableTests(SynchronousTestCase):
     def test_create_container(self) -> None:
         req = agent_pb2.CreateContainerRequest(container_id="c1")
         req.OCI.Mounts.add(destination="/data", source="/k", type="bind")
-        req.OCI.Annotations[ic.CLOUD_VOLUMES_ANNOTATION] = (
+        req.OCI.Annotations[CLOUD_VOLUMES_ANNOTATION] = (
             '{"vol-1": {"mount_point": "/data", "lun": "1"}, "vol-0": {"mount_point": "/x", "lun": "0"}}')
         out = agent_pb2.CreateContainerRequest.FromString(self.successResultOf(
             self._call("CreateContainer", req.SerializeToString())))
@@ -261,7 +234,7 @@ class InterceptorTableTests(SynchronousTestCase):
 
     def test_create_container_refused_not_forwarded(self) -> None:
         req = agent_pb2.CreateContainerRequest(container_id="c1")
-        req.OCI.Annotations[ic.CLOUD_VOLUMES_ANNOTATION] = "{corrupt"
+        req.OCI.Annotations[CLOUD_VOLUMES_ANNOTATION] = "{corrupt"
         f = self.failureResultOf(self._call("CreateContainer", req.SerializeToString()), TTRPCError)
         self.assertIn("corrupt cloud_volumes annotation", str(f.value))
 

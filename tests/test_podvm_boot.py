@@ -33,7 +33,8 @@ POD_IP = "10.244.1.21/24"
 
 def simple_pod_user_data(worker_ip: str) -> bytes:
     """The cloud-config the adaptor would send for a one-interface pod, with TLS disabled."""
-    from caa.adaptor.userdata import APFConfig, user_data
+    from caa.adaptor.userdata import user_data
+    from caa.podvm_api.apf import APFConfig
 
     pod_network = {
         "podip": POD_IP,

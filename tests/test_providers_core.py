@@ -1,4 +1,6 @@
-"""Unit tests of the provider framework: values, errors, naming, options, registry, instance types."""
+"""Unit tests of the provider framework: values, errors, options, registry, instance types.
+
+Naming is tested in test_podvm_api_naming."""
 
 from __future__ import annotations
 
@@ -20,11 +22,8 @@ from caa.providers.interfaces import (
     ProviderError,
     TransientError,
 )
-from caa.providers.naming import instance_name
 from caa.providers.options import ProviderOptions, parse_bool, parse_duration
 from caa.providers.registry import ProviderRegistry, UnknownProvider
-
-SID = "3f2a9c81e0d1" + "0" * 52
 
 
 class ValueTests(SynchronousTestCase):
@@ -43,23 +42,6 @@ class ValueTests(SynchronousTestCase):
         self.assertFalse(error.retryable)
         self.assertEqual(str(error), "bad")
         self.assertEqual(error.instance_id, "x")
-
-
-class NamingTests(SynchronousTestCase):
-    def test_simple(self) -> None:
-        self.assertEqual(instance_name("nginx-7d9f", SID), "podvm-nginx-7d9f-3f2a9c81")
-
-    def test_sanitised(self) -> None:
-        self.assertEqual(instance_name("My_Pod.x", "ABCDEF12XYZ"), "podvm-my-pod-x-abcdef12")
-
-    def test_truncated(self) -> None:
-        name = instance_name("p" * 100, SID)
-        self.assertEqual(len(name), 63)
-        self.assertEqual(name, "podvm-" + "p" * 48 + "-3f2a9c81")
-        self.assertEqual(len(instance_name("p" * 100, SID, 47)), 47)
-
-    def test_limit_too_small(self) -> None:
-        self.assertRaises(ValueError, instance_name, "p", SID, 14)
 
 
 class _Options(ProviderOptions):

@@ -1,4 +1,4 @@
-"""caa-process-user-data: strict cloud-config parsing, allow-listed writes with modes, retry, CLI."""
+"""caa-process-user-data: allow-listed writes with modes, retry, CLI (the parser: test_podvm_api_cloudconfig)."""
 
 from __future__ import annotations
 
@@ -14,56 +14,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.forwarder import userdata
+from caa.podvm_api.cloudconfig import PEERPOD_FILES, WriteFile, render
 
 APF = '{\n    "pod-network": {"podip": "10.244.1.21/24"},\n    "pod-name": "nginx"\n}\n'
 AUTH = '{"auths":{"quay.io":{"auth":"dXNlcjpwYXNz"}}}\n'
 
 
 def cloud_config(files: list[tuple[str, str]]) -> str:
-    """Render like the adaptor's template (spec-adaptor §5.6)."""
-    out = "#cloud-config\n"
-    if files:
-        out += "\nwrite_files:\n"
-    for path, content in files:
-        out += f"  - path: {path}\n"
-        if content:
-            out += "    content: |\n"
-            lines = content.split("\n")
-            if lines and lines[-1] == "":
-                lines = lines[:-1]
-            out += "".join(f"      {line}\n" for line in lines)
-    return out
-
-
-class ParseTests(SynchronousTestCase):
-    def test_adaptor_document(self) -> None:
-        doc = cloud_config([("/run/peerpod/apf.json", APF), ("/run/peerpod/auth.json", AUTH),
-                            ("/run/peerpod/scratch-space.marker", "")])
-        files = userdata.parse_cloud_config(doc)
-        self.assertEqual(files, [userdata.WriteFile("/run/peerpod/apf.json", APF),
-                                 userdata.WriteFile("/run/peerpod/auth.json", AUTH),
-                                 userdata.WriteFile("/run/peerpod/scratch-space.marker", "")])
-
-    def test_empty_documents(self) -> None:
-        self.assertEqual(userdata.parse_cloud_config("write_files: []"), [])
-        self.assertEqual(userdata.parse_cloud_config("#cloud-config\n"), [])
-        self.assertEqual(userdata.parse_cloud_config(""), [])
-
-    def test_strict(self) -> None:
-        bad = {
-            "%$#": "YAML",
-            "runcmd: [ls]\n": "runcmd",
-            "write_files:\n- path: /run/peerpod/apf.json\n  owner: root\n": "owner",
-            "write_files:\n- path: /x\n  permissions: '0644'\n": "permissions",
-            "write_files:\n- path: /x\n  path: /y\n": "duplicate",
-            "write_files: {}\n": "list",
-            "write_files:\n- path: /x\n  content: 3\n": "strings",
-            "- a\n": "mapping",
-        }
-        for doc, word in bad.items():
-            with self.assertRaises(userdata.UserDataError) as cm:
-                userdata.parse_cloud_config(doc)
-            self.assertIn(word, str(cm.exception), doc)
+    """The document as the adaptor renders it."""
+    return render([WriteFile(path, content) for path, content in files])
 
 
 class WriteTests(SynchronousTestCase):
@@ -72,15 +31,15 @@ class WriteTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.dir)
 
     def test_allowed_files_and_modes(self) -> None:
-        files = [userdata.WriteFile(f"/run/peerpod/{n}", f"{n}\n") for n in userdata.ALLOWED_FILES]
-        files += [userdata.WriteFile("/run/peerpod/policy.rego", "x"),
-                  userdata.WriteFile("/run/peerpod/../etc/passwd", "x"),
-                  userdata.WriteFile("/etc/passwd", "x"),
-                  userdata.WriteFile("/run/peerpod/apf.json/", "x")]
+        files = [WriteFile(f"/run/peerpod/{n}", f"{n}\n") for n in PEERPOD_FILES]
+        files += [WriteFile("/run/peerpod/policy.rego", "x"),
+                  WriteFile("/run/peerpod/../etc/passwd", "x"),
+                  WriteFile("/etc/passwd", "x"),
+                  WriteFile("/run/peerpod/apf.json/", "x")]
         written = userdata.write_allowed_files(files, self.dir)
-        self.assertEqual(written, list(userdata.ALLOWED_FILES))
-        self.assertEqual(sorted(os.listdir(self.dir)), sorted(userdata.ALLOWED_FILES))
-        for n in userdata.ALLOWED_FILES:
+        self.assertEqual(written, list(PEERPOD_FILES))
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(PEERPOD_FILES))
+        for n in PEERPOD_FILES:
             self.assertEqual((self.dir / n).read_text(), f"{n}\n")
             mode = stat.S_IMODE(os.stat(self.dir / n).st_mode)
             self.assertEqual(mode, 0o600 if n in ("auth.json", "apf.json") else 0o644, n)
@@ -153,22 +112,3 @@ class CommandLineTests(SynchronousTestCase):
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(r.returncode, 1)
         self.assertIn("caa-process-user-data: failed to retrieve cloud config", r.stderr)
-
-
-class FuzzTests(SynchronousTestCase):
-    def test_arbitrary_text_only_user_data_errors(self) -> None:
-        from hypothesis import given, settings
-        from hypothesis import strategies as st
-
-        @settings(max_examples=60, deadline=None)
-        @given(st.one_of(st.text(max_size=200), st.binary(max_size=200),
-                         st.builds(lambda p, c: cloud_config([(p, c)]), st.text(max_size=30),
-                                   st.text(max_size=60))))
-        def check(doc: str | bytes) -> None:
-            try:
-                files = userdata.parse_cloud_config(doc)
-            except userdata.UserDataError:
-                return
-            self.assertTrue(all(isinstance(f, userdata.WriteFile) for f in files))
-
-        check()

@@ -27,13 +27,13 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
+from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION, CloudVolume, encode_cloud_volumes
 from caa.proto import agent_pb2
 from caa.ttrpc import CallContext
 
 DIRECT_VOLUMES_DIR = "/run/kata-containers/shared/direct-volumes"
 CSI_PATH_PART = "/volumes/kubernetes.io~csi/"
 TARGET_PATH_KEY = "io.confidentialcontainers.org.peerpodvolumes.target_path"
-CLOUD_VOLUMES_KEY = "io.confidentialcontainers.org.cloud_volumes"
 CDI_KEY = "cdi.k8s.io/peer-pods"
 CDI_VALUE = "nvidia.com/gpu=all"
 GPUS_KEY = "io.katacontainers.config.hypervisor.default_gpus"
@@ -55,20 +55,13 @@ def _b64url_decode(name: str) -> str | None:
         return None
 
 
-def _go_json(obj: Any) -> str:
-    """Compact JSON as Go's encoding/json writes it (HTML-safe escapes, raw UTF-8)."""
-    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-
-
-def _cloud_volumes(spec: Any, volumes_dir: str) -> dict[str, dict[str, str]]:
+def _cloud_volumes(spec: Any, volumes_dir: str) -> list[CloudVolume]:
     try:
         names = sorted(os.listdir(volumes_dir))
     except OSError:
-        return {}
+        return []
     pod_uid = spec.Annotations.get(SANDBOX_UID_KEY, "")
-    out: dict[str, dict[str, str]] = {}
+    out: list[CloudVolume] = []
     idx = 0
     for name in names:
         entry = os.path.join(volumes_dir, name)
@@ -103,12 +96,10 @@ def _cloud_volumes(spec: Any, volumes_dir: str) -> dict[str, dict[str, str]]:
                       disk_id=disk_id)
             idx += 1
             continue
-        vol: dict[str, str] = {"mount_point": dest, "fs_type": fs_type, "lun": str(idx), "disk_id": disk_id}
-        if isinstance(md.get("encrypt-type"), str) and md["encrypt-type"]:
-            vol["encrypt_type"] = md["encrypt-type"]
-        if isinstance(md.get("kbs-key-id"), str) and md["kbs-key-id"]:
-            vol["key_id"] = md["kbs-key-id"]
-        out[f"vol-{idx}"] = vol
+        encrypt_type, key_id = md.get("encrypt-type"), md.get("kbs-key-id")
+        out.append(CloudVolume(f"vol-{idx}", dest, fs_type, idx, disk_id,
+                               encrypt_type=encrypt_type if isinstance(encrypt_type, str) else "",
+                               key_id=key_id if isinstance(key_id, str) else ""))
         idx += 1
     return out
 
@@ -152,7 +143,7 @@ def rewrite_create_container(payload: bytes, volumes_dir: str = DIRECT_VOLUMES_D
 
     volumes = _cloud_volumes(spec, volumes_dir)
     if volumes:
-        ann[CLOUD_VOLUMES_KEY] = _go_json(dict(sorted(volumes.items())))
+        ann[CLOUD_VOLUMES_ANNOTATION] = encode_cloud_volumes(volumes)
         changed = True
 
     return req.SerializeToString() if changed else payload

@@ -30,7 +30,9 @@ from caa.adaptor.interfaces import (
     SandboxState,
 )
 from caa.adaptor.store import write_atomic
-from caa.adaptor.userdata import AnnotationError, APFConfig, instance_spec, pod_identity, user_data, vm_name
+from caa.adaptor.userdata import AnnotationError, instance_spec, pod_identity, user_data
+from caa.podvm_api.apf import APFConfig
+from caa.podvm_api.naming import instance_name
 from caa.providers.interfaces import ErrorKind, Instance, InstanceSpec, IProvider, ProviderError
 from caa.ttrpc.status import Code, TTRPCError
 
@@ -168,7 +170,7 @@ class CloudService:
         self._log.info("create a sandbox {sandbox_id} for pod {pod} in namespace {namespace} (netns {netns})",
                        sandbox_id=sandbox_id, pod=pod_name, namespace=pod_ns, netns=netns)
         spec = instance_spec(annotations, multi_nic=self.config.ext_network_via_podvm)
-        server_name = vm_name(pod_name, sandbox_id)
+        server_name = instance_name(pod_name, sandbox_id)
         pod_dir = self.store.pod_dir(sandbox_id)
         socket_path = os.path.join(pod_dir, SOCKET_NAME)
         record = SandboxRecord(

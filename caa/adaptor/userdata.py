@@ -1,23 +1,27 @@
-"""What CreateVM computes from the request: pod identity, instance spec, VM name, apf.json, cloud-config.
+"""What CreateVM computes from the request: pod identity, instance spec, auth.json and the user data.
 
-Key names and layouts follow upstream byte for byte (spec-adaptor §5.2, §5.5, §5.6) so unmodified pod
-VM images accept the user data.
+The formats themselves (apf.json, the cloud-config document, initdata, VM names) live in caa.podvm_api,
+which the pod VM side reads with; this module only decides what goes into them (spec-adaptor §5.2, §5.6).
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
-import re
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from twisted.logger import Logger
 
+from caa.podvm_api import cloudconfig, gojson, initdata
+from caa.podvm_api.apf import APFConfig
+from caa.podvm_api.cloudconfig import APF_PATH, AUTH_PATH, INITDATA_PATH, SCRATCH_PATH, WriteFile
+from caa.podvm_api.initdata import validate as validate_initdata
 from caa.providers.interfaces import InstanceSpec
+
+__all__ = [
+    "ANN_POD_NAME", "ANN_POD_NAMESPACE", "ANN_POD_UID", "ANN_INITDATA", "AnnotationError", "auth_json",
+    "instance_spec", "pod_identity", "user_data",
+    # kept importable here for adaptor/options.py (--initdata); the home is caa.podvm_api.initdata
+    "validate_initdata",
+]
 
 ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
 ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
@@ -30,10 +34,6 @@ ANN_MEMORY = ANN_PREFIX + "default_memory"
 ANN_GPUS = ANN_PREFIX + "default_gpus"
 ANN_INITDATA = ANN_PREFIX + "cc_init_data"
 
-APF_PATH = "/run/peerpod/apf.json"
-AUTH_PATH = "/run/peerpod/auth.json"
-INITDATA_PATH = "/run/peerpod/initdata"
-SCRATCH_PATH = "/run/peerpod/scratch-space.marker"
 MAX_AUTH_JSON = 12288
 
 _log = Logger(namespace="caa.adaptor.userdata")
@@ -82,108 +82,11 @@ def instance_spec(annotations: Mapping[str, str], multi_nic: bool = False,
     )
 
 
-_BAD = re.compile(r"[^a-z0-9-]")
-
-
-def _sanitise(s: str) -> str:
-    return _BAD.sub("-", s.lower())
-
-
-def vm_name(pod_name: str, sandbox_id: str, max_len: int = 63) -> str:
-    """podvm-<pod>-<sid8> (§5.2): lower-case, [a-z0-9-] only, pod part cut so the total is <= max_len."""
-    pod = _sanitise(pod_name)
-    sid8 = _sanitise(sandbox_id)[:8]
-    if 5 + len(pod) + 10 > max_len:
-        pod = pod[: max_len - 5 - 10]
-    return f"podvm-{pod}-{sid8}"
-
-
-@dataclass(frozen=True)
-class APFConfig:
-    """apf.json (§5.5). pod_network is the "pod-network" object as built by the network package."""
-
-    pod_namespace: str
-    pod_name: str
-    pod_network: Mapping[str, Any]
-    tls_server_key: str = ""
-    tls_server_cert: str = ""
-    tls_client_ca: str = ""
-    tls_min_version: str = ""
-    tls_cipher_suites: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "pod-network": dict(self.pod_network),
-            "pod-namespace": self.pod_namespace,
-            "pod-name": self.pod_name,
-        }
-        for key, value in (("tls-server-key", self.tls_server_key), ("tls-server-cert", self.tls_server_cert),
-                           ("tls-client-ca", self.tls_client_ca), ("tls-min-version", self.tls_min_version)):
-            if value:
-                d[key] = value
-        if self.tls_cipher_suites:
-            d["tls-cipher-suites"] = list(self.tls_cipher_suites)
-        return d
-
-    def to_json(self) -> str:
-        """Pretty-printed with 4 spaces, as upstream writes it (Go MarshalIndent escapes <, > and &)."""
-        text = json.dumps(self.to_dict(), indent=4, ensure_ascii=False)
-        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-@dataclass(frozen=True)
-class WriteFile:
-    path: str
-    content: str = ""
-
-
-def cloud_config(files: Sequence[WriteFile]) -> str:
-    """The cloud-init text of §5.6, byte for byte."""
-    lines = ["#cloud-config"]
-    if files:
-        lines += ["", "write_files:"]
-        for f in files:
-            lines.append(f"  - path: {f.path}")
-            if f.content:
-                lines.append("    content: |")
-                pieces = f.content.split("\n")
-                if pieces and pieces[-1] == "":
-                    pieces.pop()
-                lines += ["      " + p for p in pieces]
-    return "\n".join(lines) + "\n"
-
-
-def encode_initdata(toml_text: str) -> str:
-    """base64(std, padded) of gzip of the initdata TOML (annotation content, §5.6 row 3)."""
-    return base64.b64encode(gzip.compress(toml_text.encode(), mtime=0)).decode()
-
-
-def validate_initdata(value: str) -> None:
-    """Validate the global --initdata (gzip+base64 TOML); raises ValueError naming what is wrong."""
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-        if raw[:2] == b"\x1f\x8b":  # gzip (what upstream writes); plain TOML is accepted too
-            raw = gzip.decompress(raw)
-    except Exception as e:
-        raise ValueError(f"initdata is not base64 (of gzip) data: {e}") from e
-    try:
-        doc = tomllib.loads(raw.decode())
-    except Exception as e:
-        raise ValueError(f"initdata is not valid TOML: {e}") from e
-    if doc.get("algorithm") not in ("sha256", "sha384", "sha512"):
-        raise ValueError(f"initdata algorithm {doc.get('algorithm')!r} is not sha256, sha384 or sha512")
-    if not isinstance(doc.get("version"), str):
-        raise ValueError("initdata has no version string")
-    data = doc.get("data", {})
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ValueError("initdata [data] must be a table of strings")
-
-
 def auth_json(auths: Mapping[str, str]) -> str | None:
-    """Compact {"auths":{reg:{"auth":...}}} or None when empty or over 12288 bytes."""
+    """Compact Go JSON {"auths":{reg:{"auth":...}}} or None when empty or over 12288 bytes."""
     if not auths:
         return None
-    text = json.dumps({"auths": {r: {"auth": a} for r, a in auths.items()}}, separators=(",", ":"))
+    text = gojson.dumps({"auths": {r: {"auth": a} for r, a in auths.items()}})
     if len(text.encode()) > MAX_AUTH_JSON:
         _log.warn("auth.json is {size} bytes (> {limit}); not sent to the pod VM", size=len(text), limit=MAX_AUTH_JSON)
         return None
@@ -198,9 +101,9 @@ def user_data(apf: APFConfig, annotations: Mapping[str, str], default_initdata: 
     if auth is not None:
         files.append(WriteFile(AUTH_PATH, auth))
     ann = annotations.get(ANN_INITDATA, "")
-    initdata = encode_initdata(ann) if ann else default_initdata
-    if initdata:
-        files.append(WriteFile(INITDATA_PATH, initdata))
+    encoded = initdata.encode(ann) if ann else default_initdata
+    if encoded:
+        files.append(WriteFile(INITDATA_PATH, encoded))
     if scratch_space:
         files.append(WriteFile(SCRATCH_PATH))
-    return cloud_config(files)
+    return cloudconfig.render(files)

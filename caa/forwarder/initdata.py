@@ -1,45 +1,21 @@
-"""initdata: decode `/run/peerpod/initdata`, compute its digest exactly as upstream, extract the guest configs.
+"""initdata in the pod VM: decode `/run/peerpod/initdata`, write its digest and the guest configs it carries.
 
-Format (spec-podvm §2.4): base64 (standard alphabet; line breaks ignored) of gzip of a TOML document
-
-    algorithm = "sha384"      # sha256 | sha384 | sha512
-    version = "0.1.0"
-    [data]
-    "aa.toml" = '''...'''     # all values are strings
-    "cdh.toml" = '''...'''
-    "policy.rego" = '''...'''
-
-The digest is the lowercase hex of `algorithm` over the decompressed TOML bytes exactly as received. Older
-adaptors sent base64 of the TOML without gzip; that is accepted too (told apart by the gzip magic).
+The document format, its decoding and digest are `caa.podvm_api.initdata` (shared with the adaptor, which
+encodes it); this module is upstream's `extractInitdataAndHash`: which files it may write, and the default
+document written when the user data brought none.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import gzip
-import hashlib
 import os
-import tomllib
-import zlib
 from pathlib import Path
 
-import attr
 from twisted.logger import Logger
 
-__all__ = [
-    "InitdataError",
-    "Initdata",
-    "ALGORITHMS",
-    "INITDATA_FILES",
-    "DUMMY_TOML",
-    "decode",
-    "encode",
-    "parse",
-    "process",
-]
+from caa.podvm_api.initdata import Initdata, InitdataError, decode, encode, parse
 
-ALGORITHMS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+__all__ = ["DUMMY_TOML", "INITDATA_FILES", "InitdataError", "process", "write_file"]
+
 #: The only names initdata may write (relative to the output directory).
 INITDATA_FILES = ("aa.toml", "cdh.toml", "policy.rego")
 #: Written when no initdata came with the user data: it yields an empty aa.toml, which starts the
@@ -47,62 +23,6 @@ INITDATA_FILES = ("aa.toml", "cdh.toml", "policy.rego")
 DUMMY_TOML = b'algorithm = "sha256"\nversion = "0.1.0"\n\n[data]\n"aa.toml" = \'\'\'\n\'\'\''
 
 _log = Logger(namespace="caa.forwarder.initdata")
-
-
-class InitdataError(ValueError):
-    """The initdata document is malformed; the message says which step failed."""
-
-
-@attr.frozen
-class Initdata:
-    algorithm: str
-    version: str
-    data: dict[str, str]
-    toml: bytes
-    digest: str
-
-
-def decode(text: bytes | str) -> bytes:
-    """base64 (line breaks ignored) -> gunzip (multi-member) -> the TOML bytes."""
-    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
-    raw = raw.replace(b"\r", b"").replace(b"\n", b"")  # like Go: only line breaks ignored
-    try:
-        blob = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InitdataError(f"initdata is not valid base64: {e}") from None
-    if blob[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(blob)
-        except (OSError, EOFError, zlib.error) as e:
-            raise InitdataError(f"initdata is not valid gzip: {e}") from None
-    return blob
-
-
-def encode(toml: bytes) -> bytes:
-    """The inverse of `decode`: base64 of gzip (what the adaptor sends)."""
-    return base64.b64encode(gzip.compress(toml, mtime=0))
-
-
-def parse(toml: bytes) -> Initdata:
-    """Parse and validate the TOML document; compute the digest over `toml` as given."""
-    try:
-        doc = tomllib.loads(toml.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise InitdataError(f"initdata is not valid TOML: {e}") from None
-    algorithm = doc.get("algorithm")
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        raise InitdataError(f"initdata: unsupported algorithm {algorithm!r} (sha256, sha384 or sha512)")
-    version = doc.get("version", "")
-    if not isinstance(version, str):
-        raise InitdataError(f"initdata: version must be a string, not {type(version).__name__}")
-    data = doc.get("data", {})
-    if not isinstance(data, dict):
-        raise InitdataError("initdata: [data] must be a table")
-    for k, v in data.items():
-        if not isinstance(v, str):
-            raise InitdataError(f"initdata: data value {k!r} must be a string, not {type(v).__name__}")
-    digest = ALGORITHMS[algorithm](toml).hexdigest()
-    return Initdata(algorithm=algorithm, version=version, data=dict(data), toml=toml, digest=digest)
 
 
 def write_file(path: Path, content: bytes, mode: int = 0o644) -> None:
@@ -132,7 +52,7 @@ def process(output_dir: str | os.PathLike[str]) -> Initdata:
     else:
         _log.info("no initdata: writing the default one")
         toml = DUMMY_TOML
-        write_file(source, encode(toml))
+        write_file(source, encode(toml).encode("ascii"))
     init = parse(toml)
     allowed = {os.path.normpath(out / n) for n in INITDATA_FILES}
     for key, value in init.data.items():

@@ -12,48 +12,40 @@ Each step is a plain function with its own tests; `Interceptors` strings them to
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from caa.podvm_api.godur import parse_duration
+from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION, CloudVolume, VolumeError, decode_cloud_volumes
 from caa.ttrpc import CallContext, Code, TTRPCError
 
 __all__ = [
     "AGENT_SERVICE",
-    "CLOUD_VOLUMES_ANNOTATION",
     "TARGET_PATH_ANNOTATION",
-    "CLOUD_VOLUMES_DIR",
-    "CloudVolume",
     "InterceptError",
     "Interceptors",
     "add_network_namespace",
     "clear_dns",
     "create_bind_sources",
     "target_paths",
-    "parse_cloud_volumes",
     "rewrite_volume_mounts",
     "is_mount_point",
     "wait_for_mounts",
     "wait_for_data_disk",
     "disk_detect_settings",
-    "parse_go_duration",
     "is_luks",
     "secure_mount_request",
 ]
 
 AGENT_SERVICE = "grpc.AgentService"
-CLOUD_VOLUMES_ANNOTATION = "io.confidentialcontainers.org.cloud_volumes"
 TARGET_PATH_ANNOTATION = "io.confidentialcontainers.org.peerpodvolumes.target_path"
-CLOUD_VOLUMES_DIR = "/run/cloud-volumes"
-FS_TYPES = ("ext4", "ext3", "xfs")
 #: Upper bound of a CSI target-path wait (upstream: 3 min), also bounded by the call's deadline.
 MOUNT_WAIT_LIMIT = 180.0
 MOUNT_WAIT_MAX_DELAY = 5.0
@@ -151,66 +143,7 @@ def clear_dns(req: Any) -> bool:
     return had
 
 
-# --- cloud volumes ----------------------------------------------------------------------------------------
-
-
-@attr.frozen
-class CloudVolume:
-    name: str
-    mount_point: str
-    fs_type: str
-    lun: int
-    disk_id: str = ""
-    fs_group: str = ""
-    encrypt_type: str = ""
-    key_id: str = ""
-
-    @property
-    def host_path(self) -> str:
-        return f"{CLOUD_VOLUMES_DIR}/{self.name}"
-
-    @property
-    def mapper_name(self) -> str:
-        return f"caa-{self.name}"
-
-
-def parse_cloud_volumes(text: str) -> list[CloudVolume]:
-    """The cloud_volumes annotation -> volumes in sorted name order, validated (upstream's error texts)."""
-    if not text.strip():
-        return []
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise InterceptError(f"corrupt cloud_volumes annotation: {e}") from None
-    if not isinstance(doc, dict):
-        raise InterceptError("corrupt cloud_volumes annotation: expected a JSON object")
-    out: list[CloudVolume] = []
-    for name in sorted(doc):
-        spec = doc[name]
-        if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
-            raise InterceptError(f"corrupt cloud_volumes annotation: cloud volume {name}: values must be strings")
-        mount_point, lun = spec.get("mount_point", ""), spec.get("lun", "")
-        if not mount_point or not lun:
-            raise InterceptError(f"cloud volume {name}: missing required mount_point or lun field")
-        if name in ("", ".", "..") or os.path.basename(name) != name:
-            raise InterceptError(f"cloud volume {name!r}: unsafe name")
-        fs_type = spec.get("fs_type") or "ext4"
-        if fs_type not in FS_TYPES:
-            raise InterceptError(f"cloud volume {name}: unsupported filesystem type {fs_type!r}")
-        try:
-            lun_n = int(lun)
-        except ValueError:
-            raise InterceptError(f"cloud volume {name}: invalid lun {lun!r}") from None
-        encrypt = spec.get("encrypt_type", "")
-        if encrypt:
-            if encrypt.lower() not in ("luks", "luks2"):
-                raise InterceptError(f"cloud volume {name}: unsupported encryption type {encrypt!r}")
-            encrypt = "luks2"
-            if not spec.get("key_id"):
-                raise InterceptError(f"cloud volume {name}: key_id is required for encryption")
-        out.append(CloudVolume(name, mount_point, fs_type, lun_n, spec.get("disk_id", ""),
-                               spec.get("fs_group", ""), encrypt, spec.get("key_id", "")))
-    return out
+# --- cloud volumes (the annotation's format is caa.podvm_api.volumes) --------------------------------------
 
 
 def rewrite_volume_mounts(req: Any, volume: CloudVolume) -> bool:
@@ -246,17 +179,6 @@ def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev") -> str | None
     return None
 
 
-def parse_go_duration(text: str) -> float:
-    """A Go duration such as "2s", "1500ms", "1m30s" -> seconds; ValueError when malformed."""
-    import re
-
-    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"invalid duration {text!r}")
-    return sum(float(n) * units[u] for n, u in parts)
-
-
 def disk_detect_settings(environ: Mapping[str, str] = os.environ) -> tuple[int, float]:
     """(attempts, delay) from CAA_DISK_DETECT_MAX_ATTEMPTS (int > 0, default 15) and
     CAA_DISK_DETECT_RETRY_DELAY (Go duration, default 2s); bad values fall back to the defaults."""
@@ -267,7 +189,7 @@ def disk_detect_settings(environ: Mapping[str, str] = os.environ) -> tuple[int, 
     raw = environ.get("CAA_DISK_DETECT_RETRY_DELAY", "")
     if raw:
         try:
-            delay = parse_go_duration(raw)
+            delay = parse_duration(raw)
         except ValueError:
             _log.warn("ignoring CAA_DISK_DETECT_RETRY_DELAY={value!r}", value=raw)
     return attempts, delay
@@ -503,7 +425,11 @@ class Interceptors:
         try:
             add_network_namespace(req, self.netns_path)
             annotations = dict(req.OCI.Annotations)
-            for volume in parse_cloud_volumes(annotations.get(CLOUD_VOLUMES_ANNOTATION, "")):
+            try:
+                volumes = decode_cloud_volumes(annotations.get(CLOUD_VOLUMES_ANNOTATION, ""))
+            except VolumeError as e:
+                raise InterceptError(str(e)) from None
+            for volume in volumes:
                 await self._mount_volume(volume, ctx.remaining())
                 if volume not in self.mounted:
                     self.mounted.append(volume)

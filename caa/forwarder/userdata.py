@@ -7,9 +7,10 @@ One-shot, run before the forwarder (spec-podvm §2). Sources, first match wins:
 2. Azure IMDS, 3. AWS IMDS (v2 token, v1 fallback), 4. GCP metadata server, 5. Alibaba Cloud metadata,
    each detected from `/sys/class/dmi/id/sys_vendor` (GCP also by probing its metadata server).
 
-The document is a strict cloud-config: only `write_files` items with `path` and `content`; any other key
-or a duplicate key is an error. Only the six allowed paths are written (credentials 0600, the rest 0644);
-then initdata is processed (`caa.forwarder.initdata`).
+The document is a strict cloud-config (`caa.podvm_api.cloudconfig`, shared with the adaptor that writes it):
+only `write_files` items with `path` and `content`; any other key or a duplicate key is an error. Only the six
+allowed paths are written (credentials 0600, the rest 0644); then initdata is processed
+(`caa.forwarder.initdata`).
 """
 
 from __future__ import annotations
@@ -24,21 +25,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attr
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from caa.forwarder import initdata
+from caa.podvm_api.cloudconfig import PEERPOD_DIR, PEERPOD_FILES, CloudConfigError, WriteFile
+from caa.podvm_api.cloudconfig import parse as parse_cloud_config
 
 __all__ = [
     "UserDataError",
-    "WriteFile",
-    "ALLOWED_FILES",
     "CREDENTIAL_FILES",
-    "PEERPOD_DIR",
-    "parse_cloud_config",
     "write_allowed_files",
     "FileSource",
     "AzureSource",
@@ -52,8 +51,6 @@ __all__ = [
     "main",
 ]
 
-PEERPOD_DIR = "/run/peerpod"
-ALLOWED_FILES = ("aa.toml", "cdh.toml", "apf.json", "auth.json", "initdata", "scratch-space.marker")
 #: Files holding secrets: registry credentials, and apf.json which carries the VM's TLS server key.
 CREDENTIAL_FILES = frozenset({"auth.json", "apf.json"})
 CIDATA_DIR = "/media/cidata"
@@ -85,86 +82,12 @@ class UserDataError(Exception):
     """User data could not be fetched, decoded or parsed; the message says which."""
 
 
-@attr.frozen
-class WriteFile:
-    path: str
-    content: str
-
-
-# --- strict cloud-config --------------------------------------------------------------------------------
-
-
-def _strict_loader() -> type:
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return dict(yaml.SafeLoader.construct_mapping(loader, node, deep=deep))
-
-    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return StrictLoader
-
-
-def parse_cloud_config(text: bytes | str) -> list[WriteFile]:
-    """Parse the strict `{write_files: [{path, content}]}` cloud-config (upstream's yaml.v2 UnmarshalStrict).
-
-    `#cloud-config` is a comment; an empty document gives no files. Any other key at either level, a
-    duplicate key or a non-string value is a `UserDataError`.
-    """
-    import yaml
-
-    try:
-        doc = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as e:
-        raise UserDataError(f"invalid cloud-config YAML: {e}") from None
-    if doc is None:
-        return []
-    if not isinstance(doc, dict):
-        raise UserDataError(f"cloud-config must be a mapping, not {type(doc).__name__}")
-    extra = sorted(str(k) for k in doc if k != "write_files")
-    if extra:
-        raise UserDataError(f"cloud-config: unsupported key(s) {', '.join(extra)}")
-    items = doc.get("write_files")
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        raise UserDataError("cloud-config: write_files must be a list")
-    files: list[WriteFile] = []
-    for i, item in enumerate(items):
-        if item is None:
-            item = {}
-        if not isinstance(item, dict):
-            raise UserDataError(f"cloud-config: write_files[{i}] must be a mapping")
-        extra = sorted(str(k) for k in item if k not in ("path", "content"))
-        if extra:
-            raise UserDataError(f"cloud-config: write_files[{i}]: unsupported key(s) {', '.join(extra)}")
-        path, content = item.get("path", ""), item.get("content", "")
-        path = "" if path is None else path
-        content = "" if content is None else content
-        if not isinstance(path, str) or not isinstance(content, str):
-            raise UserDataError(f"cloud-config: write_files[{i}]: path and content must be strings")
-        files.append(WriteFile(path, content))
-    return files
-
-
-
-
 def write_allowed_files(files: Sequence[WriteFile], output_dir: str | os.PathLike[str]) -> list[str]:
     """Write each file whose path is exactly `/run/peerpod/<allowed name>` into `output_dir`.
 
     Returns the names written. Others are skipped with a log line (never written).
     """
-    allowed = {f"{PEERPOD_DIR}/{n}": n for n in ALLOWED_FILES}
+    allowed = {f"{PEERPOD_DIR}/{n}": n for n in PEERPOD_FILES}
     out = Path(output_dir)
     written: list[str] = []
     for f in files:
@@ -215,7 +138,7 @@ def _b64(body: bytes, what: str) -> bytes:
         raise UserDataError(f"{what} user data is not base64") from None
 
 
-@attr.frozen
+@attrs.frozen
 class FileSource:
     """A local user-data file (NoCloud `cidata`'s `user-data`, or `--user-data-file`)."""
 
@@ -229,7 +152,7 @@ class FileSource:
             raise UserDataError(f"cannot read {self.path}: {e.strerror}") from None
 
 
-@attr.frozen
+@attrs.frozen
 class AzureSource:
     """Azure IMDS: `userData` (base64) with header `Metadata: true`."""
 
@@ -242,7 +165,7 @@ class AzureSource:
         return _b64(body, "Azure")
 
 
-@attr.frozen
+@attrs.frozen
 class AWSSource:
     """AWS IMDS: IMDSv2 token (PUT, TTL 60 s, 5 s timeout), then user-data; without a token IMDSv1."""
 
@@ -269,7 +192,7 @@ class AWSSource:
         return await _get_ok(self.http, self.base_url + AWS_USERDATA_PATH, headers)
 
 
-@attr.frozen
+@attrs.frozen
 class GCPSource:
     """GCP metadata server: `attributes/user-data` (base64) with header `Metadata-Flavor: Google`."""
 
@@ -290,7 +213,7 @@ class GCPSource:
         return _b64(body, "GCP")
 
 
-@attr.frozen
+@attrs.frozen
 class AlibabaSource:
     """Alibaba Cloud metadata: `latest/user-data` (plain)."""
 
@@ -360,7 +283,7 @@ async def retrieve_cloud_config(
     for attempt in range(1, attempts + 1):
         try:
             return parse_cloud_config(await source.fetch())
-        except UserDataError as e:
+        except (UserDataError, CloudConfigError) as e:
             last = e
             _log.warn("user data from {source}, attempt {attempt}/{attempts}: {error}",
                       source=source.name, attempt=attempt, attempts=attempts, error=str(e))

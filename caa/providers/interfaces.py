@@ -19,7 +19,7 @@ Error contract (spec-providers §1.8, fixed where upstream is weak):
   that rollback itself fails, the error carries `instance_id` of the leftover so the caller can
   `delete_instance` it; otherwise `instance_id` is None.
 - `delete_instance` is idempotent: deleting an unknown or already-deleted id succeeds.
-- Instance names come from `caa.providers.naming.instance_name` via `IProvider.instance_name`, so after
+- Instance names come from `caa.podvm_api.naming.instance_name` via `IProvider.instance_name`, so after
   a restart the adaptor can compute the name it journalled and call `find_instance(name)` to find a VM
   whose create was interrupted.
 """

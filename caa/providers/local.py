@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from caa.podvm_api.naming import instance_name
 from caa.providers.interfaces import (
     Instance,
     InstanceSpec,
@@ -61,7 +62,6 @@ from caa.providers.interfaces import (
     QuotaExceeded,
     TransientError,
 )
-from caa.providers.naming import instance_name
 from caa.providers.options import ProviderOptions, parse_duration, parse_uint
 from caa.reactors import INodeReactor
 

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from caa.adaptor.userdata import vm_name
+from caa.podvm_api.naming import instance_name
 from caa.providers.interfaces import (
     Instance,
     InstanceSpec,
@@ -87,7 +87,7 @@ class FakeProvider:
             os.makedirs(state_dir, exist_ok=True)
 
     def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return vm_name(pod_name, sandbox_id)
+        return instance_name(pod_name, sandbox_id)
 
     def release_create(self) -> None:
         held, self._held = self._held, []

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from caa.podvm_api.naming import instance_name
 from caa.providers.cidata import build_cidata_iso
 from caa.providers.interfaces import (
     Instance,
@@ -60,7 +61,6 @@ from caa.providers.libvirt.domainxml import (
     volume_capacity_bytes,
     volume_format,
 )
-from caa.providers.naming import instance_name
 from caa.reactors import INodeReactor
 
 T = TypeVar("T")
