@@ -21,7 +21,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET, Site
 
 from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullNetworking
 from caa.adaptor.interfaces import IAgentProxyFactory, IAgentTLS, IPodNetworking, ISandboxStore, ProxyTLS
@@ -98,7 +99,7 @@ class StartupProbe(Resource):
         self._recovered = recovered
         self._check = check
 
-    def render(self, request: Request) -> bytes | int:
+    def render(self, request: IRequest) -> bytes | int:
         if not self._recovered():
             return self._answer(request, False)
         gone: list[Failure] = []
@@ -119,7 +120,7 @@ class StartupProbe(Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _answer(request: Request, ok: bool) -> bytes:
+    def _answer(request: IRequest, ok: bool) -> bytes:
         request.setResponseCode(200 if ok else 500)
         return b"" if ok else b"not ready\n"
 
