@@ -249,7 +249,7 @@ class SweeperTests(DaemonTestCase):
 
 
 def render(probe: StartupProbe, request: DummyRequest) -> bytes | int:
-    """DummyRequest has IRequest's methods without declaring the interface."""
+    """DummyRequest stands in for twisted.web.server.Request (the methods the probe uses)."""
     return probe.render(request)  # type: ignore[arg-type]
 
 

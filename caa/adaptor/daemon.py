@@ -21,8 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
-from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullNetworking
 from caa.adaptor.interfaces import IAgentProxyFactory, IAgentTLS, IPodNetworking, ISandboxStore, ProxyTLS
@@ -99,7 +98,7 @@ class StartupProbe(Resource):
         self._recovered = recovered
         self._check = check
 
-    def render(self, request: IRequest) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         if not self._recovered():
             return self._answer(request, False)
         gone: list[Failure] = []
@@ -120,7 +119,7 @@ class StartupProbe(Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _answer(request: IRequest, ok: bool) -> bytes:
+    def _answer(request: Request, ok: bool) -> bytes:
         request.setResponseCode(200 if ok else 500)
         return b"" if ok else b"not ready\n"
 
