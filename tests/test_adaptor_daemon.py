@@ -26,8 +26,9 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from caa.adaptor.adapters import NullNetworking
-from caa.adaptor.daemon import AdaptorDaemon, DaemonSettings, StartupProbe, can_connect
+from caa.adaptor.daemon import AdaptorDaemon, DaemonSettings, StartupProbe, build_daemon, can_connect
 from caa.adaptor.listeners import ListenError, UnixSocketService, listen_reuseport, socket_identity
+from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.store import SandboxStore
 from caa.process import fail_process
 from caa.ttrpc import Server
@@ -306,3 +307,27 @@ class FailProcessTests(SynchronousTestCase):
         self.assertEqual(kills, [])  # the default SIGTERM action would skip the clean stop
         reactor.run()
         self.assertEqual(kills, [(os.getpid(), signal.SIGTERM)])
+
+
+class BuildTests(DaemonTestCase):
+    def options(self, *args: str) -> AdaptorOptions:
+        options = AdaptorOptions()
+        options.parseOptions(["--provider", "tests.fakes.provider:FakeProviderFactory", "--socket", self.path,
+                              "--pods-dir", os.path.join(self.dir, "pods"), "--tls-dir", os.path.join(self.dir, "tls"),
+                              "--tunnel-type", "none", *args])
+        return options
+
+    def test_from_the_command_line(self) -> None:
+        options = self.options("--probe-port", "0", "--metrics-port", "9100", "--socket-mode", "0660", "--disable-tls")
+        d = build_daemon(self.reactor, options, on_fatal=lambda: None, environ={})
+        self.assertEqual(d.settings, DaemonSettings(
+            socket_path=self.path, socket_mode=0o660, probe_port=0, metrics_port=9100, metrics_interface="127.0.0.1",
+            verify_config=False, provider_name="tests.fakes.provider:FakeProviderFactory", disable_tls=True))
+        d.startService()
+        self.assertTrue(d.recovered)  # the real CloudService recovered an empty journal
+        [(_port, site, _backlog, _iface)] = self.reactor.tcpServers
+        assert isinstance(site, Site)
+        self.assertEqual(list(site.resource.children), [b"metrics"])
+        self.successResultOf(d.stopService())
+        self.assertFalse(os.path.exists(self.path))
+        self.assertNoTimers()

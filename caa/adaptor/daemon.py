@@ -7,7 +7,7 @@ recovery after start, and the ordered stop. `build_daemon` wires it from the com
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import Protocol
 
 from attrs import frozen
@@ -124,16 +124,6 @@ class StartupProbe(Resource):
         return b"" if ok else b"not ready\n"
 
 
-def _metrics_site() -> Site:
-    from prometheus_client.twisted import MetricsResource
-
-    from caa.adaptor.metrics import REGISTRY
-
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
-    return Site(root)
-
-
 class AdaptorDaemon(MultiService):
     """The hypervisor ttrpc server's listener, the probe, metrics and the orphan sweeper (children), journal
     recovery after start, and the worker thread pools (started only once every listener is up: a live
@@ -169,7 +159,9 @@ class AdaptorDaemon(MultiService):
             endpoint = TCP4ServerEndpoint(reactor, settings.metrics_port, interface=settings.metrics_interface)
 
             def listen_metrics() -> Deferred[IListeningPort]:
-                return endpoint.listen(_metrics_site())
+                from caa.adaptor.metrics import metrics_site
+
+                return endpoint.listen(metrics_site())
 
             ListeningService(f"{settings.metrics_interface}:{settings.metrics_port} (metrics)",
                              listen_metrics).setServiceParent(self)
@@ -325,7 +317,7 @@ def _network(reactor: INodeReactor, options: AdaptorOptions, pools: list[ThreadP
 
 
 def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Callable[[], None],
-                 provider: IProvider | None = None, environ: dict[str, str] | None = None) -> AdaptorDaemon:
+                 provider: IProvider | None = None, environ: Mapping[str, str] | None = None) -> AdaptorDaemon:
     """The daemon for a parsed command line: provider, TLS, agent proxies, journal, pod network, the optional
     Kubernetes pull-secret lookup, the sandbox service and its ttrpc handlers."""
     env = os.environ if environ is None else environ
