@@ -199,15 +199,17 @@ class LifecycleTests(ProcessTestCase):
         self.assertIn(a.term(), (0, -signal.SIGTERM))  # twistd re-raises the signal after a clean stop
         self.assertFalse(os.path.exists(a.socket))
 
-    def test_cloud_config_verify_failure_exits_1(self) -> None:
+    def test_cloud_config_verify_failure_fails_the_process(self) -> None:
+        """twistd has no exit-status API once the reactor runs: the daemon stops through SIGTERM (caa.process)."""
         a = self.a
         r = subprocess.run([sys.executable, "-m", "tests.fakes.run_adaptor", "-n", "--pidfile=", "caa-adaptor",
                             "--provider", "tests.fakes.provider:FakeProviderFactory", "--socket", a.socket,
                             "--pods-dir", a.pods, "--tls-dir", os.path.join(a.base, "tls"), "--probe-port", "0",
                             "--tunnel-type", "none", "--cloud-config-verify", "--fake-verify-error", "no such image"],
                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
-        self.assertEqual(r.returncode, 1, r.stdout[-2000:])
+        self.assertEqual(r.returncode, -signal.SIGTERM, r.stdout[-2000:])
         self.assertIn("provider configuration check failed: no such image", r.stdout + r.stderr)
+        self.assertFalse(os.path.exists(a.socket))  # a clean stop
 
     def test_bad_option_fails_start(self) -> None:
         r = subprocess.run([TWISTD, "-n", "--pidfile=", "caa-adaptor", "--provider",

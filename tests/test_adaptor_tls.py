@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
+from caa.adaptor.daemon import build_tls
 from caa.adaptor.options import AdaptorOptions
-from caa.adaptor.tap import build_tls
 
 
 def options(argv: list[str]) -> AdaptorOptions:

@@ -70,3 +70,15 @@ class ProcessTests(SynchronousTestCase):
                                timeout=60)
         self.assertEqual(r.returncode, 1)
         self.assertIn("caa-forwarder: failed to listen", r.stderr)
+
+    def test_twistd_port_in_use_fails(self) -> None:
+        """Under twistd the late failure ends the process through SIGTERM (caa.process: twistd has no
+        exit-status API once the reactor runs), after a clean stop and with the one line on stderr."""
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            argv = [twistd, "-n", "--pidfile=", "caa-forwarder", *self._argv(s.getsockname()[1])[3:]]
+            r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, -signal.SIGTERM, r.stdout[-2000:])
+        self.assertIn("caa-forwarder: failed to listen", r.stdout + r.stderr)  # twistd logs stderr

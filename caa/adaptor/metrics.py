@@ -1,12 +1,14 @@
 """Prometheus metric objects of the node daemon (prometheus_client), shared by the service and the proxy.
 
 All live in one `CollectorRegistry` (REGISTRY) so tests and several daemons in one process do not clash
-with the client library's global registry. `--metrics-port` serves REGISTRY at /metrics.
+with the client library's global registry. `--metrics-port` serves REGISTRY at /metrics (`metrics_site`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -43,3 +45,12 @@ PROXY_RECONNECTS = Counter(
 RPC_ERRORS = Counter(
     "caa_hypervisor_errors", "Hypervisor RPCs answered with an error, by method and code", ["method", "code"],
     registry=REGISTRY)
+
+
+def metrics_site() -> Site:
+    """The HTTP site of `--metrics-port`: REGISTRY at /metrics, in Prometheus' text format."""
+    from prometheus_client.twisted import MetricsResource
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
+    return Site(root)

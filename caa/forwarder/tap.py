@@ -8,14 +8,24 @@ exit 1.
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Options", "makeService", "DEFAULT_CONFIG", "DEFAULT_LISTEN", "DEFAULT_AGENT_SOCKET",
-           "DEFAULT_POD_NETNS"]
+from caa.reactors import INodeReactor
+
+if TYPE_CHECKING:
+    from caa.forwarder.daemon import ForwarderService
+
+T = TypeVar("T")
+
+__all__ = ["Options", "makeService", "build_service", "report_fatal", "DEFAULT_CONFIG", "DEFAULT_LISTEN",
+           "DEFAULT_AGENT_SOCKET", "DEFAULT_POD_NETNS"]
 
 DEFAULT_CONFIG = "/run/peerpod/apf.json"
 DEFAULT_LISTEN = "0.0.0.0:15150"
@@ -116,14 +126,14 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> Any:
-    from twisted.internet import reactor as _reactor
+def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
+                  on_fatal: Callable[[str], None]) -> ForwarderService:
+    """The forwarder for parsed options; `on_fatal(message)` ends the process when start-up fails."""
     from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXClientEndpoint
     from twisted.internet.threads import deferToThreadPool
 
     from caa.forwarder.daemon import ForwarderService
 
-    reactor: Any = _reactor
     host, port = options["listen-address"]
     config = options["apf"]
     pod_netns = netns_path(options["pod-netns"])
@@ -132,19 +142,10 @@ def makeService(options: Options) -> Any:
         from caa.network.podvm import PodNetwork
 
         host_netns = netns_path(options["host-netns"]) if options["host-netns"] else None
-        pod_network = PodNetwork(reactor, reactor.getThreadPool(), host_netns=host_netns,
-                                 host_interface=options["host-interface"])
+        pod_network = PodNetwork(reactor, threads, host_netns=host_netns, host_interface=options["host-interface"])
 
-    def run_blocking(f: Any, *args: Any) -> Any:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    def fatal(message: str) -> None:
-        sys.stderr.write(f"caa-forwarder: {message}\n")
-        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        if reactor.running:
-            reactor.stop()
-        else:
-            reactor.callWhenRunning(reactor.stop)
+    def run_blocking(f: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(reactor, threads, f, *args)
 
     tls_options = options["tls"]
     service = ForwarderService(
@@ -156,8 +157,29 @@ def makeService(options: Options) -> Any:
         tls_options=(lambda: tls_options) if tls_options is not None else None,
         pod_network=pod_network,
         run_blocking=run_blocking,
-        on_fatal=fatal,
+        on_fatal=on_fatal,
         cdh_endpoint=lambda: UNIXClientEndpoint(reactor, options["cdh-socket"], timeout=5),
     )
     service.agent.wait_timeout = options["agent-wait"]
     return service
+
+
+def report_fatal(message: str) -> None:
+    """The one line a failed start prints (stderr: systemd's journal, or the terminal)."""
+    sys.stderr.write(f"caa-forwarder: {message}\n")
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor as global_reactor
+    from twisted.internet.interfaces import IReactorThreads
+
+    from caa.process import fail_process
+    from caa.reactors import as_node_reactor
+
+    reactor = as_node_reactor(global_reactor)
+
+    def fatal(message: str) -> None:
+        report_fatal(message)
+        fail_process(reactor)
+
+    return build_service(reactor, options, IReactorThreads(global_reactor).getThreadPool(), fatal)

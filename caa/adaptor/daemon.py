@@ -1,0 +1,356 @@
+"""The node daemon as one `MultiService`: the hypervisor socket, the startup probe and the metrics listener
+(child services whose failed listen aborts start-up), the orphan sweeper on the injected clock, journal
+recovery after start, and the ordered stop. `build_daemon` wires it from the command line; tests hand
+`AdaptorDaemon` their own collaborators and a `MemoryReactorClock`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence, Sized
+from typing import Protocol
+
+from attrs import frozen
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IListeningPort, IReactorFDSet
+from twisted.internet.protocol import Protocol as _Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullNetworking
+from caa.adaptor.interfaces import IAgentProxyFactory, IAgentTLS, IPodNetworking, ISandboxStore, ProxyTLS
+from caa.adaptor.listeners import ListenError, ListeningService, UnixSocketService, listen_reuseport
+from caa.adaptor.options import AdaptorOptions
+from caa.adaptor.rpc import HypervisorHandlers
+from caa.adaptor.service import VERSION, CloudService, ServiceConfig
+from caa.adaptor.store import SandboxStore
+from caa.providers.interfaces import IProvider
+from caa.reactors import INodeReactor
+from caa.ttrpc import Server
+
+__all__ = ["AdaptorDaemon", "CloudLifecycle", "DaemonSettings", "StartupProbe", "build_daemon", "build_tls",
+           "can_connect"]
+
+
+@frozen
+class DaemonSettings:
+    """What the daemon's lifecycle needs from the command line."""
+
+    socket_path: str
+    socket_mode: int = 0o600
+    probe_port: int = 0
+    metrics_port: int = 0
+    metrics_interface: str = "127.0.0.1"
+    verify_config: bool = False
+    provider_name: str = ""
+    disable_tls: bool = False
+    sweep_interval: float = 60.0
+
+    @classmethod
+    def from_options(cls, options: AdaptorOptions) -> DaemonSettings:
+        return cls(socket_path=options["socket"], socket_mode=options["socket-mode"],
+                   probe_port=int(options["probe-port"]), metrics_port=int(options["metrics-port"]),
+                   metrics_interface=options["metrics-interface"], verify_config=bool(options["cloud-config-verify"]),
+                   provider_name=options["provider"], disable_tls=bool(options["disable-tls"]))
+
+
+class CloudLifecycle(Protocol):
+    """What the daemon calls on the sandbox service (CloudService) around its own start and stop."""
+
+    @property
+    def sandboxes(self) -> Sized: ...
+
+    async def recover(self) -> None: ...
+
+    async def sweep(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def can_connect(reactor: INodeReactor, path: str, timeout: float = 1.0) -> Deferred[bool]:
+    """Whether the unix socket at `path` accepts a connection, found out through the reactor (never blocking)."""
+    d = connectProtocol(UNIXClientEndpoint(reactor, path, timeout=timeout), _Protocol())
+
+    def connected(proto: _Protocol) -> bool:
+        if proto.transport is not None:
+            proto.transport.loseConnection()
+        return True
+
+    return d.addCallbacks(connected, lambda _: False)
+
+
+class StartupProbe(Resource):
+    """GET /startup: 200 once the journal is recovered and the hypervisor socket accepts connections.
+
+    The connection check goes through the reactor and the answer follows when it completes (NOT_DONE_YET), so
+    a slow socket never blocks the event loop."""
+
+    isLeaf = True
+
+    def __init__(self, recovered: Callable[[], bool], check: Callable[[], Deferred[bool]]) -> None:
+        super().__init__()
+        self._recovered = recovered
+        self._check = check
+
+    def render(self, request: Request) -> bytes | int:
+        if not self._recovered():
+            return self._answer(request, False)
+        gone: list[Failure] = []
+        d = self._check()
+
+        def client_gone(f: Failure) -> None:
+            gone.append(f)
+            d.cancel()
+
+        request.notifyFinish().addErrback(client_gone)
+
+        def answer(ok: bool) -> None:
+            if not gone:
+                request.write(self._answer(request, ok))
+                request.finish()
+
+        d.addCallbacks(answer, lambda _: answer(False))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _answer(request: Request, ok: bool) -> bytes:
+        request.setResponseCode(200 if ok else 500)
+        return b"" if ok else b"not ready\n"
+
+
+class AdaptorDaemon(MultiService):
+    """The hypervisor ttrpc server's listener, the probe, metrics and the orphan sweeper (children), journal
+    recovery after start, and the worker thread pools (started only once every listener is up: a live
+    non-daemon thread would keep a process whose start failed from exiting)."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: INodeReactor, settings: DaemonSettings, *, server: Server, cloud: CloudLifecycle,
+                 provider: IProvider, store: ISandboxStore, network: IPodNetworking,
+                 thread_pools: Sequence[ThreadPool] = (), on_fatal: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.server = server
+        self.cloud = cloud
+        self.provider = provider
+        self.store = store
+        self.network = network
+        self._thread_pools = tuple(thread_pools)
+        self._on_fatal = on_fatal
+        self.recovered = False
+        self.failed = False
+        self.recovery: Deferred[None] | None = None
+        self.hypervisor = UnixSocketService(IReactorFDSet(reactor), reactor, settings.socket_path, server.factory(),
+                                            mode=settings.socket_mode)
+        self.hypervisor.setServiceParent(self)
+        if settings.probe_port:
+            probe = Site(StartupProbe(lambda: self.recovered, self._hypervisor_answers))
+            ListeningService(f"127.0.0.1:{settings.probe_port} (startup probe)",
+                             lambda: listen_reuseport(reactor, "127.0.0.1", settings.probe_port, probe)
+                             ).setServiceParent(self)
+        if settings.metrics_port:
+            endpoint = TCP4ServerEndpoint(reactor, settings.metrics_port, interface=settings.metrics_interface)
+
+            def listen_metrics() -> Deferred[IListeningPort]:
+                from caa.adaptor.metrics import metrics_site
+
+                return endpoint.listen(metrics_site())
+
+            ListeningService(f"{settings.metrics_interface}:{settings.metrics_port} (metrics)",
+                             listen_metrics).setServiceParent(self)
+        self.sweeper = TimerService(settings.sweep_interval, self._sweep)
+        self.sweeper.clock = reactor
+        self.sweeper.setServiceParent(self)
+
+    def _hypervisor_answers(self) -> Deferred[bool]:
+        return can_connect(self.reactor, self.settings.socket_path)
+
+    def startService(self) -> None:
+        self._log.info("starting Cloud API Adaptor daemon for {provider} (version {version})",
+                       provider=self.settings.provider_name, version=VERSION)
+        if self.settings.disable_tls:
+            self._log.warn("TLS is disabled: the agent connection to pod VMs is plain TCP")
+        try:
+            super().startService()
+        except ListenError as e:
+            self._log.critical("{error}", error=str(e))
+            self._abort_start()
+            raise
+        except Exception:
+            self._abort_start()
+            raise
+        for pool in self._thread_pools:
+            pool.start()
+        self._log.info("server started on {socket}", socket=self.settings.socket_path)
+        self.recovery = Deferred.fromCoroutine(self._after_start())
+
+    def _abort_start(self) -> None:
+        """Undo the children that did start (the hypervisor socket file goes), leaving nothing running."""
+        self.running = False
+        for child in reversed(list(self)):
+            if child.running:
+                d = child.stopService()
+                if isinstance(d, Deferred):
+                    d.addErrback(lambda f: None)
+
+    async def _after_start(self) -> None:
+        try:
+            if self.settings.verify_config:
+                try:
+                    await self.provider.verify_config()
+                except Exception as e:
+                    self._log.critical("provider configuration check failed: {error}", error=str(e))
+                    self.failed = True
+                    self._on_fatal()
+                    return
+            await self.cloud.recover()
+            if isinstance(self.network, NodeNetworking):
+                records = self.store.load_all()
+                released = self.network.release_unowned([r.sandbox_id for r in records])
+                if released:
+                    self._log.info("released VNIs {vnis} of sandboxes not in the journal", vnis=released)
+                live = [r.vni for r in records if r.vni]
+                try:
+                    removed = await self.network.sweep(live)
+                    if removed:
+                        self._log.info("swept stale tunnels of VNIs {vnis}", vnis=removed)
+                except Exception as e:
+                    self._log.warn("tunnel sweep failed: {error}", error=str(e))
+        except Exception:
+            self._log.failure("journal recovery failed")
+        finally:
+            if not self.failed:
+                self.recovered = True
+                self._log.info("journal recovery done; {n} sandboxes", n=len(self.cloud.sandboxes))
+
+    def _sweep(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._sweep_once())
+
+    async def _sweep_once(self) -> None:
+        """One sweeper round; it never fails, so the TimerService's loop never stops."""
+        if not self.recovered:
+            return  # recovery handles the same cases first
+        try:
+            await self.cloud.sweep()
+        except Exception:
+            self._log.failure("orphan sweep failed; the next one runs in {interval}s",
+                              interval=self.settings.sweep_interval)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._log.info("shutting down: VMs, tunnels and the journal stay for the next start")
+        await super().stopService()  # listeners and the sweeper
+        await self.cloud.shutdown()
+        await self.server.stop(timeout=1.0)
+        self.server.abort()
+        try:
+            await self.provider.teardown()
+        except Exception as e:
+            self._log.warn("provider teardown: {error}", error=str(e))
+        for pool in self._thread_pools:  # last: the provider and the network used them until now
+            pool.stop()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def build_tls(options: AdaptorOptions) -> tuple[ProxyTLS | None, IAgentTLS | None]:
+    """Client TLS settings for the proxies and the issuer for apf.json (auto CA persisted in --tls-dir)."""
+    from caa import tls
+
+    if options["disable-tls"]:
+        return None, None
+    manual_ca = bool(options["ca-cert-file"])
+    if options["cert-file"]:
+        cert, key = _read(options["cert-file"]), _read(options["cert-key"])
+    else:
+        pair = tls.load_or_create_client_certificate(options["tls-dir"])
+        cert, key = pair.cert_pem, pair.key_pem
+    if manual_ca:
+        ca_pem = _read(options["ca-cert-file"])
+        issuer = AutoTLS(None, cert)
+    else:
+        ca = tls.CertificateAuthority.load_or_create(options["tls-dir"])
+        ca_pem = ca.cert_pem
+        issuer = AutoTLS(ca, cert)
+    proxy_tls = ProxyTLS(ca_pem=ca_pem, cert_pem=cert, key_pem=key,
+                         server_name_override=tls.MANUAL_SERVER_NAME if manual_ca else "",
+                         min_version=options["tls-min-version"], cipher_suites=options.cipher_suites,
+                         skip_verify=bool(options["tls-skip-verify"]))
+    return proxy_tls, issuer
+
+
+def _list_dir(directory: str) -> list[str]:
+    try:
+        return [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
+    except FileNotFoundError:
+        return []
+
+
+def _network(reactor: INodeReactor, options: AdaptorOptions, pools: list[ThreadPool]) -> IPodNetworking:
+    if options["tunnel-type"] == "none":
+        return NullNetworking()
+    from caa.network.node import NodeNetwork
+    from caa.network.vni import JsonFileVniStore, VniAllocator
+
+    pool = ThreadPool(minthreads=1, maxthreads=8, name="caa-network")
+    pools.append(pool)
+    allocator = VniAllocator(JsonFileVniStore(os.path.join(options["pods-dir"], "vni.json")),
+                             min_id=options["vxlan-min-id"])
+    node = NodeNetwork(reactor, pool, allocator,
+                       host_interface=options["host-interface"], vxlan_port=options["vxlan-port"],
+                       pod_subnet_cidrs=options.pod_subnet_cidrs,
+                       external_net_via_pod_vm=bool(options["ext-network-via-podvm"]),
+                       netns_lister=lambda: _list_dir(options["netns-dir"]))
+    return NodeNetworking(node)
+
+
+def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Callable[[], None],
+                 provider: IProvider | None = None, environ: Mapping[str, str] | None = None) -> AdaptorDaemon:
+    """The daemon for a parsed command line: provider, TLS, agent proxies, journal, pod network, the optional
+    Kubernetes pull-secret lookup, the sandbox service and its ttrpc handlers."""
+    env = os.environ if environ is None else environ
+    if provider is None:
+        assert options.provider_factory is not None and options.provider_options is not None
+        provider = options.provider_factory.create(reactor, options.provider_options)
+    proxy_tls, issuer = build_tls(options)
+    from caa.adaptor.proxy import AgentProxyFactory
+
+    proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls)
+    store = SandboxStore(options["pods-dir"])
+    pools: list[ThreadPool] = []
+    network = _network(reactor, options, pools)
+    auth_lookup = None
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        from caa.adaptor.pullsecrets import KubernetesPullSecrets
+
+        k8s_pool = ThreadPool(minthreads=0, maxthreads=4, name="caa-k8s")
+        try:
+            auth_lookup = KubernetesPullSecrets(reactor, k8s_pool)
+            pools.append(k8s_pool)
+        except Exception as e:
+            AdaptorDaemon._log.warn("no Kubernetes client ({error}): image pull secrets are not sent to pod VMs",
+                                    error=str(e))
+    cloud = CloudService(
+        reactor, provider, proxies, store, network, issuer,
+        ServiceConfig(pods_dir=options["pods-dir"], forwarder_port=options["forwarder-port"],
+                      proxy_timeout=options["proxy-timeout"], disable_tls=bool(options["disable-tls"]),
+                      tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites,
+                      initdata=options["initdata"], enable_scratch_space=bool(options["enable-scratch-space"]),
+                      ext_network_via_podvm=bool(options["ext-network-via-podvm"])),
+        auth_lookup=auth_lookup)
+    server = Server(clock=reactor, name="hypervisor")
+    HypervisorHandlers(cloud).register(server)
+    return AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
+                         provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal)
