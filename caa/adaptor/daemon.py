@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullNetworking
+from caa.adaptor.admin import register_admin
 from caa.adaptor.interfaces import IAgentProxyFactory, IAgentTLS, IPodNetworking, ISandboxStore, ProxyTLS
 from caa.adaptor.listeners import ListenError, ListeningService, UnixSocketService, listen_reuseport
 from caa.adaptor.options import AdaptorOptions
@@ -352,5 +353,7 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
         auth_lookup=auth_lookup)
     server = Server(clock=reactor, name="hypervisor")
     HypervisorHandlers(cloud).register(server)
+    # caactl list asks the adaptor itself (its in-memory view), not a journal directory of its own.
+    register_admin(server, lambda: [sb.record for sb in cloud.sandboxes.values()])
     return AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
                          provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal)

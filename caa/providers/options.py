@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import getopt
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from twisted.python import reflect, usage
+
+from caa.podvm_api import godur
 
 
 def parse_bool(value: str) -> bool:
@@ -50,26 +51,9 @@ def parse_uint(value: str) -> int:
 
 parse_uint.coerceDoc = "A non-negative integer."  # type: ignore[attr-defined]
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(value: str) -> float:
-    """A Go duration (`150s`, `5m`, `1h30m`, `0`) in seconds."""
-    text = value.strip()
-    if text == "0":
-        return 0.0
-    position = 0
-    total = 0.0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            raise ValueError(f"{value!r} is not a duration such as 300s, 5m or 1h30m")
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        position = match.end()
-    if not text:
-        raise ValueError("empty duration")
-    return total
+    """A Go duration (`150s`, `5m`, `1h30m`, `0`) in seconds, by Go's rules (caa.podvm_api.godur)."""
+    return godur.parse_duration(value)
 
 
 parse_duration.coerceDoc = "A duration such as 300s, 5m or 1h30m."  # type: ignore[attr-defined]
