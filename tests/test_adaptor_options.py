@@ -96,7 +96,7 @@ class OptionTests(SynchronousTestCase):
     def test_bad_provider_values_name_the_provider_and_the_flag(self) -> None:
         e = self.assertRaises(usage.UsageError, parse, ["--fake-create-delay", "soon"])
         self.assertEqual(str(e), "provider fake: --fake-create-delay: 'soon' is not a duration such as 300s, 5m or "
-                                 "1h30m")
+                                 "1h30m (expected a number)")
         self.assertNotIn("\n", str(e))
         e = self.assertRaises(usage.UsageError, parse, ["--fake-create-delay"])
         self.assertIn("requires argument", str(e))
