@@ -404,7 +404,8 @@ def _load_certs(pem: bytes) -> list[tssl.Certificate]:
 
 def _private_cert(cert_pem: bytes, key_pem: bytes) -> tssl.PrivateCertificate:
     _check_pair(cert_pem, key_pem)
-    return tssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    pair: tssl.PrivateCertificate = tssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    return pair
 
 
 # TLS alert descriptions worth naming in a log line (RFC 8446 §6).

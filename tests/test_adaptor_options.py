@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 import sys
+from typing import cast
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.adaptor.options import AdaptorOptions
+from caa.providers.options import ProviderOptions
 
 FAKE = "tests.fakes.provider:FakeProviderFactory"
 
@@ -73,8 +75,9 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual((o.provider_options["fake-fail-image"], o.provider_options["fake-create-delay"],
                           o.provider_options["fake-vm-boot-delay"], o["pods-dir"], o["disable-tls"]),
                          ("bad", 60.0, 3.0, "/p", True))
-        self.assertEqual(o.provider_options.sources["fake-vm-boot-delay"], "flag")
-        self.assertEqual(o.provider_options.sources["fake-delete-delay"], "default")
+        sources = cast(ProviderOptions, o.provider_options).sources
+        self.assertEqual(sources["fake-vm-boot-delay"], "flag")
+        self.assertEqual(sources["fake-delete-delay"], "default")
 
     def test_provider_env_precedence(self) -> None:
         self.patch(os, "environ", {**os.environ, "FAKE_CREATE_DELAY": "5s", "FAKE_DELETE_DELAY": "7s"})
@@ -82,8 +85,8 @@ class OptionTests(SynchronousTestCase):
         assert o.provider_options is not None
         self.assertEqual((o.provider_options["fake-create-delay"], o.provider_options["fake-delete-delay"]),
                          (9.0, 7.0))
-        self.assertEqual((o.provider_options.sources["fake-create-delay"],
-                          o.provider_options.sources["fake-delete-delay"]), ("flag", "env"))
+        sources = cast(ProviderOptions, o.provider_options).sources
+        self.assertEqual((sources["fake-create-delay"], sources["fake-delete-delay"]), ("flag", "env"))
 
     def test_flags_read_their_env_var_as_a_boolean(self) -> None:
         self.assertIs(parse([], {"TLS_SKIP_VERIFY": "1"})["tls-skip-verify"], True)

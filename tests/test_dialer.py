@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
@@ -46,8 +46,8 @@ class Endpoint:
 
     def accept(self) -> TTRPCClient:
         d, factory = self.pending[-1]
-        proto = factory.buildProtocol(None)  # type: ignore[arg-type]
-        assert isinstance(proto, TTRPCClient)
+        # the factory is the dialer's; its protocol is always a TTRPCClient
+        proto = cast(TTRPCClient, factory.buildProtocol(None))  # type: ignore[arg-type]
         proto.makeConnection(_Transport(proto))
         d.callback(proto)
         return proto

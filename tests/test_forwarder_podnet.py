@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
 from caa.forwarder import tap
+from caa.forwarder.daemon import ForwarderService
 from tests import netns_helpers as nh
 
 reactor: Any = _reactor
@@ -51,8 +52,11 @@ class PodNetworkTests(TestCase):
         options.parseOptions(["--config", os.path.join(d, "apf.json"), "--disable-tls",
                               "--listen", "127.0.0.1:0", "--kata-agent-socket", os.path.join(d, "agent.sock"),
                               "--pod-netns", pod.path, "--host-netns", vm.name])
-        svc = tap.makeService(options)
-        svc._environ = {}
+        # no systemd notifications from a test, even when trial itself runs under systemd
+        saved = os.environ.pop("NOTIFY_SOCKET", None)
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, "NOTIFY_SOCKET", saved)
+        svc = cast(ForwarderService, tap.makeService(options))
         svc.startService()
         self.addCleanup(lambda: svc.stopService() if svc.running else None)
         await svc.when_ready()

@@ -21,7 +21,7 @@ POD_NETWORK = {
 }
 
 # Strings as they reach apf.json: anything but lone surrogates (no UTF-8 for them, in Go or Python).
-TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
 IPV4 = st.ip_addresses(v=4).map(str)
 PREFIX = st.tuples(IPV4, st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}")
 MAC = st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))

@@ -42,7 +42,7 @@ class FixtureTests(SynchronousTestCase):
 
 class ErrorTests(SynchronousTestCase):
     def test_errors(self) -> None:
-        cases = {
+        cases: dict[bytes | str, str] = {
             b"not base64 !!": "base64",
             base64.b64encode(b"\x1f\x8bnot gzip"): "gzip",
             initdata.encode(b"algorithm = = 1"): "TOML",

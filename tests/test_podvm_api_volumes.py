@@ -61,8 +61,8 @@ class DecodeTests(SynchronousTestCase):
             self.assertIn(word, str(cm.exception), text)
 
 
-TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
-NAMES = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/"), min_size=1,
+TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=20)
+NAMES = st.text(alphabet=st.characters(codec="utf-8", blacklist_characters="/"), min_size=1,
                 max_size=12).filter(lambda n: n not in (".", ".."))
 VOLUME = st.builds(
     lambda name, mp, fs, lun, disk, group, key: CloudVolume(name, mp, fs, lun, disk, group,

@@ -190,7 +190,9 @@ class WireNumberTests(SynchronousTestCase):
             {"id": (1, S), "pod_name": (2, S), "pod_namespace": (3, S), "instance_id": (4, S), "vm_ips": (5, S),
              "state": (6, S), "created": (7, M), "error": (8, S)},
         )
-        self.assertEqual(admin_pb2.Sandbox.DESCRIPTOR.fields_by_name["created"].message_type.full_name,
+        created_type = admin_pb2.Sandbox.DESCRIPTOR.fields_by_name["created"].message_type
+        assert created_type is not None
+        self.assertEqual(created_type.full_name,
                          "google.protobuf.Timestamp")
 
     def test_health(self) -> None:
@@ -227,7 +229,9 @@ class WireNumberTests(SynchronousTestCase):
         self.assertEqual(fields["storages"], (5, M))
         self.assertEqual(fields["OCI"], (6, M))
         self.assertEqual(fields["sandbox_pidns"], (7, B))
-        self.assertEqual(agent_pb2.CreateContainerRequest.DESCRIPTOR.fields_by_name["OCI"].message_type.full_name,
+        oci_type = agent_pb2.CreateContainerRequest.DESCRIPTOR.fields_by_name["OCI"].message_type
+        assert oci_type is not None
+        self.assertEqual(oci_type.full_name,
                          "grpc.Spec")
         spec = _fields(oci_pb2.Spec)
         self.assertEqual(spec["Version"], (1, S))

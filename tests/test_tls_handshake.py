@@ -4,12 +4,12 @@ adaptor's self-signed client certificate as the forwarder's only trust anchor) a
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl as tssl
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -51,8 +51,9 @@ class HandshakeTests(TestCase):
         self.server = self.ca.issue_server_certificate("podvm-test-1")
         self.client = tls.make_client_certificate()
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)  # any callable of an event is a log observer
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     async def _listen(self, factory: Any) -> int:
         ep = endpoints.SSL4ServerEndpoint(reactor, 0, factory, interface="127.0.0.1")

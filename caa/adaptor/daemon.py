@@ -83,7 +83,8 @@ def can_connect(reactor: INodeReactor, path: str, timeout: float = 1.0) -> Defer
             proto.transport.loseConnection()
         return True
 
-    return d.addCallbacks(connected, lambda _: False)
+    answered: Deferred[bool] = d.addCallbacks(connected, lambda _: False)
+    return answered
 
 
 class StartupProbe(Resource):
@@ -162,7 +163,8 @@ class AdaptorDaemon(MultiService):
             def listen_metrics() -> Deferred[IListeningPort]:
                 from caa.adaptor.metrics import metrics_site
 
-                return endpoint.listen(metrics_site())
+                listening: Deferred[IListeningPort] = endpoint.listen(metrics_site())
+                return listening
 
             ListeningService(f"{settings.metrics_interface}:{settings.metrics_port} (metrics)",
                              listen_metrics).setServiceParent(self)

@@ -78,7 +78,7 @@ def instance_spec(annotations: Mapping[str, str], multi_nic: bool = False,
         gpus=_int_annotation(annotations, ANN_GPUS),
         image=annotations.get(ANN_IMAGE, ""),
         multi_nic=multi_nic,
-        volumes=tuple(volumes),  # type: ignore[arg-type]
+        volumes=tuple(volumes),
     )
 
 

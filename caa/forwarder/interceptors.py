@@ -132,7 +132,7 @@ async def wait_for_mounts(
                 raise InterceptError(
                     f"Timeout waiting for device to mount to {path}: not mounted after {budget:.1f}s"
                 )
-            await deferLater(clock, min(delay, left), lambda: None)  # type: ignore[arg-type]
+            await deferLater(clock, min(delay, left), lambda: None)
             delay = min(delay * 2, MOUNT_WAIT_MAX_DELAY)
 
 
@@ -213,7 +213,7 @@ async def wait_for_data_disk(
             return str(device)
         if attempt == attempts or (deadline is not None and clock.seconds() + delay > deadline):
             break
-        await deferLater(clock, delay, lambda: None)  # type: ignore[arg-type]
+        await deferLater(clock, delay, lambda: None)
     raise InterceptError(
         f"cloud volume {volume.name}: no data disk found for LUN {volume.lun} after {attempt} attempt(s)")
 
@@ -394,7 +394,7 @@ class Interceptors:
             except Exception as e:
                 last = str(e)
                 if attempt < 10:
-                    await deferLater(self._clock, 2.0, lambda: None)  # type: ignore[arg-type]
+                    await deferLater(self._clock, 2.0, lambda: None)
         if client is None:
             raise InterceptError(f"cloud volume {volume.name}: cannot reach confidential-data-hub: {last}")
         try:

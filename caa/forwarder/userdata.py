@@ -289,7 +289,7 @@ async def retrieve_cloud_config(
                       source=source.name, attempt=attempt, attempts=attempts, error=str(e))
         if attempt == attempts or (deadline is not None and clock.seconds() + delay > deadline):
             break
-        await deferLater(clock, delay)  # type: ignore[arg-type]
+        await deferLater(clock, delay)
     raise UserDataError(f"failed to retrieve cloud config: {last}")
 
 

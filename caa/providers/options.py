@@ -102,7 +102,7 @@ class ProviderOptions(usage.Options):
         """Every `optParameters` row of the class and its bases as (long, short, default, doc, coerce)."""
         rows: list[Any] = []
         reflect.accumulateClassList(cls, "optParameters", rows)
-        return [tuple((list(row) + [None] * 5)[:5]) for row in rows]  # type: ignore[misc]
+        return [tuple((list(row) + [None] * 5)[:5]) for row in rows]
 
     @classmethod
     def flag_names(cls) -> list[str]:
