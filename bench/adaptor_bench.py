@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from caa.reactors import INodeReactor
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -32,7 +34,7 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def bench(reactor: Any, args: argparse.Namespace) -> None:
+async def bench(reactor: INodeReactor, args: argparse.Namespace) -> None:
     from twisted.internet.defer import Deferred, gatherResults
 
     from caa.proto import hypervisor_pb2 as pb

@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Any
 
+from caa.reactors import as_node_reactor
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -56,7 +58,9 @@ def free_port() -> int:
 
 def forwarder_main(port: int, tls_dir: str) -> None:
     """Child process: the forwarder stand-in (echo for any method) on 127.0.0.1:port with mTLS."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor = as_node_reactor(global_reactor)
 
     from caa import tls
     from caa.ttrpc import CallContext, Server
@@ -94,7 +98,9 @@ def main() -> None:
 
     if args.no_fsync:
         os.fsync = lambda fd: None
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor = as_node_reactor(global_reactor)
     from twisted.internet.defer import Deferred, gatherResults
     from twisted.internet.task import deferLater
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Any
 
+from caa.reactors import INodeReactor
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 TWISTD = os.path.join(os.path.dirname(PY), "twistd")
@@ -108,7 +110,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def relay_runs(reactor: Any, d: str, port: int, material: dict[str, Any], calls: int,
+async def relay_runs(reactor: INodeReactor, d: str, port: int, material: dict[str, Any], calls: int,
                      big: int) -> dict[str, float]:
     from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, wrapClientTLS
 
@@ -181,14 +183,14 @@ def main() -> None:
             wait_listening(port, proc)
             from twisted.internet import task
 
-            def run(reactor: Any) -> Any:
+            def run(reactor: INodeReactor) -> Any:
                 from twisted.internet.defer import Deferred
 
                 return Deferred.fromCoroutine(relay_runs(reactor, d, port, material, args.calls, args.big))
 
             holder: dict[str, Any] = {}
 
-            def capture(reactor: Any) -> Any:
+            def capture(reactor: INodeReactor) -> Any:
                 return run(reactor).addCallback(holder.update)
 
             try:

@@ -31,6 +31,7 @@ from caa.network.interfaces import PodNetworkConfig  # noqa: E402
 from caa.network.node import NodeNetwork  # noqa: E402
 from caa.network.podvm import PodNetwork  # noqa: E402
 from caa.network.vni import MemoryVniStore, VniAllocator  # noqa: E402
+from caa.reactors import INodeReactor
 from tests import netns_helpers as h  # noqa: E402
 from tests.test_network_tunnel import CLIENT, SERVER  # noqa: E402
 
@@ -72,7 +73,7 @@ def transfer(client: h.Netns, server_ns: h.Netns, ip: str, mib: int) -> float:
         server.wait()
 
 
-async def main(reactor: Any, pods: int, mib: int) -> None:
+async def main(reactor: INodeReactor, pods: int, mib: int) -> None:
     c = Cleanups()
     try:
         worker = h.make_netns(c, "bw")  # type: ignore[arg-type]

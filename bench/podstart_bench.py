@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from caa.adaptor.proxy import dial_backoff
+from caa.reactors import as_node_reactor
 
 VENV_BIN = os.path.dirname(sys.executable)
 FORWARDER_PORT = 15150
@@ -98,7 +99,9 @@ _reactor_started = False
 
 def call(sock: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
     global _reactor_started
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor = as_node_reactor(global_reactor)
     from twisted.internet.defer import Deferred
     from twisted.internet.threads import blockingCallFromThread
 
@@ -116,7 +119,7 @@ def call(sock: str, method: str, request: Any, response_type: Any, timeout: floa
         finally:
             client.close()
 
-    return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))  # type: ignore[arg-type]
+    return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))
 
 
 # ---- the adaptor process

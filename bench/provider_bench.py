@@ -19,13 +19,13 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, task, threads  # noqa: E402
 
 from caa.providers.interfaces import InstanceSpec  # noqa: E402
+from caa.reactors import INodeReactor
 
 APF_USER_DATA = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: |\n      {}\n"
 
@@ -35,7 +35,7 @@ def summary(label: str, values: list[float]) -> str:
             f"(n={len(values)})")
 
 
-async def bench_local(reactor: Any, runs: int) -> list[str]:
+async def bench_local(reactor: INodeReactor, runs: int) -> list[str]:
     from caa.providers.local import LocalConfig, LocalProvider
 
     state = tempfile.mkdtemp(prefix="caa-bench-local-")
@@ -59,7 +59,7 @@ async def bench_local(reactor: Any, runs: int) -> list[str]:
     return [summary("local: create -> serving with IP", creates), summary("local: delete", deletes)]
 
 
-async def bench_libvirt(reactor: Any, runs: int) -> list[str]:
+async def bench_libvirt(reactor: INodeReactor, runs: int) -> list[str]:
     import libvirt
 
     from caa.providers.libvirt.config import LibvirtConfig
@@ -114,7 +114,7 @@ async def bench_libvirt(reactor: Any, runs: int) -> list[str]:
     ]
 
 
-async def main(reactor: Any, args: argparse.Namespace) -> None:
+async def main(reactor: INodeReactor, args: argparse.Namespace) -> None:
     lines = []
     if args.only in (None, "local"):
         lines += await bench_local(reactor, args.runs)

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from caa.reactors import as_node_reactor
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -35,7 +37,9 @@ PAIRS = ["ours->ours", "Go->ours", "Go->Go"]
 # ---- our server and client (run in child processes)
 
 def serve(sock: str, profile: str | None) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor = as_node_reactor(global_reactor)
 
     from caa.ttrpc import CallContext, Server
     from caa.ttrpc.endpoints import unix_server_endpoint
@@ -65,7 +69,9 @@ def serve(sock: str, profile: str | None) -> None:
 
 
 def client(sock: str, inflight: int, size: int, seconds: float) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor = as_node_reactor(global_reactor)
     from twisted.internet.defer import Deferred, gatherResults
 
     from caa.ttrpc import TTRPCClient, connect

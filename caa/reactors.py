@@ -11,6 +11,7 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorProcess,
     IReactorSocket,
     IReactorSSL,
     IReactorTCP,
@@ -21,15 +22,15 @@ from twisted.internet.interfaces import (
 
 
 class INodeReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorUNIX, IReactorSSL, IReactorSocket,
-                   IReactorThreads):
+                   IReactorThreads, IReactorProcess):
     """What the adaptor, the forwarder and the providers use of a reactor: time, TCP/unix/TLS
-    listeners and dialers, adopted sockets, system event triggers, its thread pool and calls from
-    worker threads."""
+    listeners and dialers, adopted sockets, system event triggers, its thread pool, calls from worker
+    threads and child processes."""
 
 
 def as_node_reactor(reactor: object) -> INodeReactor:
     """The global reactor as an INodeReactor: Twisted's reactors provide each part but do not declare the sum."""
-    for part in (IReactorCore, IReactorTime, IReactorTCP, IReactorUNIX, IReactorSSL, IReactorThreads):
+    for part in (IReactorCore, IReactorTime, IReactorTCP, IReactorUNIX, IReactorSSL, IReactorThreads, IReactorProcess):
         if not part.providedBy(reactor):
             raise TypeError(f"{reactor!r} does not provide {part.__name__}")
     return cast(INodeReactor, reactor)

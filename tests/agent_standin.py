@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 
 from caa.proto import agent_pb2, health_pb2
+from caa.reactors import INodeReactor, as_node_reactor
 from caa.ttrpc import CallContext, Server
 from caa.ttrpc.endpoints import unix_server_endpoint
 
@@ -78,7 +79,7 @@ class AgentStandin:
     def methods(self) -> list[str]:
         return [c[0] for c in self.calls]
 
-    async def listen(self, reactor: Any, path: str) -> IListeningPort:
+    async def listen(self, reactor: INodeReactor, path: str) -> IListeningPort:
         self.port = await unix_server_endpoint(reactor, path).listen(self.server.factory())
         return self.port
 
@@ -96,7 +97,7 @@ def main() -> None:
     from twisted.internet import reactor as _reactor
     from twisted.internet.defer import ensureDeferred
 
-    reactor: Any = _reactor
+    reactor = as_node_reactor(_reactor)
     agent = AgentStandin(reactor)
     ensureDeferred(agent.listen(reactor, sys.argv[1])).addCallback(
         lambda _: print("listening", flush=True))

@@ -27,6 +27,8 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from caa.reactors import INodeReactor
+
 GO_DIR = Path(__file__).resolve().parent / "go"
 SOURCE_DIR = GO_DIR / "ttrpcpeer"
 BIN_DIR = GO_DIR / "bin"
@@ -127,7 +129,7 @@ class _Collect(ProcessProtocol):
             self.done.errback(reason)
 
 
-async def call_peer(reactor: Any, *args: str, timeout: float = 120) -> Result:
+async def call_peer(reactor: INodeReactor, *args: str, timeout: float = 120) -> Result:
     """Run one peer mode through `reactor` (IReactorProcess + IReactorTime); the process is killed at `timeout`."""
     exe = build_go_peer()
     proto = _Collect()
@@ -151,31 +153,31 @@ async def call_peer(reactor: Any, *args: str, timeout: float = 120) -> Result:
 # ---- the Kata shim's calls (one fresh connection each, like kata's remote.go)
 
 async def hv_create(
-    reactor: Any, sock: str, sandbox_id: str, netns: str, annotations: Mapping[str, str] | None = None
+    reactor: INodeReactor, sock: str, sandbox_id: str, netns: str, annotations: Mapping[str, str] | None = None
 ) -> Result:
     """CreateVM; result has `agentSocketPath` when ok."""
     kvs = [f"{k}={v}" for k, v in (annotations or {}).items()]
     return await call_peer(reactor, "hv-create", sock, sandbox_id, netns, *kvs)
 
 
-async def hv_start(reactor: Any, sock: str, sandbox_id: str, timeout: float | None = None) -> Result:
+async def hv_start(reactor: INodeReactor, sock: str, sandbox_id: str, timeout: float | None = None) -> Result:
     """StartVM with the deadline the shim would send (`timeout` seconds; None = no deadline)."""
     extra = [_seconds(timeout)] if timeout is not None else []
     return await call_peer(reactor, "hv-start", sock, sandbox_id, *extra, timeout=(timeout or 600) + 30)
 
 
-async def hv_stop(reactor: Any, sock: str, sandbox_id: str, timeout: float | None = None) -> Result:
+async def hv_stop(reactor: INodeReactor, sock: str, sandbox_id: str, timeout: float | None = None) -> Result:
     extra = [_seconds(timeout)] if timeout is not None else []
     return await call_peer(reactor, "hv-stop", sock, sandbox_id, *extra, timeout=(timeout or 600) + 30)
 
 
-async def hv_version(reactor: Any, sock: str, version: str = "") -> Result:
+async def hv_version(reactor: INodeReactor, sock: str, version: str = "") -> Result:
     """Version; result has `version` when ok."""
     return await call_peer(reactor, "hv-version", sock, *([version] if version else []))
 
 
 async def pod_info(
-    reactor: Any, sock: str, pod: str, namespace: str, wait: bool = False, timeout: float | None = None
+    reactor: INodeReactor, sock: str, pod: str, namespace: str, wait: bool = False, timeout: float | None = None
 ) -> Result:
     """podvminfo.PodVMInfo/GetInfo; result has `VMID` when ok."""
     extra = ["wait" if wait else "false"] + ([_seconds(timeout)] if timeout is not None else [])
@@ -183,7 +185,7 @@ async def pod_info(
 
 
 async def raw_call(
-    reactor: Any, sock: str, service: str, method: str, payload: bytes = b"", timeout: float | None = None
+    reactor: INodeReactor, sock: str, service: str, method: str, payload: bytes = b"", timeout: float | None = None
 ) -> Result:
     """Any unary call with a serialized payload; result has `payload` (hex) when ok."""
     extra = [_seconds(timeout)] if timeout is not None else []
@@ -228,7 +230,7 @@ class _ServerProtocol(ProcessProtocol):
 class GoEchoServer:
     """`ttrpcpeer server <sock>` as a child of `reactor`; `events` are its JSON lines (e.g. Sleep outcomes)."""
 
-    def __init__(self, reactor: Any, sock: str) -> None:
+    def __init__(self, reactor: INodeReactor, sock: str) -> None:
         self._reactor = reactor
         self.sock = sock
         self._proto = _ServerProtocol()

@@ -28,3 +28,6 @@ class NodeMemoryReactor(MemoryReactorClock):
 
     def suggestThreadPoolSize(self, size: int) -> None:
         pass
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("unit tests start no processes")

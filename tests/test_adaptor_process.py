@@ -23,6 +23,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SkipTest, TestCase
 
+from caa.reactors import as_node_reactor
+
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +221,9 @@ class LifecycleTests(ProcessTestCase):
         self.assertIn("--proxy-timeout: '5' is not a duration", r.stdout + r.stderr)
 
     async def _call(self, method: str, req: Any, resp: type[Any]) -> Any:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        reactor = as_node_reactor(global_reactor)
 
         from caa.ttrpc import connect
         from caa.ttrpc.endpoints import unix_client_endpoint
@@ -476,7 +480,9 @@ class GoShimTests(ProcessTestCase):
         return Deferred.fromCoroutine(self._shim())
 
     async def _shim(self) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        reactor = as_node_reactor(global_reactor)
 
         from tests import goshim
 

@@ -20,10 +20,11 @@ from caa.adaptor.interfaces import ProxyTLS
 from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream
 from caa.dialer import dial_backoff
 from caa.proto import agent_pb2, oci_pb2
+from caa.reactors import as_node_reactor
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint, unix_client_endpoint
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 _count = itertools.count()
 
 

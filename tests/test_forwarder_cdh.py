@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -16,11 +15,12 @@ from twisted.trial.unittest import TestCase
 
 from caa.forwarder import interceptors as ic
 from caa.podvm_api.volumes import CloudVolume, decode_cloud_volumes
+from caa.reactors import as_node_reactor
 from caa.ttrpc import CallContext, Server
 from caa.ttrpc.endpoints import unix_server_endpoint
 from tests.test_forwarder_interceptors import decode_fields
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 
 
 class SecureMountTests(TestCase):

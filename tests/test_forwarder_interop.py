@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SkipTest
 
+from caa.reactors import as_node_reactor
 from caa.ttrpc import TTRPCError
 from tests import goshim
 from tests.test_forwarder_relay import ForwarderTestBase
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 ECHO = goshim.ECHO_SERVICE
 
 

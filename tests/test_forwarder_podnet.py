@@ -11,16 +11,17 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, cast
+from typing import cast
 
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
 from caa.forwarder import tap
 from caa.forwarder.daemon import ForwarderService
+from caa.reactors import as_node_reactor
 from tests import netns_helpers as nh
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 
 
 class PodNetworkTests(TestCase):

@@ -23,11 +23,12 @@ from caa import tls
 from caa.forwarder.config import ForwarderConfig, parse_config
 from caa.forwarder.daemon import ForwarderService, StartupError, TLSSettings, build_server_tls
 from caa.proto import agent_pb2, health_pb2
+from caa.reactors import as_node_reactor
 from caa.ttrpc import Code, TTRPCError, connect
 from tests.agent_standin import AgentStandin
 from tests.reactors import NodeMemoryReactor
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 _counter = itertools.count()
 NETNS = "/run/netns/podns-test"
 

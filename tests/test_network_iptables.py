@@ -14,9 +14,10 @@ from caa.network import iptables
 from caa.network.interfaces import IptablesError
 from caa.network.node import NodeNetwork
 from caa.network.vni import MemoryVniStore, VniAllocator
+from caa.reactors import as_node_reactor
 from tests import netns_helpers as h
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 
 
 class RuleTestsMixin:

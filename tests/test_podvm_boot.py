@@ -18,14 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
+from caa.reactors import as_node_reactor
 from tests import libvirt_helpers as lh
+
+reactor = as_node_reactor(_reactor)
 
 FORWARDER_PORT = 15150
 POD_IP = "10.244.1.21/24"

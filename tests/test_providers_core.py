@@ -24,6 +24,7 @@ from caa.providers.interfaces import (
 )
 from caa.providers.options import ProviderOptions, parse_bool, parse_duration
 from caa.providers.registry import ProviderRegistry, UnknownProvider
+from caa.reactors import INodeReactor
 
 
 class ValueTests(SynchronousTestCase):
@@ -173,7 +174,7 @@ class _ThirdPartyFactory:
     def options(self) -> usage.Options:
         return _Options(environ={})
 
-    def create(self, reactor: object, options: usage.Options) -> IProvider:
+    def create(self, reactor: INodeReactor, options: usage.Options) -> IProvider:
         raise NotImplementedError
 
 

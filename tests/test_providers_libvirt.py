@@ -239,7 +239,7 @@ class OptionsTests(SynchronousTestCase):
         factory = LibvirtProviderFactory()
         options = factory.options()
         options.parseOptions(["--uri", "test:///default"])
-        provider = factory.create(global_reactor, options)
+        provider = factory.create(as_node_reactor(global_reactor), options)
         self.assertIsInstance(provider, LibvirtProvider)
 
     def test_error_mapping(self) -> None:

@@ -87,7 +87,7 @@ class OptionsTests(SynchronousTestCase):
                                  LocalConfig(agent_command="a -s {socket} -n {pod_netns}"))
         self.assertEqual(provider._agent_command("/s", "p"), ["a", "-s", "/s", "-n", "p"])
         factory = LocalProviderFactory()
-        self.assertIsInstance(factory.create(global_reactor, factory.options()), LocalProvider)
+        self.assertIsInstance(factory.create(as_node_reactor(global_reactor), factory.options()), LocalProvider)
 
 
 class _LocalHost:

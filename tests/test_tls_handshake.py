@@ -14,8 +14,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from caa import tls
+from caa.reactors import as_node_reactor
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 
 
 class _Echo(protocol.Protocol):

@@ -16,13 +16,14 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
 from caa.proto import ttrpc_pb2
+from caa.reactors import as_node_reactor
 from caa.ttrpc import CallContext, Server
 from caa.ttrpc.endpoints import unix_server_endpoint
 from caa.ttrpc.framing import (
@@ -37,6 +38,8 @@ from caa.ttrpc.framing import (
     OversizedFrame,
     encode_frame,
 )
+
+reactor = as_node_reactor(_reactor)
 
 FAST = settings(max_examples=150, deadline=None)
 SOCKET = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)

@@ -12,15 +12,18 @@ import os
 import time
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from caa.proto import hypervisor_pb2, podvminfo_pb2
+from caa.reactors import as_node_reactor
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import unix_client_endpoint, unix_server_endpoint
 from tests import goshim
+
+reactor = as_node_reactor(_reactor)
 
 ECHO = goshim.ECHO_SERVICE
 _counter = 0

@@ -6,7 +6,7 @@ import os
 import socket
 import stat
 
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IListeningPort
@@ -14,6 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from caa.proto import ttrpc_pb2
+from caa.reactors import as_node_reactor
 from caa.ttrpc import CallContext, Code, Server, TTRPCError, connect
 from caa.ttrpc.endpoints import (
     tcp_client_endpoint,
@@ -21,6 +22,8 @@ from caa.ttrpc.endpoints import (
     unix_client_endpoint,
     unix_server_endpoint,
 )
+
+reactor = as_node_reactor(_reactor)
 
 KV = ttrpc_pb2.KeyValue
 

@@ -12,9 +12,10 @@ from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
 from caa.forwarder import userdata
+from caa.reactors import as_node_reactor
 from tests.fakes import metadata
 
-reactor: Any = _reactor
+reactor = as_node_reactor(_reactor)
 DOC = b"#cloud-config\n\nwrite_files:\n  - path: /run/peerpod/auth.json\n    content: |\n      {\"auths\":{}}\n"
 
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from caa.reactors import as_node_reactor
+
 BRIDGE = "caademo-br"
 POD_NS = "caademo-pod"
 CLIENT_NS = "caademo-cli"
@@ -143,7 +145,9 @@ class Shim:
 
     def call(self, socket_path: str, service: str, method: str, request: Any, response_type: Any,
              timeout: float) -> Any:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        reactor = as_node_reactor(global_reactor)
         from twisted.internet.threads import blockingCallFromThread
 
         from caa.ttrpc import connect
@@ -158,13 +162,16 @@ class Shim:
 
         from twisted.internet.defer import Deferred
 
-        return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))  # type: ignore[arg-type]
+        return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(go()))
 
 
 def start_reactor_thread() -> None:
     import threading
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+
+    reactor = as_node_reactor(global_reactor)
 
     threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
 

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 from attrs import field, frozen
 from zope.interface import Attribute, Interface
 
+from caa.reactors import INodeReactor
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.python import usage
@@ -199,7 +201,7 @@ class IProviderFactory(Interface):
         instance is built; parse the command line with `parseOptions(argv)`.
         """
 
-    def create(reactor: object, options: usage.Options) -> IProvider:
+    def create(reactor: INodeReactor, options: usage.Options) -> IProvider:
         """
         Build the provider from parsed options. No I/O here (call `verify_config()` for that);
         raises `InvalidConfig` for options that can never work.

@@ -488,7 +488,7 @@ class LocalProviderFactory:
     def options(self) -> usage.Options:
         return LocalOptions()
 
-    def create(self, reactor: Any, options: usage.Options) -> IProvider:
+    def create(self, reactor: INodeReactor, options: usage.Options) -> IProvider:
         return LocalProvider(reactor, LocalConfig.from_options(options))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
 
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
@@ -14,7 +13,15 @@ from twisted.internet.endpoints import (
     UNIXServerEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IReactorSSL,
+    IReactorTCP,
+    IReactorUNIX,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 
 
 def prepare_unix_path(path: str, dir_mode: int = 0o755) -> None:
@@ -30,30 +37,34 @@ def prepare_unix_path(path: str, dir_mode: int = 0o755) -> None:
     os.unlink(path)
 
 
-def unix_server_endpoint(reactor: Any, path: str, mode: int = 0o600, backlog: int = 128) -> IStreamServerEndpoint:
+def unix_server_endpoint(
+    reactor: IReactorUNIX, path: str, mode: int = 0o600, backlog: int = 128
+) -> IStreamServerEndpoint:
     prepare_unix_path(path)
     return UNIXServerEndpoint(reactor, path, backlog=backlog, mode=mode, wantPID=False)
 
 
-def unix_client_endpoint(reactor: Any, path: str, timeout: float = 10) -> IStreamClientEndpoint:
+def unix_client_endpoint(reactor: IReactorUNIX, path: str, timeout: float = 10) -> IStreamClientEndpoint:
     return UNIXClientEndpoint(reactor, path, timeout=timeout)
 
 
 def tcp_server_endpoint(
-    reactor: Any, port: int, interface: str = "0.0.0.0", backlog: int = 128
+    reactor: IReactorTCP, port: int, interface: str = "0.0.0.0", backlog: int = 128
 ) -> IStreamServerEndpoint:
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
 
 
-def tcp_client_endpoint(reactor: Any, host: str, port: int, timeout: float = 10) -> IStreamClientEndpoint:
+def tcp_client_endpoint(reactor: IReactorTCP, host: str, port: int, timeout: float = 10) -> IStreamClientEndpoint:
     return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 def tls_server_endpoint(
-    reactor: Any, port: int, interface: str, context_factory: Any, backlog: int = 128
+    reactor: IReactorSSL, port: int, interface: str, context_factory: IOpenSSLContextFactory, backlog: int = 128
 ) -> IStreamServerEndpoint:
     return SSL4ServerEndpoint(reactor, port, context_factory, backlog=backlog, interface=interface)
 
 
-def tls_client_endpoint(reactor: Any, host: str, port: int, creator: Any, timeout: float = 10) -> IStreamClientEndpoint:
+def tls_client_endpoint(
+    reactor: IReactorTCP, host: str, port: int, creator: IOpenSSLClientConnectionCreator, timeout: float = 10
+) -> IStreamClientEndpoint:
     return wrapClientTLS(creator, TCP4ClientEndpoint(reactor, host, port, timeout=timeout))

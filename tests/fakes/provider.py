@@ -36,6 +36,7 @@ from caa.providers.interfaces import (
     TransientError,
 )
 from caa.providers.options import ProviderOptions, parse_duration
+from caa.reactors import INodeReactor
 
 
 class FakeOptions(ProviderOptions):
@@ -232,7 +233,7 @@ class FakeProviderFactory:
     def options(self) -> FakeOptions:
         return FakeOptions()
 
-    def create(self, reactor: Any, options: Any) -> IProvider:
+    def create(self, reactor: INodeReactor, options: Any) -> IProvider:
         p = FakeProvider(reactor, state_dir=options["fake-state-dir"],
                             create_delay=options["fake-create-delay"], delete_delay=options["fake-delete-delay"],
                             forwarder_port=int(options["fake-forwarder-port"]),

@@ -11,13 +11,14 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory
+from caa.reactors import INodeReactor
 from caa.ttrpc import Code, Relay, Server, TTRPCClient, TTRPCError, connect
 from caa.ttrpc.endpoints import tcp_client_endpoint, unix_server_endpoint
 
 
 @implementer(IAgentProxy)
 class RelayProxy:
-    def __init__(self, reactor: Any, sandbox_id: str, socket_path: str) -> None:
+    def __init__(self, reactor: INodeReactor, sandbox_id: str, socket_path: str) -> None:
         self.reactor = reactor
         self.sandbox_id = sandbox_id
         self.socket_path = socket_path
@@ -73,7 +74,7 @@ class RelayProxy:
 
 @implementer(IAgentProxyFactory)
 class AgentProxyFactory:
-    def __init__(self, reactor: Any, tls: Any) -> None:
+    def __init__(self, reactor: INodeReactor, tls: Any) -> None:
         self.reactor = reactor
 
     def new(self, sandbox_id: str, socket_path: str) -> IAgentProxy:

@@ -23,13 +23,12 @@ Options (default < env < flag), upstream's names plus a few marked "caa":
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.python import usage
 from zope.interface import implementer
 
 from caa.providers.interfaces import IProvider, IProviderFactory
 from caa.providers.libvirt.config import LibvirtConfig, LibvirtOptions
+from caa.reactors import INodeReactor
 
 
 @implementer(IProviderFactory)
@@ -40,7 +39,7 @@ class LibvirtProviderFactory:
     def options(self) -> usage.Options:
         return LibvirtOptions()
 
-    def create(self, reactor: Any, options: usage.Options) -> IProvider:
+    def create(self, reactor: INodeReactor, options: usage.Options) -> IProvider:
         from caa.providers.libvirt.provider import LibvirtProvider
 
         return LibvirtProvider(reactor, LibvirtConfig.from_options(options))
