@@ -123,7 +123,7 @@ class ClientCallTests(SynchronousTestCase):
             seen.append(_content_type)
             return Response(b"{}")
 
-        c.core.patch_node_status = patch  # type: ignore[method-assign]
+        c.core.patch_node_status = patch  # type: ignore[method-assign,assignment]
         c.patch_node_status("n", {"status": {}})
         c.patch_node_status("n", [{"op": "remove", "path": "/x"}])
         self.assertEqual(seen, [MERGE_PATCH, JSON_PATCH])
