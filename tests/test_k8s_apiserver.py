@@ -22,8 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from caa.k8s import errors
-from caa.k8s.client import KubeClient
-from caa.k8s.config import load_configuration
+from caa.k8s.client import KubeClient, connect
 from caa.k8s.objects import (
     EXTENDED_RESOURCE,
     OWNER_ANNOTATION,
@@ -37,7 +36,7 @@ from caa.k8s.objects import (
     new_peerpod,
     owner_annotation_patch,
 )
-from caa.k8s.watch import ResourceWatchSource, Watcher, WatchEvent
+from caa.k8s.watch import ResourceWatchSource, Watcher, WatchEvent, namespaced_source, peerpods_source
 from caa.notifier import Notifier
 from caa.reactors import as_node_reactor
 from tests.kubeapi import REPO, KubeAPIServer, shared_server
@@ -82,7 +81,7 @@ class APIServerTestCase(TestCase):
         self.server.ensure_namespace(self.namespace)
 
     def make_client(self, kubeconfig: Path, timeout: float = 10.0) -> KubeClient:
-        client = KubeClient(reactor, self.pool, load_configuration(str(kubeconfig)), timeout=timeout)
+        client = connect(reactor, self.pool, str(kubeconfig), timeout=timeout)
         self.addCleanup(client.close)
         return client
 
@@ -197,9 +196,8 @@ class Events:
 
 class WatchTests(APIServerTestCase):
     def watcher(self, client: KubeClient, events: Events, server_timeout: int = 300) -> Watcher:
-        source = ResourceWatchSource(client, client.custom.list_namespaced_custom_object, PEERPOD_GROUP,
-                                     PEERPOD_VERSION, self.namespace, PEERPOD_PLURAL, server_timeout=server_timeout)
-        w = Watcher(source, reactor, events, name="peerpods")
+        w = Watcher(peerpods_source(client, self.namespace, server_timeout=server_timeout), reactor, events,
+                    name="peerpods")
         w.startService()
         self.addCleanup(w.stopService)
         return w
@@ -232,6 +230,25 @@ class WatchTests(APIServerTestCase):
         await self.client.create_peerpod(self.namespace, self.peerpod("late"))
         await events.until("ADDED", "late")
         self.assertEqual(w.failures, 0)
+
+    async def test_follows_one_config_map(self) -> None:
+        events = Events()
+        w = Watcher(namespaced_source(self.client, "config_map", self.namespace,
+                                      field_selector="metadata.name=peer-pods-cm"), reactor, events, name="cm")
+        w.startService()
+        self.addCleanup(w.stopService)
+        await w.whenSynced()
+        path = f"/api/v1/namespaces/{self.namespace}/configmaps"
+        self.server.request("POST", path, {"apiVersion": "v1", "kind": "ConfigMap",
+                                           "metadata": {"name": "other"}, "data": {"a": "1"}})
+        self.server.request("POST", path, {"apiVersion": "v1", "kind": "ConfigMap",
+                                           "metadata": {"name": "peer-pods-cm"}, "data": {"CLOUD_PROVIDER": "x"}})
+        await events.until("ADDED", "peer-pods-cm")
+        self.server.request("PATCH", f"{path}/peer-pods-cm", {"data": {"CLOUD_PROVIDER": "local"}},
+                            content_type="application/merge-patch+json")
+        changed = await events.until("MODIFIED", "peer-pods-cm")
+        self.assertEqual(changed.object["data"], {"CLOUD_PROVIDER": "local"})
+        self.assertNotIn("other", [name for _, name in events.names()])
 
     async def test_stale_resource_version_is_gone(self) -> None:
         # The API server keeps a window of history; resourceVersion 1 is long compacted away -> 410.

@@ -23,6 +23,7 @@ from caa.k8s.objects import (
     new_peerpod,
     peerpod_name,
 )
+from caa.k8s.pool import ThreadPoolService
 from caa.k8s.watch import ADDED, DELETED, MODIFIED, Watcher, WatchEvent
 from tests.fakes.k8s import FakeWatchSource, InlineThreadPool, StuckThreadPool
 from tests.reactors import NodeMemoryReactor
@@ -249,3 +250,14 @@ class WatcherTests(SynchronousTestCase):
         self.successResultOf(self.watcher.stopService())  # type: ignore[arg-type]
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(len(self.source.streams), 1)
+
+
+class ThreadPoolServiceTests(SynchronousTestCase):
+    def test_pool_lives_with_the_service(self) -> None:
+        service = ThreadPoolService(maxthreads=2, name="k8s")
+        self.assertFalse(service.pool.started)
+        service.startService()
+        self.assertTrue(service.pool.started)
+        self.assertEqual(service.pool.max, 2)
+        service.stopService()
+        self.assertFalse(service.pool.started)

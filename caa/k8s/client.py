@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from caa.k8s.config import load_configuration
 from caa.k8s.errors import KubeTimeout, map_exception
 from caa.k8s.interfaces import IKubeClient
 from caa.k8s.objects import PEERPOD_GROUP, PEERPOD_PLURAL, PEERPOD_VERSION, JSONObject
@@ -142,4 +143,10 @@ class KubeClient:
         return self.call(self.coordination.replace_namespaced_lease, name, namespace, body)
 
 
-__all__ = ["JSON_PATCH", "MERGE_PATCH", "KubeClient", "decode_body", "patch_content_type"]
+def connect(reactor: INodeReactor, threadpool: ThreadPool, kubeconfig: str | None = None,
+            timeout: float = 10.0) -> KubeClient:
+    """A KubeClient for `kubeconfig`, else in-cluster, else $KUBECONFIG (KubeError if none is usable)."""
+    return KubeClient(reactor, threadpool, load_configuration(kubeconfig), timeout=timeout)
+
+
+__all__ = ["JSON_PATCH", "MERGE_PATCH", "KubeClient", "connect", "decode_body", "patch_content_type"]

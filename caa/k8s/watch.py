@@ -36,7 +36,7 @@ from zope.interface import implementer
 from caa.k8s.client import KubeClient
 from caa.k8s.errors import Gone, KubeError, from_status_object, map_exception
 from caa.k8s.interfaces import IWatchSource, IWatchStream
-from caa.k8s.objects import JSONObject, resource_version_of
+from caa.k8s.objects import PEERPOD_GROUP, PEERPOD_PLURAL, PEERPOD_VERSION, JSONObject, resource_version_of
 from caa.notifier import Notifier
 
 ADDED, MODIFIED, DELETED, BOOKMARK, ERROR = "ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"
@@ -121,6 +121,26 @@ class ResourceWatchSource:
 
     def watch(self, resource_version: str, deliver: Callable[[JSONObject], None]) -> IWatchStream:
         return _ResourceWatchStream(self, resource_version, deliver)
+
+
+def peerpods_source(client: KubeClient, namespace: str | None = None, server_timeout: int = 300,
+                    label_selector: str | None = None) -> ResourceWatchSource:
+    """PeerPods cluster-wide (namespace None, the controller) or in one namespace."""
+    if namespace is None:
+        return ResourceWatchSource(client, client.custom.list_cluster_custom_object, PEERPOD_GROUP,
+                                   PEERPOD_VERSION, PEERPOD_PLURAL, server_timeout=server_timeout,
+                                   label_selector=label_selector)
+    return ResourceWatchSource(client, client.custom.list_namespaced_custom_object, PEERPOD_GROUP,
+                               PEERPOD_VERSION, namespace, PEERPOD_PLURAL, server_timeout=server_timeout,
+                               label_selector=label_selector)
+
+
+def namespaced_source(client: KubeClient, kind: str, namespace: str, server_timeout: int = 300,
+                      field_selector: str | None = None) -> ResourceWatchSource:
+    """ConfigMaps, Secrets or Pods ("config_map", "secret", "pod") of one namespace, e.g.
+    `field_selector="metadata.name=peer-pods-cm"` to follow one object."""
+    fn = getattr(client.core, f"list_namespaced_{kind}")
+    return ResourceWatchSource(client, fn, namespace, server_timeout=server_timeout, field_selector=field_selector)
 
 
 def _key(obj: JSONObject) -> str:
@@ -257,4 +277,5 @@ class Watcher(Service):
         self._emit(WatchEvent(kind, obj))
 
 
-__all__ = ["ADDED", "BOOKMARK", "DELETED", "MODIFIED", "ResourceWatchSource", "WatchEvent", "Watcher"]
+__all__ = ["ADDED", "BOOKMARK", "DELETED", "MODIFIED", "ResourceWatchSource", "WatchEvent", "Watcher",
+           "namespaced_source", "peerpods_source"]
