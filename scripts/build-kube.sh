@@ -62,14 +62,14 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
   [ -f "$f" ] || continue
   { grep -E '^deb [^#]*debian' "$f" || true; } | sed 's/^deb /deb-src /' >"$WORK/apt/sources/$(basename "$f" .list)-src.list"
 done
-APT_OPTS=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$WORK/apt/sources"
+APT_OPTS=(-o APT::Sandbox::User=root -o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$WORK/apt/sources"
           -o Dir::State::Lists="$WORK/apt/lists" -o Dir::Cache="$WORK/apt/cache")
 log "apt-get update (deb-src)"
 apt-get "${APT_OPTS[@]}" update -qq
 cd "$WORK/dl"
 log "downloading kubernetes=$KUBE_DEB_VERSION sources, etcd-server, golang-github-modern-go-reflect2-dev"
 apt-get "${APT_OPTS[@]}" source --download-only -qq "kubernetes=$KUBE_DEB_VERSION" >&2
-apt-get download -qq golang-github-modern-go-reflect2-dev etcd-server >&2
+apt-get -o APT::Sandbox::User=root download -qq golang-github-modern-go-reflect2-dev etcd-server >&2
 
 mkdir -p "$WORK/etcd" "$WORK/reflect2" "$WORK/src"
 dpkg-deb -x etcd-server_*.deb "$WORK/etcd"
