@@ -172,6 +172,35 @@ class NodeTests(APIServerTestCase):
         self.assertNotIn(EXTENDED_RESOURCE, withdrawn["status"].get("allocatable", {}))
 
 
+class ReadAndLeaseTests(APIServerTestCase):
+    async def test_reads(self) -> None:
+        pod = self.create_pod("reader")
+        self.assertEqual((await self.client.get_pod(self.namespace, "reader"))["metadata"]["uid"],
+                         pod["metadata"]["uid"])
+        self.server.request("POST", f"/api/v1/namespaces/{self.namespace}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "peer-pods-secret"},
+            "data": {"KEY": "c2VjcmV0"}})
+        self.assertEqual((await self.client.get_secret(self.namespace, "peer-pods-secret"))["data"],
+                         {"KEY": "c2VjcmV0"})
+        self.assertEqual((await self.client.get_service_account(self.namespace, "default"))["metadata"]["name"],
+                         "default")
+        with self.assertRaises(errors.NotFound):
+            await self.client.get_config_map(self.namespace, "peer-pods-cm")
+
+    async def test_lease_create_and_replace_are_optimistic(self) -> None:
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader"},
+                "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}
+        created = await self.client.create_lease(self.namespace, body)
+        with self.assertRaises(errors.Conflict):
+            await self.client.create_lease(self.namespace, body)
+        renewed = dict(created, spec=dict(created["spec"], holderIdentity="b"))
+        replaced = await self.client.replace_lease(self.namespace, "leader", renewed)
+        self.assertEqual(replaced["spec"]["holderIdentity"], "b")
+        with self.assertRaises(errors.Conflict):  # created's resourceVersion is stale now
+            await self.client.replace_lease(self.namespace, "leader", created)
+        self.assertEqual((await self.client.get_lease(self.namespace, "leader"))["spec"]["holderIdentity"], "b")
+
+
 class Events:
     """Collects WatchEvents; `until(pred)` waits (bounded by the test timeout) for a matching one."""
 
@@ -209,12 +238,18 @@ class WatchTests(APIServerTestCase):
 
     async def test_added_modified_deleted(self) -> None:
         await self.client.create_peerpod(self.namespace, self.peerpod("before"))
-        events = Events()
+        events, everywhere = Events(), Events()
         w = self.watcher(self.client, events)
+        cluster = Watcher(peerpods_source(self.client), reactor, everywhere, name="all-peerpods")
+        cluster.startService()
+        self.addCleanup(cluster.stopService)
         await w.whenSynced()
+        await cluster.whenSynced()
         self.assertEqual(events.names(), [("ADDED", "before")])
+        self.assertIn(("ADDED", "before"), everywhere.names())
         await self.client.create_peerpod(self.namespace, self.peerpod("pp"))
         await events.until("ADDED", "pp")
+        await everywhere.until("ADDED", "pp")
         await self.client.delete_peerpod(self.namespace, "pp")
         modified = await events.until("MODIFIED", "pp")
         self.assertTrue(modified.object["metadata"]["deletionTimestamp"])
