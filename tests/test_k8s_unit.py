@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -10,7 +11,7 @@ import urllib3.exceptions
 from kubernetes.client import Configuration
 from kubernetes.client.exceptions import ApiException
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from caa.k8s import errors
@@ -26,6 +27,7 @@ from caa.k8s.objects import (
 from caa.k8s.pool import ThreadPoolService
 from caa.k8s.watch import ADDED, DELETED, MODIFIED, Watcher, WatchEvent
 from tests.fakes.k8s import FakeWatchSource, InlineThreadPool, StuckThreadPool
+from tests.kubeapi import require_root
 from tests.reactors import NodeMemoryReactor
 
 
@@ -261,3 +263,21 @@ class ThreadPoolServiceTests(SynchronousTestCase):
         self.assertEqual(service.pool.max, 2)
         service.stopService()
         self.assertFalse(service.pool.started)
+
+
+class RequireRootTests(SynchronousTestCase):
+    """The API-server tests skip without root, except in CI where they must fail instead."""
+
+    def setUp(self) -> None:
+        self.patch(os, "geteuid", lambda: 1000)
+        saved = os.environ.pop("CI", None)
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, "CI", saved)
+
+    def test_skips_outside_ci(self) -> None:
+        self.assertRaises(SkipTest, require_root, self)
+
+    def test_fails_in_ci(self) -> None:
+        os.environ["CI"] = "true"
+        self.addCleanup(os.environ.pop, "CI", None)
+        self.assertRaises(self.failureException, require_root, self)
