@@ -73,6 +73,7 @@ class _ResourceWatchStream:
         except Exception as e:
             raise map_exception(e, "watch") from e
         self._response = response
+        clean = False
         try:
             if self._stopped.is_set():
                 return
@@ -85,6 +86,7 @@ class _ResourceWatchStream:
                 if event.get("type") == ERROR:
                     raise from_status_object(event.get("object") or {})
                 client.reactor.callFromThread(self._deliver, event)
+            clean = True
         except KubeError:
             raise
         except Exception as e:
@@ -92,6 +94,8 @@ class _ResourceWatchStream:
                 return
             raise map_exception(e, "watch stream") from e
         finally:
+            if not clean:
+                response.close()  # never hand a half-read or shut-down connection back to the pool
             response.release_conn()
 
     def stop(self) -> None:
