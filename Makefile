@@ -11,6 +11,7 @@ setup:
 	scripts/setup.sh
 
 test: setup
+	scripts/build-kube.sh >/dev/null  # the real kube-apiserver + etcd of the Kubernetes tests (cached)
 	set -o pipefail; $(VENV)/bin/trial -j$(TRIAL_JOBS) $(TESTS) 2>&1 | tee .trial.log
 
 demo: setup
