@@ -228,7 +228,7 @@ def pods(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, dict[str, tupl
     if runtime is not ...:
         spec["runtimeClassName"] = runtime
     for key, low in (("containers", 1), ("initContainers", 0)):
-        items = []
+        items: list[dict[str, Any]] = []
         for i in range(draw(st.integers(low, 3))):
             doc, values = draw(resources())
             c: dict[str, Any] = {"name": f"{key}-{i}", "image": "busybox", "ports": [{"containerPort": 80 + i}]}
@@ -236,7 +236,8 @@ def pods(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, dict[str, tupl
                 c["resources"] = doc
             items.append(c)
             exact.append(values)
-        if items or draw(st.booleans()):
+        keep_empty_list: bool = draw(st.booleans())
+        if items or keep_empty_list:
             spec[key] = items
     metadata: dict[str, Any] = {"name": "p", "namespace": "default", "labels": {"app": "x"}}
     existing = draw(st.sampled_from([..., None, {}, {CPU_ANNOTATION: "99", "keep": "me"}]))

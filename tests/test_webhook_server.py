@@ -14,15 +14,16 @@ from OpenSSL import SSL
 from treq.testing import StubTreq
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl as tssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
@@ -42,17 +43,18 @@ def review_body(runtime_class: str = "kata-remote") -> bytes:
                        "request": {"uid": "uid-1", "object": pod}}).encode()
 
 
-JSON_HEADERS = {b"content-type": [b"application/json"]}
+JSON_HEADERS: dict[bytes | str, list[bytes | str]] = {b"content-type": [b"application/json"]}
 
 
 class ResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.metrics = WebhookMetrics.create()
-        self.client = StubTreq(webhook_site(MutationConfig(), self.clock, self.metrics).resource)
-        self.probe = StubTreq(probe_site(self.metrics).resource)
+        # StubTreq forwards treq's API through __getattr__, which mypy cannot see.
+        self.client: Any = StubTreq(webhook_site(MutationConfig(), self.clock, self.metrics).resource)
+        self.probe: Any = StubTreq(probe_site(self.metrics).resource)
 
-    def post(self, data: bytes, headers: dict[bytes, list[bytes]] = JSON_HEADERS) -> tuple[int, Any]:
+    def post(self, data: bytes, headers: dict[bytes | str, list[bytes | str]] = JSON_HEADERS) -> tuple[int, Any]:
         response = self.successResultOf(self.client.post("https://x/mutate-v1-pod", data=data, headers=headers))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         return response.code, self.successResultOf(response.json())
@@ -90,6 +92,12 @@ class ResourceTests(SynchronousTestCase):
         for outcome in ("mutated", "unchanged", "invalid"):
             self.assertIn(f'caa_webhook_admission_requests_total{{outcome="{outcome}"}} 1.0', text)
         self.assertIn("caa_webhook_admission_seconds_count 3.0", text)
+
+
+def port_number(port: IListeningPort) -> int:
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
 
 
 def write_pair(directory: Path, cert_pem: bytes, key_pem: bytes) -> None:
@@ -152,8 +160,7 @@ class HTTPSTests(TestCase):
         port = await listen_webhook(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), self.tls,
                                     MutationConfig(), clock)
         self.addCleanup(port.stopListening)
-        number: int = port.getHost().port
-        return number
+        return port_number(port)
 
     async def test_admission_over_https(self) -> None:
         port = await self.start()
@@ -238,7 +245,7 @@ class ServiceTests(TestCase):
         service.privilegedStartService()
         service.startService()
         self.assertEqual(len(service.ports), 2)
-        probe = service.ports[1].getHost().port
+        probe = port_number(service.ports[1])
         response = await treq.get(f"http://127.0.0.1:{probe}/healthz", pool=HTTPConnectionPool(reactor, False))
         self.assertEqual(await response.content(), b"ok")
         await service.stopService()
@@ -250,7 +257,7 @@ class ServiceTests(TestCase):
         self.addCleanup(taken.stopListening)
         service = WebhookService(reactor, serverFromString(reactor, "tcp:0:interface=127.0.0.1"),
                                  ReloadingServerTLS(self.dir), MutationConfig(),
-                                 serverFromString(reactor, f"tcp:{taken.getHost().port}:interface=127.0.0.1"))
+                                 serverFromString(reactor, f"tcp:{port_number(taken)}:interface=127.0.0.1"))
         with self.assertRaises(CannotListenError):
             service.privilegedStartService()
         self.assertEqual(service.ports, [])
