@@ -31,7 +31,14 @@ from zope.interface import implementer
 from caa.tls import CertificateAuthority, TLSConfigError
 from caa.webhook.certs import ReloadingServerTLS
 from caa.webhook.mutation import CPU_ANNOTATION, MutationConfig
-from caa.webhook.server import WebhookMetrics, WebhookService, listen_webhook, probe_site, webhook_site
+from caa.webhook.server import (
+    WebhookMetrics,
+    WebhookService,
+    listen_webhook,
+    probe_site,
+    start_webhook,
+    webhook_site,
+)
 
 reactor: Any = global_reactor
 
@@ -177,6 +184,13 @@ class HTTPSTests(TestCase):
                                      headers=JSON_HEADERS)
         out = await response.json()
         self.assertEqual((out["response"]["allowed"], out["response"]["status"]["code"]), (False, 400))
+
+    async def test_start_webhook(self) -> None:
+        """The one-call in-process start the API-server tests use: cert directory in, listening port out."""
+        port = await start_webhook(reactor, self.dir)
+        self.addCleanup(port.stopListening)
+        cert = await peer_certificate(port_number(port), [self.ca.cert_pem])
+        self.assertEqual(cert.serial_number, _serial(self.pair.cert_pem))
 
     async def test_untrusted_client_refused(self) -> None:
         port = await self.start()

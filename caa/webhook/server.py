@@ -1,13 +1,16 @@
 """The webhook's listeners: HTTPS `/mutate-v1-pod` (port 9443 upstream) and the plain-HTTP probe port
 (`/healthz`, `/readyz`, `/metrics`; 8081 upstream).
 
-`listen_webhook` starts the HTTPS side alone on any endpoint and returns the listening port, for tests
-and for embedding; `WebhookService` is what `twistd caa-webhook` runs: both listeners, opened in
-`privilegedStartService` so that a port that cannot be bound aborts startup.
+`start_webhook` (cert directory, ephemeral port) and `listen_webhook` (any endpoint) start the HTTPS side
+alone and return the listening port, for tests and for embedding; `WebhookService` is what
+`twistd caa-webhook` runs: both listeners, opened in `privilegedStartService` so that a port that cannot be
+bound aborts startup.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import attr
@@ -15,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -22,12 +26,13 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from caa.reactors import INodeReactor
 from caa.webhook.admission import review
 from caa.webhook.certs import ReloadingServerTLS
 from caa.webhook.mutation import MutationConfig
 
 __all__ = ["MUTATE_PATH", "WebhookMetrics", "MutateResource", "webhook_site", "probe_site", "listen_webhook",
-           "WebhookService"]
+           "start_webhook", "WebhookService"]
 
 MUTATE_PATH = b"mutate-v1-pod"
 
@@ -126,6 +131,16 @@ def listen_webhook(endpoint: IStreamServerEndpoint, tls: ReloadingServerTLS, con
     """Serve the webhook over TLS on `endpoint` (e.g. `tcp:0:interface=127.0.0.1`); fires with the port."""
     site = webhook_site(config, clock, metrics or WebhookMetrics.create())
     return endpoint.listen(TLSMemoryBIOFactory(tls, False, site))
+
+
+def start_webhook(reactor: INodeReactor, cert_dir: str | os.PathLike[str], config: MutationConfig | None = None,
+                  interface: str = "127.0.0.1", port: int = 0, min_version: str = "",
+                  cipher_suites: Sequence[str] = ()) -> Deferred[IListeningPort]:
+    """The webhook in-process on `interface:port` (0: an ephemeral port) with `cert_dir/tls.crt` and
+    `tls.key`; fires with the listening port (`.getHost().port`, `.stopListening()`)."""
+    tls = ReloadingServerTLS(cert_dir, min_version, cipher_suites)
+    endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)
+    return listen_webhook(endpoint, tls, config or MutationConfig(), reactor)
 
 
 class WebhookService(Service):
