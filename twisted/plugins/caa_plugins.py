@@ -14,3 +14,9 @@ caaForwarder = ServiceMaker(
     "Pod VM daemon: pod network and mTLS relay of kata-agent ttrpc traffic",
     "caa-forwarder",
 )
+caaWebhook = ServiceMaker(
+    "caa-webhook",
+    "caa.webhook.tap",
+    "Peer pods mutating admission webhook: pod resources -> VM-size annotations and kata.peerpods.io/vm",
+    "caa-webhook",
+)
