@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from caa.tls import TLSConfigError, certificate_expiry, server_context_factory
+from caa.tls import ServerTLSOptions, TLSConfigError, certificate_expiry, server_context_factory
 
 __all__ = ["DEFAULT_CERT_DIR", "CERT_NAME", "KEY_NAME", "ReloadingServerTLS"]
 
@@ -54,7 +53,7 @@ class ReloadingServerTLS:
         stamp = self._stamp()
         if stamp is None:
             raise TLSConfigError(f"no serving certificate: {self.cert_path} and {self.key_path} must exist")
-        self._options: tssl.CertificateOptions = self._load(stamp)
+        self._options: ServerTLSOptions = self._load(stamp)
         self._loaded = stamp
         self.reloads = 0
 
@@ -65,7 +64,7 @@ class ReloadingServerTLS:
             return None
         return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
-    def _load(self, stamp: _Stamp) -> tssl.CertificateOptions:
+    def _load(self, stamp: _Stamp) -> ServerTLSOptions:
         cert_pem = self.cert_path.read_bytes()
         key_pem = self.key_path.read_bytes()
         options = server_context_factory(cert_pem, key_pem, min_version=self._min_version,
