@@ -59,13 +59,11 @@ def _age(seconds: float) -> str:
 
 
 def cmd_list(pods_dir: str, out: Any) -> int:
-    from caa.adaptor.store import SandboxStore
+    from caa.adaptor.store import load_records
 
-    records = SandboxStore.__new__(SandboxStore)
-    records.pods_dir = pods_dir
     rows = [("SANDBOX", "POD", "INSTANCE", "VM IP", "STATE", "AGE")]
     now = time.time()
-    for r in records.load_all():
+    for r in load_records(pods_dir):
         rows.append((r.sandbox_id[:12], f"{r.pod_namespace}/{r.pod_name}", r.instance_id or "-",
                      r.ips[0] if r.ips else "-", r.state.value + (f" ({r.error})" if r.error else ""),
                      _age(now - r.created)))

@@ -12,14 +12,17 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from caa.adaptor.errors import SandboxError
 from caa.adaptor.interfaces import (
     IAgentProxy,
     IAgentProxyFactory,
     IAgentTLS,
     IPodNetworking,
     ISandboxStore,
+    SandboxRecord,
     SandboxState,
 )
+from caa.adaptor.rpc import to_ttrpc
 from caa.adaptor.service import CloudService, ServiceConfig
 from caa.adaptor.store import SandboxStore
 from caa.providers.interfaces import InvalidConfig, IProvider, IProviderFactory, TransientError
@@ -75,16 +78,26 @@ class Harness(SynchronousTestCase):
         return Deferred.fromCoroutine(self.svc.stop_vm(sid))
 
     def error(self, d: Deferred[Any]) -> TTRPCError:
-        f = self.failureResultOf(d, TTRPCError)
-        assert isinstance(f.value, TTRPCError)
-        return f.value
+        """The ttrpc status the handlers answer for the service's failure."""
+        f = self.failureResultOf(d, SandboxError, TTRPCError)
+        e = to_ttrpc(f.value)
+        assert isinstance(e, TTRPCError)
+        return e
+
+    def record(self, sid: str = SID) -> SandboxRecord:
+        rec = self.successResultOf(self.store.get(sid))
+        assert rec is not None
+        return rec
+
+    def records(self) -> list[SandboxRecord]:
+        return self.successResultOf(self.store.load_all())
 
     def assertClean(self, sid: str = SID) -> None:
         self.assertEqual(self.provider.instances, {})
         self.assertNotIn(sid, self.net.tunnels)
         self.assertNotIn(sid, self.net.vnis)
         self.assertFalse(os.path.exists(os.path.join(self.pods_dir, sid)))
-        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.records(), [])
         self.assertEqual(self.proxies.live(sid), [])
 
 
@@ -92,8 +105,7 @@ class CreateVMTests(Harness):
     def test_create(self) -> None:
         path = self.create()
         self.assertEqual(path, os.path.join(self.pods_dir, SID, "agent.ttrpc"))
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual((rec.state, rec.pod_name, rec.pod_namespace), (SandboxState.CREATED, "nginx-7d9f", "default"))
         self.assertEqual(rec.server_name, "podvm-nginx-7d9f-3f2a9c81")
         self.assertEqual(rec.vni, 555000)
@@ -123,7 +135,7 @@ class CreateVMTests(Harness):
             e = self.error(Deferred.fromCoroutine(self.svc.create_vm(sid, a, self.netns)))
             self.assertEqual(e.code, code)
             self.assertIn(text, e.message)
-        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.records(), [])
 
     def test_duplicate(self) -> None:
         self.create()
@@ -139,8 +151,7 @@ class CreateVMTests(Harness):
 
     def test_crio_name(self) -> None:
         self.create(pod="k8s_web_ns_uid_0")
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.pod_name, "web")
 
 
@@ -148,8 +159,7 @@ class StartStopTests(Harness):
     def test_lifecycle(self) -> None:
         self.create()
         self.successResultOf(self.start())
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.state, SandboxState.RUNNING)
         self.assertEqual(rec.ips, ("192.0.2.1",))
         self.assertEqual(self.net.tunnels[SID], ("192.0.2.1",))
@@ -176,8 +186,7 @@ class StartStopTests(Harness):
         e = self.error(self.start())
         self.assertEqual(e.code, Code.INVALID_ARGUMENT)
         self.assertEqual(e.message, "creating an instance : Error in creating volume: Can't retrieve volume x")
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.state, SandboxState.CREATED)
         self.successResultOf(self.stop())
         self.assertClean()
@@ -251,9 +260,8 @@ class StartStopTests(Harness):
         self.successResultOf(self.start())
         self.provider.fail_delete = TransientError("throttled")
         self.successResultOf(self.stop())
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.assertEqual(rec.state, SandboxState.STOP_INTENT)
+        rec = self.record()
+        self.assertEqual(rec.state, SandboxState.STOPPING)
         self.provider.fail_delete = None
         self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))
         self.assertClean()
@@ -272,7 +280,7 @@ class StartStopTests(Harness):
         for d in [self.stop(sid) for sid in sids]:
             self.successResultOf(d)
         self.assertEqual(self.provider.instances, {})
-        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.records(), [])
 
 
 class GetInfoTests(Harness):
@@ -295,7 +303,7 @@ class GetInfoTests(Harness):
         d = Deferred.fromCoroutine(self.svc.get_info("p", "ns", True))
         d.cancel()
         self.failureResultOf(d)
-        self.assertEqual(self.svc._info_waiters, [])
+        self.assertEqual(len(self.svc.instance_known), 0)
 
 
 class RecoveryTests(Harness):
@@ -328,14 +336,12 @@ class RecoveryTests(Harness):
         self.start()
         self.provider.hold_create = False
         self.provider.release_create()  # the VM exists but the old process "died" before journalling it
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.store.put(rec.evolve(state=SandboxState.CREATE_INTENT, instance_id="", ips=()))
+        rec = self.record()
+        self.successResultOf(self.store.put(rec.evolve(state=SandboxState.CREATE_INTENT, instance_id="", ips=())))
         self.restart()
         self.assertIn(("find", "podvm-nginx-7d9f-3f2a9c81"), self.provider.calls)
         self.assertEqual(self.provider.instances, {})
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.state, SandboxState.CREATED)
         self.successResultOf(self.stop())
         self.assertClean()
@@ -343,9 +349,8 @@ class RecoveryTests(Harness):
     def test_tunnel_intent_rolled_back(self) -> None:
         self.create()
         self.successResultOf(self.start())
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.store.put(rec.evolve(state=SandboxState.TUNNEL_INTENT))
+        rec = self.record()
+        self.successResultOf(self.store.put(rec.evolve(state=SandboxState.TUNNEL_INTENT)))
         self.restart()
         self.assertEqual(self.provider.instances, {})
         self.assertNotIn(SID, self.net.tunnels)
@@ -355,9 +360,8 @@ class RecoveryTests(Harness):
     def test_stop_intent_finished(self) -> None:
         self.create()
         self.successResultOf(self.start())
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.store.put(rec.evolve(state=SandboxState.STOP_INTENT))
+        rec = self.record()
+        self.successResultOf(self.store.put(rec.evolve(state=SandboxState.STOPPING)))
         self.restart()
         self.assertClean()
 
@@ -377,7 +381,7 @@ class StrayAndSweepTests(Harness):
         self.svc = self.make()
         self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
         self.assertFalse(os.path.exists(os.path.join(self.pods_dir, "half")))
-        self.assertEqual([r.sandbox_id for r in self.store.load_all()], [SID])
+        self.assertEqual([r.sandbox_id for r in self.records()], [SID])
 
     def test_pod_gone_swept(self) -> None:
         self.create()

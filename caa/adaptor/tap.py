@@ -19,7 +19,7 @@ from caa.adaptor.interfaces import IAgentProxyFactory, IAgentTLS, IPodNetworking
 from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.rpc import HypervisorHandlers
 from caa.adaptor.service import VERSION, CloudService, ServiceConfig
-from caa.adaptor.store import SandboxStore
+from caa.adaptor.store import JOURNAL_THREADS, SandboxStore, threadpool_runner
 from caa.providers.interfaces import IProvider
 from caa.ttrpc import Server
 from caa.ttrpc.endpoints import prepare_unix_path
@@ -118,7 +118,9 @@ class AdaptorDaemon(MultiService):
         from caa.adaptor.proxy import AgentProxyFactory
 
         self.proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls)
-        self.store = SandboxStore(options["pods-dir"])
+        # Journal writes (fsync) run here, off the reactor thread; the store keeps each sandbox's writes in order.
+        self._journal_pool = ThreadPool(minthreads=0, maxthreads=JOURNAL_THREADS, name="caa-journal")
+        self.store = SandboxStore(options["pods-dir"], threadpool_runner(reactor, self._journal_pool))
         self.network = self._network()
         auth_lookup = None
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -184,6 +186,7 @@ class AdaptorDaemon(MultiService):
         os.chmod(self.socket_path, self.options["socket-mode"])
         if self._threadpool is not None:
             self._threadpool.start()
+        self._journal_pool.start()
         self._identity = _identity(self.socket_path)
         self._log.info("server started on {socket}", socket=self.socket_path)
         self._start_probe()
@@ -203,7 +206,7 @@ class AdaptorDaemon(MultiService):
                     return
             await self.cloud.recover()
             if isinstance(self.network, NodeNetworking):
-                records = self.store.load_all()
+                records = [sb.record for sb in self.cloud.sandboxes.values()]
                 released = self.network.release_unowned([r.sandbox_id for r in records])
                 if released:
                     self._log.info("released VNIs {vnis} of sandboxes not in the journal", vnis=released)
@@ -279,6 +282,7 @@ class AdaptorDaemon(MultiService):
             self._log.warn("provider teardown: {error}", error=str(e))
         if self._threadpool is not None:
             self._threadpool.stop()
+        self._journal_pool.stop()
 
 
 def makeService(options: AdaptorOptions) -> IService:
