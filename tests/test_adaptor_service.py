@@ -22,11 +22,12 @@ from caa.adaptor.interfaces import (
     SandboxRecord,
     SandboxState,
 )
-from caa.adaptor.rpc import to_ttrpc
+from caa.adaptor.rpc import HypervisorHandlers, to_ttrpc
 from caa.adaptor.service import CloudService, ServiceConfig
 from caa.adaptor.store import SandboxStore
+from caa.proto import hypervisor_pb2
 from caa.providers.interfaces import InvalidConfig, IProvider, IProviderFactory, TransientError
-from caa.ttrpc import Code, TTRPCError
+from caa.ttrpc import CallContext, Code, TTRPCError
 from tests.fakes.adaptor import FakeNetworking, FakeProxyFactory, FakeTLS
 from tests.fakes.provider import FakeProvider, FakeProviderFactory
 
@@ -129,7 +130,7 @@ class CreateVMTests(Harness):
              "io.kubernetes.cri.sandbox-name"),
             (SID, {"io.kubernetes.cri.sandbox-name": "x"}, Code.INVALID_ARGUMENT,
              "io.kubernetes.cri.sandbox-namespace"),
-            ("../x", ann(), Code.INVALID_ARGUMENT, "invalid sandbox id"),
+            ("../x", ann(), Code.INVALID_ARGUMENT, "invalid sandbox id '../x'"),
         ]
         for sid, a, code, text in cases:
             e = self.error(Deferred.fromCoroutine(self.svc.create_vm(sid, a, self.netns)))
@@ -261,7 +262,16 @@ class StartStopTests(Harness):
         self.provider.fail_delete = TransientError("throttled")
         self.successResultOf(self.stop())
         rec = self.record()
-        self.assertEqual(rec.state, SandboxState.STOPPING)
+        self.assertEqual(rec.state, SandboxState.ORPHAN)
+        self.assertEqual(self.net.tunnels, {})  # everything else is torn down
+        # an orphan is gone for the shim; its id stays taken until the VM is deleted
+        e = self.error(self.stop())
+        self.assertEqual((e.code, e.message), (Code.NOT_FOUND, f"stopping VM: sandbox {SID} does not exist"))
+        self.assertEqual(self.error(self.start()).code, Code.NOT_FOUND)
+        self.assertEqual(self.error(Deferred.fromCoroutine(self.svc.create_vm(SID, ann(), self.netns))).code,
+                         Code.ALREADY_EXISTS)
+        self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))  # still failing: stays an orphan
+        self.assertEqual(self.record().state, SandboxState.ORPHAN)
         self.provider.fail_delete = None
         self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))
         self.assertClean()
@@ -281,6 +291,52 @@ class StartStopTests(Harness):
             self.successResultOf(d)
         self.assertEqual(self.provider.instances, {})
         self.assertEqual(self.records(), [])
+
+
+class SandboxIdTests(Harness):
+    """Bug 7b: ids are checked before anything touches the file system, over the ttrpc handlers."""
+
+    def call(self, method: str, sid: str) -> TTRPCError:
+        handlers = HypervisorHandlers(self.svc)
+        ctx = CallContext(clock=self.clock, service="hypervisor.Hypervisor", method=method, stream_id=1)
+        d: Deferred[Any]
+        if method == "CreateVM":
+            d = Deferred.fromCoroutine(handlers.create_vm(ctx, hypervisor_pb2.CreateVMRequest(
+                id=sid, annotations=ann(), networkNamespacePath=self.netns)))
+        elif method == "StartVM":
+            d = Deferred.fromCoroutine(handlers.start_vm(ctx, hypervisor_pb2.StartVMRequest(id=sid)))
+        else:
+            d = Deferred.fromCoroutine(handlers.stop_vm(ctx, hypervisor_pb2.StopVMRequest(id=sid)))
+        f = self.failureResultOf(d, TTRPCError)
+        assert isinstance(f.value, TTRPCError)
+        return f.value
+
+    def test_invalid_ids(self) -> None:
+        pattern = "(should match ^[a-zA-Z0-9][a-zA-Z0-9_.-]+$)"
+        cases = [
+            ("", "empty sandbox id"),
+            ("ab\0cd", f"invalid sandbox id 'ab\\x00cd' {pattern}"),
+            ("a" * 10240, "invalid sandbox id 'aaaaaaaaaaaaaaaa'... (length 10240): greater than maximum length "
+                          "(76 characters)"),
+            ("../x", f"invalid sandbox id '../x' {pattern}"),
+            ("a/b", f"invalid sandbox id 'a/b' {pattern}"),
+            (".", f"invalid sandbox id '.' {pattern}"),
+            ("..", f"invalid sandbox id '..' {pattern}"),
+            (".hidden", f"invalid sandbox id '.hidden' {pattern}"),
+            ("ab\n", f"invalid sandbox id 'ab\\n' {pattern}"),
+            ("x", f"invalid sandbox id 'x' {pattern}"),
+        ]
+        for method in ("CreateVM", "StartVM", "StopVM"):
+            for sid, text in cases:
+                e = self.call(method, sid)
+                self.assertEqual((e.code, e.message), (Code.INVALID_ARGUMENT, text), (method, sid[:20]))
+        self.assertEqual(os.listdir(self.pods_dir), [])
+        self.assertEqual(self.net.calls, [])
+
+    def test_valid_ids(self) -> None:
+        for sid in (SID, "a" * 76, "pod_1.b-c"):
+            self.create(sid, pod=f"p{len(sid)}")
+        self.assertEqual(len(self.records()), 3)
 
 
 class GetInfoTests(Harness):
