@@ -12,7 +12,7 @@ states and their allowed transitions are in caa/adaptor/states.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -55,6 +55,10 @@ class IAgentProxyFactory(Interface):
         """A new, not yet started proxy for sandbox_id that will listen on socket_path."""
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class SandboxRecord:
     """Everything needed to re-adopt or undo one sandbox after a restart, as typed values.
@@ -77,7 +81,7 @@ class SandboxRecord:
     pod_network: PodNetworkConfig | None = None  # apf.json "pod-network"
     instance_id: str = ""
     instance_name: str = ""
-    ips: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    ips: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     error: str = ""  # last failure, for caactl list
 
     @property

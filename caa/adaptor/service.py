@@ -31,7 +31,7 @@ from caa.adaptor.interfaces import (
     ISandboxStore,
     SandboxRecord,
 )
-from caa.adaptor.states import GOING, STARTING, SandboxState, check_transition
+from caa.adaptor.states import GOING, SandboxState, check_transition
 from caa.adaptor.userdata import AnnotationError, APFConfig, instance_spec, pod_identity, user_data, vm_name
 from caa.network.interfaces import PodNetworkConfig
 from caa.notifier import Notifier

@@ -106,7 +106,7 @@ class FakeNetworking:
             return succeed(None)
         return self.setup(sandbox_id, netns, ips, pod_network)
 
-    def teardown(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig) -> Deferred[None]:
+    def teardown(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> Deferred[None]:
         self.calls.append(("teardown", sandbox_id))
         self.tunnels.pop(sandbox_id, None)
         self.vnis.pop(sandbox_id, None)
