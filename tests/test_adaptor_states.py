@@ -173,8 +173,8 @@ class JournalOrderTests(SynchronousTestCase):
         self.assertEqual(self.events, ["durable 5e create-intent", "create_instance"])
         self.runner.drain()
         self.successResultOf(d)
-        self.assertEqual(self.events, ["durable 5e create-intent", "create_instance", "durable 5e instance",
-                                       "durable 5e tunnel-intent", "durable 5e tunnel", "durable 5e running"])
+        self.assertEqual(self.events, ["durable 5e create-intent", "create_instance", "durable 5e tunnel-intent",
+                                       "durable 5e running"])
         # the tunnel (a side effect) was set up only after TUNNEL_INTENT was durable: the runner was stepped
         self.assertIn(("setup", SID), self.net.calls)
 
@@ -192,7 +192,7 @@ class JournalOrderTests(SynchronousTestCase):
         self.successResultOf(db)
         for sid in ("aa", "bb"):
             mine = [e.split()[2] for e in self.events if e.startswith(f"durable {sid}")]
-            self.assertEqual(mine, ["create-intent", "instance", "tunnel-intent", "tunnel", "running"])
+            self.assertEqual(mine, ["create-intent", "tunnel-intent", "running"])
 
     def test_stop_cancels_start_while_a_write_is_queued(self) -> None:
         """StopVM during a queued journal write: the write still lands (in order), then the stop's own."""
@@ -228,8 +228,7 @@ class JournalOrderTests(SynchronousTestCase):
         seq += [None if e.endswith("removed") else S(e.split()[2]) for e in self.events if e.startswith("durable")]
         for old, new in zip(seq, seq[1:], strict=False):
             check_transition(SID, old, new)
-        self.assertEqual(seq, [None, S.CREATED, S.CREATE_INTENT, S.INSTANCE, S.TUNNEL_INTENT, S.TUNNEL,
-                               S.RUNNING, S.STOPPING, None])
+        self.assertEqual(seq, [None, S.CREATED, S.CREATE_INTENT, S.TUNNEL_INTENT, S.RUNNING, S.STOPPING, None])
 
 
 class LockTests(SynchronousTestCase):

@@ -281,13 +281,14 @@ class CloudService:
             self._log.info("{sandbox_id}: created instance {instance_id} ({instance_name}) ips {ips} "
                            "in {elapsed:.1f}s", sandbox_id=sid, instance_id=instance.id,
                            instance_name=instance.name, ips=list(instance.ips), elapsed=t1 - t0)
-            journalled = self._put(sb, S.INSTANCE, instance_id=instance.id, instance_name=instance.name,
-                                   ips=instance.ips)
+            # One write records the create's result and announces the tunnel (nothing happens in between, so
+            # recovery needs no separate INSTANCE record); INSTANCE is journalled only when the VM has no IP.
+            journalled = self._put(sb, S.TUNNEL_INTENT if instance.ips else S.INSTANCE, instance_id=instance.id,
+                                   instance_name=instance.name, ips=instance.ips)
             self.instance_known.notify(None)
             await journalled
             if not instance.ips:
                 raise SandboxError(Fault.UNAVAILABLE, "instance IP is not available")
-            await self._put(sb, S.TUNNEL_INTENT)
             try:
                 await self.network.setup(sid, rec.netns, instance.ips, _network(rec))
             except CancelledError:
@@ -296,7 +297,8 @@ class CloudService:
                 raise SandboxError(Fault.INTERNAL, f"setting up pod network tunnel on netns {rec.netns}: {e}") from e
             t2 = self.clock.seconds()
             metrics.START_PHASE_SECONDS.labels(phase="tunnel").observe(t2 - t1)
-            await self._put(sb, S.TUNNEL)
+            # No TUNNEL record before the proxy starts: recovery rolls TUNNEL back exactly as TUNNEL_INTENT, and the
+            # proxy leaves nothing a restart must find, so the write would cost an fsync and buy nothing.
             await self._start_proxy(sb, deadline)
             t3 = self.clock.seconds()
             metrics.START_PHASE_SECONDS.labels(phase="vm_boot").observe(t3 - t2)

@@ -12,15 +12,17 @@ error text, a cleared instance id) is always allowed.
 |---|---|---|---|
 | (none) | - | no record | CREATED |
 | CREATED | created | CreateVM done: pod dir, apf.json, user-data, VNI; nothing in the cloud | CREATE_INTENT, STOPPING |
-| CREATE_INTENT | create-intent | about to call provider.create_instance | INSTANCE, CREATED, STOPPING |
-| INSTANCE | instance | instance exists (id and IPs known), no tunnel yet | TUNNEL_INTENT, CREATED, STOPPING |
-| TUNNEL_INTENT | tunnel-intent | about to set up the node side of the tunnel | TUNNEL, CREATED, STOPPING |
-| TUNNEL | tunnel | tunnel up, agent proxy dialling the forwarder | RUNNING, CREATED, STOPPING |
+| CREATE_INTENT | create-intent | about to call provider.create_instance | INSTANCE, TUNNEL_INTENT, CREATED, STOPPING |
+| INSTANCE | instance | instance exists (id known) but has no IP: rolled back | TUNNEL_INTENT, CREATED, STOPPING |
+| TUNNEL_INTENT | tunnel-intent | instance exists (id, IPs); about to set up the tunnel, then the agent proxy | TUNNEL, RUNNING, CREATED, STOPPING |
+| TUNNEL | tunnel | tunnel up, agent proxy dialling (written by earlier versions; handled as TUNNEL_INTENT) | RUNNING, CREATED, STOPPING |
 | RUNNING | running | StartVM answered OK | CREATED, STOPPING |
 | STOPPING | stop-intent | StopVM (or the sweeper) is tearing it down | ORPHAN, (none) |
 | ORPHAN | orphan | torn down except the instance, whose delete failed; the sweeper retries | STOPPING, (none) |
 
-Moves back to CREATED are StartVM's rollback (a failed or interrupted start, or a failed re-adoption after a
+A StartVM journals three records: CREATE_INTENT, TUNNEL_INTENT (with the instance's id and IPs: the create's
+result and the tunnel's intent in one fsync) and RUNNING (before StartVM answers). Moves back to CREATED are
+StartVM's rollback (a failed or interrupted start, or a failed re-adoption after a
 restart): whatever was built is undone and the shim may StartVM again or StopVM. Recovery after a restart:
 CREATED is kept, RUNNING re-adopted, the four start states rolled back, STOPPING and ORPHAN finished.
 StopVM of a sandbox in STOPPING or ORPHAN answers NOT_FOUND, as for an unknown one.
@@ -57,9 +59,9 @@ GOING: frozenset[SandboxState] = frozenset({S.STOPPING, S.ORPHAN})
 TRANSITIONS: Mapping[SandboxState | None, frozenset[SandboxState | None]] = {
     None: frozenset({S.CREATED}),
     S.CREATED: frozenset({S.CREATE_INTENT, S.STOPPING}),
-    S.CREATE_INTENT: frozenset({S.INSTANCE, S.CREATED, S.STOPPING}),
+    S.CREATE_INTENT: frozenset({S.INSTANCE, S.TUNNEL_INTENT, S.CREATED, S.STOPPING}),
     S.INSTANCE: frozenset({S.TUNNEL_INTENT, S.CREATED, S.STOPPING}),
-    S.TUNNEL_INTENT: frozenset({S.TUNNEL, S.CREATED, S.STOPPING}),
+    S.TUNNEL_INTENT: frozenset({S.TUNNEL, S.RUNNING, S.CREATED, S.STOPPING}),
     S.TUNNEL: frozenset({S.RUNNING, S.CREATED, S.STOPPING}),
     S.RUNNING: frozenset({S.CREATED, S.STOPPING}),
     S.STOPPING: frozenset({S.ORPHAN, None}),
