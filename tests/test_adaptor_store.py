@@ -233,6 +233,16 @@ class PreviousJournalRecoveryTests(SynchronousTestCase):
         self.assertIn(("delete", "i-podvm-nginx-7d9f-3f2a9c81"), self.provider.calls)
         self.assertEqual(os.listdir(self.pods), [])
 
+    def test_tunnel_rolled_back(self) -> None:
+        """TUNNEL is no longer written, but a journal of the previous version may hold it."""
+        sid = self.install(dict(fixture("running-vxlan"), state="tunnel"))
+        svc = self.service()
+        self.successResultOf(Deferred.fromCoroutine(svc.recover()))
+        rec = svc.sandboxes[sid].record
+        self.assertEqual((rec.state, rec.instance_id, rec.ips), (SandboxState.CREATED, "", ()))
+        self.assertIn(("delete", "i-podvm-nginx-7d9f-3f2a9c81"), self.provider.calls)
+        self.assertIn(("teardown", sid), self.net.calls)
+
     def test_stop_intent_finished(self) -> None:
         sid = self.install(dict(fixture("running-vxlan"), state="stop-intent"))
         svc = self.service()
