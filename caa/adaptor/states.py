@@ -14,8 +14,8 @@ error text, a cleared instance id) is always allowed.
 | CREATED | created | CreateVM done: pod dir, apf.json, user-data, VNI; nothing in the cloud | CREATE_INTENT, STOPPING |
 | CREATE_INTENT | create-intent | about to call provider.create_instance | INSTANCE, TUNNEL_INTENT, CREATED, STOPPING |
 | INSTANCE | instance | instance exists (id known) but has no IP: rolled back | TUNNEL_INTENT, CREATED, STOPPING |
-| TUNNEL_INTENT | tunnel-intent | instance exists (id, IPs); about to set up the tunnel, then the agent proxy | TUNNEL, RUNNING, CREATED, STOPPING |
-| TUNNEL | tunnel | tunnel up, agent proxy dialling (written by earlier versions; handled as TUNNEL_INTENT) | RUNNING, CREATED, STOPPING |
+| TUNNEL_INTENT | tunnel-intent | instance up (id, IPs); next: tunnel, proxy | TUNNEL, RUNNING, CREATED, STOPPING |
+| TUNNEL | tunnel | tunnel up, proxy dialling (earlier versions only; = TUNNEL_INTENT) | RUNNING, CREATED, STOPPING |
 | RUNNING | running | StartVM answered OK | CREATED, STOPPING |
 | STOPPING | stop-intent | StopVM (or the sweeper) is tearing it down | ORPHAN, (none) |
 | ORPHAN | orphan | torn down except the instance, whose delete failed; the sweeper retries | STOPPING, (none) |
