@@ -208,6 +208,22 @@ class JournalOrderTests(SynchronousTestCase):
         self.assertNotIn("create_instance", self.events)
         self.assertFalse(os.path.exists(os.path.join(self.pods_dir, SID)))
 
+    def test_start_and_stop_wait_for_create(self) -> None:
+        """StartVM and StopVM of an id whose CreateVM is still writing wait for it (the sandbox's lock)."""
+        c = Deferred.fromCoroutine(self.svc.create_vm(
+            SID, {"io.kubernetes.cri.sandbox-name": "p", "io.kubernetes.cri.sandbox-namespace": "ns"}, self.netns))
+        st = Deferred.fromCoroutine(self.svc.start_vm(SID))
+        sp = Deferred.fromCoroutine(self.svc.stop_vm(SID))
+        self.assertNotIn("create_instance", self.events)
+        self.runner.drain()
+        self.assertEqual(self.successResultOf(c), os.path.join(self.pods_dir, SID, "agent.ttrpc"))
+        self.failureResultOf(st)  # it got the lock after CreateVM and found the sandbox STOPPING
+        self.successResultOf(sp)
+        self.assertNotIn("create_instance", self.events)
+        self.assertEqual(os.listdir(self.pods_dir), [])
+        self.assertEqual(self.net.vnis, {})
+        self.assertEqual(self.svc.sandboxes, {})
+
     def test_illegal_transition_fails_loudly(self) -> None:
         self.create(SID)
         sb = self.svc.sandboxes[SID]

@@ -178,55 +178,58 @@ class CloudService:
         check_transition(sandbox_id, None, record.state)
         sb = _Sandbox(record)
         self.sandboxes[sandbox_id] = sb  # reserve the id while we await
-        try:
-            journalled = await self.store.get(sandbox_id) is not None  # a record recovery has not loaded yet
-        except BaseException:
-            del self.sandboxes[sandbox_id]
-            raise
-        if journalled:
-            del self.sandboxes[sandbox_id]
-            raise SandboxError(Fault.ALREADY_EXISTS, f"adding sandbox: sandbox {sandbox_id} already exists")
-        ok = False
-        pod_network: PodNetworkConfig | None = None
-        try:
+        # The lock is free (a new sandbox); a StartVM / StopVM of this id waits until CreateVM is done.
+        async with locked(sb.lock):
             try:
-                pod_network = await self.network.inspect(sandbox_id, netns)
-            except Exception as e:
-                raise SandboxError(Fault.PRECONDITION, f"failed to inspect netns {netns}: {e}") from e
-            cert, key, client_ca = "", "", ""
-            if self.tls is not None and not self.config.disable_tls:
-                try:
-                    cert, key = self.tls.server_credentials(server_name)
-                    client_ca = self.tls.client_ca_pem()
-                except Exception as e:
-                    raise SandboxError(Fault.INTERNAL,
-                                       f"issuing TLS server certificate for {server_name}: {e}") from e
-            apf = APFConfig(
-                pod_namespace=pod_ns, pod_name=pod_name, pod_network=pod_network.to_json(),
-                tls_server_key=key, tls_server_cert=cert, tls_client_ca=client_ca,
-                tls_min_version="" if self.config.disable_tls else self.config.tls_min_version,
-                tls_cipher_suites=() if self.config.disable_tls else self.config.tls_cipher_suites)
-            auths: Mapping[str, str] = {}
-            if self.auth_lookup is not None:
-                try:
-                    auths = await self._with_timeout(
-                        Deferred.fromCoroutine(_as_coroutine(self.auth_lookup(pod_ns, pod_name))), 30.0)
-                except Exception as e:
-                    self._log.warn("{sandbox_id}: image pull secrets of {namespace}/{pod} not read: {error}",
-                                   sandbox_id=sandbox_id, namespace=pod_ns, pod=pod_name, error=str(e))
-            text = user_data(apf, annotations, default_initdata=self.config.initdata, auths=auths,
-                             scratch_space=self.config.enable_scratch_space)
-            sb.record = record = attrs.evolve(record, pod_network=pod_network)
-            await self.store.create(record, apf.to_json().encode(), text.encode())
-            sb.proxy = self.proxies.new(sandbox_id, socket_path)
-            ok = True
-        finally:
-            if not ok:
-                del self.sandboxes[sandbox_id]
-                await self._undo_create(sandbox_id, netns, pod_network)
+                if await self.store.get(sandbox_id) is not None:  # a record recovery has not loaded yet
+                    self.sandboxes.pop(sandbox_id, None)
+                    raise SandboxError(Fault.ALREADY_EXISTS,
+                                       f"adding sandbox: sandbox {sandbox_id} already exists")
+                await self._prepare(sb, annotations)
+            except BaseException:
+                if self.sandboxes.get(sandbox_id) is sb:
+                    del self.sandboxes[sandbox_id]
+                    await self._undo_create(sandbox_id, netns, sb.record.pod_network)
+                raise
         self._update_gauge()
         self.instance_known.notify(None)
         return socket_path
+
+    async def _prepare(self, sb: _Sandbox, annotations: Mapping[str, str]) -> None:
+        """CreateVM's work: inspect the pod netns (VNI), issue the VM's certificate, write apf.json, user-data and
+        the record, make the (not yet started) agent proxy."""
+        rec = sb.record
+        sid, netns, server_name = rec.sandbox_id, rec.netns, rec.server_name
+        try:
+            pod_network = await self.network.inspect(sid, netns)
+        except Exception as e:
+            raise SandboxError(Fault.PRECONDITION, f"failed to inspect netns {netns}: {e}") from e
+        # sb.record, not rec: a StopVM may have moved the sandbox on meanwhile (it waits for our lock)
+        sb.record = attrs.evolve(sb.record, pod_network=pod_network)
+        cert, key, client_ca = "", "", ""
+        if self.tls is not None and not self.config.disable_tls:
+            try:
+                cert, key = self.tls.server_credentials(server_name)
+                client_ca = self.tls.client_ca_pem()
+            except Exception as e:
+                raise SandboxError(Fault.INTERNAL, f"issuing TLS server certificate for {server_name}: {e}") from e
+        apf = APFConfig(
+            pod_namespace=rec.pod_namespace, pod_name=rec.pod_name, pod_network=pod_network.to_json(),
+            tls_server_key=key, tls_server_cert=cert, tls_client_ca=client_ca,
+            tls_min_version="" if self.config.disable_tls else self.config.tls_min_version,
+            tls_cipher_suites=() if self.config.disable_tls else self.config.tls_cipher_suites)
+        auths: Mapping[str, str] = {}
+        if self.auth_lookup is not None:
+            try:
+                auths = await self._with_timeout(
+                    Deferred.fromCoroutine(_as_coroutine(self.auth_lookup(rec.pod_namespace, rec.pod_name))), 30.0)
+            except Exception as e:
+                self._log.warn("{sandbox_id}: image pull secrets of {namespace}/{pod} not read: {error}",
+                               sandbox_id=sid, namespace=rec.pod_namespace, pod=rec.pod_name, error=str(e))
+        text = user_data(apf, annotations, default_initdata=self.config.initdata, auths=auths,
+                         scratch_space=self.config.enable_scratch_space)
+        await self.store.create(sb.record, apf.to_json().encode(), text.encode())
+        sb.proxy = self.proxies.new(sid, rec.socket_path)
 
     async def _undo_create(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> None:
         try:
