@@ -22,6 +22,7 @@ from caa.adaptor.interfaces import (
     SandboxRecord,
     SandboxState,
 )
+from caa.adaptor.metrics import REGISTRY
 from caa.adaptor.rpc import HypervisorHandlers, to_ttrpc
 from caa.adaptor.service import CloudService, ServiceConfig
 from caa.adaptor.store import SandboxStore
@@ -157,9 +158,14 @@ class CreateVMTests(Harness):
 
 
 class StartStopTests(Harness):
+    def gauge(self) -> dict[str, float]:
+        return {s.value: REGISTRY.get_sample_value("caa_sandboxes", {"state": s.value}) or 0.0 for s in SandboxState}
+
     def test_lifecycle(self) -> None:
         self.create()
+        self.assertEqual({k: v for k, v in self.gauge().items() if v}, {"created": 1.0})
         self.successResultOf(self.start())
+        self.assertEqual({k: v for k, v in self.gauge().items() if v}, {"running": 1.0})
         rec = self.record()
         self.assertEqual(rec.state, SandboxState.RUNNING)
         self.assertEqual(rec.ips, ("192.0.2.1",))
@@ -174,6 +180,7 @@ class StartStopTests(Harness):
         self.successResultOf(self.start())  # idempotent
         self.successResultOf(self.stop())
         self.assertClean()
+        self.assertEqual({k: v for k, v in self.gauge().items() if v}, {})
         e = self.error(self.stop())
         self.assertEqual((e.code, e.message), (Code.NOT_FOUND, f"stopping VM: sandbox {SID} does not exist"))
 

@@ -114,8 +114,11 @@ class CloudService:
         """The one way a sandbox changes: the move is checked against the state table (an illegal one raises
         here and now), applied in memory at once, and journalled; the Deferred fires once the record is
         durable. Await it before the side effect an intent state announces."""
+        old = sb.record.state
         sb.record = sb.record.advance(state, updated=self.wallclock(), **changes)
-        self._update_gauge()
+        if sb.record.state is not old:  # the gauge moves by one (a full recount is O(sandboxes) per write)
+            metrics.SANDBOXES.labels(state=old.value).dec()
+            metrics.SANDBOXES.labels(state=sb.record.state.value).inc()
         return self.store.put(sb.record)
 
     def _forget(self, sb: _Sandbox) -> Deferred[None]:
@@ -126,6 +129,7 @@ class CloudService:
         return self.store.remove(sb.record.sandbox_id)
 
     def _update_gauge(self) -> None:
+        """Recount the sandboxes by state (when sandboxes come and go; `_put` moves the gauge for a state change)."""
         counts = {s.value: 0 for s in SandboxState}
         for sb in self.sandboxes.values():
             counts[sb.record.state.value] += 1
@@ -189,6 +193,7 @@ class CloudService:
             except BaseException:
                 if self.sandboxes.get(sandbox_id) is sb:
                     del self.sandboxes[sandbox_id]
+                    self._update_gauge()
                     await self._undo_create(sandbox_id, netns, sb.record.pod_network)
                 raise
         self._update_gauge()

@@ -204,13 +204,13 @@ class SandboxStore:
 
     def create(self, record: SandboxRecord, apf_json: bytes, user_data: bytes) -> Deferred[None]:
         d = self.pod_dir(record.sandbox_id)
-        data = _record_bytes(record)
 
         def work() -> None:
             self._mkdir(d)
             write_atomic(os.path.join(d, APF_NAME), apf_json, sync_dir=False)
             write_atomic(os.path.join(d, USER_DATA_NAME), user_data, sync_dir=False)
-            write_atomic(os.path.join(d, RECORD_NAME), data)  # the record last: it commits the sandbox
+            # the record last: it commits the sandbox
+            write_atomic(os.path.join(d, RECORD_NAME), _record_bytes(record))
 
         return self._serial(record.sandbox_id, work)
 
@@ -221,11 +221,12 @@ class SandboxStore:
 
     def put(self, record: SandboxRecord) -> Deferred[None]:
         d = self.pod_dir(record.sandbox_id)
-        data = _record_bytes(record)  # serialised now: later changes to the caller's state do not leak in
 
         def work() -> None:
+            # serialised here, off the reactor thread (the JSON encoder with indent is pure Python); the record is
+            # a frozen value, so what is written is what was put
             self._mkdir(d)
-            write_atomic(os.path.join(d, RECORD_NAME), data)
+            write_atomic(os.path.join(d, RECORD_NAME), _record_bytes(record))
 
         return self._serial(record.sandbox_id, work)
 
