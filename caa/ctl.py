@@ -93,11 +93,11 @@ def write_table(sandboxes: Iterable[admin_pb2.Sandbox], now: float, out: TextIO)
 def journal_sandboxes(pods_dir: str) -> list[admin_pb2.Sandbox]:
     """The sandboxes journaled under `pods_dir` (none if it does not exist), as the adaptor would list them."""
     from caa.adaptor.admin import list_sandboxes_response
-    from caa.adaptor.store import SandboxStore
+    from caa.adaptor.store import load_records
 
     if not os.path.isdir(pods_dir):
         return []
-    return list(list_sandboxes_response(SandboxStore(pods_dir).load_all()).sandboxes)
+    return list(list_sandboxes_response(load_records(pods_dir)).sandboxes)
 
 
 async def _call(reactor: INodeReactor, args: argparse.Namespace, out: TextIO) -> None:

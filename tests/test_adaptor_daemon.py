@@ -27,6 +27,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from caa.adaptor.adapters import NullNetworking
 from caa.adaptor.daemon import AdaptorDaemon, DaemonSettings, StartupProbe, build_daemon, can_connect
+from caa.adaptor.interfaces import SandboxRecord
 from caa.adaptor.listeners import ListenError, UnixSocketService, listen_reuseport, socket_identity
 from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.store import SandboxStore
@@ -54,6 +55,9 @@ class FakeCloud:
 
     async def shutdown(self) -> None:
         self.log.append("shutdown")
+
+    def records(self) -> list[SandboxRecord]:
+        return []
 
 
 class RecordingPool(ThreadPool):

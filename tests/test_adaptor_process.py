@@ -404,7 +404,7 @@ class FaultInjectionTests(ProcessTestCase):
 
     def test_04_during_vm_boot(self) -> None:
         a = self.a
-        path = self.kill_during_start("f4", lambda: (a.record("f4") or {}).get("state") == "tunnel",
+        path = self.kill_during_start("f4", lambda: (a.record("f4") or {}).get("state") == "tunnel-intent",
                                       "proxy dialling", FAKE_VM_BOOT_DELAY="30s")
         self.settle("f4", path, expect_running=False)
 
@@ -596,7 +596,8 @@ class VxlanTests(VxlanMixin):
         a.start(FAKE_VM_BOOT_DELAY="30s")
         a.create("v2", "web")
         p = a.ctl_bg("start", "--id", "v2")
-        a.wait_for(lambda: (a.record("v2") or {}).get("state") == "tunnel", "tunnel up, proxy dialling")
+        a.wait_for(lambda: (a.record("v2") or {}).get("state") == "tunnel-intent" and self.vxlan_in_pod(),
+                   "tunnel up, proxy dialling")
         self.assertTrue(self.vxlan_in_pod())
         a.kill9()
         p.communicate(timeout=30)

@@ -12,18 +12,23 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from caa.adaptor.errors import SandboxError
 from caa.adaptor.interfaces import (
     IAgentProxy,
     IAgentProxyFactory,
     IAgentTLS,
     IPodNetworking,
     ISandboxStore,
+    SandboxRecord,
     SandboxState,
 )
+from caa.adaptor.metrics import REGISTRY
+from caa.adaptor.rpc import HypervisorHandlers, to_ttrpc
 from caa.adaptor.service import CloudService, ServiceConfig
 from caa.adaptor.store import SandboxStore
+from caa.proto import hypervisor_pb2
 from caa.providers.interfaces import InvalidConfig, IProvider, IProviderFactory, TransientError
-from caa.ttrpc import Code, TTRPCError
+from caa.ttrpc import CallContext, Code, TTRPCError
 from tests.fakes.adaptor import FakeNetworking, FakeProxyFactory, FakeTLS
 from tests.fakes.provider import FakeProvider, FakeProviderFactory
 
@@ -75,16 +80,26 @@ class Harness(SynchronousTestCase):
         return Deferred.fromCoroutine(self.svc.stop_vm(sid))
 
     def error(self, d: Deferred[Any]) -> TTRPCError:
-        f = self.failureResultOf(d, TTRPCError)
-        assert isinstance(f.value, TTRPCError)
-        return f.value
+        """The ttrpc status the handlers answer for the service's failure."""
+        f = self.failureResultOf(d, SandboxError, TTRPCError)
+        e = to_ttrpc(f.value)
+        assert isinstance(e, TTRPCError)
+        return e
+
+    def record(self, sid: str = SID) -> SandboxRecord:
+        rec = self.successResultOf(self.store.get(sid))
+        assert rec is not None
+        return rec
+
+    def records(self) -> list[SandboxRecord]:
+        return self.successResultOf(self.store.load_all())
 
     def assertClean(self, sid: str = SID) -> None:
         self.assertEqual(self.provider.instances, {})
         self.assertNotIn(sid, self.net.tunnels)
         self.assertNotIn(sid, self.net.vnis)
         self.assertFalse(os.path.exists(os.path.join(self.pods_dir, sid)))
-        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.records(), [])
         self.assertEqual(self.proxies.live(sid), [])
 
 
@@ -92,8 +107,7 @@ class CreateVMTests(Harness):
     def test_create(self) -> None:
         path = self.create()
         self.assertEqual(path, os.path.join(self.pods_dir, SID, "agent.ttrpc"))
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual((rec.state, rec.pod_name, rec.pod_namespace), (SandboxState.CREATED, "nginx-7d9f", "default"))
         self.assertEqual(rec.server_name, "podvm-nginx-7d9f-3f2a9c81")
         self.assertEqual(rec.vni, 555000)
@@ -117,13 +131,13 @@ class CreateVMTests(Harness):
              "io.kubernetes.cri.sandbox-name"),
             (SID, {"io.kubernetes.cri.sandbox-name": "x"}, Code.INVALID_ARGUMENT,
              "io.kubernetes.cri.sandbox-namespace"),
-            ("../x", ann(), Code.INVALID_ARGUMENT, "invalid sandbox id"),
+            ("../x", ann(), Code.INVALID_ARGUMENT, "invalid sandbox id '../x'"),
         ]
         for sid, a, code, text in cases:
             e = self.error(Deferred.fromCoroutine(self.svc.create_vm(sid, a, self.netns)))
             self.assertEqual(e.code, code)
             self.assertIn(text, e.message)
-        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.records(), [])
 
     def test_duplicate(self) -> None:
         self.create()
@@ -139,17 +153,20 @@ class CreateVMTests(Harness):
 
     def test_crio_name(self) -> None:
         self.create(pod="k8s_web_ns_uid_0")
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.pod_name, "web")
 
 
 class StartStopTests(Harness):
+    def gauge(self) -> dict[str, float]:
+        return {s.value: REGISTRY.get_sample_value("caa_sandboxes", {"state": s.value}) or 0.0 for s in SandboxState}
+
     def test_lifecycle(self) -> None:
         self.create()
+        self.assertEqual({k: v for k, v in self.gauge().items() if v}, {"created": 1.0})
         self.successResultOf(self.start())
-        rec = self.store.get(SID)
-        assert rec is not None
+        self.assertEqual({k: v for k, v in self.gauge().items() if v}, {"running": 1.0})
+        rec = self.record()
         self.assertEqual(rec.state, SandboxState.RUNNING)
         self.assertEqual(rec.ips, ("192.0.2.1",))
         self.assertEqual(self.net.tunnels[SID], ("192.0.2.1",))
@@ -163,6 +180,7 @@ class StartStopTests(Harness):
         self.successResultOf(self.start())  # idempotent
         self.successResultOf(self.stop())
         self.assertClean()
+        self.assertEqual({k: v for k, v in self.gauge().items() if v}, {})
         e = self.error(self.stop())
         self.assertEqual((e.code, e.message), (Code.NOT_FOUND, f"stopping VM: sandbox {SID} does not exist"))
 
@@ -176,8 +194,7 @@ class StartStopTests(Harness):
         e = self.error(self.start())
         self.assertEqual(e.code, Code.INVALID_ARGUMENT)
         self.assertEqual(e.message, "creating an instance : Error in creating volume: Can't retrieve volume x")
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.state, SandboxState.CREATED)
         self.successResultOf(self.stop())
         self.assertClean()
@@ -251,9 +268,17 @@ class StartStopTests(Harness):
         self.successResultOf(self.start())
         self.provider.fail_delete = TransientError("throttled")
         self.successResultOf(self.stop())
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.assertEqual(rec.state, SandboxState.STOP_INTENT)
+        rec = self.record()
+        self.assertEqual(rec.state, SandboxState.ORPHAN)
+        self.assertEqual(self.net.tunnels, {})  # everything else is torn down
+        # an orphan is gone for the shim; its id stays taken until the VM is deleted
+        e = self.error(self.stop())
+        self.assertEqual((e.code, e.message), (Code.NOT_FOUND, f"stopping VM: sandbox {SID} does not exist"))
+        self.assertEqual(self.error(self.start()).code, Code.NOT_FOUND)
+        self.assertEqual(self.error(Deferred.fromCoroutine(self.svc.create_vm(SID, ann(), self.netns))).code,
+                         Code.ALREADY_EXISTS)
+        self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))  # still failing: stays an orphan
+        self.assertEqual(self.record().state, SandboxState.ORPHAN)
         self.provider.fail_delete = None
         self.successResultOf(Deferred.fromCoroutine(self.svc.sweep()))
         self.assertClean()
@@ -272,7 +297,53 @@ class StartStopTests(Harness):
         for d in [self.stop(sid) for sid in sids]:
             self.successResultOf(d)
         self.assertEqual(self.provider.instances, {})
-        self.assertEqual(self.store.load_all(), [])
+        self.assertEqual(self.records(), [])
+
+
+class SandboxIdTests(Harness):
+    """Bug 7b: ids are checked before anything touches the file system, over the ttrpc handlers."""
+
+    def call(self, method: str, sid: str) -> TTRPCError:
+        handlers = HypervisorHandlers(self.svc)
+        ctx = CallContext(clock=self.clock, service="hypervisor.Hypervisor", method=method, stream_id=1)
+        d: Deferred[Any]
+        if method == "CreateVM":
+            d = Deferred.fromCoroutine(handlers.create_vm(ctx, hypervisor_pb2.CreateVMRequest(
+                id=sid, annotations=ann(), networkNamespacePath=self.netns)))
+        elif method == "StartVM":
+            d = Deferred.fromCoroutine(handlers.start_vm(ctx, hypervisor_pb2.StartVMRequest(id=sid)))
+        else:
+            d = Deferred.fromCoroutine(handlers.stop_vm(ctx, hypervisor_pb2.StopVMRequest(id=sid)))
+        f = self.failureResultOf(d, TTRPCError)
+        assert isinstance(f.value, TTRPCError)
+        return f.value
+
+    def test_invalid_ids(self) -> None:
+        pattern = "(should match ^[a-zA-Z0-9][a-zA-Z0-9_.-]+$)"
+        cases = [
+            ("", "empty sandbox id"),
+            ("ab\0cd", f"invalid sandbox id 'ab\\x00cd' {pattern}"),
+            ("a" * 10240, "invalid sandbox id 'aaaaaaaaaaaaaaaa'... (length 10240): greater than maximum length "
+                          "(76 characters)"),
+            ("../x", f"invalid sandbox id '../x' {pattern}"),
+            ("a/b", f"invalid sandbox id 'a/b' {pattern}"),
+            (".", f"invalid sandbox id '.' {pattern}"),
+            ("..", f"invalid sandbox id '..' {pattern}"),
+            (".hidden", f"invalid sandbox id '.hidden' {pattern}"),
+            ("ab\n", f"invalid sandbox id 'ab\\n' {pattern}"),
+            ("x", f"invalid sandbox id 'x' {pattern}"),
+        ]
+        for method in ("CreateVM", "StartVM", "StopVM"):
+            for sid, text in cases:
+                e = self.call(method, sid)
+                self.assertEqual((e.code, e.message), (Code.INVALID_ARGUMENT, text), (method, sid[:20]))
+        self.assertEqual(os.listdir(self.pods_dir), [])
+        self.assertEqual(self.net.calls, [])
+
+    def test_valid_ids(self) -> None:
+        for sid in (SID, "a" * 76, "pod_1.b-c"):
+            self.create(sid, pod=f"p{len(sid)}")
+        self.assertEqual(len(self.records()), 3)
 
 
 class GetInfoTests(Harness):
@@ -295,7 +366,7 @@ class GetInfoTests(Harness):
         d = Deferred.fromCoroutine(self.svc.get_info("p", "ns", True))
         d.cancel()
         self.failureResultOf(d)
-        self.assertEqual(self.svc._info_waiters, [])
+        self.assertEqual(len(self.svc.instance_known), 0)
 
 
 class RecoveryTests(Harness):
@@ -328,14 +399,12 @@ class RecoveryTests(Harness):
         self.start()
         self.provider.hold_create = False
         self.provider.release_create()  # the VM exists but the old process "died" before journalling it
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.store.put(rec.evolve(state=SandboxState.CREATE_INTENT, instance_id="", ips=()))
+        rec = self.record()
+        self.successResultOf(self.store.put(rec.evolve(state=SandboxState.CREATE_INTENT, instance_id="", ips=())))
         self.restart()
         self.assertIn(("find", "podvm-nginx-7d9f-3f2a9c81"), self.provider.calls)
         self.assertEqual(self.provider.instances, {})
-        rec = self.store.get(SID)
-        assert rec is not None
+        rec = self.record()
         self.assertEqual(rec.state, SandboxState.CREATED)
         self.successResultOf(self.stop())
         self.assertClean()
@@ -343,9 +412,8 @@ class RecoveryTests(Harness):
     def test_tunnel_intent_rolled_back(self) -> None:
         self.create()
         self.successResultOf(self.start())
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.store.put(rec.evolve(state=SandboxState.TUNNEL_INTENT))
+        rec = self.record()
+        self.successResultOf(self.store.put(rec.evolve(state=SandboxState.TUNNEL_INTENT)))
         self.restart()
         self.assertEqual(self.provider.instances, {})
         self.assertNotIn(SID, self.net.tunnels)
@@ -355,9 +423,8 @@ class RecoveryTests(Harness):
     def test_stop_intent_finished(self) -> None:
         self.create()
         self.successResultOf(self.start())
-        rec = self.store.get(SID)
-        assert rec is not None
-        self.store.put(rec.evolve(state=SandboxState.STOP_INTENT))
+        rec = self.record()
+        self.successResultOf(self.store.put(rec.evolve(state=SandboxState.STOPPING)))
         self.restart()
         self.assertClean()
 
@@ -377,7 +444,7 @@ class StrayAndSweepTests(Harness):
         self.svc = self.make()
         self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
         self.assertFalse(os.path.exists(os.path.join(self.pods_dir, "half")))
-        self.assertEqual([r.sandbox_id for r in self.store.load_all()], [SID])
+        self.assertEqual([r.sandbox_id for r in self.records()], [SID])
 
     def test_pod_gone_swept(self) -> None:
         self.create()

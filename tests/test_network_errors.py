@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
@@ -209,7 +210,7 @@ class PodVmErrorTests(TestCase):
 
     def test_unknown_tunnel_type(self) -> Deferred[None]:
         pod = h.make_netns(self, "xp")
-        cfg = PodNetworkConfig(**{**self.cfg.__dict__, "tunnel_type": "geneve"})
+        cfg = attrs.evolve(self.cfg, tunnel_type="geneve")
         return ensureDeferred(self._fails(cfg, pod.name, ConfigError, "geneve"))
 
     def test_mtu_capped(self) -> Deferred[None]:
@@ -237,8 +238,8 @@ class PodVmErrorTests(TestCase):
         with self.vm.ipr() as ipr:
             ipr.route("add", dst="0.0.0.0", dst_len=0, gateway="172.20.0.1", priority=200)
         pod = h.make_netns(self, "xp")
-        cfg = PodNetworkConfig(**{**self.cfg.__dict__, "external_net_via_pod_vm": True, "routes": (
-            Route(dst="0.0.0.0/0", gw="10.88.0.1", dev="eth0"), Route(dst="10.88.0.0/24", dev="eth0"))})
+        cfg = attrs.evolve(self.cfg, external_net_via_pod_vm=True, routes=(
+            Route(dst="0.0.0.0/0", gw="10.88.0.1", dev="eth0"), Route(dst="10.88.0.0/24", dev="eth0")))
         await self.podvm.setup(cfg, pod.name)
         state = await deferToThread(h.snapshot, pod)
         self.assertIn(("ens5", "172.20.0.2", 24), state["addrs"])

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThread
@@ -268,7 +269,7 @@ class TunnelTests(TestCase):
         cfg = await topo.node.inspect(pod.path)
         await topo.node.setup(pod.path, [topo.vm_ip], cfg)
         # A route whose device does not exist: the VM setup fails half-way and rolls back.
-        bad = PodNetworkConfig(**{**cfg.__dict__, "routes": cfg.routes + (Route(dst="10.1.0.0/16", dev="nope0"),)})
+        bad = attrs.evolve(cfg, routes=cfg.routes + (Route(dst="10.1.0.0/16", dev="nope0"),))
         with self.assertRaises(Exception) as ctx:
             await topo.podvm.setup(bad, vmpod.path)
         self.assertIn("nope0", str(ctx.exception))

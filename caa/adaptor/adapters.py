@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -23,19 +22,18 @@ class NodeNetworking:
     def __init__(self, node: INodeNetwork) -> None:
         self.node = node
 
-    def inspect(self, sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
-        return self.node.inspect(netns, sandbox_id).addCallback(lambda cfg: cfg.to_json())
+    def inspect(self, sandbox_id: str, netns: str) -> Deferred[PodNetworkConfig]:
+        return self.node.inspect(netns, sandbox_id)
 
     def setup(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
-              pod_network: dict[str, Any]) -> Deferred[None]:
-        return self.node.setup(netns, list(ips), PodNetworkConfig.from_json(pod_network))
+              pod_network: PodNetworkConfig) -> Deferred[None]:
+        return self.node.setup(netns, list(ips), pod_network)
 
     def ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
-               pod_network: dict[str, Any]) -> Deferred[None]:
+               pod_network: PodNetworkConfig) -> Deferred[None]:
         return Deferred.fromCoroutine(self._ensure(sandbox_id, netns, ips, pod_network))
 
-    async def _ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> None:
-        config = PodNetworkConfig.from_json(pod_network)
+    async def _ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...], config: PodNetworkConfig) -> None:
         present = await self.node.present_vnis()
         if config.vxlan_id in present:
             self._log.info("{sandbox_id}: tunnel VNI {vni} still present; kept", sandbox_id=sandbox_id,
@@ -43,10 +41,10 @@ class NodeNetworking:
             return
         await self.node.setup(netns, list(ips), config)
 
-    def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
-        if not pod_network:
+    def teardown(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> Deferred[None]:
+        if pod_network is None:
             return succeed(None)
-        return self.node.teardown(netns, PodNetworkConfig.from_json(pod_network))
+        return self.node.teardown(netns, pod_network)
 
     def sweep(self, live_vnis: Sequence[int]) -> Deferred[list[int]]:
         return self.node.sweep(live_vnis)
@@ -64,6 +62,11 @@ class NodeNetworking:
         return released
 
 
+# The pod-network object of --tunnel-type none (JSON: no vxlan-port / vxlan-id keys).
+NULL_POD_NETWORK = PodNetworkConfig(pod_ip="0.0.0.0/32", pod_hw_addr="", interface="", worker_node_ip="0.0.0.0/32",
+                                    mtu=1500, vxlan_id=0, vxlan_port=0, tunnel_type="none")
+
+
 @implementer(IPodNetworking)
 class NullNetworking:
     """--tunnel-type none: no pod network plumbing (development and process-level tests).
@@ -71,22 +74,18 @@ class NullNetworking:
     inspect still answers a syntactically valid pod-network object so apf.json keeps its schema.
     """
 
-    def inspect(self, sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
-        return succeed({
-            "podip": "0.0.0.0/32", "pod-hw-addr": "", "interface": "", "worker-node-ip": "0.0.0.0/32",
-            "tunnel-type": "none", "routes": None, "neighbors": None, "mtu": 1500, "index": 0,
-            "dedicated": False, "external-net-via-pod-vm": False,
-        })
+    def inspect(self, sandbox_id: str, netns: str) -> Deferred[PodNetworkConfig]:
+        return succeed(NULL_POD_NETWORK)
 
     def setup(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
-              pod_network: dict[str, Any]) -> Deferred[None]:
+              pod_network: PodNetworkConfig) -> Deferred[None]:
         return succeed(None)
 
     def ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
-               pod_network: dict[str, Any]) -> Deferred[None]:
+               pod_network: PodNetworkConfig) -> Deferred[None]:
         return succeed(None)
 
-    def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
+    def teardown(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> Deferred[None]:
         return succeed(None)
 
 

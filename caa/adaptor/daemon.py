@@ -25,12 +25,19 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullNetworking
 from caa.adaptor.admin import register_admin
-from caa.adaptor.interfaces import IAgentProxyFactory, IAgentTLS, IPodNetworking, ISandboxStore, ProxyTLS
+from caa.adaptor.interfaces import (
+    IAgentProxyFactory,
+    IAgentTLS,
+    IPodNetworking,
+    ISandboxStore,
+    ProxyTLS,
+    SandboxRecord,
+)
 from caa.adaptor.listeners import ListenError, ListeningService, UnixSocketService, listen_reuseport
 from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.rpc import HypervisorHandlers
 from caa.adaptor.service import VERSION, CloudService, ServiceConfig
-from caa.adaptor.store import SandboxStore
+from caa.adaptor.store import JOURNAL_THREADS, SandboxStore, threadpool_runner
 from caa.providers.interfaces import IProvider
 from caa.reactors import INodeReactor
 from caa.ttrpc import Server
@@ -66,6 +73,8 @@ class CloudLifecycle(Protocol):
 
     @property
     def sandboxes(self) -> Sized: ...
+
+    def records(self) -> list[SandboxRecord]: ...
 
     async def recover(self) -> None: ...
 
@@ -215,7 +224,7 @@ class AdaptorDaemon(MultiService):
                     return
             await self.cloud.recover()
             if isinstance(self.network, NodeNetworking):
-                records = self.store.load_all()
+                records = self.cloud.records()
                 released = self.network.release_unowned([r.sandbox_id for r in records])
                 if released:
                     self._log.info("released VNIs {vnis} of sandboxes not in the journal", vnis=released)
@@ -331,8 +340,12 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
     from caa.adaptor.proxy import AgentProxyFactory
 
     proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls)
-    store = SandboxStore(options["pods-dir"])
     pools: list[ThreadPool] = []
+    # Journal writes (write, fsync, rename, dir fsync) leave the reactor thread; the store keeps them in
+    # order per sandbox, and the service waits for each intent to be durable before its side effect.
+    journal_pool = ThreadPool(minthreads=0, maxthreads=JOURNAL_THREADS, name="caa-journal")
+    pools.append(journal_pool)
+    store = SandboxStore(options["pods-dir"], threadpool_runner(reactor, journal_pool))
     network = _network(reactor, options, pools)
     auth_lookup = None
     if env.get("KUBERNETES_SERVICE_HOST"):
@@ -356,6 +369,6 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
     server = Server(clock=reactor, name="hypervisor")
     HypervisorHandlers(cloud).register(server)
     # caactl list asks the adaptor itself (its in-memory view), not a journal directory of its own.
-    register_admin(server, lambda: [sb.record for sb in cloud.sandboxes.values()])
+    register_admin(server, cloud.records)
     return AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
                          provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal)

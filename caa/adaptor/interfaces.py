@@ -6,17 +6,22 @@ the hypervisor service only ever sees these interfaces, so tests drive it with f
 The sandbox journal (`ISandboxStore`) holds one `SandboxRecord` per sandbox under the pods directory.
 Every side effect of StartVM/StopVM is bracketed by journal writes: an *intent* state is written
 before the side effect (instance create, tunnel setup, teardown) and the *result* state after it, so
-a restarted adaptor can tell what may exist in the cloud and on the node and finish or undo it.
+a restarted adaptor can tell what may exist in the cloud and on the node and finish or undo it. The
+states and their allowed transitions are in caa/adaptor/states.py.
 """
 
 from __future__ import annotations
 
-import enum
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from caa.adaptor.states import SandboxState, check_transition
+from caa.network.interfaces import PodNetworkConfig
+from caa.providers.interfaces import InstanceSpec
 
 SOCKET_NAME = "agent.ttrpc"
 
@@ -50,21 +55,17 @@ class IAgentProxyFactory(Interface):
         """A new, not yet started proxy for sandbox_id that will listen on socket_path."""
 
 
-class SandboxState(enum.StrEnum):
-    """Where a sandbox is in its lifecycle. `*_INTENT` states are written before a side effect."""
-
-    CREATED = "created"  # CreateVM done: pod dir, apf.json, VNI; nothing in the cloud
-    CREATE_INTENT = "create-intent"  # about to call provider.create_instance
-    INSTANCE = "instance"  # instance exists (id known), no tunnel yet
-    TUNNEL_INTENT = "tunnel-intent"  # about to set up the node-side tunnel
-    TUNNEL = "tunnel"  # tunnel set up, proxy dialling the forwarder
-    RUNNING = "running"  # StartVM answered OK
-    STOP_INTENT = "stop-intent"  # StopVM (or a rollback) is tearing it down
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
 
 
 @attrs.frozen
 class SandboxRecord:
-    """Everything needed to re-adopt or undo one sandbox after a restart. JSON-serialisable."""
+    """Everything needed to re-adopt or undo one sandbox after a restart, as typed values.
+
+    Only the store (caa/adaptor/store.py) turns a record into sandbox.json and back. Move a record to another
+    state with `advance`, which checks the transition table (caa/adaptor/states.py).
+    """
 
     sandbox_id: str
     pod_name: str
@@ -75,61 +76,69 @@ class SandboxRecord:
     state: SandboxState
     created: float  # wall-clock seconds (time.time()) of CreateVM
     updated: float = 0.0
-    annotations: dict[str, str] = attrs.field(factory=dict)
-    spec: dict[str, Any] = attrs.field(factory=dict)  # InstanceSpec fields
-    pod_network: dict[str, Any] | None = None  # PodNetworkConfig JSON (apf.json "pod-network")
-    vni: int | None = None
+    annotations: Mapping[str, str] = attrs.field(factory=dict)
+    spec: InstanceSpec = InstanceSpec()
+    pod_network: PodNetworkConfig | None = None  # apf.json "pod-network"
     instance_id: str = ""
     instance_name: str = ""
-    ips: tuple[str, ...] = ()
+    ips: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     error: str = ""  # last failure, for caactl list
 
+    @property
+    def vni(self) -> int | None:
+        """The sandbox's VXLAN id (None without a VXLAN tunnel)."""
+        return self.pod_network.vxlan_id or None if self.pod_network is not None else None
+
+    def advance(self, state: SandboxState | None = None, **changes: Any) -> SandboxRecord:
+        """A copy in `state` (default: the same) with `changes`; raises IllegalTransition for a move the
+        table does not allow."""
+        new_state = self.state if state is None else state
+        check_transition(self.sandbox_id, self.state, new_state)
+        return attrs.evolve(self, state=new_state, **changes)
+
     def evolve(self, **changes: Any) -> SandboxRecord:
+        """A copy with changes, without the transition check (tests that fake an older journal)."""
         return attrs.evolve(self, **changes)
-
-    def to_json(self) -> dict[str, Any]:
-        d = attrs.asdict(self, recurse=False)
-        d["state"] = self.state.value
-        d["ips"] = list(self.ips)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SandboxRecord:
-        fields = {f.name for f in attrs.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields}
-        kw["state"] = SandboxState(kw["state"])
-        kw["ips"] = tuple(kw.get("ips", ()))
-        return cls(**kw)
 
 
 class ISandboxStore(Interface):
-    """The sandbox journal: one record per sandbox, each write atomic (write, fsync, rename).
+    """The sandbox journal and everything else in a pod directory: the only code that touches those files.
 
-    Records live at <pods-dir>/<sid>/sandbox.json; the pod directory is 0700 and files 0600.
-    Methods are synchronous and small (a few KiB per write on a local filesystem).
+    Layout: <pods-dir>/<sid>/ (0700) holds sandbox.json (the record), apf.json, user-data (0600 each) and the
+    agent proxy's socket. Every write is atomic (tmp file, fsync, rename, fsync dir). File I/O runs off the
+    reactor thread (the store is given a runner, e.g. a thread pool); the calls for one sandbox run one after
+    the other in the order they were made, and a call's Deferred fires once its write is durable. Cancelling
+    a returned Deferred does not cancel the write.
     """
 
     def pod_dir(sandbox_id: str) -> str:
-        """<pods-dir>/<sid>."""
+        """<pods-dir>/<sid> (no I/O). Raises ValueError for an id that is not a plain file name."""
 
-    def create_dir(sandbox_id: str) -> str:
-        """Create the pod directory (0700) and return it."""
+    def socket_path(sandbox_id: str) -> str:
+        """<pods-dir>/<sid>/agent.ttrpc, where the sandbox's agent proxy listens (no I/O)."""
 
-    def put(record: SandboxRecord) -> None:
-        """Write record atomically (tmp file, fsync, rename, fsync dir)."""
+    def create(record: SandboxRecord, apf_json: bytes, user_data: bytes) -> Deferred[None]:
+        """Create the pod directory, write apf.json and user-data, then the record (the commit point: a
+        directory without a record is removed by `remove_strays`)."""
 
-    def get(sandbox_id: str) -> SandboxRecord | None:
+    def put(record: SandboxRecord) -> Deferred[None]:
+        """Write the record (atomically)."""
+
+    def get(sandbox_id: str) -> Deferred[SandboxRecord | None]:
         """The record of sandbox_id, or None."""
 
-    def remove(sandbox_id: str) -> None:
-        """Delete the record and the whole pod directory (keys, apf.json, socket). Idempotent."""
+    def read_user_data(sandbox_id: str) -> Deferred[bytes]:
+        """The user-data written by `create`."""
 
-    def load_all() -> list[SandboxRecord]:
+    def remove(sandbox_id: str) -> Deferred[None]:
+        """Delete the record, then the whole pod directory (keys, apf.json, socket). Idempotent."""
+
+    def load_all() -> Deferred[list[SandboxRecord]]:
         """Every readable record (unreadable ones are logged and skipped), oldest first."""
 
-    def remove_strays() -> list[str]:
-        """Remove pod directories without a record (a CreateVM interrupted before its first journal write);
-        return their sandbox ids. Called at start, before anything is served."""
+    def remove_strays() -> Deferred[list[str]]:
+        """Remove pod directories without a record (a CreateVM interrupted before its record was written);
+        fire with their sandbox ids. Called at start, before anything is served."""
 
 
 class IPodNetworking(Interface):
@@ -138,18 +147,19 @@ class IPodNetworking(Interface):
     Every method is safe to repeat: recovery calls them again for sandboxes found in the journal.
     """
 
-    def inspect(sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
-        """Inspect the pod netns and allocate the sandbox's VNI; fire with the apf.json "pod-network"
-        object (JSON-ready dict, with "vxlan-id"). Allocating twice for one sandbox gives the same VNI."""
+    def inspect(sandbox_id: str, netns: str) -> Deferred[PodNetworkConfig]:
+        """Inspect the pod netns and allocate the sandbox's VNI; fire with the apf.json "pod-network" value
+        (with its vxlan_id). Allocating twice for one sandbox gives the same VNI."""
 
-    def setup(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> Deferred[None]:
+    def setup(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: PodNetworkConfig) -> Deferred[None]:
         """Set up the tunnel between the pod netns and the VM at ips[0] (rolled back on failure)."""
 
-    def ensure(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: dict[str, Any]) -> Deferred[None]:
+    def ensure(sandbox_id: str, netns: str, ips: tuple[str, ...], pod_network: PodNetworkConfig) -> Deferred[None]:
         """Re-adoption after a restart: leave an existing tunnel of this VNI alone, set it up if it is gone."""
 
-    def teardown(sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
-        """Remove the tunnel if any and release the sandbox's VNI. Succeeds when nothing is there."""
+    def teardown(sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> Deferred[None]:
+        """Remove the tunnel if any and release the sandbox's VNI. Succeeds when nothing is there (or
+        pod_network is None: CreateVM failed before the netns was inspected)."""
 
 
 class IAgentTLS(Interface):
@@ -183,3 +193,9 @@ class ProxyTLS:
 
     def __repr__(self) -> str:
         return f"ProxyTLS(override={self.server_name_override!r}, min_version={self.min_version!r}, key=<redacted>)"
+
+
+__all__ = [
+    "SOCKET_NAME", "IAgentProxy", "IAgentProxyFactory", "IAgentTLS", "IPodNetworking", "ISandboxStore",
+    "ProxyTLS", "SandboxRecord", "SandboxState",
+]

@@ -1,9 +1,11 @@
 """The hypervisor.Hypervisor and podvminfo.PodVMInfo services: the pod VM lifecycle, journalled.
 
-Every side effect is bracketed by journal writes (intent before, result after; see
-`caa.adaptor.interfaces.SandboxState`), so `recover()` after a restart can re-adopt live VMs, roll back
-half-done creates and clean records whose pod is gone. Per sandbox, one `DeferredLock` serialises
-StartVM, StopVM and recovery; different sandboxes proceed concurrently on the reactor.
+Every side effect is bracketed by journal writes (intent before, result after), each a move in the state table
+of caa/adaptor/states.py (checked by `SandboxRecord.advance`), so `recover()` after a restart can re-adopt live
+VMs, roll back half-done starts and finish stops. The journal's writes run off the reactor thread (the store's
+runner); the service awaits each intent write before its side effect. Per sandbox, one `DeferredLock` (taken with
+`async with locked(...)`) serialises StartVM, StopVM, recovery and the sweeper; different sandboxes proceed
+concurrently. Failures are `SandboxError`s with a kind; caa/adaptor/rpc.py maps them to ttrpc codes.
 """
 
 from __future__ import annotations
@@ -11,48 +13,42 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from caa.adaptor import metrics
+from caa.adaptor.errors import Fault, SandboxError, check_sandbox_id
 from caa.adaptor.interfaces import (
-    SOCKET_NAME,
     IAgentProxy,
     IAgentProxyFactory,
     IAgentTLS,
     IPodNetworking,
     ISandboxStore,
     SandboxRecord,
-    SandboxState,
 )
-from caa.adaptor.store import write_atomic
+from caa.adaptor.states import GOING, SandboxState, check_transition
 from caa.adaptor.userdata import AnnotationError, instance_spec, pod_identity, user_data
+from caa.network.interfaces import PodNetworkConfig
+from caa.notifier import Notifier
 from caa.podvm_api.apf import APFConfig
 from caa.podvm_api.naming import instance_name
-from caa.providers.interfaces import ErrorKind, Instance, InstanceSpec, IProvider, ProviderError
-from caa.ttrpc.status import Code, TTRPCError
+from caa.providers.interfaces import Instance, IProvider, ProviderError
 
 T = TypeVar("T")
 
 VERSION = "0.0.0"
-USER_DATA_NAME = "user-data"
-APF_NAME = "apf.json"
-
-_KIND_CODES = {
-    ErrorKind.NOT_FOUND: Code.NOT_FOUND,
-    ErrorKind.QUOTA: Code.RESOURCE_EXHAUSTED,
-    ErrorKind.INVALID_CONFIG: Code.INVALID_ARGUMENT,
-    ErrorKind.TRANSIENT: Code.UNAVAILABLE,
-}
 
 AuthLookup = Callable[[str, str], Awaitable[Mapping[str, str]]]
 
+S = SandboxState
 
-@dataclass(frozen=True)
+
+@attrs.frozen
 class ServiceConfig:
     pods_dir: str
     forwarder_port: int = 15150
@@ -66,23 +62,30 @@ class ServiceConfig:
     delete_timeout: float = 600.0
 
 
-@dataclass
+class locked:
+    """`async with locked(lock):` holds a DeferredLock for the block (released however the block ends)."""
+
+    def __init__(self, lock: DeferredLock) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        await self.lock.acquire()
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.lock.release()
+
+
+@attrs.define
 class _Sandbox:
+    """A sandbox in memory: its record (the state is `record.state`), its lock and its live agent proxy."""
+
     record: SandboxRecord
-    lock: DeferredLock = field(default_factory=DeferredLock)
+    lock: DeferredLock = attrs.field(factory=DeferredLock)
     proxy: IAgentProxy | None = None
-    starting: Deferred[None] | None = None
-    stopping: bool = False
-
-
-def _spec_to_dict(spec: InstanceSpec) -> dict[str, Any]:
-    return {"instance_type": spec.instance_type, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib,
-            "gpus": spec.gpus, "image": spec.image, "multi_nic": spec.multi_nic,
-            "volumes": list(spec.volumes), "arch": spec.arch}
-
-
-def _spec_from_dict(d: Mapping[str, Any]) -> InstanceSpec:
-    return InstanceSpec(**{k: v for k, v in d.items() if k in _spec_to_dict(InstanceSpec())})
+    # The StartVM in progress, kept only so that a StopVM can cancel it (whether a start is under way is the
+    # state: one of STARTING).
+    start_call: Deferred[None] | None = None
 
 
 class CloudService:
@@ -104,30 +107,36 @@ class CloudService:
         self.auth_lookup = auth_lookup
         self.wallclock = wallclock
         self.sandboxes: dict[str, _Sandbox] = {}
-        self._info_waiters: list[Deferred[None]] = []
-        self._orphans: dict[str, _Sandbox] = {}
+        # Fired whenever a sandbox gains an instance id (GetInfo with wait).
+        self.instance_known: Notifier[None] = Notifier()
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _put(self, sb: _Sandbox, state: SandboxState | None = None, **changes: Any) -> SandboxRecord:
-        if state is not None:
-            changes["state"] = state
-        sb.record = sb.record.evolve(updated=self.wallclock(), **changes)
-        self.store.put(sb.record)
+    def _put(self, sb: _Sandbox, state: SandboxState | None = None, **changes: Any) -> Deferred[None]:
+        """The one way a sandbox changes: the move is checked against the state table (an illegal one raises
+        here and now), applied in memory at once, and journalled; the Deferred fires once the record is
+        durable. Await it before the side effect an intent state announces."""
+        old = sb.record.state
+        sb.record = sb.record.advance(state, updated=self.wallclock(), **changes)
+        if sb.record.state is not old:  # the gauge moves by one (a full recount is O(sandboxes) per write)
+            metrics.SANDBOXES.labels(state=old.value).dec()
+            metrics.SANDBOXES.labels(state=sb.record.state.value).inc()
+        return self.store.put(sb.record)
+
+    def _forget(self, sb: _Sandbox) -> Deferred[None]:
+        """The last move: the sandbox is dropped, its record and pod directory removed."""
+        check_transition(sb.record.sandbox_id, sb.record.state, None)
+        self.sandboxes.pop(sb.record.sandbox_id, None)
         self._update_gauge()
-        return sb.record
+        return self.store.remove(sb.record.sandbox_id)
 
     def _update_gauge(self) -> None:
+        """Recount the sandboxes by state (when sandboxes come and go; `_put` moves the gauge for a state change)."""
         counts = {s.value: 0 for s in SandboxState}
         for sb in self.sandboxes.values():
             counts[sb.record.state.value] += 1
         for state, n in counts.items():
             metrics.SANDBOXES.labels(state=state).set(n)
-
-    def _wake_info_waiters(self) -> None:
-        waiters, self._info_waiters = self._info_waiters, []
-        for d in waiters:
-            d.callback(None)
 
     async def _provider_call(self, method: str, call: Callable[[], Deferred[T]]) -> T:
         start = self.clock.seconds()
@@ -144,164 +153,186 @@ class CloudService:
         finally:
             metrics.PROVIDER_CALL_SECONDS.labels(method=method).observe(self.clock.seconds() - start)
 
-    async def _with_timeout(self, d: Deferred[T], timeout: float) -> T:
+    def _with_timeout(self, d: Deferred[T], timeout: float) -> Deferred[T]:
         d.addTimeout(timeout, self.clock)
-        return await d
+        return d
 
     # -- Hypervisor ------------------------------------------------------------------------------
+
+    def records(self) -> list[SandboxRecord]:
+        """The journal records of every sandbox this adaptor manages (what `caactl list` shows)."""
+        return [sb.record for sb in self.sandboxes.values()]
 
     def version(self) -> str:
         return VERSION
 
     async def create_vm(self, sandbox_id: str, annotations: Mapping[str, str], netns: str) -> str:
         """CreateVM (§1.4): local work only. Returns the agent socket path."""
-        if not sandbox_id:
-            raise TTRPCError(Code.INVALID_ARGUMENT, "empty sandbox id")
-        try:
-            self.store.pod_dir(sandbox_id)
-        except ValueError as e:
-            raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid sandbox id {sandbox_id!r}") from e
+        check_sandbox_id(sandbox_id)
         try:
             pod_name, pod_ns = pod_identity(annotations)
         except AnnotationError as e:
-            raise TTRPCError(Code.INVALID_ARGUMENT, str(e)) from e
-        if sandbox_id in self.sandboxes or self.store.get(sandbox_id) is not None:
-            raise TTRPCError(Code.ALREADY_EXISTS, f"adding sandbox: sandbox {sandbox_id} already exists")
+            raise SandboxError(Fault.INVALID_ARGUMENT, str(e)) from e
+        if sandbox_id in self.sandboxes:
+            raise SandboxError(Fault.ALREADY_EXISTS, f"adding sandbox: sandbox {sandbox_id} already exists")
         self._log.info("create a sandbox {sandbox_id} for pod {pod} in namespace {namespace} (netns {netns})",
                        sandbox_id=sandbox_id, pod=pod_name, namespace=pod_ns, netns=netns)
-        spec = instance_spec(annotations, multi_nic=self.config.ext_network_via_podvm)
         server_name = instance_name(pod_name, sandbox_id)
-        pod_dir = self.store.pod_dir(sandbox_id)
-        socket_path = os.path.join(pod_dir, SOCKET_NAME)
+        socket_path = self.store.socket_path(sandbox_id)
         record = SandboxRecord(
             sandbox_id=sandbox_id, pod_name=pod_name, pod_namespace=pod_ns, netns=netns,
-            socket_path=socket_path, server_name=server_name, state=SandboxState.CREATED,
+            socket_path=socket_path, server_name=server_name, state=S.CREATED,
             created=self.wallclock(), updated=self.wallclock(), annotations=dict(annotations),
-            spec=_spec_to_dict(spec), instance_name=self.provider.instance_name(pod_name, sandbox_id))
+            spec=instance_spec(annotations, multi_nic=self.config.ext_network_via_podvm),
+            instance_name=self.provider.instance_name(pod_name, sandbox_id))
+        check_transition(sandbox_id, None, record.state)
         sb = _Sandbox(record)
         self.sandboxes[sandbox_id] = sb  # reserve the id while we await
-        ok = False
-        pod_network: dict[str, Any] = {}
-        try:
+        # The lock is free (a new sandbox); a StartVM / StopVM of this id waits until CreateVM is done.
+        async with locked(sb.lock):
             try:
-                pod_network = await self.network.inspect(sandbox_id, netns)
-            except Exception as e:
-                raise TTRPCError(Code.FAILED_PRECONDITION, f"failed to inspect netns {netns}: {e}") from e
-            cert, key, client_ca = "", "", ""
-            if self.tls is not None and not self.config.disable_tls:
-                try:
-                    cert, key = self.tls.server_credentials(server_name)
-                    client_ca = self.tls.client_ca_pem()
-                except Exception as e:
-                    raise TTRPCError(Code.INTERNAL, f"issuing TLS server certificate for {server_name}: {e}") from e
-            apf = APFConfig(
-                pod_namespace=pod_ns, pod_name=pod_name, pod_network=pod_network,
-                tls_server_key=key, tls_server_cert=cert, tls_client_ca=client_ca,
-                tls_min_version="" if self.config.disable_tls else self.config.tls_min_version,
-                tls_cipher_suites=() if self.config.disable_tls else self.config.tls_cipher_suites)
-            auths: Mapping[str, str] = {}
-            if self.auth_lookup is not None:
-                try:
-                    auths = await self._with_timeout(
-                        Deferred.fromCoroutine(_as_coroutine(self.auth_lookup(pod_ns, pod_name))), 30.0)
-                except Exception as e:
-                    self._log.warn("{sandbox_id}: image pull secrets of {namespace}/{pod} not read: {error}",
-                                   sandbox_id=sandbox_id, namespace=pod_ns, pod=pod_name, error=str(e))
-            text = user_data(apf, annotations, default_initdata=self.config.initdata, auths=auths,
-                             scratch_space=self.config.enable_scratch_space)
-            self.store.create_dir(sandbox_id)
-            write_atomic(os.path.join(pod_dir, APF_NAME), apf.to_json().encode(), 0o600)
-            write_atomic(os.path.join(pod_dir, USER_DATA_NAME), text.encode(), 0o600)
-            sb.proxy = self.proxies.new(sandbox_id, socket_path)
-            self._put(sb, pod_network=dict(pod_network), vni=pod_network.get("vxlan-id"))
-            ok = True
-        finally:
-            if not ok:
-                self.sandboxes.pop(sandbox_id, None)
-                try:
-                    await self.network.teardown(sandbox_id, netns, pod_network)
-                except Exception as e:
-                    self._log.warn("{sandbox_id}: releasing network after failed CreateVM: {error}",
-                                   sandbox_id=sandbox_id, error=str(e))
-                self.store.remove(sandbox_id)
-        self._wake_info_waiters()
+                if await self.store.get(sandbox_id) is not None:  # a record recovery has not loaded yet
+                    self.sandboxes.pop(sandbox_id, None)
+                    raise SandboxError(Fault.ALREADY_EXISTS,
+                                       f"adding sandbox: sandbox {sandbox_id} already exists")
+                await self._prepare(sb, annotations)
+            except BaseException:
+                if self.sandboxes.get(sandbox_id) is sb:
+                    del self.sandboxes[sandbox_id]
+                    self._update_gauge()
+                    await self._undo_create(sandbox_id, netns, sb.record.pod_network)
+                raise
+        self._update_gauge()
+        self.instance_known.notify(None)
         return socket_path
 
-    def _get(self, sandbox_id: str, what: str) -> _Sandbox:
+    async def _prepare(self, sb: _Sandbox, annotations: Mapping[str, str]) -> None:
+        """CreateVM's work: inspect the pod netns (VNI), issue the VM's certificate, write apf.json, user-data and
+        the record, make the (not yet started) agent proxy."""
+        rec = sb.record
+        sid, netns, server_name = rec.sandbox_id, rec.netns, rec.server_name
+        try:
+            pod_network = await self.network.inspect(sid, netns)
+        except Exception as e:
+            raise SandboxError(Fault.PRECONDITION, f"failed to inspect netns {netns}: {e}") from e
+        # sb.record, not rec: a StopVM may have moved the sandbox on meanwhile (it waits for our lock)
+        sb.record = attrs.evolve(sb.record, pod_network=pod_network)
+        cert, key, client_ca = "", "", ""
+        if self.tls is not None and not self.config.disable_tls:
+            try:
+                cert, key = self.tls.server_credentials(server_name)
+                client_ca = self.tls.client_ca_pem()
+            except Exception as e:
+                raise SandboxError(Fault.INTERNAL, f"issuing TLS server certificate for {server_name}: {e}") from e
+        apf = APFConfig(
+            pod_namespace=rec.pod_namespace, pod_name=rec.pod_name, pod_network=pod_network.to_json(),
+            tls_server_key=key, tls_server_cert=cert, tls_client_ca=client_ca,
+            tls_min_version="" if self.config.disable_tls else self.config.tls_min_version,
+            tls_cipher_suites=() if self.config.disable_tls else self.config.tls_cipher_suites)
+        auths: Mapping[str, str] = {}
+        if self.auth_lookup is not None:
+            try:
+                auths = await self._with_timeout(
+                    Deferred.fromCoroutine(_as_coroutine(self.auth_lookup(rec.pod_namespace, rec.pod_name))), 30.0)
+            except Exception as e:
+                self._log.warn("{sandbox_id}: image pull secrets of {namespace}/{pod} not read: {error}",
+                               sandbox_id=sid, namespace=rec.pod_namespace, pod=rec.pod_name, error=str(e))
+        text = user_data(apf, annotations, default_initdata=self.config.initdata, auths=auths,
+                         scratch_space=self.config.enable_scratch_space)
+        await self.store.create(sb.record, apf.to_json().encode(), text.encode())
+        sb.proxy = self.proxies.new(sid, rec.socket_path)
+
+    async def _undo_create(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> None:
+        try:
+            await self.network.teardown(sandbox_id, netns, pod_network)
+        except Exception as e:
+            self._log.warn("{sandbox_id}: releasing network after failed CreateVM: {error}",
+                           sandbox_id=sandbox_id, error=str(e))
+        try:
+            await self.store.remove(sandbox_id)
+        except Exception as e:
+            self._log.warn("{sandbox_id}: removing the pod directory after failed CreateVM: {error}",
+                           sandbox_id=sandbox_id, error=str(e))
+
+    def _live(self, sandbox_id: str, what: str) -> _Sandbox:
+        """The sandbox, unless it is unknown or on its way out (NOT_FOUND, upstream's text)."""
+        check_sandbox_id(sandbox_id)
         sb = self.sandboxes.get(sandbox_id)
-        if sb is None or sb.stopping:
-            raise TTRPCError(Code.NOT_FOUND, f"{what}: sandbox {sandbox_id} does not exist")
+        if sb is None or sb.record.state in GOING:
+            raise SandboxError(Fault.NOT_FOUND, f"{what}: sandbox {sandbox_id} does not exist")
         return sb
 
     async def start_vm(self, sandbox_id: str, deadline: float | None = None) -> None:
         """StartVM (§1.4): instance -> tunnel -> proxy ready; anything built is undone on failure."""
-        sb = self._get(sandbox_id, "getting sandbox")
-        await sb.lock.acquire()
-        try:
-            if sb.stopping:
-                raise TTRPCError(Code.NOT_FOUND, f"getting sandbox: sandbox {sandbox_id} does not exist")
-            if sb.record.state is SandboxState.RUNNING:
+        sb = self._live(sandbox_id, "getting sandbox")
+        async with locked(sb.lock):
+            if sb.record.state in GOING:  # a StopVM came while we waited for the lock
+                raise SandboxError(Fault.NOT_FOUND, f"getting sandbox: sandbox {sandbox_id} does not exist")
+            if sb.record.state is S.RUNNING:
                 return
-            sb.starting = Deferred.fromCoroutine(self._start(sb, deadline))
+            sb.start_call = Deferred.fromCoroutine(self._start(sb, deadline))
             try:
-                await sb.starting
+                await sb.start_call
             finally:
-                sb.starting = None
-        finally:
-            sb.lock.release()
+                sb.start_call = None
 
     async def _start(self, sb: _Sandbox, deadline: float | None) -> None:
         rec = sb.record
         sid = rec.sandbox_id
         t0 = self.clock.seconds()
-        with open(os.path.join(self.store.pod_dir(sid), USER_DATA_NAME), "rb") as f:
-            data = f.read()
-        spec = _spec_from_dict(rec.spec)
-        self._put(sb, SandboxState.CREATE_INTENT, error="")
-        instance: Instance | None = None
+        data = await self.store.read_user_data(sid)
+        await self._put(sb, S.CREATE_INTENT, error="")
         try:
             try:
-                instance = await self._provider_call(
-                    "create_instance", lambda: self.provider.create_instance(rec.pod_name, sid, data, spec))
+                instance: Instance = await self._provider_call(
+                    "create_instance", lambda: self.provider.create_instance(rec.pod_name, sid, data, rec.spec))
             except ProviderError as e:
                 if e.instance_id:
-                    self._put(sb, instance_id=e.instance_id)
-                raise TTRPCError(_KIND_CODES.get(e.kind, Code.UNKNOWN), f"creating an instance : {e}") from e
+                    await self._put(sb, instance_id=e.instance_id)
+                raise SandboxError(e.kind, f"creating an instance : {e}") from e
             t1 = self.clock.seconds()
             metrics.START_PHASE_SECONDS.labels(phase="provider_create").observe(t1 - t0)
             self._log.info("{sandbox_id}: created instance {instance_id} ({instance_name}) ips {ips} "
                            "in {elapsed:.1f}s", sandbox_id=sid, instance_id=instance.id,
                            instance_name=instance.name, ips=list(instance.ips), elapsed=t1 - t0)
-            self._put(sb, SandboxState.INSTANCE, instance_id=instance.id, instance_name=instance.name,
-                      ips=tuple(instance.ips))
-            self._wake_info_waiters()
+            # One write records the create's result and announces the tunnel (nothing happens in between, so
+            # recovery needs no separate INSTANCE record); INSTANCE is journalled only when the VM has no IP.
+            journalled = self._put(sb, S.TUNNEL_INTENT if instance.ips else S.INSTANCE, instance_id=instance.id,
+                                   instance_name=instance.name, ips=instance.ips)
+            self.instance_known.notify(None)
+            await journalled
             if not instance.ips:
-                raise TTRPCError(Code.UNAVAILABLE, "instance IP is not available")
-            self._put(sb, SandboxState.TUNNEL_INTENT)
+                raise SandboxError(Fault.UNAVAILABLE, "instance IP is not available")
             try:
-                await self.network.setup(sid, rec.netns, tuple(instance.ips), dict(rec.pod_network or {}))
+                await self.network.setup(sid, rec.netns, instance.ips, _network(rec))
             except CancelledError:
                 raise
             except Exception as e:
-                raise TTRPCError(Code.INTERNAL,
-                                 f"setting up pod network tunnel on netns {rec.netns}: {e}") from e
+                raise SandboxError(Fault.INTERNAL, f"setting up pod network tunnel on netns {rec.netns}: {e}") from e
             t2 = self.clock.seconds()
             metrics.START_PHASE_SECONDS.labels(phase="tunnel").observe(t2 - t1)
-            self._put(sb, SandboxState.TUNNEL)
+            # No TUNNEL record before the proxy starts: recovery rolls TUNNEL back exactly as TUNNEL_INTENT, and the
+            # proxy leaves nothing a restart must find, so the write would cost an fsync and buy nothing.
             await self._start_proxy(sb, deadline)
             t3 = self.clock.seconds()
             metrics.START_PHASE_SECONDS.labels(phase="vm_boot").observe(t3 - t2)
             metrics.START_PHASE_SECONDS.labels(phase="total").observe(t3 - t0)
-            self._put(sb, SandboxState.RUNNING)
+            await self._put(sb, S.RUNNING)
             self._log.info("{sandbox_id}: VM {instance_name} started in {elapsed:.1f}s; agent socket {socket}",
                            sandbox_id=sid, instance_name=instance.name, elapsed=t3 - t0, socket=rec.socket_path)
         except BaseException as e:
-            reason = str(e) if not isinstance(e, CancelledError) else "StartVM cancelled (deadline or shim gone)"
-            self._log.warn("{sandbox_id}: StartVM failed: {error}; rolling back", sandbox_id=sid, error=reason)
-            # The rollback runs outside the request's cancellation.
-            await Deferred.fromCoroutine(self._rollback(sb, reason))
-            if isinstance(e, CancelledError):
-                raise TTRPCError(Code.DEADLINE_EXCEEDED, f"starting VM for sandbox {sid}: {reason}") from e
+            cancelled = isinstance(e, CancelledError)
+            reason = "StartVM cancelled (deadline or shim gone)" if cancelled else str(e)
+            if sb.record.state is S.STOPPING:
+                # A StopVM took over: it undoes everything once we let go of the lock.
+                self._log.info("{sandbox_id}: StartVM stopped by StopVM: {error}", sandbox_id=sid, error=reason)
+            else:
+                self._log.warn("{sandbox_id}: StartVM failed: {error}; rolling back", sandbox_id=sid, error=reason)
+                # If a StopVM cancels us during the rollback, the rollback stops early and StopVM (which needs
+                # nothing from it) tears down whatever is left.
+                await self._rollback(sb, reason)
+            if cancelled:
+                raise SandboxError(Fault.DEADLINE, f"starting VM for sandbox {sid}: {reason}") from e
             raise
 
     async def _start_proxy(self, sb: _Sandbox, deadline: float | None) -> None:
@@ -320,23 +351,24 @@ class CloudService:
         if sb.proxy is not None:
             await self._stop_proxy(sb)
             sb.proxy = self.proxies.new(sid, rec.socket_path)
-        if rec.state in (SandboxState.TUNNEL_INTENT, SandboxState.TUNNEL, SandboxState.RUNNING):
+        if rec.state in (S.TUNNEL_INTENT, S.TUNNEL, S.RUNNING):
             try:
-                await self.network.teardown(sid, rec.netns, dict(rec.pod_network or {}))
+                await self.network.teardown(sid, rec.netns, rec.pod_network)
             except Exception as e:
                 self._log.warn("{sandbox_id}: tunnel teardown in rollback failed: {error}", sandbox_id=sid,
                                error=str(e))
-        await self._delete_instance(sb)
-        if sb.record.instance_id == "":
-            self._put(sb, SandboxState.CREATED, ips=(), error=reason)
-        else:
-            self._put(sb, SandboxState.CREATED, error=reason)  # delete failed: StopVM retries it
+        deleted = await self._delete_instance(sb, lookup=rec.state is S.CREATE_INTENT)
+        if sb.record.state is S.STOPPING:  # a StopVM came meanwhile: it finishes the job
+            return
+        cleared: dict[str, Any] = {"instance_id": "", "ips": ()} if deleted else {}  # else StopVM retries
+        await self._put(sb, S.CREATED, error=reason, **cleared)
 
-    async def _delete_instance(self, sb: _Sandbox) -> bool:
-        """Delete the sandbox's instance (by id, or found by name after an interrupted create)."""
+    async def _delete_instance(self, sb: _Sandbox, lookup: bool) -> bool:
+        """Delete the sandbox's instance: by id, or (lookup) found by name after an interrupted create.
+        True when no instance is left."""
         rec = sb.record
         iid = rec.instance_id
-        if not iid and rec.state in (SandboxState.CREATE_INTENT, SandboxState.STOP_INTENT) and rec.instance_name:
+        if not iid and lookup and rec.instance_name:
             try:
                 found = await self._with_timeout(
                     self.provider.find_instance(rec.instance_name), self.config.delete_timeout)
@@ -349,19 +381,14 @@ class CloudService:
         if not iid:
             return True
         try:
-            await self._provider_call("delete_instance", lambda: self._with_timeout_d(
+            await self._provider_call("delete_instance", lambda: self._with_timeout(
                 self.provider.delete_instance(iid), self.config.delete_timeout))
         except Exception as e:
             self._log.warn("{sandbox_id}: deleting instance {instance_id} failed: {error}",
                            sandbox_id=rec.sandbox_id, instance_id=iid, error=str(e))
             return False
         self._log.info("{sandbox_id}: deleted instance {instance_id}", sandbox_id=rec.sandbox_id, instance_id=iid)
-        self._put(sb, instance_id="", ips=())
         return True
-
-    def _with_timeout_d(self, d: Deferred[T], timeout: float) -> Deferred[T]:
-        d.addTimeout(timeout, self.clock)
-        return d
 
     async def _stop_proxy(self, sb: _Sandbox) -> None:
         proxy, sb.proxy = sb.proxy, None
@@ -375,43 +402,41 @@ class CloudService:
 
     async def stop_vm(self, sandbox_id: str) -> None:
         """StopVM (§1.4): best effort, each step's failure logged; succeeds whenever the sandbox is known."""
-        sb = self._get(sandbox_id, "stopping VM")
-        sb.stopping = True
-        if sb.starting is not None:
-            sb.starting.cancel()
+        sb = self._live(sandbox_id, "stopping VM")
         t0 = self.clock.seconds()
-        await sb.lock.acquire()
-        try:
-            await self._finish_stop(sb)
-        finally:
-            sb.lock.release()
+        prior = sb.record.state
+        intent = self._put(sb, S.STOPPING)  # from now on StartVM / StopVM answer NOT_FOUND
+        if sb.start_call is not None:
+            sb.start_call.cancel()
+        async with locked(sb.lock):
+            await intent
+            await self._finish_stop(sb, prior)
         metrics.STOP_SECONDS.observe(self.clock.seconds() - t0)
 
-    async def _finish_stop(self, sb: _Sandbox) -> None:
+    async def _begin_stop(self, sb: _Sandbox) -> SandboxState:
+        """Move to STOPPING (recovery, sweeper); return the state it was in."""
+        prior = sb.record.state
+        if prior is not S.STOPPING:
+            await self._put(sb, S.STOPPING)
+        return prior
+
+    async def _finish_stop(self, sb: _Sandbox, prior: SandboxState) -> None:
+        """Tear a STOPPING sandbox down (lock held): proxy, instance, tunnel, then the record. prior: its state
+        before STOPPING (an instance whose id was never journalled is looked up by name)."""
         rec = sb.record
         sid = rec.sandbox_id
-        prior = rec.state
-        self._put(sb, SandboxState.STOP_INTENT)
         await self._stop_proxy(sb)
-        if prior is SandboxState.CREATE_INTENT or rec.instance_id or prior is SandboxState.STOP_INTENT:
-            deleted = await self._delete_instance(sb)
-        else:
-            deleted = True
+        deleted = await self._delete_instance(sb, lookup=prior in (S.CREATE_INTENT, S.STOPPING, S.ORPHAN))
         try:
-            await self.network.teardown(sid, rec.netns, dict(rec.pod_network or {}))
+            await self.network.teardown(sid, rec.netns, rec.pod_network)
         except Exception as e:
             self._log.warn("{sandbox_id}: tunnel teardown failed: {error}", sandbox_id=sid, error=str(e))
         if not deleted:
-            # Keep the record (STOP_INTENT) so the sweeper retries the delete; the VM must not leak.
+            # Keep the record so the sweeper retries the delete; the VM must not leak.
             self._log.warn("{sandbox_id}: instance delete failed; will retry", sandbox_id=sid)
-            self.sandboxes.pop(sid, None)
-            self._orphans[sid] = sb
-            self._update_gauge()
+            await self._put(sb, S.ORPHAN, error="instance delete failed; retried by the sweeper")
             return
-        self.store.remove(sid)
-        self.sandboxes.pop(sid, None)
-        self._orphans.pop(sid, None)
-        self._update_gauge()
+        await self._forget(sb)
         self._log.info("{sandbox_id}: stopped", sandbox_id=sid)
 
     # -- PodVMInfo -------------------------------------------------------------------------------
@@ -421,26 +446,20 @@ class CloudService:
         while True:
             for sb in self.sandboxes.values():
                 r = sb.record
-                if r.pod_name == pod_name and r.pod_namespace == pod_namespace and r.instance_id:
+                if (r.pod_name == pod_name and r.pod_namespace == pod_namespace and r.instance_id
+                        and r.state is not S.ORPHAN):
                     return r.instance_id
             if not wait:
-                raise TTRPCError(Code.NOT_FOUND, f"VM ID for {pod_namespace}:{pod_name} was not found")
-            d: Deferred[None] = Deferred()
-            self._info_waiters.append(d)
-            try:
-                await d
-            except CancelledError:
-                if d in self._info_waiters:
-                    self._info_waiters.remove(d)
-                raise
+                raise SandboxError(Fault.NOT_FOUND, f"VM ID for {pod_namespace}:{pod_name} was not found")
+            await self.instance_known.wait()
 
     # -- recovery --------------------------------------------------------------------------------
 
     async def recover(self) -> None:
         """Re-adopt or undo every journalled sandbox (concurrently); never raises."""
-        for sid in self.store.remove_strays():
+        for sid in await self.store.remove_strays():
             self._log.info("{sandbox_id}: removed the directory of an interrupted CreateVM", sandbox_id=sid)
-        records = self.store.load_all()
+        records = await self.store.load_all()
         self._log.info("journal: recovering {n} sandboxes", n=len(records))
         work = []
         for rec in records:
@@ -452,20 +471,18 @@ class CloudService:
             await gatherResults(work, consumeErrors=True).addErrback(lambda f: None)
 
     async def _recover_one(self, sb: _Sandbox) -> None:
-        await sb.lock.acquire()
-        try:
+        async with locked(sb.lock):
             rec = sb.record
             sid = rec.sandbox_id
             pod_gone = bool(rec.netns) and not os.path.exists(rec.netns)
             try:
-                if rec.state is SandboxState.STOP_INTENT or pod_gone:
+                if rec.state in GOING or pod_gone:
                     self._log.info("{sandbox_id}: recovery: cleaning up (state {state}, pod gone: {gone})",
                                    sandbox_id=sid, state=rec.state.value, gone=pod_gone)
-                    sb.stopping = True
-                    await self._finish_stop(sb)
-                elif rec.state is SandboxState.CREATED:
+                    await self._finish_stop(sb, await self._begin_stop(sb))
+                elif rec.state is S.CREATED:
                     sb.proxy = self.proxies.new(sid, rec.socket_path)
-                elif rec.state is SandboxState.RUNNING:
+                elif rec.state is S.RUNNING:
                     await self._readopt(sb)
                 else:
                     self._log.info("{sandbox_id}: recovery: rolling back interrupted StartVM (state {state})",
@@ -473,9 +490,7 @@ class CloudService:
                     await self._rollback(sb, f"adaptor restarted during StartVM ({rec.state.value})")
             except Exception as e:
                 self._log.failure("{sandbox_id}: recovery failed", sandbox_id=sid)
-                self._put(sb, error=f"recovery: {e}")
-        finally:
-            sb.lock.release()
+                await self._put(sb, error=f"recovery: {e}")
 
     async def _readopt(self, sb: _Sandbox) -> None:
         rec = sb.record
@@ -483,46 +498,43 @@ class CloudService:
         self._log.info("{sandbox_id}: recovery: re-adopting VM {instance_id} at {ips}", sandbox_id=sid,
                        instance_id=rec.instance_id, ips=list(rec.ips))
         try:
-            await self.network.ensure(sid, rec.netns, rec.ips, dict(rec.pod_network or {}))
+            await self.network.ensure(sid, rec.netns, rec.ips, _network(rec))
             await self._start_proxy(sb, None)
         except Exception as e:
             self._log.warn("{sandbox_id}: re-adopting failed ({error}); deleting the VM", sandbox_id=sid,
                            error=str(e))
             await self._rollback(sb, f"re-adopt after restart failed: {e}")
-            return
 
     async def sweep(self) -> None:
-        """Periodic, never raises: retry deletes that failed in StopVM, and stop sandboxes whose pod network
-        namespace has vanished (the pod is gone without a StopVM: nothing may leak)."""
+        """Periodic, never raises: retry deletes that failed in StopVM (ORPHAN), and stop sandboxes whose pod
+        network namespace has vanished (the pod is gone without a StopVM: nothing may leak)."""
         for sid, sb in list(self.sandboxes.items()):
-            if sb.lock.locked or sb.stopping or not sb.record.netns or os.path.exists(sb.record.netns):
+            rec = sb.record
+            if sb.lock.locked:  # busy; an unlocked STOPPING sandbox is a StopVM that failed: finished here
                 continue
-            self._log.warn("{sandbox_id}: pod netns {netns} is gone; stopping the sandbox", sandbox_id=sid,
-                           netns=sb.record.netns)
-            sb.stopping = True
-            await sb.lock.acquire()
+            if rec.state not in GOING:
+                if not rec.netns or os.path.exists(rec.netns):
+                    continue
+                self._log.warn("{sandbox_id}: pod netns {netns} is gone; stopping the sandbox", sandbox_id=sid,
+                               netns=rec.netns)
             try:
-                await self._finish_stop(sb)
+                async with locked(sb.lock):
+                    await self._finish_stop(sb, await self._begin_stop(sb))
             except Exception:
                 self._log.failure("{sandbox_id}: sweep failed", sandbox_id=sid)
-            finally:
-                sb.lock.release()
-        for sid, sb in list(self._orphans.items()):
-            if sb.lock.locked:
-                continue
-            await sb.lock.acquire()
-            try:
-                await self._finish_stop(sb)
-            except Exception:
-                self._log.failure("{sandbox_id}: sweep failed", sandbox_id=sid)
-            finally:
-                sb.lock.release()
 
     async def shutdown(self) -> None:
         """Graceful stop: close every proxy's listener, keep VMs, tunnels and the journal."""
         work = [Deferred.fromCoroutine(self._stop_proxy(sb)) for sb in self.sandboxes.values()]
         if work:
             await gatherResults(work, consumeErrors=True).addErrback(lambda f: None)
+
+
+def _network(rec: SandboxRecord) -> PodNetworkConfig:
+    """The record's pod network (every record past CreateVM has one)."""
+    if rec.pod_network is None:
+        raise SandboxError(Fault.INTERNAL, f"sandbox {rec.sandbox_id} has no pod network in its journal record")
+    return rec.pod_network
 
 
 async def _as_coroutine(a: Awaitable[T]) -> T:

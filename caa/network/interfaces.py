@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from caa.podvm_api.gojson import fold_keys
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -88,17 +90,10 @@ ROUTE_SCOPES = ("universe", "site", "link", "host", "nowhere")
 NEIGH_STATES = ("none", "incomplete", "reachable", "stale", "delay", "probe", "failed", "noarp", "permanent")
 
 
-def _lower_keys(d: Mapping[str, Any], what: str) -> dict[str, Any]:
-    # Go's encoding/json matches keys case-insensitively; an exact match wins over a folded one.
+def _lower_keys(d: object, what: str) -> dict[str, Any]:
     if not isinstance(d, Mapping):
         raise ConfigError(f"{what}: expected a JSON object, got {type(d).__name__}")
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if not isinstance(k, str):
-            continue
-        if k.lower() not in out or k == k.lower():
-            out[k.lower()] = v
-    return out
+    return fold_keys(d)
 
 
 def _str(d: Mapping[str, Any], key: str, what: str) -> str:
@@ -150,7 +145,7 @@ def _check_mac(value: str, what: str) -> None:
         raise ConfigError(f"{what}: invalid MAC address {value!r}")
 
 
-@dataclass(frozen=True)
+@attrs.frozen
 class Route:
     """One route of the pod netns. ``dst`` is a prefix (``"0.0.0.0/0"`` for the default route;
     ``""`` read from JSON also means default), ``gw`` an address or ``""``, ``protocol`` one of
@@ -200,7 +195,7 @@ class Route:
         return self.dst in ("", "0.0.0.0/0")
 
 
-@dataclass(frozen=True)
+@attrs.frozen
 class Neighbor:
     """A static ARP entry of the pod interface (e.g. Calico's ``169.254.1.1``)."""
 
@@ -233,7 +228,7 @@ class Neighbor:
         return cls(ip=ip, hw_addr=hw, dev=_str(d, "dev", what), state=state or "none")
 
 
-@dataclass(frozen=True)
+@attrs.frozen
 class PodNetworkConfig:
     """The ``pod-network`` object of apf.json (spec-adaptor §5.5), IPv4 only.
 
@@ -248,8 +243,8 @@ class PodNetworkConfig:
     vxlan_id: int
     vxlan_port: int = 4789
     tunnel_type: str = "vxlan"
-    routes: tuple[Route, ...] = field(default=())
-    neighbors: tuple[Neighbor, ...] = field(default=())
+    routes: tuple[Route, ...] = attrs.field(default=())
+    neighbors: tuple[Neighbor, ...] = attrs.field(default=())
     index: int = 0
     dedicated: bool = False
     external_net_via_pod_vm: bool = False

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from twisted.internet.defer import Deferred
@@ -103,7 +104,7 @@ class NodeNetwork:
 
         def allocate(cfg: PodNetworkConfig) -> PodNetworkConfig:
             vni = self.allocator.allocate(owner or netns_path)
-            return PodNetworkConfig(**{**cfg.__dict__, "vxlan_id": vni})
+            return attrs.evolve(cfg, vxlan_id=vni)
 
         d = self._run(self._inspect_sync, netns_path, index)
         d.addCallback(allocate)

@@ -10,6 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from zope.interface import implementer
 
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory, IAgentTLS, IPodNetworking
+from caa.network.interfaces import PodNetworkConfig
 from caa.ttrpc import Code, TTRPCError
 
 
@@ -76,7 +77,7 @@ class FakeNetworking:
         self.fail_setup: str | None = None
         self.calls: list[tuple[str, str]] = []
 
-    def inspect(self, sandbox_id: str, netns: str) -> Deferred[dict[str, Any]]:
+    def inspect(self, sandbox_id: str, netns: str) -> Deferred[PodNetworkConfig]:
         self.calls.append(("inspect", sandbox_id))
         if self.fail_inspect:
             return Deferred.fromCoroutine(self._raise(self.fail_inspect))
@@ -84,16 +85,14 @@ class FakeNetworking:
             used = set(self.vnis.values())
             vni = next(v for v in range(555000, 556000) if v not in used)
             self.vnis[sandbox_id] = vni
-        return succeed({"podip": "10.244.1.21/24", "pod-hw-addr": "32:b9:59:6b:f0:d5", "interface": "eth0",
-                        "worker-node-ip": "10.224.0.5/16", "tunnel-type": "vxlan", "routes": None,
-                        "neighbors": None, "mtu": 1450, "index": 0, "vxlan-port": 4789,
-                        "vxlan-id": self.vnis[sandbox_id], "dedicated": False, "external-net-via-pod-vm": False})
+        return succeed(PodNetworkConfig(pod_ip="10.244.1.21/24", pod_hw_addr="32:b9:59:6b:f0:d5", interface="eth0",
+                                        worker_node_ip="10.224.0.5/16", mtu=1450, vxlan_id=self.vnis[sandbox_id]))
 
     async def _raise(self, msg: str) -> Any:
         raise OSError(msg)
 
     def setup(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
-              pod_network: dict[str, Any]) -> Deferred[None]:
+              pod_network: PodNetworkConfig) -> Deferred[None]:
         self.calls.append(("setup", sandbox_id))
         if self.fail_setup:
             return Deferred.fromCoroutine(self._raise(self.fail_setup))
@@ -101,13 +100,13 @@ class FakeNetworking:
         return succeed(None)
 
     def ensure(self, sandbox_id: str, netns: str, ips: tuple[str, ...],
-               pod_network: dict[str, Any]) -> Deferred[None]:
+               pod_network: PodNetworkConfig) -> Deferred[None]:
         self.calls.append(("ensure", sandbox_id))
         if sandbox_id in self.tunnels:
             return succeed(None)
         return self.setup(sandbox_id, netns, ips, pod_network)
 
-    def teardown(self, sandbox_id: str, netns: str, pod_network: dict[str, Any]) -> Deferred[None]:
+    def teardown(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> Deferred[None]:
         self.calls.append(("teardown", sandbox_id))
         self.tunnels.pop(sandbox_id, None)
         self.vnis.pop(sandbox_id, None)
