@@ -173,6 +173,24 @@ class DeletionTests(ControllerTestCase):
         self.assertEqual(provider.calls, [])
 
 
+class RBACTests(ControllerTestCase):
+    async def test_token_holds_exactly_what_the_controller_needs(self) -> None:
+        client = self.ctrl_client
+        self.assertEqual((await client.get_config_map(self.namespace, "peer-pods-cm"))["data"]["CLOUD_PROVIDER"],
+                         "fake")
+        with self.assertRaises(errors.NotFound):  # allowed, just absent
+            await client.get_secret(self.namespace, "peer-pods-secret")
+        self.server.request("POST", f"/api/v1/namespaces/{self.namespace}/configmaps", {
+            "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other"}})
+        for denied in (client.get_config_map(self.namespace, "other"), client.get_secret(self.namespace, "other"),
+                       client.get_lease(self.namespace, "other-lease"), client.get_pod(self.namespace, "web"),
+                       client.create_peerpod(self.namespace, new_peerpod(
+                           {"metadata": {"name": "p", "namespace": self.namespace, "uid": "u"}}, "fake", "i"))):
+            with self.assertRaises(errors.Forbidden):
+                await denied
+        self.assertIsInstance((await client.list_peerpods())["items"], list)  # cluster-wide
+
+
 class LeaderElectionTests(ControllerTestCase):
     async def test_only_the_holder_acts_and_a_killed_holder_is_replaced(self) -> None:
         # Holder: a real `twistd caa-peerpod-ctrl` (its registry's local provider; settings from peer-pods-cm).
