@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from caa.k8s.errors import Conflict, NotFound, Unavailable
 from caa.k8s.objects import PEERPOD_CTRL_LEASE, PEERPOD_FINALIZER, JSONObject, new_peerpod
-from caa.k8s.watch import ADDED, MODIFIED
+from caa.k8s.watch import ADDED, DELETED, MODIFIED
 from caa.peerpodctrl.config import CONFIG_MAP_NAME, SECRET_NAME, CloudConfig
 from caa.peerpodctrl.lease import LeaderElector, LeaseTimings, micro_time
 from caa.peerpodctrl.metrics import ControllerMetrics
@@ -544,4 +544,8 @@ class ControllerServiceTests(SynchronousTestCase):
         obj = self.kube.add_peerpod(new_peerpod(pod(), "fake", "i-1", name="pp"), deleting=True)
         self.peerpods.streams[-1].event(MODIFIED, obj)
         self.assertEqual(self.factory.built[-1]["fake-forwarder-port"], "2")
+        self.cm.streams[-1].event(DELETED, {"metadata": {"name": "peer-pods-cm", "resourceVersion": "6"}})
+        self.assertEqual(c.config.current, CloudConfig())
+        self.assertEqual(self.provider.teardowns, 1)
+        self.assertEqual(c.providers.config, CloudConfig())
         self.successResultOf(c.stopService())

@@ -23,6 +23,8 @@ from caa.k8s.interfaces import IWatchSource
 from caa.k8s.objects import JSONObject
 from caa.k8s.watch import DELETED, Watcher, WatchEvent, namespaced_source
 
+#: Where the controller (and upstream's chart) runs: the settings objects and the Lease live there.
+DEFAULT_NAMESPACE = "confidential-containers-system"
 CONFIG_MAP_NAME = "peer-pods-cm"
 SECRET_NAME = "peer-pods-secret"
 
@@ -113,4 +115,5 @@ class CloudConfigWatch(MultiService):
         self.on_change(config)
 
 
-__all__ = ["CONFIG_MAP_NAME", "SECRET_NAME", "CloudConfig", "CloudConfigWatch", "cloud_config_sources"]
+__all__ = ["CONFIG_MAP_NAME", "DEFAULT_NAMESPACE", "SECRET_NAME", "CloudConfig", "CloudConfigWatch",
+           "cloud_config_sources"]

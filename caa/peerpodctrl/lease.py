@@ -12,6 +12,8 @@ standby takes over at its next try instead of after the lease duration.
 from __future__ import annotations
 
 import datetime
+import socket
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +42,11 @@ class LeaseTimings:
         if not 0 < self.retry_period < self.renew_deadline < self.lease_duration:
             raise ValueError("need 0 < retry period < renew deadline < lease duration, got "
                              f"{self.retry_period:g}s, {self.renew_deadline:g}s, {self.lease_duration:g}s")
+
+
+def default_identity() -> str:
+    """client-go's candidate id: hostname (the pod name in a cluster) + "_" + a fresh UUID."""
+    return f"{socket.gethostname()}_{uuid.uuid4()}"
 
 
 def micro_time(seconds: float) -> str:
@@ -195,4 +202,4 @@ class LeaderElector(Service):
         return d.addTimeout(self.timings.renew_deadline, self.clock)
 
 
-__all__ = ["LeaderElector", "LeaseTimings", "micro_time"]
+__all__ = ["LeaderElector", "LeaseTimings", "default_identity", "micro_time"]

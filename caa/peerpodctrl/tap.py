@@ -9,26 +9,17 @@ on by default (upstream's chart always passes `--leader-elect`); `--leader-elect
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
 from caa.k8s.objects import PEERPOD_CTRL_LEASE
+from caa.peerpodctrl.config import CONFIG_MAP_NAME, DEFAULT_NAMESPACE, SECRET_NAME
 from caa.providers.options import parse_bool, parse_duration
 
 __all__ = ["Options", "makeService"]
-
-DEFAULT_NAMESPACE = "confidential-containers-system"
-
-
-def default_identity() -> str:
-    """client-go's candidate id: hostname (the pod name in a cluster) + "_" + a fresh UUID."""
-    return f"{socket.gethostname()}_{uuid.uuid4()}"
-
 
 class Options(usage.Options):
     synopsis = "[options]"
@@ -37,8 +28,8 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         ["kubeconfig", None, "", "Kubeconfig file (default: in-cluster, else $KUBECONFIG)."],
         ["peerpods-namespace", None, DEFAULT_NAMESPACE, "Namespace of peer-pods-cm, peer-pods-secret and the Lease."],
-        ["config-map", None, "peer-pods-cm", "ConfigMap of provider settings (upstream env var names as keys)."],
-        ["secret", None, "peer-pods-secret", "Secret of provider settings (upstream env var names as keys)."],
+        ["config-map", None, CONFIG_MAP_NAME, "ConfigMap of provider settings (upstream env var names as keys)."],
+        ["secret", None, SECRET_NAME, "Secret of provider settings (upstream env var names as keys)."],
         ["health-probe-bind-address", None, ":8081", "Plain HTTP /healthz, /readyz, /metrics (0: off)."],
         ["metrics-bind-address", None, "0", "Accepted for compatibility: metrics are on the probe address."],
         ["leader-elect", None, True, "Leader election on a Lease (true/false).", parse_bool],
@@ -97,7 +88,7 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        from caa.peerpodctrl.lease import LeaseTimings
+        from caa.peerpodctrl.lease import LeaseTimings, default_identity
         from caa.webhook.tap import endpoint_description
 
         self["probe-endpoint"] = endpoint_description(self["health-probe-bind-address"])
