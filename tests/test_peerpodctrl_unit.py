@@ -11,6 +11,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from caa.k8s.errors import Conflict, NotFound, Unavailable
@@ -18,7 +20,7 @@ from caa.k8s.objects import PEERPOD_CTRL_LEASE, PEERPOD_FINALIZER, JSONObject, n
 from caa.k8s.watch import ADDED, DELETED, MODIFIED
 from caa.peerpodctrl.config import CONFIG_MAP_NAME, SECRET_NAME, CloudConfig
 from caa.peerpodctrl.lease import LeaderElector, LeaseTimings, micro_time
-from caa.peerpodctrl.metrics import ControllerMetrics
+from caa.peerpodctrl.metrics import ControllerMetrics, probe_site
 from caa.peerpodctrl.providers import ProviderCache, ProviderUnavailable, provider_options
 from caa.peerpodctrl.queue import WorkQueue, exponential_backoff
 from caa.peerpodctrl.reconcile import Reconciler, finalizer_patch
@@ -549,3 +551,21 @@ class ControllerServiceTests(SynchronousTestCase):
         self.assertEqual(self.provider.teardowns, 1)
         self.assertEqual(c.providers.config, CloudConfig())
         self.successResultOf(c.stopService())
+
+
+class ProbeSiteTests(SynchronousTestCase):
+    def get(self, site: Any, path: bytes) -> tuple[int, bytes]:
+        request = DummyRequest(path.lstrip(b"/").split(b"/"))
+        body = getChildForRequest(site.resource, request).render(request)
+        return request.responseCode or 200, body
+
+    def test_readyz_follows_readiness(self) -> None:
+        ready = [False]
+        metrics = ControllerMetrics.create()
+        metrics.leader.set(1)
+        site = probe_site(metrics, lambda: ready[0])
+        self.assertEqual(self.get(site, b"/healthz"), (200, b"ok"))
+        self.assertEqual(self.get(site, b"/readyz"), (503, b"not ready"))
+        ready[0] = True
+        self.assertEqual(self.get(site, b"/readyz"), (200, b"ok"))
+        self.assertIn(b"caa_peerpodctrl_leader 1.0", self.get(site, b"/metrics")[1])
