@@ -20,3 +20,9 @@ caaWebhook = ServiceMaker(
     "Peer pods mutating admission webhook: pod resources -> VM-size annotations and kata.peerpods.io/vm",
     "caa-webhook",
 )
+caaPeerPodCtrl = ServiceMaker(
+    "caa-peerpod-ctrl",
+    "caa.peerpodctrl.tap",
+    "Peer pods controller: deletes the instances of deleted PeerPods, then releases their finalizer",
+    "caa-peerpod-ctrl",
+)
