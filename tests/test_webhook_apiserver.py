@@ -116,6 +116,7 @@ class WebhookAPIServerTests(TestCase):
         self.addCleanup(self.server.request, "DELETE", f"/api/v1/namespaces/{self.namespace}/pods?gracePeriodSeconds=0")
         self.overhead = ensure_runtime_class(self.server)
         self.metrics = WebhookMetrics.create()
+        self.webhook: tuple[IListeningPort, TrackingEndpoint] | None = None
 
     async def api(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         """`server.request` off the reactor thread, so the in-process webhook can answer meanwhile."""
@@ -144,7 +145,8 @@ class WebhookAPIServerTests(TestCase):
         (cert_dir / KEY_NAME).write_bytes(pair.key_pem)
         endpoint = TrackingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
         port = await listen_webhook(endpoint, ReloadingServerTLS(cert_dir), MutationConfig(), reactor, self.metrics)
-        self.addCleanup(lambda: Deferred.fromCoroutine(self.close_webhook(port, endpoint)))
+        self.webhook = (port, endpoint)
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.stop_webhook()))
         address = port.getHost()
         assert isinstance(address, IPv4Address)
         name = f"caa-webhook-{self.namespace}"
@@ -169,7 +171,11 @@ class WebhookAPIServerTests(TestCase):
         probe = _pod("probe", DEFAULT_RUNTIME_CLASS)
         await self.until("the webhook configuration is in effect", lambda: self._mutated(probe), timeout=30)
 
-    async def close_webhook(self, port: IListeningPort, endpoint: TrackingEndpoint) -> None:
+    async def stop_webhook(self) -> None:
+        """Stop listening and close the API server's connections (again: a no-op)."""
+        if self.webhook is None:
+            return
+        (port, endpoint), self.webhook = self.webhook, None
         await maybeDeferred(port.stopListening)
         endpoint.abort_connections()
 
@@ -222,6 +228,19 @@ class WebhookAPIServerTests(TestCase):
 
         # Both went through the webhook: the runc pod was reviewed and answered without a patch.
         self.assertEqual((self.reviews("mutated"), self.reviews("unchanged")), (before[0] + 1, before[1] + 1))
+
+    async def test_webhook_down_refuses_pods(self) -> None:
+        """failurePolicy: Fail: with the webhook unreachable no pod of a selected namespace is admitted, so a
+        peer pod never slips through unmutated (and, with this selector, neither does a runc pod)."""
+        await self.start_webhook()
+        await self.stop_webhook()
+        for name, runtime_class in (("kata", DEFAULT_RUNTIME_CLASS), ("runc", None)):
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                await self.create_pod(_pod(name, runtime_class))
+            self.assertEqual(caught.exception.code, 500)
+            self.assertIn("failed calling webhook", caught.exception.read().decode())
+        pods = await self.api("GET", f"/api/v1/namespaces/{self.namespace}/pods")
+        self.assertEqual(pods["items"], [])
 
     async def test_scheduler_binds_one_peer_pod_per_vm_slot(self) -> None:
         scheduler = self.server.start_scheduler()
