@@ -172,7 +172,7 @@ class WebhookAPIServerTests(TestCase):
         await self.until("the webhook configuration is in effect", lambda: self._mutated(probe), timeout=30)
 
     async def stop_webhook(self) -> None:
-        """Stop listening and close the API server's connections (again: a no-op)."""
+        """Stop listening and close the API server's connections; calling it again is a no-op."""
         if self.webhook is None:
             return
         (port, endpoint), self.webhook = self.webhook, None
