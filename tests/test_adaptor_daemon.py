@@ -30,7 +30,7 @@ from caa.adaptor.daemon import AdaptorDaemon, DaemonSettings, StartupProbe, buil
 from caa.adaptor.interfaces import SandboxRecord
 from caa.adaptor.listeners import ListenError, UnixSocketService, listen_reuseport, socket_identity
 from caa.adaptor.options import AdaptorOptions
-from caa.adaptor.store import SandboxStore
+from caa.adaptor.store import SandboxStore, run_inline
 from caa.process import fail_process
 from caa.ttrpc import Server
 from tests.fakes.provider import FakeProvider
@@ -323,7 +323,7 @@ class BuildTests(DaemonTestCase):
 
     def test_from_the_command_line(self) -> None:
         options = self.options("--probe-port", "0", "--metrics-port", "9100", "--socket-mode", "0660", "--disable-tls")
-        d = build_daemon(self.reactor, options, on_fatal=lambda: None, environ={})
+        d = build_daemon(self.reactor, options, on_fatal=lambda: None, environ={}, journal_runner=run_inline)
         self.assertEqual(d.settings, DaemonSettings(
             socket_path=self.path, socket_mode=0o660, probe_port=0, metrics_port=9100, metrics_interface="127.0.0.1",
             verify_config=False, provider_name="tests.fakes.provider:FakeProviderFactory", disable_tls=True))

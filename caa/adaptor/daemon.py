@@ -37,7 +37,7 @@ from caa.adaptor.listeners import ListenError, ListeningService, UnixSocketServi
 from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.rpc import HypervisorHandlers
 from caa.adaptor.service import VERSION, CloudService, ServiceConfig
-from caa.adaptor.store import JOURNAL_THREADS, SandboxStore, threadpool_runner
+from caa.adaptor.store import JOURNAL_THREADS, Runner, SandboxStore, threadpool_runner
 from caa.providers.interfaces import IProvider
 from caa.reactors import INodeReactor
 from caa.ttrpc import Server
@@ -329,9 +329,11 @@ def _network(reactor: INodeReactor, options: AdaptorOptions, pools: list[ThreadP
 
 
 def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Callable[[], None],
-                 provider: IProvider | None = None, environ: Mapping[str, str] | None = None) -> AdaptorDaemon:
+                 provider: IProvider | None = None, environ: Mapping[str, str] | None = None,
+                 journal_runner: Runner | None = None) -> AdaptorDaemon:
     """The daemon for a parsed command line: provider, TLS, agent proxies, journal, pod network, the optional
-    Kubernetes pull-secret lookup, the sandbox service and its ttrpc handlers."""
+    Kubernetes pull-secret lookup, the sandbox service and its ttrpc handlers. `journal_runner` replaces the
+    journal's thread pool (unit tests on a memory reactor run the writes inline)."""
     env = os.environ if environ is None else environ
     if provider is None:
         assert options.provider_factory is not None and options.provider_options is not None
@@ -343,9 +345,11 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
     pools: list[ThreadPool] = []
     # Journal writes (write, fsync, rename, dir fsync) leave the reactor thread; the store keeps them in
     # order per sandbox, and the service waits for each intent to be durable before its side effect.
-    journal_pool = ThreadPool(minthreads=0, maxthreads=JOURNAL_THREADS, name="caa-journal")
-    pools.append(journal_pool)
-    store = SandboxStore(options["pods-dir"], threadpool_runner(reactor, journal_pool))
+    if journal_runner is None:
+        journal_pool = ThreadPool(minthreads=0, maxthreads=JOURNAL_THREADS, name="caa-journal")
+        pools.append(journal_pool)
+        journal_runner = threadpool_runner(reactor, journal_pool)
+    store = SandboxStore(options["pods-dir"], journal_runner)
     network = _network(reactor, options, pools)
     auth_lookup = None
     if env.get("KUBERNETES_SERVICE_HOST"):
