@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attr
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -69,7 +69,7 @@ class TLSConfigError(ValueError):
     """A TLS setting (version, cipher suite, certificate or key) is invalid."""
 
 
-@attr.frozen(repr=False)
+@attrs.frozen(repr=False)
 class CertKeyPair:
     """A PEM certificate and its PEM PKCS#8 private key. The repr never shows the key."""
 

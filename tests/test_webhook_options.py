@@ -10,12 +10,13 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from caa.goflags import endpoint_description
 from caa.tls import CertificateAuthority
 from caa.webhook import tap
 from caa.webhook.certs import DEFAULT_CERT_DIR
 from caa.webhook.mutation import MutationConfig
 from caa.webhook.server import WebhookService
-from caa.webhook.tap import Options, endpoint_description
+from caa.webhook.tap import Options
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import attr
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
@@ -45,7 +45,7 @@ def sd_notify(state: str, environ: Any = os.environ) -> bool:
     return True
 
 
-@attr.frozen(repr=False)
+@attrs.frozen(repr=False)
 class TLSSettings:
     """TLS from the flags; empty fields are filled from apf.json (upstream's merge rule, §1.3 step 5)."""
 

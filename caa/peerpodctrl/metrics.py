@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from caa.promhttp import RegistryResource
 
 
 @attrs.frozen
@@ -55,25 +56,12 @@ class _Check(Resource):
         return b"not ready"
 
 
-class _Metrics(Resource):
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        body: bytes = generate_latest(self.registry)
-        return body
-
-
 def probe_site(metrics: ControllerMetrics, ready: Callable[[], bool]) -> Site:
     """`/healthz` (alive: "ok"), `/readyz` ("ok" once the watches have listed, else 503), `/metrics`."""
     root = Resource()
     root.putChild(b"healthz", _Check(lambda: True))
     root.putChild(b"readyz", _Check(ready))
-    root.putChild(b"metrics", _Metrics(metrics.registry))
+    root.putChild(b"metrics", RegistryResource(metrics.registry))
     site = Site(root)
     site.displayTracebacks = False
     return site

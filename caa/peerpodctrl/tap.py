@@ -8,20 +8,20 @@ on by default (upstream's chart always passes `--leader-elect`); `--leader-elect
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from caa.goflags import GoFlagOptions, endpoint_description
 from caa.k8s.objects import PEERPOD_CTRL_LEASE
 from caa.peerpodctrl.config import CONFIG_MAP_NAME, DEFAULT_NAMESPACE, SECRET_NAME
 from caa.providers.options import parse_bool, parse_duration
 
 __all__ = ["Options", "makeService"]
 
-class Options(usage.Options):
+class Options(GoFlagOptions):
     synopsis = "[options]"
     longdesc = ("Peer-pods controller: deletes the cloud instance of every PeerPod being deleted that still "
                 "holds peer.pod/finalizer, then releases the finalizer. One replica acts (Lease).")
@@ -52,34 +52,7 @@ class Options(usage.Options):
         "identity": "POD_NAME",
     }
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        self.environ = os.environ if environ is None else environ
-        for name, var in self.envVars.items():
-            if self.environ.get(var, ""):
-                self[name] = self.environ[var]
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        argv = sys.argv[1:] if options is None else list(options)
-        super().parseOptions(self._normalise(argv))
-
-    def _normalise(self, argv: list[str]) -> list[str]:
-        """Go's spellings: `-flag`, a bare `--leader-elect` (= true); zap's `--zap-*` are dropped."""
-        out: list[str] = []
-        skip = False
-        for arg in argv:
-            if skip:
-                skip = False
-                continue
-            if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
-                arg = "-" + arg
-            if arg.startswith("--zap-"):
-                skip = "=" not in arg and arg != "--zap-devel"
-                continue
-            if arg in ("--leader-elect", "--release-on-stop"):
-                arg += "=true"
-            out.append(arg)
-        return out
+    bareTrue: ClassVar[frozenset[str]] = frozenset({"leader-elect", "release-on-stop"})
 
     def opt_version(self) -> None:
         from caa import __version__
@@ -89,7 +62,6 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         from caa.peerpodctrl.lease import LeaseTimings, default_identity
-        from caa.webhook.tap import endpoint_description
 
         self["probe-endpoint"] = endpoint_description(self["health-probe-bind-address"])
         endpoint_description(self["metrics-bind-address"])  # checked, not used

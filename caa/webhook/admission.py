@@ -14,7 +14,7 @@ import decimal
 import json
 from typing import Any
 
-import attr
+import attrs
 import jsonpatch
 
 from caa.webhook.mutation import InvalidPod, MutationConfig, is_target, mutate_pod
@@ -31,14 +31,14 @@ class _BadReview(ValueError):
     pass
 
 
-@attr.frozen
+@attrs.frozen
 class AdmissionResult:
     """The response review and what happened, for logs and metrics."""
 
     body: dict[str, Any]
     outcome: str  # "mutated", "unchanged", "invalid"
     uid: str
-    patch: list[dict[str, Any]] = attr.ib(factory=list)
+    patch: list[dict[str, Any]] = attrs.field(factory=list)
     message: str = ""
 
     def to_json(self) -> bytes:

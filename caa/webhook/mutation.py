@@ -13,7 +13,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-import attr
+import attrs
 
 from caa.webhook.quantity import ZERO, Format, Quantity, QuantityError, parse_json_quantity, round_up_mib, value_ceil
 
@@ -53,15 +53,15 @@ def _or_extended_resource(value: str) -> str:
     return value or DEFAULT_EXTENDED_RESOURCE
 
 
-@attr.frozen
+@attrs.frozen
 class MutationConfig:
     """`TARGET_RUNTIMECLASS` and `POD_VM_EXTENDED_RESOURCE` (an empty value means the default, as upstream)."""
 
-    target_runtime_class: str = attr.ib(default=DEFAULT_RUNTIME_CLASS, converter=_or_runtime_class)
-    extended_resource: str = attr.ib(default=DEFAULT_EXTENDED_RESOURCE, converter=_or_extended_resource)
+    target_runtime_class: str = attrs.field(default=DEFAULT_RUNTIME_CLASS, converter=_or_runtime_class)
+    extended_resource: str = attrs.field(default=DEFAULT_EXTENDED_RESOURCE, converter=_or_extended_resource)
 
 
-@attr.frozen
+@attrs.frozen
 class PodTotals:
     cpu_requests: Quantity
     cpu_limits: Quantity

@@ -17,7 +17,7 @@ import math
 import re
 from fractions import Fraction
 
-import attr
+import attrs
 from kubernetes.utils import parse_quantity as _k8s_parse_quantity
 
 __all__ = ["Format", "Quantity", "QuantityError", "ZERO", "parse_quantity", "value_ceil", "round_up_mib"]
@@ -33,7 +33,7 @@ class Format(enum.Enum):
     DECIMAL_EXPONENT = "DecimalExponent"
 
 
-@attr.frozen
+@attrs.frozen
 class Quantity:
     value: Fraction
     format: Format

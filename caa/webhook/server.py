@@ -13,9 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import attr
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -26,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from caa.promhttp import RegistryResource
 from caa.reactors import INodeReactor
 from caa.webhook.admission import review
 from caa.webhook.certs import ReloadingServerTLS
@@ -37,7 +37,7 @@ __all__ = ["MUTATE_PATH", "WebhookMetrics", "MutateResource", "webhook_site", "p
 MUTATE_PATH = b"mutate-v1-pod"
 
 
-@attr.frozen
+@attrs.frozen
 class WebhookMetrics:
     """Prometheus metrics of one webhook (its own registry, so several can live in one process)."""
 
@@ -92,19 +92,6 @@ class _Ok(Resource):
         return b"ok"
 
 
-class _Metrics(Resource):
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        body: bytes = generate_latest(self.registry)
-        return body
-
-
 def webhook_site(config: MutationConfig, clock: IReactorTime, metrics: WebhookMetrics) -> Site:
     root = Resource()
     root.putChild(MUTATE_PATH, MutateResource(config, clock, metrics))
@@ -120,7 +107,7 @@ def probe_site(metrics: WebhookMetrics) -> Site:
     root = Resource()
     root.putChild(b"healthz", _Ok())
     root.putChild(b"readyz", _Ok())
-    root.putChild(b"metrics", _Metrics(metrics.registry))
+    root.putChild(b"metrics", RegistryResource(metrics.registry))
     site = Site(root)
     site.displayTracebacks = False
     return site

@@ -9,44 +9,19 @@ certificate is one line and exit 1, as upstream.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from caa.goflags import GoFlagOptions, endpoint_description
 from caa.webhook.certs import DEFAULT_CERT_DIR
 from caa.webhook.mutation import DEFAULT_EXTENDED_RESOURCE, DEFAULT_RUNTIME_CLASS
 
-__all__ = ["Options", "makeService", "endpoint_description"]
+__all__ = ["Options", "makeService"]
 
-_GO_ADDRESS = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):([0-9]+)\Z")
-_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd", "fd")
-
-
-def endpoint_description(value: str) -> str | None:
-    """A Go listen address (`:8081`, `0.0.0.0:8081`, `[::]:9443`) or a Twisted server endpoint string ->
-    an endpoint string; `0` (controller-runtime's "off") or empty -> None."""
-    text = value.strip()
-    if text in ("", "0"):
-        return None
-    if text.split(":", 1)[0] in _ENDPOINT_TYPES:
-        return text
-    match = _GO_ADDRESS.match(text)
-    if match is None:
-        raise usage.UsageError(f"{value!r} is neither host:port nor an endpoint description")
-    host, port = match.group(1).strip("[]"), int(match.group(2))
-    if port > 65535:
-        raise usage.UsageError(f"{value!r}: port out of range")
-    if not host:
-        return f"tcp:{port}"
-    kind = "tcp6" if ":" in host else "tcp"
-    return f"{kind}:{port}:interface={host.replace(':', chr(92) + ':')}"
-
-
-class Options(usage.Options):
+class Options(GoFlagOptions):
     synopsis = "[options]"
     longdesc = ("Peer-pods mutating admission webhook: pods of the target runtime class get VM-size "
                 "annotations, cleared resources and one kata.peerpods.io/vm.")
@@ -70,41 +45,6 @@ class Options(usage.Options):
         "tls-min-version": "TLS_MIN_VERSION",
         "tls-cipher-suites": "TLS_CIPHER_SUITES",
     }
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        self.environ = os.environ if environ is None else environ
-        for name, var in self.envVars.items():
-            if self.environ.get(var, ""):
-                self[name] = self.environ[var]
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        argv = sys.argv[1:] if options is None else list(options)
-        super().parseOptions(self._normalise(argv))
-
-    def _normalise(self, argv: list[str]) -> list[str]:
-        """Go's spellings: `-flag value`, `--flag=true|false` for booleans; zap's `--zap-*` are ignored."""
-        flags = {str(f[0]) for f in self.optFlags}
-        out: list[str] = []
-        skip = False
-        for arg in argv:
-            if skip:
-                skip = False
-                continue
-            if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
-                arg = "-" + arg
-            name, eq, value = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
-            if arg.startswith("--zap-"):
-                skip = not eq and name != "zap-devel"
-                continue
-            if name in flags and eq:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise usage.UsageError(f"--{name}: {value!r} is not a boolean")
-                if value.lower() in ("true", "1"):
-                    out.append(f"--{name}")
-                continue
-            out.append(arg)
-        return out
 
     def opt_version(self) -> None:
         from caa import __version__
