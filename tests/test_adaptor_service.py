@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from typing import Any
 
@@ -344,6 +345,18 @@ class SandboxIdTests(Harness):
         for sid in (SID, "a" * 76, "pod_1.b-c"):
             self.create(sid, pod=f"p{len(sid)}")
         self.assertEqual(len(self.records()), 3)
+
+    def test_vm_name_is_a_dns_label_for_any_valid_id(self) -> None:
+        """Bug: an id whose 8-character prefix ends in "-" (or "." / "_") made a name no cloud accepts."""
+        label = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+        for sid in ("abcdefg-12345", "abcdef._9", "ABCDEFG_x"):
+            self.create(sid, pod="Web_Server-")
+            self.successResultOf(self.start(sid))
+            rec = self.record(sid)
+            self.assertRegex(rec.server_name, label)
+            [proxy] = self.proxies.live(sid)
+            assert proxy.started is not None
+            self.assertEqual(proxy.started[1], rec.server_name)  # the certificate name the proxy verifies
 
 
 class GetInfoTests(Harness):
