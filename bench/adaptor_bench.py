@@ -205,19 +205,12 @@ def side_by_side(args: argparse.Namespace) -> None:
     import socket
     import tempfile
 
-    from caa import tls
+    from adaptor_proxy_bench import write_tls_material  # this script's own directory is on sys.path
 
     base = os.path.abspath(args.side_by_side)
     work = tempfile.mkdtemp(prefix=f"caa-sbs-{os.getpid()}-")
     tls_dir = os.path.join(work, "tls")
-    os.makedirs(tls_dir)
-    ca = tls.CertificateAuthority.create()
-    server = ca.issue_server_certificate(tls.MANUAL_SERVER_NAME)
-    client = tls.make_client_certificate()
-    for name, data in (("ca.crt", ca.cert_pem), ("server.crt", server.cert_pem), ("server.key", server.key_pem),
-                       ("client.crt", client.cert_pem), ("client.key", client.key_pem)):
-        with open(os.path.join(tls_dir, name), "wb") as f:
-            f.write(data)
+    write_tls_material(tls_dir)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     fport = int(s.getsockname()[1])

@@ -56,6 +56,20 @@ def free_port() -> int:
     return port
 
 
+def write_tls_material(tls_dir: str) -> None:
+    """A fresh CA, a server certificate for the manual server name and a client certificate, as PEM files."""
+    from caa import tls
+
+    os.makedirs(tls_dir)
+    ca = tls.CertificateAuthority.create()
+    server = ca.issue_server_certificate(tls.MANUAL_SERVER_NAME)
+    client = tls.make_client_certificate()
+    for name, data in (("ca.crt", ca.cert_pem), ("server.crt", server.cert_pem), ("server.key", server.key_pem),
+                       ("client.crt", client.cert_pem), ("client.key", client.key_pem)):
+        with open(os.path.join(tls_dir, name), "wb") as f:
+            f.write(data)
+
+
 def forwarder_main(port: int, tls_dir: str) -> None:
     """Child process: the forwarder stand-in (echo for any method) on 127.0.0.1:port with mTLS."""
     from twisted.internet import reactor as global_reactor
@@ -120,14 +134,7 @@ def main() -> None:
     r: Any = reactor
     work = tempfile.mkdtemp(prefix=f"caa-proxybench-{os.getpid()}-")
     tls_dir = os.path.join(work, "tls")
-    os.makedirs(tls_dir)
-    ca = tls.CertificateAuthority.create()
-    server = ca.issue_server_certificate(tls.MANUAL_SERVER_NAME)
-    client = tls.make_client_certificate()
-    for name, data in (("server.crt", server.cert_pem), ("server.key", server.key_pem),
-                       ("client.crt", client.cert_pem)):
-        with open(os.path.join(tls_dir, name), "wb") as f:
-            f.write(data)
+    write_tls_material(tls_dir)
     fport = free_port()
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--forwarder", str(fport), tls_dir])
     for _ in range(200):
@@ -146,8 +153,12 @@ def main() -> None:
 
     async def part1() -> None:
         provider = LoopbackProvider(r, create_delay=args.delay)
-        proxies = AgentProxyFactory(r, ProxyTLS(ca_pem=ca.cert_pem, cert_pem=client.cert_pem, key_pem=client.key_pem,
-                                                server_name_override=tls.MANUAL_SERVER_NAME))
+        def pem(name: str) -> bytes:
+            with open(os.path.join(tls_dir, name), "rb") as f:
+                return f.read()
+
+        proxies = AgentProxyFactory(r, ProxyTLS(ca_pem=pem("ca.crt"), cert_pem=pem("client.crt"),
+                                                key_pem=pem("client.key"), server_name_override=tls.MANUAL_SERVER_NAME))
         from twisted.python.threadpool import ThreadPool
 
         from caa.adaptor.store import JOURNAL_THREADS, threadpool_runner

@@ -2,64 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from caa.dialer import Link, LinkStopped, dial_backoff
 from caa.ttrpc import TTRPCClient
-
-
-class _Transport(StringTransport):
-    """Delivers connectionLost at once when closed."""
-
-    def __init__(self, protocol: Any) -> None:
-        super().__init__()
-        self.protocol = protocol
-
-    def loseConnection(self) -> None:
-        self.abortConnection()
-
-    def abortConnection(self) -> None:
-        p, self.protocol = self.protocol, None
-        if p is not None:
-            p.connectionLost(Failure(ConnectionError("closed")))
-
-
-@implementer(IStreamClientEndpoint)
-class Endpoint:
-    """Each connect() waits for the test: `accept()` or `refuse()`."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Deferred[Any], IProtocolFactory]] = []
-
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((d, factory))
-        return d
-
-    def accept(self) -> TTRPCClient:
-        d, factory = self.pending[-1]
-        # the factory is the dialer's; its protocol is always a TTRPCClient
-        proto = cast(TTRPCClient, factory.buildProtocol(None))  # type: ignore[arg-type]
-        proto.makeConnection(_Transport(proto))
-        d.callback(proto)
-        return proto
-
-    def refuse(self) -> None:
-        self.pending[-1][0].errback(ConnectionRefusedError("refused"))
+from tests.fakes.dialing import PendingEndpoint
 
 
 class LinkTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.ep = Endpoint()
+        self.ep = PendingEndpoint()
         self.retries: list[tuple[str, int, float]] = []
         self.ready: Deferred[None] | None = None
         self.link: Link[TTRPCClient] = Link(
@@ -106,7 +61,7 @@ class LinkTests(SynchronousTestCase):
     def test_drop_before_hand_out_redials(self) -> None:
         d = self.link.wait()
         client = self.ep.accept()
-        client.transport.abortConnection()  # type: ignore[union-attr]
+        client.transport.abortConnection()
         self.clock.advance(0)
         self.assertNoResult(d)
         self.assertEqual(self.link.connections, 0)

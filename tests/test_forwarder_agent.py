@@ -4,62 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from caa.forwarder.agent import AgentConnection
 from caa.ttrpc import Code, TTRPCError
-
-
-class _Transport(StringTransport):
-    """A StringTransport whose close reaches the protocol at once (as a unix socket's would, soon)."""
-
-    def __init__(self, protocol: Any) -> None:
-        super().__init__()
-        self.protocol = protocol
-
-    def loseConnection(self) -> None:
-        self.abortConnection()
-
-    def abortConnection(self) -> None:
-        p, self.protocol = self.protocol, None
-        if p is not None:
-            p.connectionLost(Failure(ConnectionError("closed")))
-
-
-@implementer(IStreamClientEndpoint)
-class FakeEndpoint:
-    """Stands in for the agent's UNIXClientEndpoint: each connect() waits until the test answers it."""
-
-    def __init__(self) -> None:
-        self.attempts: list[tuple[Deferred[Any], IProtocolFactory]] = []
-
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.attempts.append((d, factory))
-        return d
-
-    def succeed(self) -> Any:
-        d, factory = self.attempts[-1]
-        proto = factory.buildProtocol(None)  # type: ignore[arg-type]
-        assert proto is not None
-        proto.makeConnection(_Transport(proto))
-        d.callback(proto)
-        return proto
-
-    def refuse(self) -> None:
-        self.attempts[-1][0].errback(ConnectionRefusedError("agent not there yet"))
+from tests.fakes.dialing import PendingEndpoint
 
 
 class AgentConnectionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.ep = FakeEndpoint()
+        self.ep = PendingEndpoint()
         self.conn = AgentConnection(self.ep, self.clock, wait_timeout=10)
         self.conn.startService()
 
@@ -68,7 +26,7 @@ class AgentConnectionTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def connected(self) -> Any:
-        proto = self.ep.succeed()
+        proto = self.ep.accept()
         self.clock.advance(0)  # handed out on the next reactor turn
         return proto
 
@@ -98,7 +56,7 @@ class AgentConnectionTests(SynchronousTestCase):
         times = []
         for _ in range(6):
             times.append(self.clock.seconds())
-            self.ep.refuse()
+            self.ep.refuse("agent not there yet")
             self.clock.advance(min(c.getTime() for c in self.clock.getDelayedCalls()) - self.clock.seconds())
         self.assertEqual([round(t, 3) for t in times], [0.0, 0.1, 0.3, 0.7, 1.5, 3.1])  # 0.1 doubling, cap 2
         self.assertNoResult(d)
@@ -121,12 +79,12 @@ class AgentConnectionTests(SynchronousTestCase):
         self.clock.advance(60)
         proto.connectionLost(Failure(ConnectionError("agent restarted")))
         self.clock.advance(0)
-        self.assertEqual(len(self.ep.attempts), 2)
+        self.assertEqual(len(self.ep.pending), 2)
 
     def test_stop_fails_waiters(self) -> None:
         d = self.conn.get()
         self.successResultOf(self.conn.stopService())
         f = self.failureResultOf(d, TTRPCError)
         self.assertEqual(f.value.code, Code.UNAVAILABLE)
-        self.assertEqual(self.ep.attempts[-1][0].called, True)  # the dial in progress was cancelled
+        self.assertEqual(self.ep.pending[-1][0].called, True)  # the dial in progress was cancelled
         self.failureResultOf(self.conn.get(), TTRPCError)
