@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor as _reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from caa.reactors import as_node_reactor
     from caa.ttrpc.endpoints import unix_server_endpoint
 
-    reactor: Any = _reactor
+    reactor = as_node_reactor(_reactor)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     log = Logger(namespace="caa.devtools.agent")
     agent = DevelopmentAgent(reactor, args.pod_netns)

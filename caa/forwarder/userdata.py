@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -34,6 +35,7 @@ from twisted.logger import Logger
 from caa.forwarder import initdata
 from caa.podvm_api.cloudconfig import PEERPOD_DIR, PEERPOD_FILES, CloudConfigError, WriteFile
 from caa.podvm_api.cloudconfig import parse as parse_cloud_config
+from caa.reactors import INodeReactor, as_node_reactor
 
 __all__ = [
     "UserDataError",
@@ -322,9 +324,8 @@ async def provision(
     return written
 
 
-def make_http_client(reactor: Any) -> Any:
+def make_http_client(reactor: INodeReactor) -> HTTPClient:
     """A treq client without persistent connections (a one-shot program leaves nothing open)."""
-    from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
     return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
@@ -361,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.user_data_file is None and not args.no_mount_cidata and args.cidata_dir == CIDATA_DIR:
         _mount_cidata(args.cidata_dir)
 
-    async def run(reactor: Any) -> None:
+    async def run(reactor: INodeReactor) -> None:
         source = FileSource(args.user_data_file) if args.user_data_file else None
         http = None if source is not None else make_http_client(reactor)
         try:
@@ -371,4 +372,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"caa-process-user-data: {e}", file=sys.stderr)
             raise SystemExit(1) from None
 
-    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    react(lambda reactor: Deferred.fromCoroutine(run(as_node_reactor(reactor))))
