@@ -12,6 +12,8 @@ ServiceAccount bound to exactly deploy/base/adaptor-rbac.yaml (least privilege p
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 import urllib.error
@@ -195,6 +197,32 @@ class PeerPodTests(ClusterTestCase):
             self.assertLess(time.monotonic() - t0, 15.0)
             self.assertEqual(a.vms(), [])
             self.assertIn(a.term(), (0, -15))
+
+
+class PullSecretTests(ClusterTestCase):
+    async def test_pull_secrets_read_with_the_adaptor_rbac(self) -> None:
+        """KubernetesPullSecrets over the daemon's KubeClient, with the adaptor's least-privilege token."""
+        from twisted.internet import reactor as global_reactor
+        from twisted.python.threadpool import ThreadPool
+
+        from caa.adaptor.pullsecrets import KubernetesPullSecrets
+        from caa.k8s.client import connect
+        from caa.reactors import as_node_reactor
+
+        config = base64.b64encode(json.dumps({"auths": {"reg.example": {"username": "u", "password": "p"}}}).encode())
+        self.server.request("POST", f"/api/v1/namespaces/{self.namespace}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred"},
+            "type": "kubernetes.io/dockerconfigjson", "data": {".dockerconfigjson": config.decode()}})
+        self.create_pod("private", imagePullSecrets=[{"name": "regcred"}, {"name": "missing"}])
+        pool = ThreadPool(minthreads=0, maxthreads=2, name="test-pullsecrets")
+        pool.start()
+        self.addCleanup(pool.stop)
+        client = connect(as_node_reactor(global_reactor), pool, str(self.kubeconfig))
+        self.addCleanup(client.close)
+        lookup = KubernetesPullSecrets(client)
+        self.assertEqual(await lookup(self.namespace, "private"),
+                         {"reg.example": base64.b64encode(b"u:p").decode()})
+        self.assertEqual(await lookup(self.namespace, "no-such-pod"), {})
 
 
 class StartupProbeTests(ClusterTestCase):
