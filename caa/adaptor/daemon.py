@@ -102,7 +102,8 @@ def can_connect(reactor: INodeReactor, path: str, timeout: float = 1.0) -> Defer
 
 
 class StartupProbe(Resource):
-    """GET /startup: 200 once the journal is recovered and the hypervisor socket accepts connections.
+    """GET /startup: 200 once the journal is recovered, the hypervisor socket accepts connections and (in a
+    cluster) the node's peer pods came back Ready after this adaptor started (`IClusterDuties.startup_ready`).
 
     The connection check goes through the reactor and the answer follows when it completes (NOT_DONE_YET), so
     a slow socket never blocks the event loop."""
