@@ -4,6 +4,8 @@ created after it, released after a successful delete (StopVM, rollback, sweeper,
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,12 +17,15 @@ from zope.interface.verify import verifyObject
 
 from caa.adaptor.adapters import NullClusterDuties
 from caa.adaptor.cluster import ClusterDuties, ClusterSettings, pods_restarted
+from caa.adaptor.daemon import build_daemon
 from caa.adaptor.interfaces import IClusterDuties, SandboxRecord, SandboxState
+from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.store import record_from_json, record_to_json
 from caa.k8s.errors import Conflict, Invalid, NotFound, Unavailable
 from caa.k8s.interfaces import IKubeClient
 from caa.k8s.objects import EXTENDED_RESOURCE, OWNER_ANNOTATION, PEERPOD_FINALIZER, JSONObject
 from caa.providers.interfaces import TransientError
+from tests.test_adaptor_daemon import DaemonTestCase
 from tests.test_adaptor_service import SID, Harness
 
 Answer = Callable[[], Deferred[Any]]
@@ -238,7 +243,7 @@ class PeerPodTests(DutiesHarness):
         d = self.duties()
         self.kube.script["get_pod"] = [Unavailable("down"), POD]
         d.instance_created(record())
-        self.assertIn(SID, d.creating)
+        self.assertIn("ns/web-resource-b2c4d", d.creating)
         self.clock.advance(1.0)
         self.assertEqual(self.kube.methods(), ["get_pod", "get_pod", "create_peerpod"])
         self.assertEqual(d.creating, {})
@@ -440,3 +445,59 @@ class ServiceCallsTests(Harness):
         self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
         self.assertEqual(self.record().peerpod, "nginx-7d9f-resource-00002")
         self.assertEqual(self.cluster.events[-1][0::2], ("created", "nginx-7d9f-resource-00002"))
+
+
+class LoggingDuties(RecordingDuties):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def start(self) -> None:
+        self.log.append("cluster start")
+
+    def stop(self) -> Deferred[None]:
+        self.log.append("cluster stop")
+        return succeed(None)
+
+
+class DaemonWiringTests(DaemonTestCase):
+    def test_started_after_the_pools_stopped_before_them(self) -> None:
+        d = self.daemon()
+        duties = LoggingDuties(self.log)
+        d.cluster = duties
+        d.startService()
+        self.assertEqual(self.log[:3], ["pool start", "cluster start", "recover"])
+        self.successResultOf(d.stopService())
+        self.assertEqual(self.log[-3:], ["shutdown", "cluster stop", "pool stop"])
+
+    def build(self, environ: dict[str, str], *args: str) -> Any:
+        options = AdaptorOptions(environ={})
+        options.parseOptions(["--provider", "tests.fakes.provider:FakeProviderFactory", "--socket", self.path,
+                              "--pods-dir", os.path.join(self.dir, "pods"), "--tls-dir", os.path.join(self.dir, "tls"),
+                              "--tunnel-type", "none", "--disable-tls", *args])
+        return build_daemon(self.reactor, options, on_fatal=lambda: None, environ=environ)
+
+    def kubeconfig(self) -> str:
+        path = os.path.join(self.dir, "kubeconfig")
+        with open(path, "w") as f:
+            json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "t",
+                       "clusters": [{"name": "t", "cluster": {"server": "https://127.0.0.1:1"}}],
+                       "users": [{"name": "t", "user": {"token": "x"}}],
+                       "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}, f)
+        return path
+
+    def test_duties_chosen_from_the_environment(self) -> None:
+        outside = self.build({"NODE_NAME": "n1"})
+        self.assertIsInstance(outside.cluster, NullClusterDuties)
+        self.assertIsNone(outside.cloud.auth_lookup)
+        no_node = self.build({}, "--kubeconfig", self.kubeconfig())
+        self.assertIsInstance(no_node.cluster, NullClusterDuties)
+        self.assertIsNotNone(no_node.cloud.auth_lookup)  # pull secrets need no node
+        inside = self.build({"NODE_NAME": "n1", "POD_UID": "u1"}, "--kubeconfig", self.kubeconfig(),
+                            "--peerpods-limit-per-node", "4")
+        self.assertIsInstance(inside.cluster, ClusterDuties)
+        self.assertIs(inside.cloud.cluster, inside.cluster)
+        settings = inside.cluster.settings
+        self.assertEqual((settings.node_name, settings.pod_uid, settings.limit, settings.provider,
+                          settings.runtime_class), ("n1", "u1", 4, "fake", "kata-remote"))
+        self.assertIn("caa-k8s", [p.name for p in inside.thread_pools])

@@ -119,6 +119,10 @@ class _Task:
                 self._sleep = None
 
 
+def _key(record: SandboxRecord) -> str:
+    return f"{record.pod_namespace}/{record.peerpod}"
+
+
 def _timestamp(text: str) -> float:
     """Seconds of an RFC 3339 time as the API server writes them (`2026-12-02T03:09:37Z`)."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
@@ -156,8 +160,9 @@ class ClusterDuties:
         # 1 s doubling, capped at a minute: an API server back after an outage is found within a minute.
         self.backoff = backoff or backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0, jitter=lambda: 0.0)
         self.advertising: _Task | None = None
-        self.creating: dict[str, _Task] = {}  # sandbox id -> its PeerPod's creation
-        self.releasing: dict[str, _Task] = {}  # sandbox id -> its PeerPod's finalizer release
+        # Keyed by "<namespace>/<PeerPod name>" (a sandbox id may come back after its record was removed).
+        self.creating: dict[str, _Task] = {}
+        self.releasing: dict[str, _Task] = {}
         self.probe_passed = False
 
     def _task(self, what: str, attempt: Callable[[], Awaitable[None]]) -> _Task:
@@ -218,15 +223,14 @@ class ClusterDuties:
     def instance_created(self, record: SandboxRecord) -> None:
         if not record.peerpod or not record.instance_id:
             return
-        sid = record.sandbox_id
-        old = self.creating.pop(sid, None)
+        key = _key(record)
+        old = self.creating.pop(key, None)
         if old is not None:
             old.cancel()
-        task = self._task(f"{sid}: creating PeerPod {record.pod_namespace}/{record.peerpod}",
-                          lambda: self._create(record))
+        task = self._task(f"{record.sandbox_id}: creating PeerPod {key}", lambda: self._create(record))
         if not task.done.called:
-            self.creating[sid] = task
-            task.done.addBoth(lambda _: self._forget(self.creating, sid, task))
+            self.creating[key] = task
+            task.done.addBoth(lambda _: self._forget(self.creating, key, task))
 
     async def _create(self, record: SandboxRecord) -> None:
         ns = record.pod_namespace
@@ -249,8 +253,8 @@ class ClusterDuties:
     def instance_deleted(self, record: SandboxRecord) -> None:
         if not record.peerpod:
             return
-        sid = record.sandbox_id
-        creating = self.creating.pop(sid, None)
+        key = _key(record)
+        creating = self.creating.pop(key, None)
         if creating is not None:
             creating.cancel()
         before = creating.wait() if creating is not None else succeed(None)
@@ -259,11 +263,10 @@ class ClusterDuties:
             await before  # a create already sent answers first; the release then finds its object
             await self._release(record)
 
-        task = self._task(f"{sid}: releasing the finalizer of PeerPod {record.pod_namespace}/{record.peerpod}",
-                          release)
+        task = self._task(f"{record.sandbox_id}: releasing the finalizer of PeerPod {key}", release)
         if not task.done.called:
-            self.releasing[sid] = task
-            task.done.addBoth(lambda _: self._forget(self.releasing, sid, task))
+            self.releasing[key] = task
+            task.done.addBoth(lambda _: self._forget(self.releasing, key, task))
 
     async def _release(self, record: SandboxRecord) -> None:
         try:
@@ -278,9 +281,9 @@ class ClusterDuties:
                        sandbox_id=record.sandbox_id, namespace=record.pod_namespace, name=record.peerpod)
 
     @staticmethod
-    def _forget(tasks: dict[str, _Task], sid: str, task: _Task) -> None:
-        if tasks.get(sid) is task:
-            del tasks[sid]
+    def _forget(tasks: dict[str, _Task], key: str, task: _Task) -> None:
+        if tasks.get(key) is task:
+            del tasks[key]
 
     # -- the startup probe (spec-adaptor §7.4) ------------------------------------------------------------------
 

@@ -160,7 +160,7 @@ class AdaptorDaemon(MultiService):
         self.provider = provider
         self.store = store
         self.network = network
-        self._thread_pools = tuple(thread_pools)
+        self.thread_pools = tuple(thread_pools)
         self._on_fatal = on_fatal
         self.cluster: IClusterDuties = cluster if cluster is not None else NullClusterDuties()
         self.recovered = False
@@ -211,7 +211,7 @@ class AdaptorDaemon(MultiService):
         except Exception:
             self._abort_start()
             raise
-        for pool in self._thread_pools:
+        for pool in self.thread_pools:
             pool.start()
         self.cluster.start()  # the node's kata.peerpods.io/vm, in the background
         self._log.info("server started on {socket}", socket=self.settings.socket_path)
@@ -283,7 +283,7 @@ class AdaptorDaemon(MultiService):
             await self.provider.teardown()
         except Exception as e:
             self._log.warn("provider teardown: {error}", error=str(e))
-        for pool in self._thread_pools:  # last: the provider and the network used them until now
+        for pool in self.thread_pools:  # last: the provider and the network used them until now
             pool.stop()
 
 
