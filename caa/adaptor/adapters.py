@@ -1,4 +1,5 @@
-"""Adapters from caa.network and caa.tls to the hypervisor service's own seams (IPodNetworking, IAgentTLS)."""
+"""Adapters from caa.network and caa.tls to the hypervisor service's own seams (IPodNetworking, IAgentTLS), and
+the null cluster duties (IClusterDuties outside a cluster)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from caa.adaptor.interfaces import IAgentTLS, IPodNetworking
+from caa.adaptor.interfaces import IAgentTLS, IClusterDuties, IPodNetworking, SandboxRecord
 from caa.network.interfaces import INodeNetwork, PodNetworkConfig
 from caa.tls import CertificateAuthority
 
@@ -105,3 +106,26 @@ class AutoTLS:
 
     def client_ca_pem(self) -> str:
         return "" if self.ca is None else self.client_cert_pem.decode()
+
+
+@implementer(IClusterDuties)
+class NullClusterDuties:
+    """Outside a cluster (no API server, or no NODE_NAME): no node value, no PeerPods, nothing to probe."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def peerpod_name(self, pod_name: str) -> str:
+        return ""
+
+    def instance_created(self, record: SandboxRecord) -> None:
+        pass
+
+    def instance_deleted(self, record: SandboxRecord) -> None:
+        pass
+
+    def startup_ready(self) -> Deferred[bool]:
+        return succeed(True)

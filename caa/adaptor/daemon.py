@@ -7,8 +7,9 @@ recovery after start, and the ordered stop. `build_daemon` wires it from the com
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence, Sized
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from attrs import frozen
 from twisted.application.internet import TimerService
@@ -23,11 +24,12 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullNetworking
+from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullClusterDuties, NullNetworking
 from caa.adaptor.admin import register_admin
 from caa.adaptor.interfaces import (
     IAgentProxyFactory,
     IAgentTLS,
+    IClusterDuties,
     IPodNetworking,
     ISandboxStore,
     ProxyTLS,
@@ -41,6 +43,9 @@ from caa.adaptor.store import JOURNAL_THREADS, Runner, SandboxStore, threadpool_
 from caa.providers.interfaces import IProvider
 from caa.reactors import INodeReactor
 from caa.ttrpc import Server
+
+if TYPE_CHECKING:
+    from caa.k8s.client import KubeClient
 
 __all__ = ["AdaptorDaemon", "CloudLifecycle", "DaemonSettings", "StartupProbe", "build_daemon", "build_tls",
            "can_connect"]
@@ -97,7 +102,8 @@ def can_connect(reactor: INodeReactor, path: str, timeout: float = 1.0) -> Defer
 
 
 class StartupProbe(Resource):
-    """GET /startup: 200 once the journal is recovered and the hypervisor socket accepts connections.
+    """GET /startup: 200 once the journal is recovered, the hypervisor socket accepts connections and (in a
+    cluster) the node's peer pods came back Ready after this adaptor started (`IClusterDuties.startup_ready`).
 
     The connection check goes through the reactor and the answer follows when it completes (NOT_DONE_YET), so
     a slow socket never blocks the event loop."""
@@ -144,7 +150,8 @@ class AdaptorDaemon(MultiService):
 
     def __init__(self, reactor: INodeReactor, settings: DaemonSettings, *, server: Server, cloud: CloudLifecycle,
                  provider: IProvider, store: ISandboxStore, network: IPodNetworking,
-                 thread_pools: Sequence[ThreadPool] = (), on_fatal: Callable[[], None] = lambda: None) -> None:
+                 thread_pools: Sequence[ThreadPool] = (), on_fatal: Callable[[], None] = lambda: None,
+                 cluster: IClusterDuties | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.settings = settings
@@ -153,8 +160,9 @@ class AdaptorDaemon(MultiService):
         self.provider = provider
         self.store = store
         self.network = network
-        self._thread_pools = tuple(thread_pools)
+        self.thread_pools = tuple(thread_pools)
         self._on_fatal = on_fatal
+        self.cluster: IClusterDuties = cluster if cluster is not None else NullClusterDuties()
         self.recovered = False
         self.failed = False
         self.recovery: Deferred[None] | None = None
@@ -162,7 +170,7 @@ class AdaptorDaemon(MultiService):
                                             mode=settings.socket_mode)
         self.hypervisor.setServiceParent(self)
         if settings.probe_port:
-            probe = Site(StartupProbe(lambda: self.recovered, self._hypervisor_answers))
+            probe = Site(StartupProbe(lambda: self.recovered, self._started))
             ListeningService(f"127.0.0.1:{settings.probe_port} (startup probe)",
                              lambda: listen_reuseport(reactor, "127.0.0.1", settings.probe_port, probe)
                              ).setServiceParent(self)
@@ -184,6 +192,11 @@ class AdaptorDaemon(MultiService):
     def _hypervisor_answers(self) -> Deferred[bool]:
         return can_connect(self.reactor, self.settings.socket_path)
 
+    def _started(self) -> Deferred[bool]:
+        """The probe's checks: the hypervisor socket answers, then (in a cluster) the node's peer pods are back."""
+        return self._hypervisor_answers().addCallback(
+            lambda ok: self.cluster.startup_ready() if ok else False)
+
     def startService(self) -> None:
         self._log.info("starting Cloud API Adaptor daemon for {provider} (version {version})",
                        provider=self.settings.provider_name, version=VERSION)
@@ -198,8 +211,9 @@ class AdaptorDaemon(MultiService):
         except Exception:
             self._abort_start()
             raise
-        for pool in self._thread_pools:
+        for pool in self.thread_pools:
             pool.start()
+        self.cluster.start()  # the node's kata.peerpods.io/vm, in the background
         self._log.info("server started on {socket}", socket=self.settings.socket_path)
         self.recovery = Deferred.fromCoroutine(self._after_start())
 
@@ -262,13 +276,14 @@ class AdaptorDaemon(MultiService):
         self._log.info("shutting down: VMs, tunnels and the journal stay for the next start")
         await super().stopService()  # listeners and the sweeper
         await self.cloud.shutdown()
+        await self.cluster.stop()  # background API work ends; the node's value is withdrawn if still ours
         await self.server.stop(timeout=1.0)
         self.server.abort()
         try:
             await self.provider.teardown()
         except Exception as e:
             self._log.warn("provider teardown: {error}", error=str(e))
-        for pool in self._thread_pools:  # last: the provider and the network used them until now
+        for pool in self.thread_pools:  # last: the provider and the network used them until now
             pool.stop()
 
 
@@ -328,6 +343,28 @@ def _network(reactor: INodeReactor, options: AdaptorOptions, pools: list[ThreadP
     return NodeNetworking(node)
 
 
+def _kube_client(reactor: INodeReactor, options: AdaptorOptions, pools: list[ThreadPool]) -> KubeClient | None:
+    """The daemon's one Kubernetes client (--kubeconfig / KUBECONFIG, else in-cluster), None outside a cluster.
+    Its pool joins the daemon's pools (started after the listeners, stopped last)."""
+    from caa.k8s.config import cluster_configured
+
+    if not cluster_configured(options["kubeconfig"] or None):
+        return None
+    from caa.k8s.client import connect
+    from caa.k8s.errors import KubeError
+
+    # Calls: PeerPod creates and releases, pull-secret lookups, the probe's list; bounded, each with a deadline.
+    pool = ThreadPool(minthreads=0, maxthreads=4, name="caa-k8s")
+    try:
+        kube = connect(reactor, pool, options["kubeconfig"] or None)
+    except KubeError as e:
+        AdaptorDaemon._log.error("no Kubernetes client ({error}): no node capacity, no PeerPods, no image pull "
+                                 "secrets", error=str(e))
+        return None
+    pools.append(pool)
+    return kube
+
+
 def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Callable[[], None],
                  provider: IProvider | None = None, environ: Mapping[str, str] | None = None,
                  journal_runner: Runner | None = None) -> AdaptorDaemon:
@@ -352,16 +389,21 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
     store = SandboxStore(options["pods-dir"], journal_runner)
     network = _network(reactor, options, pools)
     auth_lookup = None
-    if env.get("KUBERNETES_SERVICE_HOST"):
+    cluster: IClusterDuties = NullClusterDuties()
+    kube = _kube_client(reactor, options, pools)
+    if kube is not None:
+        from caa.adaptor.cluster import ClusterDuties, ClusterSettings
         from caa.adaptor.pullsecrets import KubernetesPullSecrets
 
-        k8s_pool = ThreadPool(minthreads=0, maxthreads=4, name="caa-k8s")
-        try:
-            auth_lookup = KubernetesPullSecrets(reactor, k8s_pool)
-            pools.append(k8s_pool)
-        except Exception as e:
-            AdaptorDaemon._log.warn("no Kubernetes client ({error}): image pull secrets are not sent to pod VMs",
-                                    error=str(e))
+        auth_lookup = KubernetesPullSecrets(kube)
+        if env.get("NODE_NAME"):
+            factory_name = getattr(options.provider_factory, "name", "") or options["provider"]
+            cluster = ClusterDuties(reactor, kube, ClusterSettings(
+                node_name=env["NODE_NAME"], provider=str(factory_name), limit=options["peerpods-limit-per-node"],
+                pod_uid=env.get("POD_UID", ""), runtime_class=env.get("RUNTIMECLASS_NAME") or "kata-remote",
+                started=time.time()))
+        else:
+            AdaptorDaemon._log.warn("NODE_NAME is not set: no kata.peerpods.io/vm on the node, no PeerPods")
     cloud = CloudService(
         reactor, provider, proxies, store, network, issuer,
         ServiceConfig(pods_dir=options["pods-dir"], forwarder_port=options["forwarder-port"],
@@ -369,10 +411,11 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
                       tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites,
                       initdata=options["initdata"], enable_scratch_space=bool(options["enable-scratch-space"]),
                       ext_network_via_podvm=bool(options["ext-network-via-podvm"])),
-        auth_lookup=auth_lookup)
+        auth_lookup=auth_lookup, cluster=cluster)
     server = Server(clock=reactor, name="hypervisor")
     HypervisorHandlers(cloud).register(server)
     # caactl list asks the adaptor itself (its in-memory view), not a journal directory of its own.
     register_admin(server, cloud.records)
     return AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
-                         provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal)
+                         provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal,
+                         cluster=cluster)

@@ -83,6 +83,9 @@ class SandboxRecord:
     instance_name: str = ""
     ips: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     error: str = ""  # last failure, for caactl list
+    # The PeerPod guarding the instance in a cluster ("" outside one): kept so a restarted adaptor still
+    # releases its finalizer after deleting the instance (upstream keeps it in memory only).
+    peerpod: str = ""
 
     @property
     def vni(self) -> int | None:
@@ -173,6 +176,33 @@ class IAgentTLS(Interface):
         """PEM the forwarder trusts to verify the adaptor's client certificate ("" in manual-CA mode)."""
 
 
+class IClusterDuties(Interface):
+    """What the adaptor owes the Kubernetes cluster it runs in (caa/adaptor/cluster.py; `NullClusterDuties`
+    outside a cluster). The service calls it at state transitions; nothing here ever blocks a caller on the API
+    server: API work runs in background tasks retried with back-off."""
+
+    def start() -> None:
+        """Advertise kata.peerpods.io/vm on the node (background, retried until it succeeds or `stop`)."""
+
+    def stop() -> Deferred[None]:
+        """Cancel the background work, then withdraw the node's value if this instance still owns it."""
+
+    def peerpod_name(pod_name: str) -> str:
+        """A fresh PeerPod name for pod_name (`<pod>-resource-<5 random>`), "" when no PeerPods are kept."""
+
+    def instance_created(record: SandboxRecord) -> None:
+        """The record's instance exists (record.instance_id, record.peerpod journalled): create its PeerPod in the
+        background. An existing PeerPod of that name counts as created (re-adoption after a restart)."""
+
+    def instance_deleted(record: SandboxRecord) -> None:
+        """The record's instance is gone: stop creating its PeerPod and release the PeerPod's finalizer in the
+        background (a missing PeerPod counts as released)."""
+
+    def startup_ready() -> Deferred[bool]:
+        """The startup probe's cluster check (spec-adaptor §7.4): every peer pod on this node was Ready since
+        this adaptor started (checked until it once succeeds). Never errbacks."""
+
+
 @attrs.frozen(repr=False)
 class ProxyTLS:
     """TLS client settings of every agent proxy (None = --disable-tls).
@@ -196,6 +226,6 @@ class ProxyTLS:
 
 
 __all__ = [
-    "SOCKET_NAME", "IAgentProxy", "IAgentProxyFactory", "IAgentTLS", "IPodNetworking", "ISandboxStore",
-    "ProxyTLS", "SandboxRecord", "SandboxState",
+    "SOCKET_NAME", "IAgentProxy", "IAgentProxyFactory", "IAgentTLS", "IClusterDuties", "IPodNetworking",
+    "ISandboxStore", "ProxyTLS", "SandboxRecord", "SandboxState",
 ]

@@ -1,8 +1,8 @@
 """Image pull secrets of a pod -> registry auths for the pod VM's auth.json (spec-adaptor §5.7).
 
 `registry_auths` is the algorithm over three lookups (pod, service account, secret), so it is tested without
-an API server. `KubernetesPullSecrets` runs it with the official client (in-cluster config) in a thread pool,
-with a deadline per call; the adaptor uses it only when it runs in a cluster (KUBERNETES_SERVICE_HOST set).
+an API server. `KubernetesPullSecrets` feeds it from the daemon's one Kubernetes client (caa.k8s: every call off
+the reactor thread with a deadline); the adaptor uses it whenever it has a client (in-cluster or --kubeconfig).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
-from caa.reactors import INodeReactor
+from caa.k8s.errors import KubeError, NotFound
+from caa.k8s.interfaces import IKubeClient
+from caa.k8s.objects import JSONObject
 
 _log = Logger(namespace="caa.adaptor.pullsecrets")
 
@@ -78,34 +78,30 @@ def registry_auths(namespace: str, pod_name: str, get_pod: Lookup, get_service_a
 
 
 class KubernetesPullSecrets:
-    """auth_lookup for CloudService: the official kubernetes client (in-cluster) in a thread pool."""
+    """auth_lookup for CloudService over the daemon's `IKubeClient`: the three lookups fetched first (each off
+    the reactor with its own deadline), then `registry_auths` over what came back. A missing object is None."""
 
-    def __init__(self, reactor: INodeReactor, threadpool: ThreadPool, timeout: float = 10.0) -> None:
-        from kubernetes import client, config
+    def __init__(self, client: IKubeClient) -> None:
+        self.client = client
 
-        config.load_incluster_config()
-        self.api = client.CoreV1Api()
-        self.reactor = reactor
-        self.threadpool = threadpool
-        self.timeout = timeout
-
-    def _get(self, fn: Callable[..., Any], namespace: str, name: str) -> Mapping[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
+    async def _get(self, d: Deferred[JSONObject]) -> JSONObject | None:
         try:
-            obj = fn(name, namespace, _request_timeout=self.timeout)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return self.api.api_client.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
+            return await d
+        except NotFound:
+            return None
 
-    def _lookup(self, namespace: str, pod: str) -> dict[str, str]:
-        return registry_auths(
-            namespace, pod,
-            lambda ns, n: self._get(self.api.read_namespaced_pod, ns, n),
-            lambda ns, n: self._get(self.api.read_namespaced_service_account, ns, n),
-            lambda ns, n: self._get(self.api.read_namespaced_secret, ns, n))
-
-    def __call__(self, namespace: str, pod: str) -> Deferred[dict[str, str]]:
-        return deferToThreadPool(self.reactor, self.threadpool, self._lookup, namespace, pod)
+    async def __call__(self, namespace: str, pod: str) -> dict[str, str]:
+        obj = await self._get(self.client.get_pod(namespace, pod))
+        if obj is None:
+            return {}
+        spec = obj.get("spec") or {}
+        sa = await self._get(self.client.get_service_account(namespace, spec.get("serviceAccountName") or "default"))
+        secrets: dict[str, JSONObject | None] = {}
+        for ref in [*((sa or {}).get("imagePullSecrets") or []), *(spec.get("imagePullSecrets") or [])]:
+            name = ref.get("name", "")
+            if name and name not in secrets:
+                try:
+                    secrets[name] = await self._get(self.client.get_secret(namespace, name))
+                except KubeError:
+                    secrets[name] = None  # unreadable secrets are skipped, as the kubelet does
+        return registry_auths(namespace, pod, lambda ns, n: obj, lambda ns, n: sa, lambda ns, n: secrets.get(n))

@@ -22,11 +22,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from caa.adaptor import metrics
+from caa.adaptor.adapters import NullClusterDuties
 from caa.adaptor.errors import Fault, SandboxError, check_sandbox_id
 from caa.adaptor.interfaces import (
     IAgentProxy,
     IAgentProxyFactory,
     IAgentTLS,
+    IClusterDuties,
     IPodNetworking,
     ISandboxStore,
     SandboxRecord,
@@ -96,7 +98,7 @@ class CloudService:
     def __init__(self, clock: IReactorTime, provider: IProvider, proxies: IAgentProxyFactory,
                  store: ISandboxStore, network: IPodNetworking, tls: IAgentTLS | None,
                  config: ServiceConfig, auth_lookup: AuthLookup | None = None,
-                 wallclock: Callable[[], float] = time.time) -> None:
+                 wallclock: Callable[[], float] = time.time, cluster: IClusterDuties | None = None) -> None:
         self.clock = clock
         self.provider = provider
         self.proxies = proxies
@@ -106,6 +108,8 @@ class CloudService:
         self.config = config
         self.auth_lookup = auth_lookup
         self.wallclock = wallclock
+        # PeerPods in a cluster: told when an instance exists and when it is gone (never awaited).
+        self.cluster: IClusterDuties = cluster if cluster is not None else NullClusterDuties()
         self.sandboxes: dict[str, _Sandbox] = {}
         # Fired whenever a sandbox gains an instance id (GetInfo with wait).
         self.instance_known: Notifier[None] = Notifier()
@@ -297,10 +301,14 @@ class CloudService:
                            instance_name=instance.name, ips=list(instance.ips), elapsed=t1 - t0)
             # One write records the create's result and announces the tunnel (nothing happens in between, so
             # recovery needs no separate INSTANCE record); INSTANCE is journalled only when the VM has no IP.
+            # The PeerPod's name goes into the same write, before the PeerPod exists: a restarted adaptor
+            # can always release the finalizer of a PeerPod it made.
             journalled = self._put(sb, S.TUNNEL_INTENT if instance.ips else S.INSTANCE, instance_id=instance.id,
-                                   instance_name=instance.name, ips=instance.ips)
+                                   instance_name=instance.name, ips=instance.ips,
+                                   peerpod=self.cluster.peerpod_name(rec.pod_name))
             self.instance_known.notify(None)
             await journalled
+            self.cluster.instance_created(sb.record)  # in the background: the API never delays StartVM
             if not instance.ips:
                 raise SandboxError(Fault.UNAVAILABLE, "instance IP is not available")
             try:
@@ -360,7 +368,8 @@ class CloudService:
         deleted = await self._delete_instance(sb, lookup=rec.state is S.CREATE_INTENT)
         if sb.record.state is S.STOPPING:  # a StopVM came meanwhile: it finishes the job
             return
-        cleared: dict[str, Any] = {"instance_id": "", "ips": ()} if deleted else {}  # else StopVM retries
+        # Not deleted: StopVM retries (and releases the PeerPod after it succeeds).
+        cleared: dict[str, Any] = {"instance_id": "", "ips": (), "peerpod": ""} if deleted else {}
         await self._put(sb, S.CREATED, error=reason, **cleared)
 
     async def _delete_instance(self, sb: _Sandbox, lookup: bool) -> bool:
@@ -388,6 +397,7 @@ class CloudService:
                            sandbox_id=rec.sandbox_id, instance_id=iid, error=str(e))
             return False
         self._log.info("{sandbox_id}: deleted instance {instance_id}", sandbox_id=rec.sandbox_id, instance_id=iid)
+        self.cluster.instance_deleted(sb.record)  # the PeerPod's finalizer, released in the background
         return True
 
     async def _stop_proxy(self, sb: _Sandbox) -> None:
@@ -504,6 +514,14 @@ class CloudService:
             self._log.warn("{sandbox_id}: re-adopting failed ({error}); deleting the VM", sandbox_id=sid,
                            error=str(e))
             await self._rollback(sb, f"re-adopt after restart failed: {e}")
+            return
+        # The PeerPod may never have been created (the API was down, or an older adaptor kept no name): make
+        # sure it exists; one that does counts as created.
+        if not sb.record.peerpod:
+            name = self.cluster.peerpod_name(rec.pod_name)
+            if name:
+                await self._put(sb, peerpod=name)
+        self.cluster.instance_created(sb.record)
 
     async def sweep(self) -> None:
         """Periodic, never raises: retry deletes that failed in StopVM (ORPHAN), and stop sandboxes whose pod

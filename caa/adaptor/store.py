@@ -71,9 +71,10 @@ _SPEC_KEYS = ("instance_type", "vcpus", "memory_mib", "gpus", "image", "multi_ni
 
 
 def record_to_json(record: SandboxRecord) -> dict[str, Any]:
-    """sandbox.json of record (the keys earlier versions wrote, plus nothing)."""
+    """sandbox.json of record: the keys earlier versions wrote, plus "peerpod" only when the sandbox has one
+    (in a cluster), so a record outside a cluster is byte for byte what earlier versions wrote."""
     spec = record.spec
-    return {
+    doc: dict[str, Any] = {
         "sandbox_id": record.sandbox_id, "pod_name": record.pod_name, "pod_namespace": record.pod_namespace,
         "netns": record.netns, "socket_path": record.socket_path, "server_name": record.server_name,
         "state": record.state.value, "created": record.created, "updated": record.updated,
@@ -85,6 +86,9 @@ def record_to_json(record: SandboxRecord) -> dict[str, Any]:
         "vni": record.vni, "instance_id": record.instance_id, "instance_name": record.instance_name,
         "ips": list(record.ips), "error": record.error,
     }
+    if record.peerpod:
+        doc["peerpod"] = record.peerpod
+    return doc
 
 
 def record_from_json(d: Mapping[str, Any]) -> SandboxRecord:
@@ -99,7 +103,7 @@ def record_from_json(d: Mapping[str, Any]) -> SandboxRecord:
         spec=InstanceSpec(**{k: v for k, v in spec.items() if k in _SPEC_KEYS}),
         pod_network=PodNetworkConfig.from_json(net) if net else None,
         instance_id=d.get("instance_id", ""), instance_name=d.get("instance_name", ""),
-        ips=tuple(d.get("ips") or ()), error=d.get("error", ""))
+        ips=tuple(d.get("ips") or ()), error=d.get("error", ""), peerpod=d.get("peerpod", ""))
 
 
 def load_records(pods_dir: str) -> list[SandboxRecord]:

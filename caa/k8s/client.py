@@ -123,6 +123,11 @@ class KubeClient:
     def get_pod(self, namespace: str, name: str) -> Deferred[JSONObject]:
         return self.call(self.core.read_namespaced_pod, name, namespace)
 
+    def list_pods(self, namespace: str | None = None, field_selector: str | None = None) -> Deferred[JSONObject]:
+        if namespace is None:
+            return self.call(self.core.list_pod_for_all_namespaces, field_selector=field_selector)
+        return self.call(self.core.list_namespaced_pod, namespace, field_selector=field_selector)
+
     def get_config_map(self, namespace: str, name: str) -> Deferred[JSONObject]:
         return self.call(self.core.read_namespaced_config_map, name, namespace)
 

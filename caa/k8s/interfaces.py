@@ -56,6 +56,9 @@ class IKubeClient(Interface):
     def get_pod(namespace: str, name: str) -> Any:
         """Deferred[JSON]"""
 
+    def list_pods(namespace: str | None = None, field_selector: str | None = None) -> Any:
+        """Deferred[JSON]: a PodList, all namespaces when namespace is None (e.g. `spec.nodeName=<node>`)."""
+
     def get_config_map(namespace: str, name: str) -> Any:
         """Deferred[JSON]"""
 

@@ -6,7 +6,6 @@ Objects travel as plain JSON dicts, exactly as the API server sends them; these 
 from __future__ import annotations
 
 import secrets
-import string
 from typing import Any
 
 JSONObject = dict[str, Any]
@@ -28,11 +27,12 @@ OWNER_ANNOTATION = "kata.peerpods.io/caa-owner"
 #: Upstream peerpod-ctrl's leader-election Lease name.
 PEERPOD_CTRL_LEASE = "33f6c5d6.confidentialcontainers.org"
 
-_SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
+#: Kubernetes' utilrand alphabet (no vowels, no confusable characters), which upstream's names are drawn from.
+_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
 def peerpod_name(pod_name: str, suffix: str | None = None) -> str:
-    """`<pod>-resource-<5 random lower-case alnum>` as upstream names them."""
+    """`<pod>-resource-<5 random characters of Kubernetes' alphabet>` as upstream names them."""
     if suffix is None:
         suffix = "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(5))
     return f"{pod_name}-resource-{suffix}"
