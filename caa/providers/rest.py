@@ -22,18 +22,19 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import treq
 from attrs import field, frozen
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from caa.providers.interfaces import ErrorKind, InvalidConfig, ProviderError, TransientError
 from caa.providers.redact import Redactor
@@ -190,7 +191,7 @@ class RestClient:
 
     async def _send(self, request: RestRequest) -> RestResponse:
         headers = Headers({name.encode(): [value.encode()] for name, value in request.headers.items()})
-        data: Any = request.body if request.body else None
+        data = BytesBody(request.body) if request.body else None
         response = await self.http.request(request.method, request.url, headers=headers, data=data)
         body = await treq.content(response)
         flat = {name.decode().lower(): values[-1].decode("latin-1")
@@ -202,6 +203,28 @@ class RestClient:
         if message == error.message:
             return error
         return ProviderError(error.kind, message, error.instance_id)
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body written at once: unlike treq's default for bytes, no cooperator (global reactor) runs it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _retry_after(response: RestResponse) -> float:
