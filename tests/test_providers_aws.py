@@ -27,7 +27,7 @@ from caa.providers.aws.config import AwsConfig, AwsOptions, parse_tags
 from caa.providers.aws.ec2 import ec2_error
 from caa.providers.aws.provider import run_instances_params
 from caa.providers.interfaces import ErrorKind, IProviderFactory, ProviderError
-from caa.providers.redact import MASK, RedactingObserver, Redactor
+from caa.providers.redact import MASK, RedactingObserver, Redactor, ScrubbingObserver
 from caa.providers.registry import ProviderRegistry
 from caa.providers.rest import RestClient, RestRequest, RestResponse, RetryPolicy, http_error
 
@@ -334,6 +334,15 @@ class RedactionTests(SynchronousTestCase):
         for event in events:
             self.assertNotIn(SECRET, formatEvent(event) + repr(event))
         self.assertIn("ValueError: signing with **********", events[2]["log_redacted_traceback"])
+
+    def test_scrubbing_observer_masks_in_place_for_later_observers(self) -> None:
+        publisher = LogPublisher()
+        publisher.addObserver(ScrubbingObserver(Redactor([SECRET])))
+        seen: list[Any] = []
+        publisher.addObserver(cast(ILogObserver, seen.append))
+        Logger(observer=publisher).info("token={token}", token=SECRET)
+        self.assertEqual(formatEvent(seen[0]), f"token={MASK}")
+        self.assertNotIn(SECRET, repr(seen[0]))
 
     def test_redactor_longest_first_and_bytes(self) -> None:
         redactor = Redactor(["abcd", "abcdefgh"])

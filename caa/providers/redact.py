@@ -7,10 +7,12 @@ Why values and not names: a secret leaks by value (an error message quoting a re
 line), so the filter looks for the values wherever they appear. Values shorter than `MIN_SECRET_LENGTH` are
 ignored, so a one-character "secret" cannot blank out every log line.
 
-Wiring (the adaptor, at start, once the provider options are parsed)::
+Wiring: `RedactingObserver(observer, redactor)` wraps an observer you own. Under twistd, whose observer is not
+ours, add a `ScrubbingObserver` to the global publisher in `makeService` (before twistd begins logging, so it is
+the first observer): it masks each event in place, so the observers after it (twistd's log file, the buffered
+start-up events replayed to it) never see a secret::
 
-    redactor = Redactor.from_options(options.provider_options)
-    globalLogBeginner.beginLoggingTo([RedactingObserver(observer, redactor)])   # or wrap twistd's observer
+    globalLogPublisher.addObserver(ScrubbingObserver(Redactor.from_options(options.provider_options)))
 """
 
 from __future__ import annotations
@@ -86,27 +88,43 @@ class RedactingObserver:
         if not self._redactor:
             self._observer(event)
             return
-        self._observer(self.redact_event(event))
+        self._observer(redact_event(event, self._redactor))
 
-    def redact_event(self, event: LogEvent) -> LogEvent:
-        redactor = self._redactor
-        clean: dict[str, Any] = {}
-        for key, value in event.items():
-            if key.startswith("log_") and key not in ("log_format", "log_text"):
-                clean[key] = value  # logger, level, namespace, time, source: not user text
-            else:
-                clean[key] = redactor.redact_value(value)
-        text = formatEvent(event)
-        if redactor.contains_secret(text):
-            # A field hid the secret from the per-field pass (an object's str()): keep only the masked text.
-            clean = {key: value for key, value in clean.items() if key.startswith("log_")}
-            clean["log_format"] = "{log_redacted}"
-            clean["log_redacted"] = redactor.redact(text)
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            traceback = failure.getTraceback()
-            if redactor.contains_secret(traceback):
-                del clean["log_failure"]
-                clean["log_format"] = clean.get("log_format", "") + "\n{log_redacted_traceback}"
-                clean["log_redacted_traceback"] = redactor.redact(traceback)
-        return clean
+
+def redact_event(event: LogEvent, redactor: Redactor) -> LogEvent:
+    """A copy of `event` without secrets: in its fields, in its formatted text, in its failure's traceback."""
+    clean: dict[str, Any] = {}
+    for key, value in event.items():
+        if key.startswith("log_") and key not in ("log_format", "log_text"):
+            clean[key] = value  # logger, level, namespace, time, source: not user text
+        else:
+            clean[key] = redactor.redact_value(value)
+    text = formatEvent(event)
+    if redactor.contains_secret(text):
+        # A field hid the secret from the per-field pass (an object's str()): keep only the masked text.
+        clean = {key: value for key, value in clean.items() if key.startswith("log_")}
+        clean["log_format"] = "{log_redacted}"
+        clean["log_redacted"] = redactor.redact(text)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        traceback = failure.getTraceback()
+        if redactor.contains_secret(traceback):
+            del clean["log_failure"]
+            clean["log_format"] = clean.get("log_format", "") + "\n{log_redacted_traceback}"
+            clean["log_redacted_traceback"] = redactor.redact(traceback)
+    return clean
+
+
+@implementer(ILogObserver)
+class ScrubbingObserver:
+    """Masks secrets in each event in place (see the module docstring: add it first to a publisher)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+
+    def __call__(self, event: LogEvent) -> None:
+        if not self._redactor:
+            return
+        clean = redact_event(event, self._redactor)
+        event.clear()
+        event.update(clean)
