@@ -122,8 +122,9 @@ class RunInstancesTests(SynchronousTestCase):
     def params(self, **changes: Any) -> dict[str, str]:
         import attrs
 
-        return run_instances_params(attrs.evolve(self.base, **changes), "podvm-web-12345678", b"#cloud-config\n",
-                                    "m6a.large", "ami-1", "/dev/xvda", "tok")
+        config = attrs.evolve(self.base, **changes)
+        return run_instances_params(config, "podvm-web-12345678", b"#cloud-config\n", "m6a.large", "ami-1",
+                                    "/dev/xvda", config.root_volume_size, "tok")
 
     def test_normal_mode(self) -> None:
         p = self.params()
@@ -171,6 +172,7 @@ class ErrorMappingTests(SynchronousTestCase):
             (400, "InsufficientInstanceCapacity"): ErrorKind.QUOTA,
             (400, "VcpuLimitExceeded"): ErrorKind.QUOTA,
             (400, "InvalidInstanceID.NotFound"): ErrorKind.NOT_FOUND,
+            (400, "InvalidInstanceID.Malformed"): ErrorKind.NOT_FOUND,
             (400, "InvalidAMIID.NotFound"): ErrorKind.INVALID_CONFIG,
             (401, "AuthFailure"): ErrorKind.INVALID_CONFIG,
             (400, "InvalidParameterValue"): ErrorKind.INVALID_CONFIG,

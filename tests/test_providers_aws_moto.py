@@ -93,6 +93,9 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
 
     async def _missing_ami(self) -> None:
         await self.aws().verify_config()
+        # the root volume: the AMI's root device, never smaller than its snapshot (15 GiB for this AMI in moto)
+        self.assertEqual(await self.aws(root_volume_size=1)._root_device(MOTO_AMI), ("/dev/sda1", 15))
+        self.assertEqual(await self.aws(root_volume_size=40)._root_device(MOTO_AMI), ("/dev/sda1", 40))
         try:
             await self.aws(image_id="ami-00000000deadbeef").verify_config()
         except ProviderError as e:

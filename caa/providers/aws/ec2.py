@@ -85,8 +85,8 @@ def ec2_error(response: RestResponse) -> ProviderError | None:
         return TransientError(text)
     if code in QUOTA_CODES:
         return QuotaExceeded(text)
-    if code.endswith(".NotFound") and not code.startswith("InvalidAMIID"):
-        return ProviderError(ErrorKind.NOT_FOUND, text)
+    if code.startswith("InvalidInstanceID.") or (code.endswith(".NotFound") and not code.startswith("InvalidAMIID")):
+        return ProviderError(ErrorKind.NOT_FOUND, text)  # a malformed instance id names no instance either
     return InvalidConfig(text)
 
 
@@ -99,6 +99,15 @@ def resolve_target(
     region: str, profile: str, endpoint: str, static: tuple[str, str, str] | None
 ) -> AwsTarget:
     """Blocking (files, STS, IMDS): run in a thread. `static` = (key id, secret, token) when given."""
+    try:
+        return _resolve(region, profile, endpoint, static)
+    except InvalidConfig:
+        raise
+    except Exception as e:  # botocore raises many types here (profile not found, unreadable file, STS)
+        raise InvalidConfig(f"aws: loading credentials: {e}") from None
+
+
+def _resolve(region: str, profile: str, endpoint: str, static: tuple[str, str, str] | None) -> AwsTarget:
     session = Session(profile=profile or None)
     region = region or session.get_config_variable("region") or ""
     if not region:
@@ -106,10 +115,7 @@ def resolve_target(
     if static is not None:
         credentials: Credentials | None = Credentials(*static)
     else:
-        try:
-            credentials = session.get_credentials()
-        except Exception as e:  # botocore raises many types here (profile not found, bad file)
-            raise InvalidConfig(f"aws: loading credentials: {e}") from None
+        credentials = session.get_credentials()
     if credentials is None:
         raise InvalidConfig("aws: no credentials: set --aws-access-key-id/--aws-secret-key, --aws-profile, "
                             "or AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE")

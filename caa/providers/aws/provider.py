@@ -41,6 +41,7 @@ def run_instances_params(
     instance_type: str,
     image_id: str,
     root_device: str,
+    root_size: int,
     client_token: str,
 ) -> dict[str, str]:
     """The RunInstances form of one pod VM (spec-providers §3.3); pure, so tested without a cloud."""
@@ -54,9 +55,9 @@ def run_instances_params(
     for i, (key, value) in enumerate((("Name", name), *config.tags), 1):
         params[f"TagSpecification.1.Tag.{i}.Key"] = key
         params[f"TagSpecification.1.Tag.{i}.Value"] = value
-    if root_device and config.root_volume_size > 0:
+    if root_device and root_size > 0:
         params["BlockDeviceMapping.1.DeviceName"] = root_device
-        params["BlockDeviceMapping.1.Ebs.VolumeSize"] = str(config.root_volume_size)
+        params["BlockDeviceMapping.1.Ebs.VolumeSize"] = str(root_size)
     if config.use_lt:  # the template carries type, AMI, network, key and CPU options
         params["LaunchTemplate.LaunchTemplateName"] = config.lt_name
         return params
@@ -125,7 +126,7 @@ class AwsProvider:
             reactor, RestClient(reactor, http, policy, self.redactor),
             lambda: resolve_target(config.region, config.profile, config.endpoint, static))
         self._types: list[InstanceTypeInfo] | None = None
-        self._root_devices: dict[str, str] = {}
+        self._root_devices: dict[str, tuple[str, int]] = {}
         self._lock = DeferredLock()
 
     # -- IProvider ----------------------------------------------------------------------------------
@@ -173,11 +174,12 @@ class AwsProvider:
                 self._lock.release()
         return self._types
 
-    async def _root_device(self, image_id: str) -> str:
-        """The AMI's root device name ("" when the root volume size is left to the AMI); InvalidConfig when the
-        AMI cannot be described."""
+    async def _root_device(self, image_id: str) -> tuple[str, int]:
+        """The AMI's root device name and the root volume size to ask for: --root-volume-size, raised to the
+        AMI's snapshot size when smaller (("", 0) when the size is left to the AMI); InvalidConfig when the AMI
+        cannot be described."""
         if self.config.root_volume_size <= 0:
-            return ""
+            return "", 0
         if image_id not in self._root_devices:
             try:
                 root = await self.ec2.call("DescribeImages", query_params("ImageId", [image_id]))
@@ -187,9 +189,11 @@ class AwsProvider:
                 raise InvalidConfig(f"unable to get image details: {e}") from None
             image = root.find("imagesSet/item")
             device = image.findtext("rootDeviceName", "") if image is not None else ""
-            if not device:
+            if image is None or not device:
                 raise InvalidConfig(f"unable to get image details: AMI {image_id} not found or has no root device")
-            self._root_devices[image_id] = device
+            sizes = [int(m.findtext("ebs/volumeSize", "0") or 0) for m in image.findall("blockDeviceMapping/item")
+                     if m.findtext("deviceName") == device]
+            self._root_devices[image_id] = (device, max([self.config.root_volume_size, *sizes]))
         return self._root_devices[image_id]
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
@@ -204,8 +208,8 @@ class AwsProvider:
             if spec.image:
                 image_id = spec.image
                 self._log.info("Choosing {image} from annotation as the AWS AMI for the PodVM image", image=image_id)
-        root_device = await self._root_device(image_id) if image_id else ""
-        params = run_instances_params(config, name, user_data, instance_type, image_id, root_device,
+        root_device, root_size = await self._root_device(image_id) if image_id else ("", 0)
+        params = run_instances_params(config, name, user_data, instance_type, image_id, root_device, root_size,
                                       f"{name}-{uuid.uuid4().hex}"[:64])
         root = await self.ec2.call("RunInstances", params)
         instance_id = root.findtext("instancesSet/item/instanceId", "")
@@ -246,7 +250,7 @@ class AwsProvider:
         try:
             await self.ec2.call("TerminateInstances", query_params("InstanceId", [instance_id]))
         except ProviderError as e:
-            if e.kind is ErrorKind.NOT_FOUND or e.message.startswith("TerminateInstances: InvalidInstanceID"):
+            if e.kind is ErrorKind.NOT_FOUND:
                 return  # unknown or malformed id: nothing to delete
             raise
         self._log.info("terminated instance {id}", id=instance_id)
