@@ -79,12 +79,15 @@ class ThrottlingProxy(Resource):
         self.hang = hang
         self.hung: Notifier[None] = Notifier()
         self.seen: list[bytes] = []  # the Action= of each request
+        self.credentials: list[str] = []  # the access key id of each request's SigV4 Authorization
 
     def render(self, request: Request) -> Any:
         assert request.content is not None
         body = request.content.read()
         action = [part for part in body.split(b"&") if part.startswith(b"Action=")]
         self.seen.append(action[0][7:] if action else b"")
+        authorization = (request.getHeader("authorization") or "").split("Credential=", 1)[-1]
+        self.credentials.append(authorization.split("/", 1)[0])
         if len(self.seen) <= self.failures:
             request.setResponseCode(503)
             request.setHeader(b"content-type", b"text/xml")

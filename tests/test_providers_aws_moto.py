@@ -4,6 +4,8 @@ selection from DescribeInstanceTypes, the RunInstances it sends, throttling behi
 from __future__ import annotations
 
 import base64
+import os
+import threading
 from typing import Any
 
 import attrs
@@ -52,7 +54,7 @@ class AwsContractTests(AwsTestMixin, ProviderContractMixin, TestCase):
         return InstanceSpec(vcpus=512, memory_mib=4 * 1024 * 1024), ErrorKind.INVALID_CONFIG
 
     async def leftovers(self, names: list[str]) -> list[str]:
-        return [i.name for i in await self.provider._named(names)] if names else []
+        return [i.name for i in await self.provider.live_instances(names)] if names else []
 
     async def check_running(self, instance: Any, user_data: bytes) -> None:
         item = await self.described(self.provider, instance.id)
@@ -94,8 +96,8 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
     async def _missing_ami(self) -> None:
         await self.aws().verify_config()
         # the root volume: the AMI's root device, never smaller than its snapshot (15 GiB for this AMI in moto)
-        self.assertEqual(await self.aws(root_volume_size=1)._root_device(MOTO_AMI), ("/dev/sda1", 15))
-        self.assertEqual(await self.aws(root_volume_size=40)._root_device(MOTO_AMI), ("/dev/sda1", 40))
+        self.assertEqual(await self.aws(root_volume_size=1).root_volume(MOTO_AMI), ("/dev/sda1", 15))
+        self.assertEqual(await self.aws(root_volume_size=40).root_volume(MOTO_AMI), ("/dev/sda1", 40))
         try:
             await self.aws(image_id="ami-00000000deadbeef").verify_config()
         except ProviderError as e:
@@ -186,4 +188,72 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         error = await creating.addErrback(lambda f: f.value)
         self.assertIsInstance(error, CancelledError)
         self.assertEqual(proxy.seen[-1], b"TerminateInstances")  # rolled back
-        self.assertEqual(await self.aws()._named([name]), [])
+        self.assertEqual(await self.aws().live_instances([name]), [])
+
+
+class CredentialChainTests(AwsTestMixin, TestCase):
+    """No keys in the options: botocore's chain finds them (a shared profile, web identity through moto's STS),
+    in a worker thread."""
+
+    def environ(self, **values: str) -> None:
+        saved = dict(os.environ)
+        os.environ.update(values)
+
+        def restore() -> None:
+            os.environ.clear()
+            os.environ.update(saved)
+
+        self.addCleanup(restore)
+
+    async def signed_as(self, provider: AwsProvider, proxy: ThrottlingProxy) -> str:
+        await provider.find_instance("podvm-x-12345678")
+        return proxy.credentials[-1]
+
+    def test_shared_profile(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._profile())
+
+    async def _profile(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[caa]\naws_access_key_id = AKIAPROFILEKEY000001\naws_secret_access_key = profile-secret\n")
+        self.environ(AWS_SHARED_CREDENTIALS_FILE=path, AWS_CONFIG_FILE=path + ".none")
+        proxy = ThrottlingProxy(moto_endpoint(), failures=0)
+        url, port = await serve(proxy)
+        self.addCleanup(port.stopListening)
+        provider = self.aws(access_key_id="", secret_key="", profile="caa", endpoint=url)
+        self.assertEqual(await self.signed_as(provider, proxy), "AKIAPROFILEKEY000001")
+        try:
+            await self.aws(access_key_id="", secret_key="", profile="nope", endpoint=url).verify_config()
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("nope", str(e))
+        else:
+            self.fail("an unknown profile was accepted")
+
+    def test_web_identity_through_sts_off_the_reactor_thread(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._web_identity())
+
+    async def _web_identity(self) -> None:
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("eyJhbGciOiJub25lIn0.eyJzdWIiOiJjYWEifQ.")
+        self.environ(AWS_ROLE_ARN="arn:aws:iam::123456789012:role/caa-adaptor", AWS_WEB_IDENTITY_TOKEN_FILE=token,
+                     AWS_ENDPOINT_URL_STS=moto_endpoint(), AWS_CONFIG_FILE=token + ".none",
+                     AWS_SHARED_CREDENTIALS_FILE=token + ".none", AWS_EC2_METADATA_DISABLED="true")
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            os.environ.pop(name, None)
+        proxy = ThrottlingProxy(moto_endpoint(), failures=0)
+        url, port = await serve(proxy)
+        self.addCleanup(port.stopListening)
+        provider = self.aws(access_key_id="", secret_key="", endpoint=url)
+        threads: list[bool] = []
+        resolve = provider.ec2.resolve
+
+        def recording() -> Any:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return resolve()
+
+        provider.ec2.resolve = recording
+        key = await self.signed_as(provider, proxy)
+        self.assertTrue(key.startswith("ASIA"), key)  # temporary keys from AssumeRoleWithWebIdentity
+        self.assertEqual(threads, [False])

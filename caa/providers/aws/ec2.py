@@ -100,14 +100,14 @@ def resolve_target(
 ) -> AwsTarget:
     """Blocking (files, STS, IMDS): run in a thread. `static` = (key id, secret, token) when given."""
     try:
-        return _resolve(region, profile, endpoint, static)
+        return _resolve_chain(region, profile, endpoint, static)
     except InvalidConfig:
         raise
     except Exception as e:  # botocore raises many types here (profile not found, unreadable file, STS)
         raise InvalidConfig(f"aws: loading credentials: {e}") from None
 
 
-def _resolve(region: str, profile: str, endpoint: str, static: tuple[str, str, str] | None) -> AwsTarget:
+def _resolve_chain(region: str, profile: str, endpoint: str, static: tuple[str, str, str] | None) -> AwsTarget:
     session = Session(profile=profile or None)
     region = region or session.get_config_variable("region") or ""
     if not region:
@@ -134,7 +134,7 @@ class Ec2Client:
     ) -> None:
         self._reactor = reactor
         self.rest = rest
-        self._resolve = resolve
+        self.resolve = resolve
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
         self._target: AwsTarget | None = None
         self._lock = DeferredLock()
@@ -144,7 +144,7 @@ class Ec2Client:
             await self._lock.acquire()
             try:
                 if self._target is None:
-                    self._target = await deferToThreadPool(self._reactor, self._threadpool, self._resolve)
+                    self._target = await deferToThreadPool(self._reactor, self._threadpool, self.resolve)
             finally:
                 self._lock.release()
         return self._target

@@ -158,7 +158,7 @@ class AwsProvider:
     async def _verify(self) -> None:
         self.config.check()
         if self.config.image_id:
-            await self._root_device(self.config.image_id)
+            await self.root_volume(self.config.image_id)
         await self._instance_types()
 
     async def _instance_types(self) -> list[InstanceTypeInfo]:
@@ -174,7 +174,7 @@ class AwsProvider:
                 self._lock.release()
         return self._types
 
-    async def _root_device(self, image_id: str) -> tuple[str, int]:
+    async def root_volume(self, image_id: str) -> tuple[str, int]:
         """The AMI's root device name and the root volume size to ask for: --root-volume-size, raised to the
         AMI's snapshot size when smaller (("", 0) when the size is left to the AMI); InvalidConfig when the AMI
         cannot be described."""
@@ -208,7 +208,7 @@ class AwsProvider:
             if spec.image:
                 image_id = spec.image
                 self._log.info("Choosing {image} from annotation as the AWS AMI for the PodVM image", image=image_id)
-        root_device, root_size = await self._root_device(image_id) if image_id else ("", 0)
+        root_device, root_size = await self.root_volume(image_id) if image_id else ("", 0)
         params = run_instances_params(config, name, user_data, instance_type, image_id, root_device, root_size,
                                       f"{name}-{uuid.uuid4().hex}"[:64])
         root = await self.ec2.call("RunInstances", params)
@@ -256,10 +256,10 @@ class AwsProvider:
         self._log.info("terminated instance {id}", id=instance_id)
 
     async def _find(self, name: str) -> Instance | None:
-        found = await self._named([name])
+        found = await self.live_instances([name])
         return found[0] if found else None
 
-    async def _named(self, names: Sequence[str]) -> list[Instance]:
+    async def live_instances(self, names: Sequence[str]) -> list[Instance]:
         """The live (not terminated or shutting down) instances tagged Name=one of `names`."""
         params = {"Filter.1.Name": "tag:Name", **query_params("Filter.1.Value", names),
                   "Filter.2.Name": "instance-state-name", **query_params("Filter.2.Value", LIVE_STATES)}
