@@ -26,7 +26,7 @@ from caa.providers.aws import AwsProviderFactory
 from caa.providers.aws.config import AwsConfig, AwsOptions, parse_tags
 from caa.providers.aws.ec2 import ec2_error
 from caa.providers.aws.provider import run_instances_params
-from caa.providers.interfaces import ErrorKind, IProviderFactory, ProviderError
+from caa.providers.interfaces import ErrorKind, InvalidConfig, IProviderFactory, ProviderError, TransientError
 from caa.providers.redact import MASK, RedactingObserver, Redactor, ScrubbingObserver
 from caa.providers.registry import ProviderRegistry
 from caa.providers.rest import RestClient, RestRequest, RestResponse, RetryPolicy, http_error
@@ -300,6 +300,22 @@ class RestClientTests(SynchronousTestCase):
         self.failureResultOf(d).trap("twisted.internet.defer.CancelledError")
         clock.advance(100)
         self.assertEqual(len(resource.requests), 1)
+
+    def test_a_failed_signing_is_an_attempt(self) -> None:
+        client, resource, clock = self.client([(200, b"ok", {})])
+        failures: list[ProviderError] = [TransientError("sts busy"), InvalidConfig("role refused")]
+
+        def sign(request: RestRequest) -> RestRequest:
+            if failures:
+                raise failures.pop(0)
+            return request
+
+        d = Deferred.fromCoroutine(client.call(RestRequest("GET", "http://cloud.test/"), sign=sign))
+        clock.advance(1.0)
+        self.assertIn("role refused", str(self.failureResultOf(d, ProviderError).value))  # not retried
+        self.assertEqual(resource.requests, [])
+        d = Deferred.fromCoroutine(client.call(RestRequest("GET", "http://cloud.test/"), sign=sign))
+        self.assertEqual(self.successResultOf(d).body, b"ok")
 
     def test_secrets_masked_in_errors(self) -> None:
         client, _resource, clock = self.client([(403, f"bad key {SECRET}".encode(), {})])

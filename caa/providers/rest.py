@@ -158,8 +158,11 @@ class RestClient:
     ) -> tuple[ProviderError | None, RestResponse | None]:
         signed = request
         if sign is not None:
-            result = sign(request)
-            signed = await result if inspect.isawaitable(result) else result
+            try:
+                result = sign(request)
+                signed = await result if inspect.isawaitable(result) else result
+            except ProviderError as e:  # e.g. a token refresh that failed: retried when TRANSIENT
+                return e, None
         timeout = max(0.001, min(self.policy.attempt_timeout, end - self.clock.seconds()))
         attempt = Deferred.fromCoroutine(self._send(signed))
         expired: list[bool] = []

@@ -24,6 +24,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from caa.providers.aws.config import DEFAULT_ENDPOINT
 from caa.providers.interfaces import ErrorKind, InvalidConfig, ProviderError, QuotaExceeded, TransientError
 from caa.providers.rest import RestClient, RestRequest, RestResponse
 from caa.reactors import INodeReactor
@@ -119,7 +120,7 @@ def _resolve_chain(region: str, profile: str, endpoint: str, static: tuple[str, 
     if credentials is None:
         raise InvalidConfig("aws: no credentials: set --aws-access-key-id/--aws-secret-key, --aws-profile, "
                             "or AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE")
-    return AwsTarget(endpoint or f"https://ec2.{region}.amazonaws.com", region, credentials)
+    return AwsTarget(endpoint or DEFAULT_ENDPOINT.format(region=region), region, credentials)
 
 
 class Ec2Client:
@@ -158,7 +159,10 @@ class Ec2Client:
 
     async def sign(self, request: RestRequest) -> RestRequest:
         target = await self.target()
-        credentials = await self._frozen(target.credentials)
+        try:
+            credentials = await self._frozen(target.credentials)
+        except Exception as e:  # STS unreachable or refusing: botocore raises many types
+            raise TransientError(f"aws: refreshing credentials: {e}") from None
         aws = AWSRequest(method=request.method, url=request.url, data=request.body, headers=dict(request.headers))
         SigV4Auth(credentials, "ec2", target.region).add_auth(aws)
         return request.with_headers({name: str(value) for name, value in aws.headers.items()})
