@@ -15,7 +15,7 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, LogPublisher, formatEvent, textFileLogObserver
+from twisted.logger import ILogObserver, LogBeginner, Logger, LogPublisher, formatEvent, textFileLogObserver
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -361,6 +361,25 @@ class RedactionTests(SynchronousTestCase):
         Logger(observer=publisher).info("token={token}", token=SECRET)
         self.assertEqual(formatEvent(seen[0]), f"token={MASK}")
         self.assertNotIn(SECRET, repr(seen[0]))
+
+    def test_twistd_wiring_scrubs_buffered_and_later_events(self) -> None:
+        """The recipe of caa.providers.redact for twistd: makeService adds the scrubber to the global publisher
+        before twistd begins logging to its file; events buffered before and logged after are both clean."""
+        import types
+        import warnings
+
+        publisher = LogPublisher()
+        beginner = LogBeginner(publisher, io.StringIO(), types.SimpleNamespace(stdout=None, stderr=None), warnings)
+        log = Logger(observer=publisher)
+        log.info("before makeService {key}", key=SECRET)  # buffered by the beginner
+        publisher.addObserver(ScrubbingObserver(Redactor([SECRET])))  # makeService
+        log.info("in makeService {key}", key=SECRET)
+        out = io.StringIO()
+        beginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)  # twistd starts logging
+        log.info("running {key}", key=SECRET)
+        text = out.getvalue()
+        self.assertEqual(text.count(MASK), 3, text)
+        self.assertNotIn(SECRET, text)
 
     def test_redactor_longest_first_and_bytes(self) -> None:
         redactor = Redactor(["abcd", "abcdefgh"])
