@@ -16,12 +16,14 @@ from twisted.trial.unittest import TestCase
 
 from caa.providers.aws.config import AwsConfig
 from caa.providers.aws.provider import AwsProvider
+from caa.providers.registry import provider_names
 from caa.reactors import as_node_reactor
 from tests.moto_server import KEY_ID, REGION, SECRET, moto_endpoint
 from tests.test_adaptor_process import ROOT, Adaptor
 from tests.test_providers_aws_moto import MOTO_AMI
 
-FACTORY = "caa.providers.aws:AwsProviderFactory"
+# `aws` once the package's entry points are installed; the factory's reference before (a source tree).
+FACTORY = "aws" if "aws" in provider_names() else "caa.providers.aws:AwsProviderFactory"
 
 
 def aws_env() -> dict[str, str]:
