@@ -90,6 +90,25 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         else:
             self.fail("a type outside --instance-types was created")
 
+    def test_launch_template_mode(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._launch_template())
+
+    async def _launch_template(self) -> None:
+        setup = self.aws()
+        template = f"caa-lt-{os.getpid()}-{id(self)}"
+        await setup.ec2.call("CreateLaunchTemplate", {
+            "LaunchTemplateName": template, "LaunchTemplateData.ImageId": MOTO_AMI,
+            "LaunchTemplateData.InstanceType": "t3.small"})
+        provider = self.aws(use_lt=True, lt_name=template, image_id="")
+        pod, sid = unique_pod("lt")
+        # The pod's type and image are the template's business in this mode (upstream ignores them too).
+        instance = await provider.create_instance(pod, sid, b"#cloud-config\n",
+                                                  InstanceSpec(instance_type="m6a.2xlarge", image="ami-other"))
+        self.addCleanup(provider.delete_instance, instance.id)
+        item = await self.described(provider, instance.id)
+        self.assertEqual((item.findtext("instanceType"), item.findtext("imageId")), ("t3.small", MOTO_AMI))
+        self.assertEqual(await provider.find_instance(instance.name), instance)
+
     def test_verify_config_names_a_missing_ami(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._missing_ami())
 
