@@ -110,3 +110,30 @@ class ThrottlingProxy(Resource):
                 request.responseHeaders.setRawHeaders(name, values)
         request.write(content)
         request.finish()
+
+
+class FakeImds(Resource):
+    """The instance metadata service of a worker node, IMDSv2 only (a GET without the session token is 401)."""
+
+    isLeaf = True
+    TOKEN = b"imds-session-token"
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__()
+        self.values = values  # meta-data path -> answer
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode()
+        if request.method == b"PUT" and path == "/latest/api/token":
+            if not request.getHeader("x-aws-ec2-metadata-token-ttl-seconds"):
+                request.setResponseCode(400)
+                return b""
+            return self.TOKEN
+        if request.getHeader("x-aws-ec2-metadata-token") != self.TOKEN.decode():
+            request.setResponseCode(401)
+            return b""
+        answer = self.values.get(path.removeprefix("/latest/meta-data/"))
+        if answer is None:
+            request.setResponseCode(404)
+            return b"Not Found"
+        return answer.encode()

@@ -74,8 +74,10 @@ class OptionsTests(SynchronousTestCase):
         config = AwsConfig.from_options(options)
         self.assertEqual((config.image_id, config.instance_types, config.security_group_ids, config.tags),
                          ("ami-1", ("m6a.large", "m6a.xlarge"), ("sg-1", "sg-2"), (("a", "1"), ("b", "2"))))
-        self.assertEqual((config.use_public_ip, config.root_volume_size, config.endpoint),
-                         (True, 0, "http://127.0.0.1:5000"))
+        self.assertEqual((config.use_public_ip, config.root_volume_size, config.endpoint, config.imds_endpoint),
+                         (True, 0, "http://127.0.0.1:5000", "http://169.254.169.254"))
+        off = AwsConfig.from_options(parsed(["--imageid", "ami-1"], {"AWS_EC2_METADATA_DISABLED": "true"}))
+        self.assertEqual(off.imds_endpoint, "")
 
     def test_missing_image_is_a_startup_error_naming_it(self) -> None:
         e = self.assertRaises(usage.UsageError, parsed, [])

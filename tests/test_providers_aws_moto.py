@@ -19,7 +19,7 @@ from caa.providers.aws.provider import AwsProvider
 from caa.providers.interfaces import ErrorKind, InstanceSpec, IProvider, ProviderError
 from caa.providers.rest import RetryPolicy
 from caa.reactors import as_node_reactor
-from tests.moto_server import KEY_ID, REGION, SECRET, ThrottlingProxy, moto_endpoint, serve, set_auth
+from tests.moto_server import KEY_ID, REGION, SECRET, FakeImds, ThrottlingProxy, moto_endpoint, serve, set_auth
 from tests.test_providers_contract import ProviderContractMixin, unique_pod
 
 MOTO_AMI = "ami-03cf127a"  # one of the AMIs moto serves in every region
@@ -108,6 +108,32 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         item = await self.described(provider, instance.id)
         self.assertEqual((item.findtext("instanceType"), item.findtext("imageId")), ("t3.small", MOTO_AMI))
         self.assertEqual(await provider.find_instance(instance.name), instance)
+
+    def test_unset_network_region_and_key_come_from_the_nodes_imds(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._imds())
+
+    async def _imds(self) -> None:
+        subnets = await self.aws().ec2.call("DescribeSubnets")
+        subnet = subnets.findtext("subnetSet/item/subnetId", "")
+        group = (await self.aws().ec2.call("DescribeSecurityGroups")).findtext("securityGroupInfo/item/groupId", "")
+        mac = "0e:11:22:33:44:55"
+        url, port = await serve(FakeImds({
+            "placement/region": REGION, "mac": mac, f"network/interfaces/macs/{mac}/subnet-id": subnet,
+            f"network/interfaces/macs/{mac}/security-group-ids": f"{group}\n", "public-keys/": "0=node-key"}))
+        self.addCleanup(port.stopListening)
+        provider = self.aws(region="", imds_endpoint=url)
+        pod, sid = unique_pod("imds")
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec())
+        self.addCleanup(provider.delete_instance, instance.id)
+        self.assertEqual((provider.config.region, provider.config.subnet_id, provider.config.security_group_ids,
+                          provider.config.key_name), (REGION, subnet, (group,), "node-key"))
+        item = await self.described(provider, instance.id)
+        self.assertEqual((item.findtext("subnetId"), item.findtext("keyName")), (subnet, "node-key"))
+        # Off EC2 (nothing answers): the configuration stays as given, the provider still works.
+        await maybeDeferred(port.stopListening)
+        given = self.aws(imds_endpoint=url)
+        self.assertIsNone(await given.find_instance("podvm-x-12345678"))
+        self.assertEqual(given.config.subnet_id, "")
 
     def test_verify_config_names_a_missing_ami(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._missing_ami())

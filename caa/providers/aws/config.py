@@ -89,6 +89,12 @@ def _endpoint(environ: Mapping[str, str]) -> str:
     return environ.get("AWS_ENDPOINT_URL_EC2") or environ.get("AWS_ENDPOINT_URL") or ""
 
 
+def _imds(environ: Mapping[str, str]) -> str:
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return ""
+    return environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254"
+
+
 @frozen
 class AwsConfig:
     access_key_id: str = field(default="", repr=False)
@@ -109,6 +115,7 @@ class AwsConfig:
     disable_cvm: bool = False
     tags: tuple[tuple[str, str], ...] = ()
     endpoint: str = ""  # "" = DEFAULT_ENDPOINT of the region
+    imds_endpoint: str = ""  # the instance metadata service for the fill-in ("" = off; imds.py)
     boot_timeout: float = 120.0  # until the instance runs (upstream's InstanceRunning waiter)
     poll_interval: float = 2.0
 
@@ -134,6 +141,7 @@ class AwsConfig:
             disable_cvm=bool(options["disable-cvm"]),
             tags=parse_tags(options["tags"]),
             endpoint=_endpoint(environ),
+            imds_endpoint=_imds(environ),
         )
 
     def check(self) -> None:

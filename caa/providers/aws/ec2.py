@@ -10,7 +10,7 @@ so does every refresh of refreshable credentials (`get_frozen_credentials` may c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 from xml.etree import ElementTree
@@ -124,7 +124,8 @@ def _resolve_chain(region: str, profile: str, endpoint: str, static: tuple[str, 
 
 
 class Ec2Client:
-    """EC2 actions (`call`) on a `RestClient`; the target is resolved once, in `threadpool`, on first use."""
+    """EC2 actions (`call`) on a `RestClient`; the target is resolved once, in `threadpool`, on first use
+    (after `prepare`, when given)."""
 
     def __init__(
         self,
@@ -132,10 +133,12 @@ class Ec2Client:
         rest: RestClient,
         resolve: Callable[[], AwsTarget],
         threadpool: ThreadPool | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._reactor = reactor
         self.rest = rest
         self.resolve = resolve
+        self._prepare = prepare  # runs once before the first resolve (the provider's IMDS fill-in)
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
         self._target: AwsTarget | None = None
         self._lock = DeferredLock()
@@ -145,6 +148,9 @@ class Ec2Client:
             await self._lock.acquire()
             try:
                 if self._target is None:
+                    if self._prepare is not None:
+                        await self._prepare()
+                        self._prepare = None
                     self._target = await deferToThreadPool(self._reactor, self._threadpool, self.resolve)
             finally:
                 self._lock.release()

@@ -17,6 +17,7 @@ from zope.interface import implementer
 from caa.podvm_api.naming import instance_name
 from caa.providers.aws.config import AwsConfig
 from caa.providers.aws.ec2 import Ec2Client, query_params, resolve_target
+from caa.providers.aws.imds import fill_from_metadata
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -32,6 +33,8 @@ from caa.providers.rest import RestClient, RetryPolicy, default_http_client
 from caa.reactors import INodeReactor
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
+# The metadata service answers at once on EC2; elsewhere do not hold the start-up for long.
+IMDS_POLICY = RetryPolicy(attempts=2, base=0.1, cap=0.5, attempt_timeout=2.0, call_timeout=5.0)
 
 
 def run_instances_params(
@@ -122,9 +125,11 @@ class AwsProvider:
             http, self._pool = default_http_client(reactor)
         self.redactor = Redactor(config.secrets())
         static = (config.access_key_id, config.secret_key, config.session_token) if config.access_key_id else None
+        self._imds = RestClient(reactor, http, IMDS_POLICY, self.redactor)
         self.ec2 = Ec2Client(
             reactor, RestClient(reactor, http, policy, self.redactor),
-            lambda: resolve_target(config.region, config.profile, config.endpoint, static))
+            lambda: resolve_target(self.config.region, self.config.profile, self.config.endpoint, static),
+            prepare=self._fill_in)
         self._types: list[InstanceTypeInfo] | None = None
         self._root_devices: dict[str, tuple[str, int]] = {}
         self._lock = DeferredLock()
@@ -151,6 +156,10 @@ class AwsProvider:
         return Deferred.fromCoroutine(self._teardown())
 
     # -- internals ----------------------------------------------------------------------------------
+    async def _fill_in(self) -> None:
+        """Before the first EC2 call: what was not configured, from the node's IMDS (imds.py)."""
+        self.config = await fill_from_metadata(self.config, self._imds)
+
     async def _teardown(self) -> None:
         if self._pool is not None:
             await self._pool.closeCachedConnections()
@@ -197,6 +206,7 @@ class AwsProvider:
         return self._root_devices[image_id]
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        await self.ec2.target()  # the first call fills the configuration in from IMDS
         config = self.config
         if spec.volumes or spec.multi_nic:
             raise InvalidConfig("aws: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported yet")
