@@ -21,7 +21,9 @@ Options (default < env < flag), upstream's names:
     --root-volume-size   ROOT_VOLUME_SIZE           30 (GiB; 0 = the AMI's)
     --disable-cvm        DISABLECVM                 false
     --tags               TAGS                       "" (k=v,k2=v2)
-The endpoint is https://ec2.<region>.amazonaws.com unless AWS_ENDPOINT_URL_EC2 or AWS_ENDPOINT_URL is set.
+The endpoint is https://ec2.<region>.amazonaws.com unless AWS_ENDPOINT_URL_EC2 or AWS_ENDPOINT_URL is set. A
+subnet, security groups, region or key pair left unset come from the node's instance metadata (imds.py) unless
+AWS_EC2_METADATA_DISABLED=true. docs/providers.md has the IAM policy and an example.
 """
 
 from __future__ import annotations
