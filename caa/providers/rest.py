@@ -149,8 +149,8 @@ class RestClient:
                 delay = max(delay, _retry_after(response))
             if not error.retryable or retry >= policy.attempts or self.clock.seconds() + delay >= end:
                 raise self._masked(error)
-            self._log.info("{what}: {error}; retry {retry} in {delay:.2f}s", what=what, error=self._masked(error),
-                           retry=retry, delay=delay)
+            self._log.info("{error}; retry {retry} in {delay:.2f}s", error=self._masked(error).message, retry=retry,
+                           delay=delay)
             await deferLater(self.clock, delay, lambda: None)
 
     async def _attempt(
