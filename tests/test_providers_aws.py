@@ -29,7 +29,7 @@ from caa.providers.aws.provider import run_instances_params
 from caa.providers.interfaces import ErrorKind, InvalidConfig, IProviderFactory, ProviderError, TransientError
 from caa.providers.redact import MASK, RedactingObserver, Redactor, ScrubbingObserver
 from caa.providers.registry import ProviderRegistry
-from caa.providers.rest import RestClient, RestRequest, RestResponse, RetryPolicy, http_error
+from caa.providers.rest import RestClient, RestRequest, RestResponse, RetryPolicy, http_error, poll
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -324,6 +324,37 @@ class RestClientTests(SynchronousTestCase):
         failure = self.failureResultOf(self.run_call(client, clock), ProviderError)
         self.assertNotIn(SECRET, str(failure.value))
         self.assertIn(MASK, str(failure.value))
+
+
+class PollTests(SynchronousTestCase):
+    def test_until_a_result_or_the_deadline(self) -> None:
+        clock = Clock()
+        answers: list[str | None] = [None, None, "done"]
+        calls: list[float] = []
+
+        async def probe() -> str | None:
+            calls.append(clock.seconds())
+            return answers.pop(0)
+
+        d = Deferred.fromCoroutine(poll(clock, probe, 2.0, 10.0, "op"))
+        clock.pump([2.0, 2.0])
+        self.assertEqual(self.successResultOf(d), "done")
+        self.assertEqual(calls, [0.0, 2.0, 4.0])
+
+        async def never() -> str | None:
+            return None
+
+        d = Deferred.fromCoroutine(poll(clock, never, 3.0, 10.0, "operation op-1 not done"))
+        clock.pump([3.0] * 4)
+        failure = self.failureResultOf(d, ProviderError)
+        self.assertEqual((failure.value.kind, str(failure.value)),
+                         (ErrorKind.TRANSIENT, "operation op-1 not done after 10s"))
+
+    def test_json_bodies(self) -> None:
+        self.assertEqual(RestResponse(200, {}, b'{"a": [1]}').json(), {"a": [1]})
+        self.assertIsNone(RestResponse(204, {}, b"").json())
+        error = self.assertRaises(ProviderError, RestResponse(502, {}, b"<html>").json)
+        self.assertIs(error.kind, ErrorKind.TRANSIENT)
 
 
 class RedactionTests(SynchronousTestCase):

@@ -20,8 +20,10 @@ client's `Redactor`.
 from __future__ import annotations
 
 import inspect
+import json
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import treq
 from attrs import field, frozen
@@ -67,6 +69,13 @@ class RestResponse:
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name.lower(), default)
 
+    def json(self) -> Any:
+        """The body as JSON (Azure, GCP); a body that is not JSON is a TRANSIENT error (a proxy's error page)."""
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError:
+            raise TransientError(f"HTTP {self.status}: the answer is not JSON") from None
+
 
 @frozen
 class RetryPolicy:
@@ -82,6 +91,7 @@ class RetryPolicy:
         return float(rand()) * min(self.cap, self.base * 2.0 ** (retry - 1))
 
 
+T = TypeVar("T")
 Signer = Callable[[RestRequest], "RestRequest | Awaitable[RestRequest]"]
 ErrorMapper = Callable[[RestResponse], "ProviderError | None"]
 
@@ -228,6 +238,22 @@ class BytesBody:
 
     def stopProducing(self) -> None:
         pass
+
+
+async def poll(
+    clock: IReactorTime, probe: Callable[[], Awaitable[T | None]], interval: float, timeout: float, what: str
+) -> T:
+    """Call `probe` every `interval` seconds until it returns something other than None, and return that; a
+    `TransientError` naming `what` when `timeout` passes first. For cloud waiters: an instance running, an Azure
+    long-running operation, a GCP zone operation. A `ProviderError` from `probe` ends the wait."""
+    end = clock.seconds() + timeout
+    while True:
+        result = await probe()
+        if result is not None:
+            return result
+        if clock.seconds() + interval > end:
+            raise TransientError(f"{what} after {timeout:g}s")
+        await deferLater(clock, interval, lambda: None)
 
 
 def _retry_after(response: RestResponse) -> float:

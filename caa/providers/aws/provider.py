@@ -9,7 +9,6 @@ from xml.etree import ElementTree
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
@@ -29,7 +28,7 @@ from caa.providers.interfaces import (
     TransientError,
 )
 from caa.providers.redact import Redactor
-from caa.providers.rest import RestClient, RetryPolicy, default_http_client
+from caa.providers.rest import RestClient, RetryPolicy, default_http_client, poll
 from caa.reactors import INodeReactor
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
@@ -239,22 +238,22 @@ class AwsProvider:
             raise
 
     async def _wait_running(self, instance_id: str, name: str) -> Instance:
-        end = self._reactor.seconds() + self.config.boot_timeout
-        while True:
+        async def probe() -> Instance | None:
             root = await self.ec2.call("DescribeInstances", query_params("InstanceId", [instance_id]))
             item = root.find("reservationSet/item/instancesSet/item")
-            if item is not None:
-                instance, state = _instance_of(item, self.config.use_public_ip)
-                if state == "running" and instance.ips:
-                    return Instance(instance_id, name, instance.ips)
-                if state in ("shutting-down", "terminated", "stopping", "stopped"):
-                    reason = item.findtext("stateReason/message", "") or state
-                    raise ProviderError(ErrorKind.QUOTA if "capacity" in reason.lower() else ErrorKind.TRANSIENT,
-                                        f"instance {instance_id} did not start: {reason}")
-            if self._reactor.seconds() + self.config.poll_interval > end:
-                raise TransientError(f"instance {instance_id} not running with an IP after "
-                                     f"{self.config.boot_timeout:g}s")
-            await deferLater(self._reactor, self.config.poll_interval, lambda: None)
+            if item is None:
+                return None  # not listed yet (EC2 is eventually consistent)
+            instance, state = _instance_of(item, self.config.use_public_ip)
+            if state == "running" and instance.ips:
+                return Instance(instance_id, name, instance.ips)
+            if state in ("shutting-down", "terminated", "stopping", "stopped"):
+                reason = item.findtext("stateReason/message", "") or state
+                raise ProviderError(ErrorKind.QUOTA if "capacity" in reason.lower() else ErrorKind.TRANSIENT,
+                                    f"instance {instance_id} did not start: {reason}")
+            return None
+
+        return await poll(self._reactor, probe, self.config.poll_interval, self.config.boot_timeout,
+                          f"instance {instance_id} not running with an IP")
 
     async def _delete(self, instance_id: str) -> None:
         try:
