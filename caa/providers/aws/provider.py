@@ -1,0 +1,279 @@
+"""The AWS provider: one EC2 instance per pod VM (spec-providers §3), on the EC2 Query API (`ec2.py`)."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Sequence
+from xml.etree import ElementTree
+
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
+
+from caa.podvm_api.naming import instance_name
+from caa.providers.aws.config import AwsConfig
+from caa.providers.aws.ec2 import Ec2Client, query_params, resolve_target
+from caa.providers.aws.imds import fill_from_metadata
+from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
+from caa.providers.interfaces import (
+    ErrorKind,
+    Instance,
+    InstanceSpec,
+    InvalidConfig,
+    IProvider,
+    ProviderError,
+    TransientError,
+)
+from caa.providers.redact import Redactor
+from caa.providers.rest import RestClient, RetryPolicy, default_http_client, poll
+from caa.reactors import INodeReactor
+
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+# The metadata service answers at once on EC2; elsewhere do not hold the start-up for long.
+IMDS_POLICY = RetryPolicy(attempts=2, base=0.1, cap=0.5, attempt_timeout=2.0, call_timeout=5.0)
+
+
+def run_instances_params(
+    config: AwsConfig,
+    name: str,
+    user_data: bytes,
+    instance_type: str,
+    image_id: str,
+    root_device: str,
+    root_size: int,
+    client_token: str,
+) -> dict[str, str]:
+    """The RunInstances form of one pod VM (spec-providers §3.3); pure, so tested without a cloud."""
+    params = {
+        "MinCount": "1",
+        "MaxCount": "1",
+        "UserData": base64.b64encode(user_data).decode(),
+        "ClientToken": client_token,
+        "TagSpecification.1.ResourceType": "instance",
+    }
+    for i, (key, value) in enumerate((("Name", name), *config.tags), 1):
+        params[f"TagSpecification.1.Tag.{i}.Key"] = key
+        params[f"TagSpecification.1.Tag.{i}.Value"] = value
+    if root_device and root_size > 0:
+        params["BlockDeviceMapping.1.DeviceName"] = root_device
+        params["BlockDeviceMapping.1.Ebs.VolumeSize"] = str(root_size)
+    if config.use_lt:  # the template carries type, AMI, network, key and CPU options
+        params["LaunchTemplate.LaunchTemplateName"] = config.lt_name
+        return params
+    params["ImageId"] = image_id
+    params["InstanceType"] = instance_type
+    if config.key_name:
+        params["KeyName"] = config.key_name
+    if config.use_public_ip:
+        params.update({
+            "NetworkInterface.1.DeviceIndex": "0",
+            "NetworkInterface.1.AssociatePublicIpAddress": "true",
+            "NetworkInterface.1.DeleteOnTermination": "true",
+        })
+        if config.subnet_id:
+            params["NetworkInterface.1.SubnetId"] = config.subnet_id
+        params.update(query_params("NetworkInterface.1.SecurityGroupId", config.security_group_ids))
+    else:
+        if config.subnet_id:
+            params["SubnetId"] = config.subnet_id
+        params.update(query_params("SecurityGroupId", config.security_group_ids))
+    if not config.disable_cvm:
+        params["CpuOptions.AmdSevSnp"] = "enabled"
+    return params
+
+
+def _instance_of(item: ElementTree.Element, public: bool) -> tuple[Instance, str]:
+    """(Instance, state) of a DescribeInstances / RunInstances `item`."""
+    tags = {tag.findtext("key", ""): tag.findtext("value", "") for tag in item.findall("tagSet/item")}
+    private = item.findtext("privateIpAddress", "")
+    public_ip = item.findtext("ipAddress", "")
+    ips = [ip for ip in ((public_ip if public else private),) if ip and ip != "0.0.0.0"]
+    return Instance(item.findtext("instanceId", ""), tags.get("Name", ""), ips), item.findtext(
+        "instanceState/name", "")
+
+
+def type_info(item: ElementTree.Element) -> InstanceTypeInfo:
+    gpus = sum(int(gpu.findtext("count", "0") or 0) for gpu in item.findall("gpuInfo/gpus/item"))
+    return InstanceTypeInfo(
+        name=item.findtext("instanceType", ""),
+        vcpus=int(item.findtext("vCpuInfo/defaultVCpus", "0") or 0),
+        memory_mib=int(item.findtext("memoryInfo/sizeInMiB", "0") or 0),
+        gpus=gpus,
+        arch=item.findtext("processorInfo/supportedArchitectures/item", ""),
+    )
+
+
+@implementer(IProvider)
+class AwsProvider:
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: INodeReactor,
+        config: AwsConfig,
+        http: HTTPClient | None = None,
+        policy: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        self._reactor = reactor
+        self.config = config
+        self._pool: HTTPConnectionPool | None = None
+        if http is None:
+            http, self._pool = default_http_client(reactor)
+        self.redactor = Redactor(config.secrets())
+        static = (config.access_key_id, config.secret_key, config.session_token) if config.access_key_id else None
+        self._imds = RestClient(reactor, http, IMDS_POLICY, self.redactor)
+        self.ec2 = Ec2Client(
+            reactor, RestClient(reactor, http, policy, self.redactor),
+            lambda: resolve_target(self.config.region, self.config.profile, self.config.endpoint, static),
+            prepare=self._fill_in)
+        self._types: list[InstanceTypeInfo] | None = None
+        self._root_devices: dict[str, tuple[str, int]] = {}
+        self._lock = DeferredLock()
+
+    # -- IProvider ----------------------------------------------------------------------------------
+    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
+        return instance_name(pod_name, sandbox_id)
+
+    def create_instance(
+        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
+    ) -> Deferred[Instance]:
+        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
+
+    def delete_instance(self, instance_id: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._delete(instance_id))
+
+    def find_instance(self, name: str) -> Deferred[Instance | None]:
+        return Deferred.fromCoroutine(self._find(name))
+
+    def verify_config(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._verify())
+
+    def teardown(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._teardown())
+
+    # -- internals ----------------------------------------------------------------------------------
+    async def _fill_in(self) -> None:
+        """Before the first EC2 call: what was not configured, from the node's IMDS (imds.py)."""
+        self.config = await fill_from_metadata(self.config, self._imds)
+
+    async def _teardown(self) -> None:
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    async def _verify(self) -> None:
+        self.config.check()
+        if self.config.image_id:
+            await self.root_volume(self.config.image_id)
+        await self._instance_types()
+
+    async def _instance_types(self) -> list[InstanceTypeInfo]:
+        """vCPUs, memory and GPUs of the allowed types (and the default), from DescribeInstanceTypes, once."""
+        if self._types is None:
+            await self._lock.acquire()
+            try:
+                if self._types is None:
+                    names = sorted({self.config.instance_type, *self.config.instance_types})
+                    root = await self.ec2.call("DescribeInstanceTypes", query_params("InstanceType", names))
+                    self._types = [type_info(item) for item in root.findall("instanceTypeSet/item")]
+            finally:
+                self._lock.release()
+        return self._types
+
+    async def root_volume(self, image_id: str) -> tuple[str, int]:
+        """The AMI's root device name and the root volume size to ask for: --root-volume-size, raised to the
+        AMI's snapshot size when smaller (("", 0) when the size is left to the AMI); InvalidConfig when the AMI
+        cannot be described."""
+        if self.config.root_volume_size <= 0:
+            return "", 0
+        if image_id not in self._root_devices:
+            try:
+                root = await self.ec2.call("DescribeImages", query_params("ImageId", [image_id]))
+            except ProviderError as e:
+                if e.retryable:
+                    raise
+                raise InvalidConfig(f"unable to get image details: {e}") from None
+            image = root.find("imagesSet/item")
+            device = image.findtext("rootDeviceName", "") if image is not None else ""
+            if image is None or not device:
+                raise InvalidConfig(f"unable to get image details: AMI {image_id} not found or has no root device")
+            sizes = [int(m.findtext("ebs/volumeSize", "0") or 0) for m in image.findall("blockDeviceMapping/item")
+                     if m.findtext("deviceName") == device]
+            self._root_devices[image_id] = (device, max([self.config.root_volume_size, *sizes]))
+        return self._root_devices[image_id]
+
+    async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        await self.ec2.target()  # the first call fills the configuration in from IMDS
+        config = self.config
+        if spec.volumes or spec.multi_nic:
+            raise InvalidConfig("aws: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported yet")
+        image_id = config.image_id
+        instance_type = config.instance_type
+        if not config.use_lt:
+            instance_type = select_instance_type(
+                spec, await self._instance_types(), config.instance_types, config.instance_type)
+            if spec.image:
+                image_id = spec.image
+                self._log.info("Choosing {image} from annotation as the AWS AMI for the PodVM image", image=image_id)
+        root_device, root_size = await self.root_volume(image_id) if image_id else ("", 0)
+        params = run_instances_params(config, name, user_data, instance_type, image_id, root_device, root_size,
+                                      f"{name}-{uuid.uuid4().hex}"[:64])
+        root = await self.ec2.call("RunInstances", params)
+        instance_id = root.findtext("instancesSet/item/instanceId", "")
+        if not instance_id:
+            raise TransientError("RunInstances: the answer names no instance")
+        self._log.info("created instance {id} ({name}, {type})", id=instance_id, name=name, type=instance_type)
+        try:
+            return await self._wait_running(instance_id, name)
+        except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
+            try:
+                await self._delete(instance_id)
+            except ProviderError as cleanup:
+                self._log.warn("rollback of {id} failed: {error}", id=instance_id, error=cleanup)
+                if isinstance(e, ProviderError):
+                    raise ProviderError(e.kind, e.message, instance_id) from e
+                raise
+            raise
+
+    async def _wait_running(self, instance_id: str, name: str) -> Instance:
+        async def probe() -> Instance | None:
+            root = await self.ec2.call("DescribeInstances", query_params("InstanceId", [instance_id]))
+            item = root.find("reservationSet/item/instancesSet/item")
+            if item is None:
+                return None  # not listed yet (EC2 is eventually consistent)
+            instance, state = _instance_of(item, self.config.use_public_ip)
+            if state == "running" and instance.ips:
+                return Instance(instance_id, name, instance.ips)
+            if state in ("shutting-down", "terminated", "stopping", "stopped"):
+                reason = item.findtext("stateReason/message", "") or state
+                raise ProviderError(ErrorKind.QUOTA if "capacity" in reason.lower() else ErrorKind.TRANSIENT,
+                                    f"instance {instance_id} did not start: {reason}")
+            return None
+
+        return await poll(self._reactor, probe, self.config.poll_interval, self.config.boot_timeout,
+                          f"instance {instance_id} not running with an IP")
+
+    async def _delete(self, instance_id: str) -> None:
+        try:
+            await self.ec2.call("TerminateInstances", query_params("InstanceId", [instance_id]))
+        except ProviderError as e:
+            if e.kind is ErrorKind.NOT_FOUND:
+                return  # unknown or malformed id: nothing to delete
+            raise
+        self._log.info("terminated instance {id}", id=instance_id)
+
+    async def _find(self, name: str) -> Instance | None:
+        found = await self.live_instances([name])
+        return found[0] if found else None
+
+    async def live_instances(self, names: Sequence[str]) -> list[Instance]:
+        """The live (not terminated or shutting down) instances tagged Name=one of `names`."""
+        params = {"Filter.1.Name": "tag:Name", **query_params("Filter.1.Value", names),
+                  "Filter.2.Name": "instance-state-name", **query_params("Filter.2.Value", LIVE_STATES)}
+        root = await self.ec2.call("DescribeInstances", params)
+        return [_instance_of(item, self.config.use_public_ip)[0]
+                for item in root.findall("reservationSet/item/instancesSet/item")]
+
+
