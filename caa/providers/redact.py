@@ -37,10 +37,10 @@ class Redactor:
             self.add(secret)
 
     @classmethod
-    def from_options(cls, options: Any) -> Redactor:
-        """The secrets of a `ProviderOptions` (its `secretOptions` that have a value)."""
-        names: Iterable[str] = getattr(options, "secretOptions", ())
-        return cls(str(options[name]) for name in names if options[name])
+    def from_options(cls, *options: Any) -> Redactor:
+        """The secrets of `ProviderOptions` instances (their `secretOptions` that have a value); None is skipped."""
+        return cls(str(o[name]) for o in options if o is not None
+                   for name in getattr(o, "secretOptions", ()) if o[name])
 
     def add(self, secret: str) -> None:
         if len(secret) >= MIN_SECRET_LENGTH:
