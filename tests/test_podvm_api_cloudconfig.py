@@ -50,6 +50,8 @@ class ParseTests(SynchronousTestCase):
             "write_files:\n- path: /x\n  content: 3\n": "strings",
             "write_files:\n- 3\n": "mapping",
             "- a\n": "mapping",
+            "? {a: 1}\n: x\n": "not a string",  # found by the property test below: it used to raise TypeError
+            "1: x\n": "not a string",
         }
         for doc, word in bad.items():
             with self.assertRaises(CloudConfigError) as cm:

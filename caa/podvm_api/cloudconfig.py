@@ -77,6 +77,9 @@ def _strict_loader() -> type:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):  # keys of the document are names; `? {a: 1}` would not even hash
+                raise yaml.constructor.ConstructorError(None, None, f"mapping key {key!r} is not a string",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
