@@ -101,6 +101,39 @@ class ControllerTestCase(APIServerTestCase):
         await self.client.create_peerpod(self.namespace, body)
         return str(body["metadata"]["name"])
 
+    def twistd(self, identity: str) -> subprocess.Popen[bytes]:
+        """A real `twistd caa-peerpod-ctrl` process with the controller's token (killed at cleanup)."""
+        port = self.free_port()
+        log = open(os.path.join(tempfile.gettempdir(), f"caa-ppctrl-{self.namespace}.log"), "wb")  # noqa: SIM115
+        self.addCleanup(log.close)
+        proc = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "caa-peerpod-ctrl",
+             "--kubeconfig", str(self.ctrl_kubeconfig),
+             "--peerpods-namespace", self.namespace, "--identity", identity,
+             "--lease-duration=2s", "--renew-deadline=1500ms", "--retry-period=250ms",
+             f"--health-probe-bind-address=127.0.0.1:{port}"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.addCleanup(stop)
+        self.probe_port = port
+        return proc
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    def probe(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}{path}", timeout=2) as resp:
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
     async def gone(self, name: str) -> bool:
         try:
             await self.client.get_peerpod(self.namespace, name)
@@ -239,36 +272,3 @@ class LeaderElectionTests(ControllerTestCase):
         except urllib.error.HTTPError:
             return ""
         return str(lease["spec"].get("holderIdentity") or "")
-
-    def twistd(self, identity: str) -> subprocess.Popen[bytes]:
-        port = self.free_port()
-        log = open(os.path.join(tempfile.gettempdir(), f"caa-ppctrl-{self.namespace}.log"), "wb")  # noqa: SIM115
-        self.addCleanup(log.close)
-        proc = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "caa-peerpod-ctrl",
-             "--kubeconfig", str(self.ctrl_kubeconfig),
-             "--peerpods-namespace", self.namespace, "--identity", identity,
-             "--lease-duration=2s", "--renew-deadline=1500ms", "--retry-period=250ms",
-             f"--health-probe-bind-address=127.0.0.1:{port}"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-        def stop() -> None:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        self.addCleanup(stop)
-        self.probe_port = port
-        return proc
-
-    def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    def probe(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}{path}", timeout=2) as resp:
-                return int(resp.status), resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
