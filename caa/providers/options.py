@@ -59,6 +59,31 @@ def parse_duration(value: str) -> float:
 parse_duration.coerceDoc = "A duration such as 300s, 5m or 1h30m."  # type: ignore[attr-defined]
 
 
+def split_list(text: str) -> tuple[str, ...]:
+    """`a,b, c` -> ("a", "b", "c"); empty items dropped (upstream's comma-separated list flags)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_tags(text: str) -> tuple[tuple[str, str], ...]:
+    """`k=v,k2=v2` -> pairs (upstream's -tags of every cloud); an item without `=` is an error."""
+    pairs = []
+    for item in split_list(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not key=value")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def tags_option(text: str) -> str:
+    """Coercer of a --tags option: checks the text (`parse_tags`) and keeps it."""
+    parse_tags(text)
+    return text
+
+
+tags_option.coerceDoc = "Comma-separated key=value pairs."  # type: ignore[attr-defined]
+
+
 class ProviderOptions(usage.Options):
     """
     Base class of every provider's options (and of the adaptor's own). Build it with `environ` (defaults

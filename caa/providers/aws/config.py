@@ -11,37 +11,13 @@ from attrs import field, frozen
 from twisted.python import usage
 
 from caa.providers.interfaces import InvalidConfig
-from caa.providers.options import ProviderOptions, parse_bool, parse_uint
+from caa.providers.options import ProviderOptions, parse_bool, parse_tags, parse_uint, split_list, tags_option
 from caa.providers.redact import MASK
 
 #: Where EC2 is reached when no endpoint is configured; AWS_ENDPOINT_URL_EC2 / AWS_ENDPOINT_URL (the SDKs'
 #: standard variables) replace it (tests: moto's server).
 DEFAULT_ENDPOINT = "https://ec2.{region}.amazonaws.com"
 MAX_ROOT_VOLUME_GIB = 2**31 - 1
-
-
-def split_list(text: str) -> tuple[str, ...]:
-    """`a,b, c` -> ("a", "b", "c"); empty items dropped."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def parse_tags(text: str) -> tuple[tuple[str, str], ...]:
-    """`k=v,k2=v2` -> pairs (upstream's -tags); an item without `=` is an error."""
-    pairs = []
-    for item in split_list(text):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{item!r} is not key=value")
-        pairs.append((key.strip(), value.strip()))
-    return tuple(pairs)
-
-
-def _tags(text: str) -> str:
-    parse_tags(text)  # check only; the option keeps its text
-    return text
-
-
-_tags.coerceDoc = "Comma-separated key=value pairs."  # type: ignore[attr-defined]
 
 
 class AwsOptions(ProviderOptions):
@@ -62,7 +38,7 @@ class AwsOptions(ProviderOptions):
         ["use-public-ip", None, False, "Dial the pod VM's public IP (one is associated at launch).", parse_bool],
         ["root-volume-size", None, 30, "Root volume size in GiB (0 = the AMI's size).", parse_uint],
         ["disable-cvm", None, False, "true: no AMD SEV-SNP CPU options.", parse_bool],
-        ["tags", None, "", "Extra instance tags, key=value pairs (comma-separated).", _tags],
+        ["tags", None, "", "Extra instance tags, key=value pairs (comma-separated).", tags_option],
     ]
     envVars = {
         "aws-access-key-id": "AWS_ACCESS_KEY_ID",

@@ -1,0 +1,345 @@
+"""The Azure provider: one ARM virtual machine per pod VM (spec-providers §4), with its own NIC (and public IP),
+on ARM REST (`arm.py`) with tokens from `identity.py`."""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
+
+from caa.podvm_api.naming import instance_name
+from caa.providers.azure.arm import COMPUTE_API, DISK_API, NETWORK_API, ArmClient
+from caa.providers.azure.config import MAX_USER_DATA, AzureConfig
+from caa.providers.azure.identity import credential_kind, fetch_token
+from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
+from caa.providers.interfaces import (
+    ErrorKind,
+    Instance,
+    InstanceSpec,
+    InvalidConfig,
+    IProvider,
+    ProviderError,
+    TransientError,
+)
+from caa.providers.redact import Redactor
+from caa.providers.rest import RestClient, RetryPolicy, default_http_client
+from caa.providers.token import TokenCache
+from caa.reactors import INodeReactor
+
+_VM_ID = re.compile(
+    r"^/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.Compute/virtualMachines/([^/]+)$",
+    re.IGNORECASE)
+# The identity endpoints answer at once; a node off Azure (no IMDS) must not hold a call for long.
+TOKEN_POLICY = RetryPolicy(attempts=3, base=0.2, cap=2.0, attempt_timeout=10.0, call_timeout=30.0)
+
+
+def nic_name(vm: str) -> str:
+    return f"{vm}-net"
+
+
+def public_ip_name(vm: str) -> str:
+    return f"{vm}-ip"
+
+
+def disk_name(vm: str) -> str:
+    return f"{vm}-disk"
+
+
+def vm_body(
+    config: AzureConfig, name: str, size: str, image: str, user_data: bytes, nic_id: str, ssh_key: str
+) -> dict[str, Any]:
+    """The ARM VirtualMachine of one pod VM (spec-providers §4.2); pure, so tested without a cloud."""
+    encoded = base64.b64encode(user_data).decode()
+    if len(encoded) > MAX_USER_DATA:
+        raise InvalidConfig("base64 encoded userData is greater than 64KB")
+    image_reference = ({"communityGalleryImageId": image} if image.startswith("/CommunityGalleries/")
+                       else {"id": image})
+    managed_disk: dict[str, Any] = {"storageAccountType": "Premium_LRS"}
+    if not config.disable_cvm:
+        managed_disk["securityProfile"] = {"securityEncryptionType": "VMGuestStateOnly"}
+    os_disk: dict[str, Any] = {"name": disk_name(name), "createOption": "FromImage", "caching": "ReadWrite",
+                               "deleteOption": "Delete", "managedDisk": managed_disk}
+    if config.root_volume_size > 0:
+        os_disk["diskSizeGB"] = config.root_volume_size
+    properties: dict[str, Any] = {
+        "hardwareProfile": {"vmSize": size},
+        "storageProfile": {"imageReference": image_reference, "osDisk": os_disk},
+        "osProfile": {
+            "computerName": name,
+            "adminUsername": config.ssh_username,
+            "linuxConfiguration": {
+                "disablePasswordAuthentication": True,
+                "ssh": {"publicKeys": [{"path": f"/home/{config.ssh_username}/.ssh/authorized_keys",
+                                        "keyData": ssh_key}]},
+            },
+        },
+        "networkProfile": {"networkInterfaces": [{"id": nic_id,
+                                                  "properties": {"primary": True, "deleteOption": "Delete"}}]},
+        "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
+        "userData": encoded,
+    }
+    if not config.disable_cvm:
+        properties["securityProfile"] = {
+            "securityType": "ConfidentialVM",
+            "uefiSettings": {"secureBootEnabled": config.enable_secure_boot, "vTpmEnabled": True},
+        }
+    body: dict[str, Any] = {"location": config.region, "properties": properties}
+    if config.tags:
+        body["tags"] = dict(config.tags)
+    if config.zone:
+        body["zones"] = [config.zone]
+    return body
+
+
+def nic_body(config: AzureConfig, public_ip_id: str) -> dict[str, Any]:
+    """The ARM NetworkInterface of one pod VM: one dynamic IP configuration on --subnetid (and the public IP)."""
+    ip_config: dict[str, Any] = {"subnet": {"id": config.subnet_id}, "privateIPAllocationMethod": "Dynamic"}
+    if public_ip_id:
+        ip_config["publicIPAddress"] = {"id": public_ip_id}
+    properties: dict[str, Any] = {"ipConfigurations": [{"name": "ip-config", "properties": ip_config}]}
+    if config.security_group_id:
+        properties["networkSecurityGroup"] = {"id": config.security_group_id}
+    body: dict[str, Any] = {"location": config.region, "properties": properties}
+    if config.tags:
+        body["tags"] = dict(config.tags)
+    return body
+
+
+def public_ip_body(config: AzureConfig) -> dict[str, Any]:
+    body: dict[str, Any] = {"location": config.region, "sku": {"name": "Standard"},
+                            "properties": {"publicIPAllocationMethod": "Static"}}
+    if config.tags:
+        body["tags"] = dict(config.tags)
+    if config.zone:
+        body["zones"] = [config.zone]
+    return body
+
+
+def _generated_ssh_key() -> str:
+    """An OpenSSH RSA public key whose private half is discarded (upstream's default: no SSH into pod VMs)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
+
+
+def _read_ssh_key(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    try:
+        serialization.load_ssh_public_key(text.encode())
+    except (ValueError, TypeError) as e:
+        raise InvalidConfig(f"azure: --ssh-key-path {path}: not an SSH public key: {e}") from None
+    return text
+
+
+@implementer(IProvider)
+class AzureProvider:
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: INodeReactor,
+        config: AzureConfig,
+        http: HTTPClient | None = None,
+        policy: RetryPolicy = RetryPolicy(),
+        token_policy: RetryPolicy = TOKEN_POLICY,
+    ) -> None:
+        self._reactor = reactor
+        self.config = config
+        self._pool: HTTPConnectionPool | None = None
+        if http is None:
+            http, self._pool = default_http_client(reactor)
+        self.redactor = Redactor(config.secrets())
+        token_rest = RestClient(reactor, http, token_policy, self.redactor)
+        self.tokens = TokenCache(reactor, lambda: fetch_token(reactor, token_rest, config), self.redactor)
+        self.arm = ArmClient(reactor, RestClient(reactor, http, policy, self.redactor), config.arm_endpoint,
+                             self.tokens, config.poll_interval)
+        self._sizes: list[InstanceTypeInfo] | None = None
+        self._ssh_key = ""
+        self._lock = DeferredLock()
+
+    # -- paths --------------------------------------------------------------------------------------
+    def _group(self) -> str:
+        return f"/subscriptions/{self.config.subscription_id}/resourceGroups/{self.config.resource_group}"
+
+    def vm_path(self, name: str) -> str:
+        return f"{self._group()}/providers/Microsoft.Compute/virtualMachines/{name}"
+
+    def nic_path(self, vm: str) -> str:
+        return f"{self._group()}/providers/Microsoft.Network/networkInterfaces/{nic_name(vm)}"
+
+    def public_ip_path(self, vm: str) -> str:
+        return f"{self._group()}/providers/Microsoft.Network/publicIPAddresses/{public_ip_name(vm)}"
+
+    def disk_path(self, vm: str) -> str:
+        return f"{self._group()}/providers/Microsoft.Compute/disks/{disk_name(vm)}"
+
+    # -- IProvider ----------------------------------------------------------------------------------
+    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
+        return instance_name(pod_name, sandbox_id)
+
+    def create_instance(
+        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
+    ) -> Deferred[Instance]:
+        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
+
+    def delete_instance(self, instance_id: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._delete(instance_id))
+
+    def find_instance(self, name: str) -> Deferred[Instance | None]:
+        return Deferred.fromCoroutine(self._find(name))
+
+    def verify_config(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._verify())
+
+    def teardown(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._teardown())
+
+    # -- internals ----------------------------------------------------------------------------------
+    async def _teardown(self) -> None:
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    async def _verify(self) -> None:
+        self.config.check()
+        self._log.info("azure: {kind} credentials for subscription {sub}", kind=credential_kind(self.config),
+                       sub=self.config.subscription_id)
+        try:
+            await self.arm.get(self.config.subnet_id, NETWORK_API, "subnet")
+        except ProviderError as e:
+            if e.retryable:
+                raise
+            raise InvalidConfig(f"azure: --subnetid: {e}") from None
+        await self._vm_sizes()
+
+    async def _vm_sizes(self) -> list[InstanceTypeInfo]:
+        """Cores and memory of the allowed sizes (and the default), from the region's size list, once."""
+        if self._sizes is None:
+            await self._lock.acquire()
+            try:
+                if self._sizes is None:
+                    wanted = {self.config.instance_size, *self.config.instance_sizes}
+                    path = (f"/subscriptions/{self.config.subscription_id}/providers/Microsoft.Compute/locations/"
+                            f"{self.config.region}/vmSizes")
+                    sizes: list[InstanceTypeInfo] = []
+                    url = self.arm.url(path, COMPUTE_API)
+                    while url:  # paged: nextLink
+                        page = (await self.arm.call("GET", url, COMPUTE_API, what="list VM sizes")).json()
+                        sizes += [InstanceTypeInfo(str(s.get("name", "")), int(s.get("numberOfCores") or 0),
+                                                   int(s.get("memoryInMB") or 0))
+                                  for s in page.get("value", []) if s.get("name") in wanted]
+                        url = page.get("nextLink") or ""
+                    self._sizes = sizes
+            finally:
+                self._lock.release()
+        return self._sizes
+
+    async def _public_key(self) -> str:
+        if not self._ssh_key:
+            pool = self._reactor.getThreadPool()
+            if self.config.ssh_key_path:
+                try:
+                    self._ssh_key = await deferToThreadPool(self._reactor, pool, _read_ssh_key,
+                                                            self.config.ssh_key_path)
+                except OSError as e:
+                    raise InvalidConfig(f"azure: --ssh-key-path: {e.strerror}: {self.config.ssh_key_path}") from None
+            else:
+                self._ssh_key = await deferToThreadPool(self._reactor, pool, _generated_ssh_key)
+        return self._ssh_key
+
+    async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        config = self.config
+        if spec.volumes or spec.multi_nic:
+            raise InvalidConfig("azure: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported "
+                                "yet")
+        size = select_instance_type(spec, await self._vm_sizes(), config.instance_sizes, config.instance_size)
+        image = config.image_id
+        if spec.image:
+            image = spec.image
+            self._log.info("Choosing {image} from annotation as the Azure image for the PodVM image", image=image)
+        vm = self.vm_path(name)
+        body = vm_body(config, name, size, image, user_data, self.nic_path(name), await self._public_key())
+        timeout = config.boot_timeout
+        try:
+            public_ip = ""
+            if config.use_public_ip:
+                public_ip = self.public_ip_path(name)
+                await self.arm.put(public_ip, NETWORK_API, public_ip_body(config), timeout,
+                                   f"create {public_ip_name(name)}")
+            await self.arm.put(self.nic_path(name), NETWORK_API, nic_body(config, public_ip), timeout,
+                               f"create {nic_name(name)}")
+            created = await self.arm.put(vm, COMPUTE_API, body, timeout, f"create {name}")
+            self._log.info("created VM {name} ({size})", name=name, size=size)
+            instance = await self._instance_of(created, name)
+            if not instance.ips:
+                raise TransientError(f"VM {name}: address not ready")
+            return instance
+        except BaseException as e:  # a failure or a cancel: roll back what exists (the contract), then re-raise
+            try:
+                await self._delete_named(name)
+            except ProviderError as cleanup:
+                self._log.warn("rollback of {name} failed: {error}", name=name, error=cleanup)
+                if isinstance(e, ProviderError):
+                    raise ProviderError(e.kind, e.message, vm) from e
+                raise
+            raise
+
+    async def _instance_of(self, vm: Any, name: str) -> Instance:
+        """The Instance of a VM's JSON: its id and IPs (public first when asked, then private)."""
+        ips: list[str] = []
+        try:
+            nic = await self.arm.get(self.nic_path(name), NETWORK_API, f"get {nic_name(name)}")
+        except ProviderError as e:
+            if e.kind is not ErrorKind.NOT_FOUND:
+                raise
+            nic = {}
+        configurations = nic.get("properties", {}).get("ipConfigurations", [])
+        if self.config.use_public_ip:
+            for configuration in configurations:
+                if configuration.get("properties", {}).get("publicIPAddress"):
+                    address = await self.arm.get(self.public_ip_path(name), NETWORK_API,
+                                                 f"get {public_ip_name(name)}")
+                    ips.append(str(address.get("properties", {}).get("ipAddress", "")))
+        ips += [str(c.get("properties", {}).get("privateIPAddress", "")) for c in configurations]
+        usable = [ip for ip in ips if ip not in ("", "0.0.0.0")]
+        return Instance(str(vm.get("id") or self.vm_path(name)), name, usable)
+
+    async def _delete(self, instance_id: str) -> None:
+        match = _VM_ID.match(instance_id)
+        if match is None:
+            self._log.info("delete of {id}: not a VM id, nothing to delete", id=instance_id)
+            return  # names no VM: nothing to delete (upstream: "VM name not found")
+        sub, group, name = match.groups()
+        if (sub.lower(), group.lower()) != (self.config.subscription_id.lower(), self.config.resource_group.lower()):
+            raise InvalidConfig(f"azure: {instance_id} is not in resource group {self.config.resource_group}")
+        await self._delete_named(name)
+
+    async def _delete_named(self, name: str) -> None:
+        """The VM, then its NIC, public IP and OS disk (ARM removes them with the VM through deleteOption; each
+        delete of an already-gone one is a no-op), in that order: a NIC cannot go while its VM exists."""
+        timeout = self.config.boot_timeout
+        deleted = await self.arm.delete(self.vm_path(name), COMPUTE_API, timeout, f"delete {name}")
+        await self.arm.delete(self.nic_path(name), NETWORK_API, timeout, f"delete {nic_name(name)}")
+        # Also without --use-public-ip: the VM may have been created before the option changed.
+        await self.arm.delete(self.public_ip_path(name), NETWORK_API, timeout, f"delete {public_ip_name(name)}")
+        await self.arm.delete(self.disk_path(name), DISK_API, timeout, f"delete {disk_name(name)}")
+        if deleted:
+            self._log.info("deleted VM {name}", name=name)
+
+    async def _find(self, name: str) -> Instance | None:
+        try:
+            vm = await self.arm.get(self.vm_path(name), COMPUTE_API, f"get {name}")
+        except ProviderError as e:
+            if e.kind is ErrorKind.NOT_FOUND:
+                return None
+            raise
+        return await self._instance_of(vm, name)

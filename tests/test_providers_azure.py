@@ -1,0 +1,313 @@
+"""The Azure provider against the ARM fake (tests/fakes/azure_arm.py) on a real socket: the provider contract,
+the VM and NIC it asks for, VM size selection from the region's size list, long-running operations, throttling,
+expired tokens, bad credentials (secret never in errors or logs), and the three credential flows."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import attrs
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from caa.providers.azure.config import AzureConfig, AzureOptions
+from caa.providers.azure.provider import AzureProvider
+from caa.providers.interfaces import ErrorKind, InstanceSpec, IProvider, ProviderError
+from caa.providers.rest import RetryPolicy
+from caa.reactors import as_node_reactor
+from tests.fakes import azure_arm
+from tests.fakes.azure_arm import FakeAzure
+from tests.moto_server import serve
+from tests.test_providers_contract import ProviderContractMixin, unique_pod
+
+FAST = RetryPolicy(attempts=4, base=0.02, cap=0.1, attempt_timeout=10.0, call_timeout=30.0)
+SIZES = ("Standard_DC2as_v5", "Standard_DC4as_v5", "Standard_DC8as_v5", "Standard_DC16as_v5")
+
+
+def fake_config(url: str, **changes: Any) -> AzureConfig:
+    config = AzureConfig(
+        client_id=azure_arm.CLIENT_ID, client_secret=azure_arm.CLIENT_SECRET, tenant_id=azure_arm.TENANT,
+        subscription_id=azure_arm.SUBSCRIPTION, region=azure_arm.REGION, resource_group=azure_arm.GROUP,
+        subnet_id=azure_arm.SUBNET_ID, image_id=azure_arm.IMAGE_ID, instance_sizes=SIZES,
+        tags=(("team", "caa"),), arm_endpoint=url, authority_host=url, imds_endpoint=url, poll_interval=0.05,
+        boot_timeout=20.0)
+    return attrs.evolve(config, **changes)
+
+
+class AzureTestMixin:
+    fake: FakeAzure
+    url: str
+
+    async def start_fake(self, **kwargs: Any) -> FakeAzure:
+        self.fake = FakeAzure(**kwargs)
+        self.url, port = await serve(self.fake)
+        self.fake.base = self.url
+        self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
+        return self.fake
+
+    def azure(self, **changes: Any) -> AzureProvider:
+        provider = AzureProvider(as_node_reactor(global_reactor), fake_config(self.url, **changes), policy=FAST,
+                                 token_policy=FAST)
+        self.addCleanup(provider.teardown)  # type: ignore[attr-defined]
+        return provider
+
+    def leftover_names(self, names: list[str]) -> list[str]:
+        """Every resource (VM, NIC, public IP, disk) the fake still holds for these VM names."""
+        return sorted(r["name"] for r in self.fake.resources.values()
+                      if any(r["name"] == n or r["name"].startswith(n + "-") for n in names))
+
+
+class AzureContractTests(AzureTestMixin, ProviderContractMixin, TestCase):
+    async def make_provider(self) -> IProvider:
+        await self.start_fake()
+        self.provider = self.azure()
+        return self.provider
+
+    def impossible_spec(self) -> tuple[InstanceSpec, ErrorKind]:
+        return InstanceSpec(vcpus=512, memory_mib=4 * 1024 * 1024), ErrorKind.INVALID_CONFIG
+
+    async def leftovers(self, names: list[str]) -> list[str]:
+        return self.leftover_names(names)
+
+    async def check_running(self, instance: Any, user_data: bytes) -> None:
+        vm = self.fake.resources[instance.id.lower()]
+        self.assertEqual(vm["properties"]["provisioningState"], "Succeeded")
+        self.assertEqual(base64.b64decode(vm["properties"]["userData"]), user_data)
+        nic = self.fake.of_type("Microsoft.Network/networkInterfaces")[f"{instance.name}-net"]
+        self.assertEqual(nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"], instance.ips[0])
+
+
+class AzureBehaviourTests(AzureTestMixin, TestCase):
+    def test_vm_body_size_selection_and_tags(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._body())
+
+    async def _body(self) -> None:
+        await self.start_fake()
+        provider = self.azure(enable_secure_boot=True, root_volume_size=40, zone="2")
+        pod, sid = unique_pod("az")
+        instance = await provider.create_instance(pod, sid, b"#cloud-config\n", InstanceSpec(vcpus=3, memory_mib=9000))
+        self.addCleanup(provider.delete_instance, instance.id)
+        self.assertEqual(instance.id, provider.vm_path(instance.name))
+        body = self.fake.bodies[instance.id.lower()]
+        properties = body["properties"]
+        # the smallest allowed size with 3 vCPUs and 9000 MiB, from the paged size list
+        self.assertEqual(properties["hardwareProfile"]["vmSize"], "Standard_DC4as_v5")
+        self.assertEqual(body["tags"], {"team": "caa"})
+        self.assertEqual(body["zones"], ["2"])
+        self.assertEqual(properties["securityProfile"], {
+            "securityType": "ConfidentialVM", "uefiSettings": {"secureBootEnabled": True, "vTpmEnabled": True}})
+        os_disk = properties["storageProfile"]["osDisk"]
+        self.assertEqual((os_disk["name"], os_disk["diskSizeGB"], os_disk["deleteOption"]),
+                         (f"{instance.name}-disk", 40, "Delete"))
+        self.assertEqual(os_disk["managedDisk"]["securityProfile"], {"securityEncryptionType": "VMGuestStateOnly"})
+        self.assertEqual(properties["storageProfile"]["imageReference"], {"id": azure_arm.IMAGE_ID})
+        key = properties["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]
+        self.assertEqual(key["path"], "/home/peerpod/.ssh/authorized_keys")
+        self.assertTrue(key["keyData"].startswith("ssh-rsa "))
+        # every ARM call carried its api-version (the fake rejects any without one), the LROs were followed
+        self.assertIn(("GET", f"/subscriptions/{azure_arm.SUBSCRIPTION}/providers/Microsoft.Compute/locations/"
+                              f"{azure_arm.REGION}/operations/"),
+                      [(m, p.rsplit("/", 1)[0] + "/") for m, p in self.fake.requests])
+        try:
+            await provider.create_instance(*unique_pod("az"), b"", InstanceSpec(instance_type="Standard_D2s_v5"))
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("is not part of supported instance types list", str(e))
+        else:
+            self.fail("a size outside --instance-sizes was created")
+
+    def test_disable_cvm_public_ip_and_community_image(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._public())
+
+    async def _public(self) -> None:
+        await self.start_fake()
+        provider = self.azure(disable_cvm=True, use_public_ip=True, security_group_id=azure_arm.NSG_ID)
+        pod, sid = unique_pod("azp")
+        image = "/CommunityGalleries/caa-gallery/images/podvm/versions/latest"
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec(image=image))
+        body = self.fake.bodies[instance.id.lower()]
+        self.assertNotIn("securityProfile", body["properties"])
+        self.assertNotIn("securityProfile", body["properties"]["storageProfile"]["osDisk"]["managedDisk"])
+        self.assertEqual(body["properties"]["storageProfile"]["imageReference"], {"communityGalleryImageId": image})
+        self.assertEqual(len(instance.ips), 2)
+        self.assertTrue(instance.ips[0].startswith("20.0.0."), instance.ips)  # the public IP first
+        self.assertTrue(instance.ips[1].startswith("10.1.0."), instance.ips)
+        nic = self.fake.bodies[provider.nic_path(instance.name).lower()]
+        self.assertEqual(nic["properties"]["networkSecurityGroup"], {"id": azure_arm.NSG_ID})
+        self.assertEqual(await provider.find_instance(instance.name), instance)
+        await provider.delete_instance(instance.id)
+        self.assertEqual(self.leftover_names([instance.name]), [])  # VM, NIC, public IP and disk all gone
+
+    def test_failed_vm_create_removes_the_nic(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._failed())
+
+    async def _failed(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        pod, sid = unique_pod("azf")
+        name = provider.instance_name(pod, sid)
+        image = f"/subscriptions/{azure_arm.SUBSCRIPTION}/resourceGroups/{azure_arm.GROUP}/providers/" \
+                "Microsoft.Compute/images/no-such-image"
+        try:
+            await provider.create_instance(pod, sid, b"", InstanceSpec(image=image))
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("cannot be found", str(e))
+            self.assertIsNone(e.instance_id)
+        else:
+            self.fail("a VM with a missing image was created")
+        self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)  # the NIC was made ...
+        self.assertEqual(self.leftover_names([name]), [])  # ... and removed again
+
+    def test_long_operations_and_expired_tokens(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._operations())
+
+    async def _operations(self) -> None:
+        await self.start_fake(operation_polls=3)
+        provider = self.azure()
+        instance = await provider.create_instance(*unique_pod("azo"), b"", InstanceSpec())
+        polls = [p for m, p in self.fake.requests if "/operations/" in p]
+        self.assertGreaterEqual(len(polls), 3 * 2)  # NIC and VM, three InProgress answers each
+        self.assertEqual(provider.tokens.fetches, 1)  # one token for all of it
+        self.fake.expire_tokens()
+        self.assertEqual(await provider.find_instance(instance.name), instance)  # refetched once, retried
+        self.assertEqual(provider.tokens.fetches, 2)
+        await provider.delete_instance(instance.id)
+        self.assertIsNone(await provider.find_instance(instance.name))
+
+    def test_throttling_is_retried_after_retry_after(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._throttled())
+
+    async def _throttled(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        await provider.verify_config()
+        self.fake.throttle(2)
+        before = len(self.fake.requests)
+        self.assertIsNone(await provider.find_instance("podvm-x-12345678"))
+        self.assertEqual(len(self.fake.requests) - before, 3)  # two 429s, then the answer
+        self.fake.throttle(100)
+        try:
+            await provider.find_instance("podvm-x-12345678")
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.TRANSIENT)
+            self.assertIn("TooManyRequests", str(e))
+        else:
+            self.fail("a throttled call succeeded")
+
+    def test_bad_credentials_name_the_problem_and_never_the_secret(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._bad_credentials())
+
+    async def _bad_credentials(self) -> None:
+        await self.start_fake()
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        wrong = azure_arm.CLIENT_SECRET + "-wrong"
+        provider = self.azure(client_secret=wrong)
+        try:
+            await provider.verify_config()
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)  # never retried
+            self.assertIn("invalid_client", str(e))
+            self.assertIn("AADSTS7000215", str(e))
+            self.assertNotIn(wrong, str(e))
+        else:
+            self.fail("a wrong client secret was accepted")
+        self.assertEqual(len(self.fake.token_requests), 1)
+        self.assertEqual(self.fake.token_requests[0]["client_secret"], wrong)  # it was really sent ...
+        logged = "\n".join(formatEvent(e) + repr(e) for e in events)
+        self.assertNotIn(wrong, logged)  # ... and never logged
+        self.assertEqual(repr(provider.config).count(wrong), 0)
+        try:
+            await self.azure(tenant_id="00000000-0000-0000-0000-000000000000").verify_config()
+        except ProviderError as e:
+            self.assertIn("AADSTS90002", str(e))
+        else:
+            self.fail("an unknown tenant was accepted")
+
+    def test_workload_identity_and_managed_identity(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._identities())
+
+    async def _identities(self) -> None:
+        await self.start_fake()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(azure_arm.FEDERATED_TOKEN + "\n")
+        provider = self.azure(client_secret="", federated_token_file=path)
+        self.assertIsNone(await provider.find_instance("podvm-x-12345678"))
+        request = self.fake.token_requests[-1]
+        self.assertEqual((request["client_assertion"], request["client_assertion_type"]),
+                         (azure_arm.FEDERATED_TOKEN, "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"))
+        self.assertNotIn("client_secret", request)
+        managed = self.azure(client_secret="", client_id="")
+        self.assertIsNone(await managed.find_instance("podvm-x-12345678"))
+        self.assertEqual(len(self.fake.token_requests), 1)  # the IMDS answered this one
+        try:
+            await self.azure(client_secret="", federated_token_file=path + ".missing").verify_config()
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("AZURE_FEDERATED_TOKEN_FILE", str(e))
+        else:
+            self.fail("a missing federated token file was accepted")
+
+    def test_delete_of_foreign_or_malformed_ids(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._foreign())
+
+    async def _foreign(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        await provider.delete_instance("i-0123456789abcdef0")  # not a VM id: nothing to delete
+        try:
+            await provider.delete_instance(f"/subscriptions/{azure_arm.SUBSCRIPTION}/resourceGroups/other/providers/"
+                                           "Microsoft.Compute/virtualMachines/podvm-a-12345678")
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+        else:
+            self.fail("a VM of another resource group was deleted")
+        self.assertEqual(self.fake.requests, [])
+
+
+class AzureOptionsTests(TestCase):
+    def environ(self) -> dict[str, str]:
+        return {"AZURE_SUBSCRIPTION_ID": azure_arm.SUBSCRIPTION, "AZURE_REGION": "eastus",
+                "AZURE_RESOURCE_GROUP": "rg", "AZURE_SUBNET_ID": azure_arm.SUBNET_ID,
+                "AZURE_IMAGE_ID": azure_arm.IMAGE_ID, "AZURE_CLIENT_SECRET": "s3cret-value",
+                "AZURE_CLIENT_ID": "c", "AZURE_TENANT_ID": "t", "AZURE_INSTANCE_SIZES": "a, b",
+                "TAGS": "k=v,k2=v2", "ENABLE_SECURE_BOOT": "true"}
+
+    def test_env_and_defaults(self) -> None:
+        options = AzureOptions(self.environ())
+        options.parseOptions(["--ssh-username", "admin"])
+        config = AzureConfig.from_options(options)
+        self.assertEqual((config.instance_size, config.instance_sizes, config.tags, config.enable_secure_boot,
+                          config.ssh_username, config.root_volume_size, config.disable_cvm),
+                         ("Standard_DC2as_v5", ("a", "b"), (("k", "v"), ("k2", "v2")), True, "admin", 0, False))
+        self.assertEqual(options.redacted()["secret"], "**********")
+        self.assertNotIn("s3cret-value", repr(config))
+
+    def test_missing_required_option_is_named(self) -> None:
+        from twisted.python import usage
+
+        for variable, flag in (("AZURE_SUBSCRIPTION_ID", "--subscriptionid"), ("AZURE_REGION", "--region"),
+                               ("AZURE_RESOURCE_GROUP", "--resourcegroup"), ("AZURE_SUBNET_ID", "--subnetid"),
+                               ("AZURE_IMAGE_ID", "--imageid")):
+            environ = self.environ()
+            del environ[variable]
+            with self.assertRaises(usage.UsageError) as raised:
+                AzureOptions(environ).parseOptions([])
+            self.assertIn(flag, str(raised.exception))
+            self.assertIn(variable, str(raised.exception))
+        environ = dict(self.environ(), AZURE_SUBNET_ID="subnet-1")
+        with self.assertRaises(usage.UsageError) as raised:
+            AzureOptions(environ).parseOptions([])
+        self.assertIn("not a subnet's ARM id", str(raised.exception))
+
+    def test_help_hides_the_secret(self) -> None:
+        options = AzureOptions(dict(self.environ(), AZURE_CLIENT_SECRET="very-secret-value"))
+        self.assertNotIn("very-secret-value", str(options))
+        self.assertNotIn("very-secret-value", repr(options.usage_rows()))
+
