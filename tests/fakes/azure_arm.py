@@ -116,14 +116,15 @@ class FakeAzure(Resource):
                 return self._token(request, path, raw)
             if path == "/metadata/identity/oauth2/token":
                 return self._imds_token(request, query)
-            return self._json(request, 200, self._arm(request, path, query, raw))
+            return self._json(request, None, self._arm(request, path, query, raw))  # the code _arm set (200)
         except ArmError as e:
             if e.status == 429:
                 request.setHeader(b"retry-after", b"1")
             return self._json(request, e.status, {"error": {"code": e.code, "message": e.message}})
 
-    def _json(self, request: Request, status: int, body: Any) -> bytes:
-        request.setResponseCode(status)
+    def _json(self, request: Request, status: int | None, body: Any) -> bytes:
+        if status is not None:
+            request.setResponseCode(status)
         if body is None:
             return b""
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -140,7 +141,7 @@ class FakeAzure(Resource):
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         return json.dumps({"error": error, "error_description": description,
-                           "error_codes": [int(description[6:12]) if description.startswith("AADSTS") else 0]}
+                           "error_codes": [int(description[6:].split(":", 1)[0])]}
                           ).encode()
 
     def _token(self, request: Request, path: str, raw: bytes) -> bytes:

@@ -291,6 +291,8 @@ class AzureProvider:
                 if isinstance(e, ProviderError):
                     raise ProviderError(e.kind, e.message, vm) from e
                 raise
+            if isinstance(e, ProviderError) and e.kind is ErrorKind.NOT_FOUND:
+                raise InvalidConfig(e.message) from e  # the image, subnet or NSG the create names is missing
             raise
 
     async def _instance_of(self, vm: Any, name: str) -> Instance:
