@@ -5,12 +5,12 @@ expired tokens, bad credentials (secret never in errors or logs), and the three 
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from caa.providers.azure.config import AzureConfig, AzureOptions
@@ -162,6 +162,25 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)  # the NIC was made ...
         self.assertEqual(self.leftover_names([name]), [])  # ... and removed again
 
+    def test_cancelled_create_rolls_back(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._cancel())
+
+    async def _cancel(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        pod, sid = unique_pod("azc")
+        name = provider.instance_name(pod, sid)
+        self.fake.hang_once("/operations/")  # the first LRO poll (the NIC's) never answers
+        hung = self.fake.hung.wait()
+        creating = provider.create_instance(pod, sid, b"", InstanceSpec())
+        await hung
+        self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)
+        creating.cancel()
+        error = await creating.addErrback(lambda f: f.value)
+        self.assertIsInstance(error, CancelledError)
+        self.assertIn(("DELETE", provider.nic_path(name)), self.fake.requests)  # rolled back
+        self.assertEqual(self.leftover_names([name]), [])
+
     def test_long_operations_and_expired_tokens(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._operations())
 
@@ -204,8 +223,9 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
     async def _bad_credentials(self) -> None:
         await self.start_fake()
         events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)  # a plain callable is a log observer
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         wrong = azure_arm.CLIENT_SECRET + "-wrong"
         provider = self.azure(client_secret=wrong)
         try:

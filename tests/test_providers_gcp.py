@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
@@ -166,6 +166,25 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
             self.fail("TDX on n2d was created")
         self.assertEqual(self.fake.instances, {})
 
+    def test_cancelled_create_rolls_back(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._cancel())
+
+    async def _cancel(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        pod, sid = unique_pod("gcpc")
+        name = provider.instance_name(pod, sid)
+        self.fake.hang_once("/operations/")  # the insert's operation poll never answers
+        hung = self.fake.hung.wait()
+        creating = provider.create_instance(pod, sid, b"", InstanceSpec())
+        await hung
+        self.assertIn(name, self.fake.instances)
+        creating.cancel()
+        error = await creating.addErrback(lambda f: f.value)
+        self.assertIsInstance(error, CancelledError)
+        self.assertIn(("DELETE", f"/compute/v1/{provider.instance_path(name)}"), self.fake.requests)  # rolled back
+        self.assertEqual(self.fake.instances, {})
+
     def test_throttling_429_and_503_are_retried(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._throttled())
 
@@ -206,8 +225,9 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
     async def _bad_key(self) -> None:
         await self.start_fake()
         events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)  # a plain callable is a log observer
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         credentials = service_account_json(f"{self.url}/token", other)
         pem = json.loads(credentials)["private_key"]

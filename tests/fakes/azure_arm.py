@@ -20,7 +20,8 @@ It enforces what ARM enforces for these calls: the NIC a VM names must exist and
 deleted while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image and VM size
 must exist, a ConfidentialVM security profile needs the OS disk's `securityEncryptionType`, and `userData` must
 be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go
-with the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`.
+with the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `hang_once(text)`
+leaves the next ARM request whose path contains `text` unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
+
+from caa.notifier import Notifier
 
 TENANT = "72f988bf-0000-4000-8000-00000000c0ca"
 CLIENT_ID = "0c1e0000-aaaa-4bbb-8ccc-000000c11e47"
@@ -90,12 +93,17 @@ class FakeAzure(Resource):
         self.requests: list[tuple[str, str]] = []  # (method, path) of every ARM request
         self.bodies: dict[str, Any] = {}  # lower-case ARM id -> the last PUT body
         self.throttled = 0
+        self.hang = ""
+        self.hung: Notifier[str] = Notifier()
         self._ips = itertools.count(4)
         self._public_ips = itertools.count(10)
 
     # -- test controls ------------------------------------------------------------------------------------
     def throttle(self, count: int) -> None:
         self.throttled = count
+
+    def hang_once(self, text: str) -> None:
+        self.hang = text
 
     def expire_tokens(self) -> None:
         for token in self.tokens:
@@ -116,6 +124,10 @@ class FakeAzure(Resource):
                 return self._token(request, path, raw)
             if path == "/metadata/identity/oauth2/token":
                 return self._imds_token(request, query)
+            if self.hang and self.hang in path:
+                self.hang = ""
+                self.hung.notify(path)
+                return NOT_DONE_YET  # type: ignore[return-value]
             return self._json(request, None, self._arm(request, path, query, raw))  # the code _arm set (200)
         except ArmError as e:
             if e.status == 429:

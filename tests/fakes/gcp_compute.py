@@ -22,7 +22,8 @@ It rejects what Compute rejects for these calls: an invalid instance name, an un
 type, network or subnetwork, a confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d,
 SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that is not base64, `params.
 resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n Compute
-requests answer 429 rateLimitExceeded (or 503 backendError).
+requests answer 429 rateLimitExceeded (or 503 backendError); `hang_once(text)` leaves the next request whose
+path contains `text` unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
+
+from caa.notifier import Notifier
 
 PROJECT = "caa-project"
 ZONE = "us-central1-a"
@@ -98,6 +101,8 @@ class FakeGcp(Resource):
                        "projects/confidential-images/global/images/podvm-tdx": 30}
         self.throttled = 0
         self.throttle_status = 429
+        self.hang = ""
+        self.hung: Notifier[str] = Notifier()
         self._ips = itertools.count(2)
         self._nat = itertools.count(10)
         self._ids = itertools.count(4000000000000000001)
@@ -105,6 +110,9 @@ class FakeGcp(Resource):
     # -- test controls ------------------------------------------------------------------------------------
     def throttle(self, count: int, status: int = 429) -> None:
         self.throttled, self.throttle_status = count, status
+
+    def hang_once(self, text: str) -> None:
+        self.hang = text
 
     def expire_tokens(self) -> None:
         for token in self.tokens:
@@ -121,6 +129,10 @@ class FakeGcp(Resource):
             if path == "/computeMetadata/v1/instance/service-accounts/default/token":
                 return self._metadata_token(request)
             self.requests.append((request.method.decode(), path))
+            if self.hang and self.hang in path:
+                self.hang = ""
+                self.hung.notify(path)
+                return NOT_DONE_YET  # type: ignore[return-value]
             self._authorize(request)
             if path == "/v3/tagValues/namespaced":
                 return self._json(request, 200, self._tag_value(request))
