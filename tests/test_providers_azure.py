@@ -162,6 +162,26 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)  # the NIC was made ...
         self.assertEqual(self.leftover_names([name]), [])  # ... and removed again
 
+    def test_failed_allocation_is_quota_and_rolled_back(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._allocation())
+
+    async def _allocation(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        pod, sid = unique_pod("aza")
+        self.fake.fail_vm = ("AllocationFailed", "Allocation failed. We do not have sufficient capacity for the "
+                                                 "requested VM size in this region.")
+        try:
+            await provider.create_instance(pod, sid, b"", InstanceSpec())
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.QUOTA)
+            self.assertIn("Failed: AllocationFailed: Allocation failed", str(e))
+        else:
+            self.fail("a failed allocation was a success")
+        name = provider.instance_name(pod, sid)
+        self.assertIn(("DELETE", provider.vm_path(name)), self.fake.requests)  # ARM kept the failed VM: deleted
+        self.assertEqual(self.leftover_names([name]), [])
+
     def test_cancelled_create_rolls_back(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._cancel())
 

@@ -166,6 +166,24 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
             self.fail("TDX on n2d was created")
         self.assertEqual(self.fake.instances, {})
 
+    def test_exhausted_zone_is_quota(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._exhausted())
+
+    async def _exhausted(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        pod, sid = unique_pod("gcpq")
+        self.fake.fail_insert = "ZONE_RESOURCE_POOL_EXHAUSTED"
+        try:
+            await provider.create_instance(pod, sid, b"", InstanceSpec())
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.QUOTA)
+            self.assertIn("ZONE_RESOURCE_POOL_EXHAUSTED: The zone", str(e))
+            self.assertIsNone(e.instance_id)
+        else:
+            self.fail("an exhausted zone created an instance")
+        self.assertEqual(self.fake.instances, {})
+
     def test_cancelled_create_rolls_back(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._cancel())
 

@@ -20,8 +20,9 @@ It enforces what ARM enforces for these calls: the NIC a VM names must exist and
 deleted while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image and VM size
 must exist, a ConfidentialVM security profile needs the OS disk's `securityEncryptionType`, and `userData` must
 be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go
-with the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `hang_once(text)`
-leaves the next ARM request whose path contains `text` unanswered (its `hung` notifier fires then).
+with the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `fail_vm = (code,
+message)` makes the next VM create's operation end Failed with that error; `hang_once(text)` leaves the next ARM
+request whose path contains `text` unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class FakeAzure(Resource):
         self.throttled = 0
         self.hang = ""
         self.hung: Notifier[str] = Notifier()
+        self.fail_vm: tuple[str, str] | None = None  # (code, message) the next VM create's operation ends with
+        self._failures: dict[str, tuple[str, str]] = {}
         self._ips = itertools.count(4)
         self._public_ips = itertools.count(10)
 
@@ -282,7 +285,7 @@ class FakeAzure(Resource):
                f"?api-version={query['api-version']}&page=2"
         return {"value": rows[:3], "nextLink": link}
 
-    def _start(self, request: Request, status: int, namespace: str, location: bool) -> None:
+    def _start(self, request: Request, status: int, namespace: str, location: bool) -> str:
         operation = str(uuid.uuid4())
         self.operations[operation] = self.operation_polls
         url = (f"{self.base}/subscriptions/{SUBSCRIPTION}/providers/{namespace}/locations/{REGION}/operations/"
@@ -292,6 +295,7 @@ class FakeAzure(Resource):
             request.setHeader(b"location", (url + "&monitor=true").encode())
         request.setHeader(b"retry-after", b"0")
         request.setResponseCode(status)
+        return operation
 
     def _operation(self, request: Request, operation: str) -> Any:
         left = self.operations.get(operation)
@@ -305,6 +309,9 @@ class FakeAzure(Resource):
                 request.setResponseCode(202)
                 return None
             return {"name": operation, "status": "InProgress", "startTime": "2026-01-01T00:00:00Z"}
+        failure = self._failures.get(operation)
+        if failure is not None:  # ARM keeps the resource, provisioningState Failed
+            return {"name": operation, "status": "Failed", "error": {"code": failure[0], "message": failure[1]}}
         if monitor:
             request.setResponseCode(204)
             return None
@@ -334,7 +341,10 @@ class FakeAzure(Resource):
         self.bodies[path.lower()] = body
         self.resources[path.lower()] = resource
         namespace = kind.split("/", 1)[0]
-        self._start(request, 201, namespace, location=False)
+        operation = self._start(request, 201, namespace, location=False)
+        if kind == "Microsoft.Compute/virtualMachines" and self.fail_vm is not None:
+            self._failures[operation], self.fail_vm = self.fail_vm, None
+            resource["properties"]["provisioningState"] = "Failed"
         return {**resource, "properties": {**resource["properties"], "provisioningState": "Creating"}}
 
     def _nic(self, properties: dict[str, Any]) -> dict[str, Any]:

@@ -22,8 +22,9 @@ It rejects what Compute rejects for these calls: an invalid instance name, an un
 type, network or subnetwork, a confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d,
 SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that is not base64, `params.
 resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n Compute
-requests answer 429 rateLimitExceeded (or 503 backendError); `hang_once(text)` leaves the next request whose
-path contains `text` unanswered (its `hung` notifier fires then).
+requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
+operation with that error code; `hang_once(text)` leaves the next request whose path contains `text`
+unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class FakeGcp(Resource):
         self.throttle_status = 429
         self.hang = ""
         self.hung: Notifier[str] = Notifier()
+        self.fail_insert = ""  # an operation error code the next insert ends with (the instance is not created)
         self._ips = itertools.count(2)
         self._nat = itertools.count(10)
         self._ids = itertools.count(4000000000000000001)
@@ -275,7 +277,7 @@ class FakeGcp(Resource):
             if operation["_polls"] < 0:
                 operation["status"] = "DONE"
                 target = operation["targetLink"].rsplit("/", 1)[-1]
-                if operation["operationType"] == "delete":
+                if operation["operationType"] == "delete" or operation.get("error"):
                     self.instances.pop(target, None)
         return {k: v for k, v in operation.items() if not k.startswith("_")}
 
@@ -362,13 +364,20 @@ class FakeGcp(Resource):
         if interface.get("accessConfigs"):
             nic["accessConfigs"] = [{**a, "natIP": f"34.0.0.{next(self._nat)}"} for a in interface["accessConfigs"]]
         self.inserted[name] = body
+        failure, self.fail_insert = self.fail_insert, ""
         self.instances[name] = {
             "kind": "compute#instance", "id": str(next(self._ids)), "name": name, "zone": ZONE,
             "machineType": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}",
             "status": "PROVISIONING", "networkInterfaces": [nic], "metadata": body.get("metadata", {}),
             "_gets": 0,
         }
-        return self._start("insert", name)
+        operation = self._start("insert", name)
+        if failure:
+            self.operations[operation["name"]].update(
+                error={"errors": [{"code": failure, "message": f"The zone '{ZONE}' does not have enough resources "
+                                                               "available to fulfill the request."}]},
+                httpErrorStatusCode=503, httpErrorMessage="SERVICE UNAVAILABLE")
+        return operation
 
     def _get(self, name: str) -> dict[str, Any]:
         instance = self.instances.get(name)

@@ -105,7 +105,7 @@ class ArmClient:
     async def put(self, path: str, api_version: str, body: Any, timeout: float, what: str) -> Any:
         """Create or update `path`, wait for its long-running operation, and return the resource's JSON."""
         response = await self.call("PUT", path, api_version, body, what)
-        if response.status in (201, 202):
+        if response.status in (201, 202) or _pending(response):  # an update may answer 200 with an operation
             await self.wait(response, timeout, what)
             return await self.get(path, api_version, what)
         return response.json()
@@ -120,7 +120,7 @@ class ArmClient:
             raise
         if response.status == 204:
             return False
-        if response.status == 202:
+        if response.status == 202 or _pending(response):
             await self.wait(response, timeout, what)
         return True
 
@@ -151,6 +151,11 @@ class ArmClient:
 
         # poll() takes one interval; ARM's Retry-After of the first answer is the usual one for the operation.
         await poll(self._reactor, probe, interval, timeout, f"{what}: operation not finished")
+
+
+def _pending(response: RestResponse) -> bool:
+    """The answer announces a long-running operation."""
+    return bool(response.header("azure-asyncoperation") or response.header("location"))
 
 
 def _interval(response: RestResponse, default: float) -> float:
