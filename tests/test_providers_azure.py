@@ -311,6 +311,20 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertEqual(self.fake.requests, [])
 
 
+class AzureBodyTests(TestCase):
+    def test_user_data_limit(self) -> None:
+        from caa.providers.azure.provider import vm_body
+
+        config = fake_config("http://127.0.0.1:1")
+        nic = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Network/networkInterfaces/vm-net"
+        body = vm_body(config, "vm", "Standard_DC2as_v5", azure_arm.IMAGE_ID, b"x" * 49152, nic, "ssh-rsa AAAA")
+        self.assertEqual(len(body["properties"]["userData"]), 65536)  # exactly at the limit: accepted
+        with self.assertRaises(ProviderError) as raised:
+            vm_body(config, "vm", "Standard_DC2as_v5", azure_arm.IMAGE_ID, b"x" * 49153, nic, "ssh-rsa AAAA")
+        self.assertIs(raised.exception.kind, ErrorKind.INVALID_CONFIG)
+        self.assertEqual(str(raised.exception), "base64 encoded userData is greater than 64KB")
+
+
 class AzureOptionsTests(TestCase):
     def environ(self) -> dict[str, str]:
         return {"AZURE_SUBSCRIPTION_ID": azure_arm.SUBSCRIPTION, "AZURE_REGION": "eastus",
