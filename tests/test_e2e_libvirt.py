@@ -226,7 +226,7 @@ class LibvirtEndToEndTests(TestCase):
         self.assertTrue(started.get("ok"), f"StartVM: {started}\n{adaptor_log()}")
         vms = await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}")
         self.assertEqual(len(vms), 1, vms)
-        self.assertIn(f"/{pv_name}", await deferToThread(_data_disk_sources, vms[0]))
+        self.assertEqual(await deferToThread(_data_disk_sources, vms[0]), [str(tmp / "pool" / pv_name)])
         journal = json.loads((pods_dir / sid / "sandbox.json").read_text())
         self.assertEqual(journal["spec"]["volumes"], [pv_name])
 

@@ -273,8 +273,14 @@ class EbsVolumeTests(AwsTestMixin, TestCase):
             self.assertEqual((attachment.state, attachment.device), ("attached", ["/dev/xvdb", "/dev/xvdc"][index]))
             self.assertEqual(states[volume_id].status, "in-use")
         # a restarted adaptor's provider (no memory of the create) deletes the instance: volumes detached, kept
-        restarted = self.aws()
+        proxy = ThrottlingProxy(moto_endpoint(), failures=0)
+        url, port = await serve(proxy)
+        self.addCleanup(port.stopListening)
+        restarted = self.aws(endpoint=url)
         await restarted.delete_instance(instance.id)
+        # detached by us, before the instance goes (not left to the termination); never DeleteVolume
+        self.assertEqual([a for a in proxy.seen if not a.startswith(b"Describe")],
+                         [b"DetachVolume", b"DetachVolume", b"TerminateInstances"], proxy.seen)
         states = await self.volumes(provider, ids)
         self.assertEqual({v: (s.status, s.attachments) for v, s in states.items()},
                          {v: ("available", ()) for v in ids})
