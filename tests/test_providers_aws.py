@@ -433,3 +433,10 @@ class EbsDeviceNameTests(SynchronousTestCase):
         self.assertEqual(len({device_name(i) for i in range(600)}), 600)
         for bad in (-1, 25 + 25 * 26):
             self.assertRaises(ValueError, device_name, bad)
+
+    def test_only_our_devices_are_detached(self) -> None:
+        from caa.providers.aws.volumes import device_name, is_data_device
+
+        self.assertTrue(all(is_data_device(device_name(i)) for i in range(600)))
+        for root in ("/dev/xvda", "/dev/sda1", "/dev/sda", "/dev/nvme0n1", "/dev/xvdb1", "xvdb"):
+            self.assertFalse(is_data_device(root), root)

@@ -17,7 +17,14 @@ from caa.podvm_api.naming import instance_name
 from caa.providers.aws.config import AwsConfig
 from caa.providers.aws.ec2 import Ec2Client, query_params, resolve_target
 from caa.providers.aws.imds import fill_from_metadata
-from caa.providers.aws.volumes import VOLUME_ID, VolumeState, device_name, parse_volumes, prevalidation_problems
+from caa.providers.aws.volumes import (
+    VOLUME_ID,
+    VolumeState,
+    device_name,
+    is_data_device,
+    parse_volumes,
+    prevalidation_problems,
+)
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -307,22 +314,13 @@ class AwsProvider:
                    f"volumes {list(volume_ids)} not attached to instance {instance_id}")
 
     async def _detach_all(self, instance_id: str) -> None:
-        """Detach the volumes we attached (deleteOnTermination false, not at the root device) so that they
-        outlive the instance; they are never deleted."""
+        """Detach the volumes we attached (at one of our device names, deleteOnTermination false: never the root
+        volume) so that they outlive the instance; they are never deleted."""
         root = await self.ec2.call("DescribeVolumes", {"Filter.1.Name": "attachment.instance-id",
                                                        "Filter.1.Value.1": instance_id})
-        attached = [(state, state.attachment_to(instance_id)) for state in parse_volumes(root).values()]
-        if not any(a is not None and not a.delete_on_termination for _, a in attached):
-            return
-        try:
-            described = await self.ec2.call("DescribeInstances", query_params("InstanceId", [instance_id]))
-        except ProviderError as e:
-            if e.kind is ErrorKind.NOT_FOUND:
-                return
-            raise
-        root_device = described.findtext("reservationSet/item/instancesSet/item/rootDeviceName", "")
-        for state, attachment in attached:
-            if (attachment is None or attachment.delete_on_termination or attachment.device == root_device
+        for state in parse_volumes(root).values():
+            attachment = state.attachment_to(instance_id)
+            if (attachment is None or attachment.delete_on_termination or not is_data_device(attachment.device)
                     or attachment.state in ("detaching", "detached")):
                 continue
             try:

@@ -12,10 +12,13 @@ from xml.etree import ElementTree
 
 from attrs import frozen
 
-__all__ = ["VOLUME_ID", "Attachment", "VolumeState", "device_name", "parse_volumes", "prevalidation_problems"]
+__all__ = ["VOLUME_ID", "Attachment", "VolumeState", "device_name", "is_data_device", "parse_volumes",
+           "prevalidation_problems"]
 
 #: upstream's pre-check of a CSI disk id
 VOLUME_ID = re.compile(r"vol-[0-9a-f]{8,}")
+#: the device names `device_name` gives (never an AMI's root device, /dev/xvda or /dev/sda1)
+_DATA_DEVICE = re.compile(r"/dev/xvd[b-z][a-z]?")
 
 
 def device_name(index: int) -> str:
@@ -28,6 +31,11 @@ def device_name(index: int) -> str:
     if first > 24:
         raise ValueError(f"volume index {index}: no EBS device name left")
     return f"/dev/xvd{chr(ord('b') + first)}{chr(ord('a') + second)}"
+
+
+def is_data_device(device: str) -> bool:
+    """True for a device name `device_name` hands out: a data volume attached by us."""
+    return bool(_DATA_DEVICE.fullmatch(device))
 
 
 @frozen
