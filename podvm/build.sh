@@ -166,8 +166,12 @@ mkdir -p /run/kata-containers
 # port 8080 in podns, so tests and demos can reach "the pod" at its pod IP over the tunnel.
 mkdir -p /run/caa-dev-workload
 echo "caa development pod VM $(hostname): hello from the pod network namespace" > /run/caa-dev-workload/index.html
+# shared, so that the containers' mounts the stand-in publishes there later reach httpd's mount namespace
+# (`ip netns exec` gives it one of its own)
+mount --bind /run/caa-dev-workload /run/caa-dev-workload && mount --make-shared /run/caa-dev-workload
 ip netns exec podns busybox httpd -p 8080 -h /run/caa-dev-workload || echo "caa: dev workload not started" >&2
-exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock --pod-netns podns
+exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock --pod-netns podns \
+  --workload-dir /run/caa-dev-workload
 AGENT
   chmod 755 "$R/usr/local/bin/kata-agent"
   IMAGE_NAME="caa DEVELOPMENT pod VM image (kata-agent is caa's stand-in, caa/devtools/agent.py; not for production)"

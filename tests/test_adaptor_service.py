@@ -125,6 +125,34 @@ class CreateVMTests(Harness):
         with open(os.path.join(d, "user-data")) as f:
             self.assertTrue(f.read().startswith("#cloud-config\n\nwrite_files:\n  - path: /run/peerpod/apf.json\n"))
 
+    def test_csi_volumes_in_spec_and_journal(self) -> None:
+        from caa.adaptor.directvolumes import encode_name
+
+        uid = "9b1d2c3e-0000-4000-8000-00000000aaaa"
+        volumes_dir = os.path.abspath(self.mktemp())
+        paths = [f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/pv{i}/mount" for i in range(3)]
+        infos: list[dict[str, Any]] = [{"device": "/dev/sdb", "metadata": {"cloud-volume-path": "vol-0aaa0000"}},
+                 {"fstype": "ext4"},  # names no disk: skipped, the pod still starts
+                 {"device": "disk-two"}]
+        for path, info in zip(paths, infos, strict=True):
+            os.makedirs(os.path.join(volumes_dir, encode_name(path)))
+            with open(os.path.join(volumes_dir, encode_name(path), "mountInfo.json"), "w") as f:
+                json.dump(info, f)
+        self.svc = self.make(direct_volumes_dir=volumes_dir)
+        self.create(**{"io.kubernetes.cri.sandbox-uid": uid})
+        order = [info for _, info in sorted(zip(paths, infos, strict=True), key=lambda pi: encode_name(pi[0]))]
+        want = tuple(i.get("metadata", {}).get("cloud-volume-path") or i["device"] for i in order if "device" in i)
+        self.assertEqual(self.record().spec.volumes, want)
+        self.svc = self.make(direct_volumes_dir=volumes_dir)  # a restarted adaptor reads them from the journal
+        self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
+        self.successResultOf(self.start())
+        [spec] = self.provider.specs.values()
+        self.assertEqual(spec.volumes, want)
+        # another pod's volumes are not this pod's
+        other = "1" + SID[1:]
+        self.create(other, pod="other", **{"io.kubernetes.cri.sandbox-uid": "another-uid"})
+        self.assertEqual(self.record(other).spec.volumes, ())
+
     def test_errors(self) -> None:
         cases = [
             ("", ann(), Code.INVALID_ARGUMENT, "empty sandbox id"),

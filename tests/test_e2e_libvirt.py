@@ -7,6 +7,14 @@ the pod netns + VXLAN end and serves mTLS -> StartVM returns -> `caactl agent ch
 socket answers SERVING -> a process in another netns on the CNI bridge reaches the pod IP (ping, and HTTP
 to the development image's stand-in workload on 8080 in the VM's pod netns) over the tunnel -> StopVM ->
 domain, volume, tunnel and journal entry are gone.
+
+Storage (the CSI direct-volume path) rides on the same VM (one boot: these machines are slow): a pool volume
+with an ext4 filesystem and a file written on the node, and the direct-volume entry a CSI driver would leave
+for the pod; CreateVM picks the disk up, the libvirt provider attaches it as a virtio disk with the LUN's serial;
+a CreateContainer through the adaptor's agent socket (the adaptor adds `cloud_volumes`) makes the forwarder
+find the disk by its serial, mount it and rewrite the container's mount; the development agent shows the
+container's mounts to the development workload, so the file is read over the pod network at the container's
+mount point; DestroySandbox unmounts; after StopVM the volume is still in the pool with its file.
 Phase times are logged and written to _trial_temp/e2e-libvirt-times.json.
 """
 
@@ -40,6 +48,7 @@ POD_CIDR = "10.244.7.5/24"
 POD_IP = "10.244.7.5"
 CLIENT_CIDR = "10.244.7.6/24"
 GATEWAY = "10.244.7.1"
+PV_TEXT = "written on the node before the pod started\n"
 HTTP_GET = "import urllib.request; print(urllib.request.urlopen('{url}', timeout=20).read().decode())"
 
 
@@ -48,6 +57,57 @@ def _has_vxlan(ns: Any) -> bool:
     if r.returncode != 0:
         raise AssertionError(f"listing links in {ns.path} (exists: {os.path.exists(ns.path)}): {r.stderr}")
     return " vxlan id " in r.stdout
+
+
+def _make_ext4_volume(image: Path, source: Path) -> None:
+    """A 32 MiB raw ext4 image holding hello.txt (what a CSI driver's volume holds from an earlier pod)."""
+    source.mkdir()
+    (source / "hello.txt").write_text(PV_TEXT)
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(source), str(image)], check=True, capture_output=True)
+
+
+def _read_ext4_file(image: Path, path: str) -> str:
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], check=True, capture_output=True, text=True)
+    return r.stdout
+
+
+def _write_direct_volume(directory: Path, target: str, disk_id: str) -> None:
+    """What `kata-runtime direct-volume add` writes for a CSI block volume (the disk id in the metadata)."""
+    from caa.adaptor.directvolumes import encode_name
+
+    entry = directory / encode_name(target)
+    entry.mkdir(parents=True)
+    (entry / "mountInfo.json").write_text(json.dumps({
+        "volume-type": "block", "device": "/dev/unused-on-peer-pods", "fstype": "ext4",
+        "metadata": {"cloud-volume-path": disk_id}, "options": []}))
+
+
+def _data_disk_sources(domain_name: str) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    conn = lh.open_connection()
+    try:
+        xml = ET.fromstring(conn.lookupByName(domain_name).XMLDesc(0))
+    finally:
+        conn.close()
+    return [d.find("source").get("file", "") for d in xml.findall("devices/disk")  # type: ignore[union-attr]
+            if (d.findtext("serial") or "").startswith("caa-lun-")]
+
+
+def _create_container(target: str) -> bytes:
+    """The CreateContainer the shim sends for a container mounting the CSI volume at /data."""
+    from caa.proto import agent_pb2
+
+    req = agent_pb2.CreateContainerRequest(container_id="c-storage")
+    req.OCI.Mounts.add(destination="/data", source=target, type="bind", options=["rbind", "rw"])
+    return req.SerializeToString()
+
+
+def _agent_call(socket_path: str, method: str, payload: bytes) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "caactl"), "agent", "--socket", socket_path, "call", "grpc.AgentService",
+                           method, "--payload-hex", payload.hex()], capture_output=True, text=True, timeout=300)
 
 
 class LibvirtEndToEndTests(TestCase):
@@ -96,6 +156,15 @@ class LibvirtEndToEndTests(TestCase):
         pod = nh.cni_pod(self, worker, "cni0", POD_CIDR, GATEWAY)
         client = nh.cni_pod(self, worker, "cni0", CLIENT_CIDR, GATEWAY)
 
+        # a CSI volume: a pool volume with a file in it, and the entry a CSI driver leaves for the pod
+        sid = f"e2e{os.getpid()}{int(time.time()) % 100000}"
+        uid = f"uid-{sid}"
+        pv_name = f"pv-{sid}.img"
+        await deferToThread(_make_ext4_volume, tmp / "pool" / pv_name, tmp / "pv-src")
+        target = f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/pvc-e2e/mount"
+        direct_volumes = tmp / "direct-volumes"
+        _write_direct_volume(direct_volumes, target, pv_name)
+
         # the adaptor, a real twistd process
         sock = tmp / "hypervisor.sock"
         pods_dir = tmp / "pods"
@@ -105,7 +174,7 @@ class LibvirtEndToEndTests(TestCase):
                 "--provider", "libvirt", "--socket", str(sock), "--pods-dir", str(pods_dir),
                 "--tls-dir", str(tmp / "tls"), "--probe-port", "0", "--proxy-timeout", "900s",
                 # sweep only our own (empty) netns dir: other tests' pod netns are not this adaptor's
-                "--netns-dir", str(tmp / "netns"),
+                "--netns-dir", str(tmp / "netns"), "--direct-volumes-dir", str(direct_volumes),
                 # VXLAN sockets share the root netns: a VNI range of our own, apart from other adaptors' (demo)
                 "--vxlan-min-id", str(600000 + (os.getpid() % 100000) * 8),
                 "--uri", lh.LIBVIRT_URI, "--pool-name", pool.name, "--network-name", net.name,
@@ -134,8 +203,7 @@ class LibvirtEndToEndTests(TestCase):
         self.assertIsNone(adaptor.poll(), f"adaptor exited:\n{adaptor_log()}")
         times["adaptor_ready_s"] = round(time.monotonic() - t, 2)
 
-        sid = f"e2e{os.getpid()}{int(time.time()) % 100000}"
-        annotations = {ANN_POD_NAME: "e2e-pod", ANN_POD_NAMESPACE: "default", ANN_POD_UID: f"uid-{sid}"}
+        annotations = {ANN_POD_NAME: "e2e-pod", ANN_POD_NAMESPACE: "default", ANN_POD_UID: uid}
         stopped_ok: list[bool] = []
 
         async def stop_if_needed() -> None:
@@ -158,6 +226,9 @@ class LibvirtEndToEndTests(TestCase):
         self.assertTrue(started.get("ok"), f"StartVM: {started}\n{adaptor_log()}")
         vms = await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}")
         self.assertEqual(len(vms), 1, vms)
+        self.assertEqual(await deferToThread(_data_disk_sources, vms[0]), [str(tmp / "pool" / pv_name)])
+        journal = json.loads((pods_dir / sid / "sandbox.json").read_text())
+        self.assertEqual(journal["spec"]["volumes"], [pv_name])
 
         # the agent, through the adaptor's agent socket, the mTLS link and the forwarder
         t = time.monotonic()
@@ -183,6 +254,19 @@ class LibvirtEndToEndTests(TestCase):
         self.assertIn("hello from the pod network namespace", get.stdout)
         self.assertIn(vms[0], get.stdout)  # the VM's hostname: the answer came from inside that VM
 
+        # the container with the CSI volume at /data: the file written on the node, read at the container's
+        # mount point inside the VM (the development workload serves the container's mounts)
+        t = time.monotonic()
+        created_c = await deferToThread(_agent_call, agent_socket, "CreateContainer", _create_container(target))
+        times["create_container_s"] = round(time.monotonic() - t, 2)
+        self.assertEqual(created_c.returncode, 0, f"{created_c.stderr}\n{adaptor_log()}")
+        url = f"http://{POD_IP}:8080/containers/c-storage/data/hello.txt"
+        got = await deferToThread(client.run, [sys.executable, "-c", HTTP_GET.format(url=url)], False)
+        self.assertEqual(got.returncode, 0, got.stderr)
+        self.assertEqual(got.stdout, PV_TEXT + "\n")  # print() adds the last newline
+        destroyed = await deferToThread(_agent_call, agent_socket, "DestroySandbox", b"")
+        self.assertEqual(destroyed.returncode, 0, destroyed.stderr)
+
         # StopVM: everything goes
         t = time.monotonic()
         stopped = await goshim.hv_stop(reactor, str(sock), sid, timeout=300)
@@ -190,7 +274,9 @@ class LibvirtEndToEndTests(TestCase):
         self.assertTrue(stopped.get("ok"), f"StopVM: {stopped}\n{adaptor_log()}")
         stopped_ok.append(True)
         self.assertEqual(await deferToThread(lh.domains_named, f"podvm-e2e-pod-{sid[:8]}"), [])
-        self.assertEqual(await deferToThread(pool.volumes), [pool.base_volume])
+        # ... but the CSI volume, detached with the domain, and its data
+        self.assertEqual(await deferToThread(pool.volumes), sorted([pool.base_volume, pv_name]))
+        self.assertEqual(await deferToThread(_read_ext4_file, tmp / "pool" / pv_name, "/hello.txt"), PV_TEXT)
         self.assertFalse(await deferToThread(_has_vxlan, pod), "VXLAN end left in the pod netns")
         self.assertFalse((pods_dir / sid).exists(), list(pods_dir.iterdir()) if pods_dir.exists() else None)
         times["total_s"] = round(time.monotonic() - t_all, 2)

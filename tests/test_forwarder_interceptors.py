@@ -202,6 +202,74 @@ class CloudVolumeTests(SynchronousTestCase):
         self.assertIsNone(ic.find_data_disk(0, dev=d))
 
 
+    def sysfs(self, serials: dict[str, str]) -> str:
+        """A /sys/block tree whose disks have the given virtio serials (name -> serial)."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        for name, serial in serials.items():
+            os.makedirs(os.path.join(root, "block", name))
+            with open(os.path.join(root, "block", name, "serial"), "w") as f:
+                f.write(serial + "\n")
+        os.makedirs(os.path.join(root, "block", "sda"))  # no serial file: not a virtio disk
+        return root
+
+    def test_find_data_disk_by_serial(self) -> None:
+        dev = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, dev)
+        for name in ("vda", "vdb", "vdc"):
+            open(os.path.join(dev, name), "w").close()
+        # the root disk is SATA and the data disks' names do not follow the LUN: the serial decides
+        sys = self.sysfs({"vda": "caa-lun-1", "vdb": "caa-lun-0", "vdc": "someone-else"})
+        self.assertEqual(ic.find_data_disk(0, dev=dev, sys=sys), os.path.join(dev, "vdb"))
+        self.assertEqual(ic.find_data_disk(1, dev=dev, sys=sys), os.path.join(dev, "vda"))
+        self.assertIsNone(ic.find_data_disk(5, dev=dev, sys=sys))
+        # udev's link wins when there is one
+        os.makedirs(os.path.join(dev, "disk", "by-id"))
+        os.symlink(os.path.join(dev, "vdc"), os.path.join(dev, "disk", "by-id", "virtio-caa-lun-0"))
+        self.assertEqual(ic.find_data_disk(0, dev=dev, sys=sys), os.path.realpath(os.path.join(dev, "vdc")))
+        # a serial in sysfs without its device node is not a disk (yet)
+        self.assertIsNone(ic.disk_by_serial("caa-lun-7", dev, self.sysfs({"vdz": "caa-lun-7"})))
+
+    def test_discovery_and_mount_of_a_real_block_device(self) -> None:
+        """A loop device stands for the attached disk: found by its serial, formatted once, mounted, data kept."""
+        import subprocess
+
+        if (os.geteuid() != 0 or not shutil.which("losetup") or not shutil.which("mkfs.ext4")) \
+                and not os.environ.get("CI"):
+            self.skipTest("needs root, losetup and mkfs.ext4")
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        img = os.path.join(d, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(16 << 20)
+        dev = subprocess.run(["losetup", "--find", "--show", img], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        self.addCleanup(subprocess.run, ["losetup", "-d", dev], check=False)
+        name = os.path.basename(dev)
+        self.assertTrue(os.path.isdir(f"/sys/block/{name}"))  # a real block device
+        sys = self.sysfs({name: "caa-lun-3"})  # loop devices have no serial: give it the LUN's
+        volume = decode_cloud_volumes('{"vol-3": {"mount_point": "/data", "lun": "3"}}')[0]
+        clock = Clock()
+        found = self.successResultOf(Deferred.fromCoroutine(ic.wait_for_data_disk(
+            volume, clock, lambda f, *a: Deferred.fromCoroutine(_now(f, *a)), 3, 2.0,
+            find=lambda lun, disk_id: ic.find_data_disk(lun, disk_id, sys=sys))))
+        self.assertEqual(found, dev)
+        mp = os.path.join(d, "mnt")
+        ic.format_and_mount(found, mp, volume.fs_type)
+        self.addCleanup(subprocess.run, ["umount", mp], check=False)
+        with open(os.path.join(mp, "hello.txt"), "w") as out:
+            out.write("written in the pod VM")
+        ic.unmount(mp)
+        ic.format_and_mount(found, mp, volume.fs_type)
+        with open(os.path.join(mp, "hello.txt")) as back:
+            self.assertEqual(back.read(), "written in the pod VM")
+        ic.unmount(mp)
+
+
+async def _now(f: Any, *args: Any) -> Any:
+    return f(*args)
+
+
 class InterceptorTableTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -231,6 +299,38 @@ class InterceptorTableTests(SynchronousTestCase):
         self.assertEqual(self.mounted, ["vol-0", "vol-1"])
         self.successResultOf(self._call("DestroySandbox", b""))
         self.assertEqual(self.unmounted, ["vol-1", "vol-0"])
+
+    def test_target_path_of_a_cloud_volume_is_not_waited_for(self) -> None:
+        """The adaptor marks a direct volume's mount both ways; once the cloud_volumes step rewrote its source,
+        only mounts whose source still is a target path are waited for (upstream: exact source match)."""
+        def run(f: Any, *args: Any) -> Deferred[Any]:
+            # bind sources are not made here: they would be directories on this machine
+            return Deferred.fromCoroutine(_now(lambda *a: None if f is ic.create_bind_sources else f(*a), *args))
+
+        async def mount(v: CloudVolume, remaining: float | None) -> None:
+            self.mounted.append(v.name)
+
+        never = ic.Interceptors(NETNS, self.clock, run_blocking=run, mount_volume=mount,
+                                unmount_volume=lambda v: None, is_mount=lambda p: False)
+        csi = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount"
+        other = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv2/mount"
+        req = agent_pb2.CreateContainerRequest(container_id="c1")
+        req.OCI.Mounts.add(destination="/data", source=csi, type="bind")
+        req.OCI.Annotations[CLOUD_VOLUMES_ANNOTATION] = '{"vol-0": {"mount_point": "/data", "lun": "0"}}'
+        req.OCI.Annotations[ic.TARGET_PATH_ANNOTATION] = csi
+        fn = never.table()[("grpc.AgentService", "CreateContainer")]
+        out = agent_pb2.CreateContainerRequest.FromString(self.successResultOf(Deferred.fromCoroutine(
+            fn(_ctx(self.clock, "CreateContainer"), req.SerializeToString()))))  # type: ignore[arg-type]
+        self.assertEqual(out.OCI.Mounts[0].source, "/run/cloud-volumes/vol-0")
+        req.OCI.Mounts.add(destination="/other", source=other, type="bind")
+        req.OCI.Annotations[ic.TARGET_PATH_ANNOTATION] = f"{csi},{other}"
+        d: Deferred[bytes] = Deferred.fromCoroutine(
+            fn(_ctx(self.clock, "CreateContainer"), req.SerializeToString()))  # type: ignore[arg-type]
+        self.assertNoResult(d)  # /other still has its target path as source: waited for
+        self.clock.advance(ic.MOUNT_WAIT_LIMIT + 1)
+        self.clock.pump([5.0] * 40)
+        self.assertIn(f"Timeout waiting for device to mount to {other}",
+                      str(self.failureResultOf(d, TTRPCError).value))
 
     def test_create_container_refused_not_forwarded(self) -> None:
         req = agent_pb2.CreateContainerRequest(container_id="c1")

@@ -419,3 +419,24 @@ class RedactionTests(SynchronousTestCase):
         self.assertEqual(redactor.redact("abcdefgh abcd"), f"{MASK} {MASK}")
         self.assertEqual(redactor.redact_value({"k": (b"xabcdx", 3)}), {"k": (f"x{MASK}x".encode(), 3)})
         self.assertFalse(Redactor([""]))
+
+
+class EbsDeviceNameTests(SynchronousTestCase):
+    """upstream's EBS device naming: /dev/xvdb..xvdz for the first 25 volumes, then two letters."""
+
+    def test_names(self) -> None:
+        from caa.providers.aws.volumes import device_name
+
+        self.assertEqual([device_name(i) for i in (0, 1, 24, 25, 26, 50, 51)],
+                         ["/dev/xvdb", "/dev/xvdc", "/dev/xvdz", "/dev/xvdba", "/dev/xvdbb", "/dev/xvdbz",
+                          "/dev/xvdca"])
+        self.assertEqual(len({device_name(i) for i in range(600)}), 600)
+        for bad in (-1, 25 + 25 * 26):
+            self.assertRaises(ValueError, device_name, bad)
+
+    def test_only_our_devices_are_detached(self) -> None:
+        from caa.providers.aws.volumes import device_name, is_data_device
+
+        self.assertTrue(all(is_data_device(device_name(i)) for i in range(600)))
+        for root in ("/dev/xvda", "/dev/sda1", "/dev/sda", "/dev/nvme0n1", "/dev/xvdb1", "xvdb"):
+            self.assertFalse(is_data_device(root), root)

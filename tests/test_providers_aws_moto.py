@@ -236,6 +236,82 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         self.assertEqual(await self.aws().live_instances([name]), [])
 
 
+class EbsVolumeTests(AwsTestMixin, TestCase):
+    """CSI volumes (EBS) against moto: attached at create in the adaptor's order, detached and kept at delete,
+    also by a provider that never saw the create (a restarted adaptor)."""
+
+    async def new_volume(self, provider: AwsProvider) -> str:
+        root = await provider.ec2.call("CreateVolume", {"AvailabilityZone": f"{REGION}a", "Size": "1"})
+        volume_id = root.findtext("volumeId", "")
+        self.assertTrue(volume_id.startswith("vol-"), volume_id)
+
+        async def delete() -> None:
+            await provider.ec2.call("DeleteVolume", {"VolumeId": volume_id})
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(delete()))
+        return volume_id
+
+    async def volumes(self, provider: AwsProvider, ids: list[str]) -> dict[str, Any]:
+        from caa.providers.aws.volumes import parse_volumes
+
+        return parse_volumes(await provider.ec2.call("DescribeVolumes", query_params("VolumeId", ids)))
+
+    def test_attached_at_create_detached_not_deleted_at_delete(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._attach_detach())
+
+    async def _attach_detach(self) -> None:
+        provider = self.aws(volume_poll_interval=0.1)
+        ids = [await self.new_volume(provider) for _ in range(2)]
+        pod, sid = unique_pod("ebs")
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec(volumes=ids))
+        self.addCleanup(provider.delete_instance, instance.id)
+        states = await self.volumes(provider, ids)
+        for index, volume_id in enumerate(ids):
+            attachment = states[volume_id].attachment_to(instance.id)
+            self.assertIsNotNone(attachment, volume_id)
+            assert attachment is not None
+            self.assertEqual((attachment.state, attachment.device), ("attached", ["/dev/xvdb", "/dev/xvdc"][index]))
+            self.assertEqual(states[volume_id].status, "in-use")
+        # a restarted adaptor's provider (no memory of the create) deletes the instance: volumes detached, kept
+        proxy = ThrottlingProxy(moto_endpoint(), failures=0)
+        url, port = await serve(proxy)
+        self.addCleanup(port.stopListening)
+        restarted = self.aws(endpoint=url)
+        await restarted.delete_instance(instance.id)
+        # detached by us, before the instance goes (not left to the termination); never DeleteVolume
+        self.assertEqual([a for a in proxy.seen if not a.startswith(b"Describe")],
+                         [b"DetachVolume", b"DetachVolume", b"TerminateInstances"], proxy.seen)
+        states = await self.volumes(provider, ids)
+        self.assertEqual({v: (s.status, s.attachments) for v, s in states.items()},
+                         {v: ("available", ()) for v in ids})
+        await restarted.delete_instance(instance.id)  # again: idempotent
+        self.assertEqual(set(await self.volumes(provider, ids)), set(ids))
+
+    def test_prevalidation(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._prevalidation())
+
+    async def _prevalidation(self) -> None:
+        provider = self.aws(volume_poll_interval=0.1)
+        cases: list[tuple[tuple[str, ...], ErrorKind, str]] = [
+            (("disk-1",), ErrorKind.INVALID_CONFIG, "invalid volume ids ['disk-1']"),
+            (("vol-0123456789abcdef0",), ErrorKind.INVALID_CONFIG, "EBS volume pre-validation failed"),
+        ]
+        busy = await self.new_volume(provider)
+        holder = await provider.create_instance(*unique_pod("ebs"), b"", InstanceSpec(volumes=(busy,)))
+        self.addCleanup(provider.delete_instance, holder.id)
+        cases.append(((busy,), ErrorKind.TRANSIENT, f"volume {busy} is in-use, not available"))
+        for volumes, kind, text in cases:
+            pod, sid = unique_pod("ebs")
+            try:
+                await provider.create_instance(pod, sid, b"", InstanceSpec(volumes=volumes))
+            except ProviderError as e:
+                self.assertIs(e.kind, kind, str(e))
+                self.assertIn(text, str(e))
+            else:
+                self.fail(f"created an instance with volumes {volumes}")
+            self.assertEqual(await provider.live_instances([provider.instance_name(pod, sid)]), [])
+
+
 class CredentialChainTests(AwsTestMixin, TestCase):
     """No keys in the options: botocore's chain finds them (a shared profile, web identity through moto's STS),
     in a worker thread."""

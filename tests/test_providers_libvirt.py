@@ -32,6 +32,7 @@ from caa.providers.libvirt.config import LibvirtConfig, LibvirtOptions
 from caa.providers.libvirt.domainxml import (
     GIB,
     METADATA_NS,
+    DataDisk,
     DomainParams,
     HostCapabilities,
     LaunchSecurity,
@@ -114,6 +115,28 @@ class DomainXMLTests(SynchronousTestCase):
         self.assertEqual(root.find("vcpu").get("cpuset"), "0-1,3")  # type: ignore[union-attr]
         cdrom = root.findall("devices/disk")[1]
         self.assertEqual((cdrom.find("target").get("dev"), cdrom.find("target").get("bus")), ("hda", "ide"))  # type: ignore[union-attr]
+
+    def test_csi_data_disks(self) -> None:
+        disks = (DataDisk("/pool/pv-a.img", "caa-lun-0"), DataDisk("/dev/vg/pv-b", "caa-lun-1", "block", "raw"),
+                 DataDisk("/pool/pv-c.qcow2", "caa-lun-2", "file", "qcow2"))
+        for arch, first in (("x86_64", "vda"), ("aarch64", "vdb"), ("s390x", "vdc")):
+            xml = build_domain_xml(_params(data_disks=disks), _caps(arch))
+            data = [d for d in ET.fromstring(xml).findall("devices/disk") if d.find("serial") is not None]
+            self.assertEqual([d.findtext("serial") for d in data], ["caa-lun-0", "caa-lun-1", "caa-lun-2"], arch)
+            self.assertEqual({d.find("target").get("bus") for d in data}, {"virtio"})  # type: ignore[union-attr]
+            self.assertEqual(data[0].find("target").get("dev"), first)  # type: ignore[union-attr]
+            self.assertEqual((data[1].get("type"), data[1].find("source").get("dev")),  # type: ignore[union-attr]
+                             ("block", "/dev/vg/pv-b"))
+            self.assertEqual(data[2].find("driver").get("type"), "qcow2")  # type: ignore[union-attr]
+            # the domain's own disks are deleted with it; the CSI volumes never are
+            self.assertNotIn("/pool/pv-a.img", file_disk_paths(xml))
+            self.assertNotIn("/pool/pv-c.qcow2", file_disk_paths(xml))
+            self.assertIn("/p/podvm-nginx-3f2a9c81-root.qcow2", file_disk_paths(xml))
+        many = tuple(DataDisk(f"/p/{i}", f"caa-lun-{i}") for i in range(28))
+        xml = build_domain_xml(_params(data_disks=many), _caps())
+        targets = [d.find("target").get("dev") for d in ET.fromstring(xml).findall("devices/disk")  # type: ignore[union-attr]
+                   if d.find("serial") is not None]
+        self.assertEqual(targets[24:], ["vdy", "vdz", "vdaa", "vdab"])
 
     def test_bad_cpuset(self) -> None:
         self.assertRaises(InvalidConfig, build_domain_xml, _params(cpuset="1,,2"), _caps())
@@ -401,6 +424,60 @@ class TestDriverTests(_TestDriver, TestCase):
             self.assertEqual(xml.findtext("vcpu"), "3")
             self.assertEqual(xml.find("memory").text, str(300 * 1024))  # type: ignore[union-attr]
             self.assertEqual(file_disk_paths(domain.XMLDesc(0)), [root.findtext("target/path"), iso.path()])
+
+        return Deferred.fromCoroutine(run())
+
+    def data_volume(self, name: str) -> Any:
+        volume = self.pool.createXML(
+            f"<volume><name>{name}</name><capacity unit='MiB'>8</capacity><target><format type='raw'/></target>"
+            "</volume>", 0)
+
+        def remove() -> None:
+            try:
+                self.pool.storageVolLookupByName(name).delete(0)
+            except libvirt.libvirtError:
+                pass
+
+        self.addCleanup(remove)
+        return volume
+
+    def test_csi_volumes_attached_by_name_or_path_and_kept_at_delete(self) -> Deferred[None]:
+        async def run() -> None:
+            provider = self.provider()
+            tag = f"{os.getpid()}-{id(self)}"
+            by_name = self.data_volume(f"pv-a-{tag}.img")
+            by_path = self.data_volume(f"pv-b-{tag}.img")
+            pod, sid = unique_pod("csi")
+            spec = InstanceSpec(volumes=(by_name.name(), by_path.path()))
+            instance = await provider.create_instance(pod, sid, b"#cloud-config\n", spec)
+            self.addCleanup(provider.delete_instance, instance.id)
+            xml = ET.fromstring(self.conn.lookupByName(instance.name).XMLDesc(0))
+            data = {d.findtext("serial"): d.find("source").get("file")  # type: ignore[union-attr]
+                    for d in xml.findall("devices/disk") if d.find("serial") is not None}
+            self.assertEqual(data, {"caa-lun-0": by_name.path(), "caa-lun-1": by_path.path()})
+            await provider.delete_instance(instance.id)
+            self.assertEqual(self.left([instance.name]), [])
+            # detached with the domain, never deleted
+            names = self.pool.listVolumes()
+            self.assertIn(by_name.name(), names)
+            self.assertIn(by_path.name(), names)
+            await provider.delete_instance(instance.id)  # again (a restarted adaptor): still there
+            self.assertIn(by_name.name(), self.pool.listVolumes())
+
+        return Deferred.fromCoroutine(run())
+
+    def test_missing_csi_volume_makes_nothing(self) -> Deferred[None]:
+        async def run() -> None:
+            provider = self.provider()
+            pod, sid = unique_pod("csi")
+            try:
+                await provider.create_instance(pod, sid, b"", InstanceSpec(volumes=("no-such-pv.img",)))
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+                self.assertIn("CSI volume no-such-pv.img: no such volume", str(e))
+            else:
+                self.fail("created a VM without its volume")
+            self.assertEqual(self.left([provider.instance_name(pod, sid)]), [])
 
         return Deferred.fromCoroutine(run())
 

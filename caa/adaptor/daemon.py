@@ -378,7 +378,7 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
     proxy_tls, issuer = build_tls(options)
     from caa.adaptor.proxy import AgentProxyFactory
 
-    proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls)
+    proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls, options["direct-volumes-dir"])
     pools: list[ThreadPool] = []
     # Journal writes (write, fsync, rename, dir fsync) leave the reactor thread; the store keeps them in
     # order per sandbox, and the service waits for each intent to be durable before its side effect.
@@ -410,7 +410,8 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
                       proxy_timeout=options["proxy-timeout"], disable_tls=bool(options["disable-tls"]),
                       tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites,
                       initdata=options["initdata"], enable_scratch_space=bool(options["enable-scratch-space"]),
-                      ext_network_via_podvm=bool(options["ext-network-via-podvm"])),
+                      ext_network_via_podvm=bool(options["ext-network-via-podvm"]),
+                      direct_volumes_dir=options["direct-volumes-dir"]),
         auth_lookup=auth_lookup, cluster=cluster)
     server = Server(clock=reactor, name="hypervisor")
     HypervisorHandlers(cloud).register(server)

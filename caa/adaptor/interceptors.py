@@ -17,22 +17,17 @@ Annotation values are never logged (they may carry initdata / policy text).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
-import re
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
+from caa.adaptor.directvolumes import CSI_PATH_PART, DIRECT_VOLUMES_DIR, encode_name, scan
 from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION, CloudVolume, encode_cloud_volumes
 from caa.proto import agent_pb2
 from caa.ttrpc import CallContext
 
-DIRECT_VOLUMES_DIR = "/run/kata-containers/shared/direct-volumes"
-CSI_PATH_PART = "/volumes/kubernetes.io~csi/"
 TARGET_PATH_KEY = "io.confidentialcontainers.org.peerpodvolumes.target_path"
 CDI_KEY = "cdi.k8s.io/peer-pods"
 CDI_VALUE = "nvidia.com/gpu=all"
@@ -40,67 +35,21 @@ GPUS_KEY = "io.katacontainers.config.hypervisor.default_gpus"
 SANDBOX_UID_KEY = "io.kubernetes.cri.sandbox-uid"
 IMAGE_GUEST_PULL = "image_guest_pull"
 
-_B64URL = re.compile(r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?$")
-
 _log = Logger(namespace="caa.adaptor.interceptors")
 
 
-def _b64url_decode(name: str) -> str | None:
-    """Strict URL-safe base64 with padding (Go's base64.URLEncoding); None when `name` is not one."""
-    if not name or not _B64URL.match(name):
-        return None
-    try:
-        return base64.b64decode(name.encode("ascii"), altchars=b"-_", validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-
-
 def _cloud_volumes(spec: Any, volumes_dir: str) -> list[CloudVolume]:
-    try:
-        names = sorted(os.listdir(volumes_dir))
-    except OSError:
-        return []
-    pod_uid = spec.Annotations.get(SANDBOX_UID_KEY, "")
+    """The annotation's entries: the scan of caa.adaptor.directvolumes (the order CreateVM attached the disks
+    in), each numbered by its place in that order; a volume this container does not mount keeps its number."""
     out: list[CloudVolume] = []
-    idx = 0
-    for name in names:
-        entry = os.path.join(volumes_dir, name)
-        if not os.path.isdir(entry):
-            continue
-        path = _b64url_decode(name)
-        if path is None or CSI_PATH_PART not in path:
-            continue
-        if pod_uid and f"/pods/{pod_uid}/" not in path:
-            continue
-        try:
-            with open(os.path.join(entry, "mountInfo.json"), "rb") as f:
-                info = json.loads(f.read())
-            if not isinstance(info, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            _log.warn("could not read mountInfo.json for {path}: {error}", path=path, error=str(e))
-            continue
-        md = info.get("metadata")
-        md = md if isinstance(md, dict) else {}
-        disk_id = md.get("cloud-volume-path") if isinstance(md.get("cloud-volume-path"), str) else ""
-        if not disk_id:
-            disk_id = info.get("device") if isinstance(info.get("device"), str) else ""
-        if not disk_id:
-            _log.warn("cloud volume at {path} has no disk ID, skipping", path=path)
-            continue
-        fstype = info.get("fstype")
-        fs_type = fstype if isinstance(fstype, str) and fstype else "ext4"
-        dest = next((m.destination for m in spec.Mounts if m.source == path), "")
+    for lun, volume in enumerate(scan(volumes_dir, spec.Annotations.get(SANDBOX_UID_KEY, ""))):
+        dest = next((m.destination for m in spec.Mounts if m.source == volume.path), "")
         if not dest:
             _log.info("cloud volume disk {disk_id} has no matching mount in the container spec, skipping",
-                      disk_id=disk_id)
-            idx += 1
+                      disk_id=volume.disk_id)
             continue
-        encrypt_type, key_id = md.get("encrypt-type"), md.get("kbs-key-id")
-        out.append(CloudVolume(f"vol-{idx}", dest, fs_type, idx, disk_id,
-                               encrypt_type=encrypt_type if isinstance(encrypt_type, str) else "",
-                               key_id=key_id if isinstance(key_id, str) else ""))
-        idx += 1
+        out.append(CloudVolume(f"vol-{lun}", dest, volume.fs_type, lun, volume.disk_id,
+                               encrypt_type=volume.encrypt_type, key_id=volume.key_id))
     return out
 
 
@@ -122,8 +71,7 @@ def rewrite_create_container(payload: bytes, volumes_dir: str = DIRECT_VOLUMES_D
 
     targets = [m.source for m in spec.Mounts
                if CSI_PATH_PART in os.path.normpath(m.source)
-               and os.path.exists(os.path.join(
-                   volumes_dir, base64.urlsafe_b64encode(m.source.encode()).decode("ascii")))]
+               and os.path.exists(os.path.join(volumes_dir, encode_name(m.source)))]
     if targets:
         prior = ann.get(TARGET_PATH_KEY, "")
         ann[TARGET_PATH_KEY] = ",".join(([prior] if prior else []) + targets)

@@ -87,6 +87,8 @@ class AdaptorOptions(ProviderOptions):
         ["probe-port", None, 8000, "Startup probe port on 127.0.0.1 (0: off).", _port],
         ["metrics-port", None, 0, "Prometheus /metrics port (0: off).", _port],
         ["metrics-interface", None, "127.0.0.1", "Address the metrics port listens on."],
+        ["direct-volumes-dir", None, "/run/kata-containers/shared/direct-volumes",
+         "Where CSI drivers leave the pods' direct volumes (mountInfo.json); not upstream: fixed there."],
     ]
     optFlags: ClassVar[list[list[str | None]]] = [
         ["disable-tls", None, "Plain TCP to the forwarder."],

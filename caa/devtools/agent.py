@@ -6,6 +6,10 @@ It is NOT kata-agent, and says so in its logs and in its Version answer.
 It serves kata-agent's ttrpc API on a unix socket, but only:
 - `grpc.Health` Check (SERVING) and Version (agent_version "caa-devtools-agent ... (not kata-agent)");
 - `grpc.AgentService` CreateSandbox / DestroySandbox (recorded, answered with Empty);
+- `grpc.AgentService` CreateContainer: nothing is run, but with `--workload-dir` every bind mount of the container
+  whose source is a directory is bind-mounted at `<workload-dir>/containers/<container id><destination>`, so
+  the development workload (the image's httpd serving that directory in the pod netns) shows what the container
+  would see at its mount points (a CSI volume the forwarder mounted, say); undone at DestroySandbox;
 - `grpc.AgentService` ListInterfaces / ListRoutes: the real interfaces, addresses and routes of the pod
   network namespace it was given (read with pyroute2 when asked; the namespace may appear later).
 Everything else answers UNIMPLEMENTED, as kata-agent does for methods it does not know.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
 import sys
 from typing import Any
 
@@ -94,9 +99,12 @@ class DevelopmentAgent:
 
     _log = Logger()
 
-    def __init__(self, clock: Any, pod_netns: str | None) -> None:
+    def __init__(self, clock: Any, pod_netns: str | None, workload_dir: str | None = None) -> None:
         self.pod_netns = pod_netns
+        self.workload_dir = workload_dir
         self.sandboxes: dict[str, Any] = {}
+        #: bind mounts made for CreateContainer, undone (in reverse) at DestroySandbox
+        self.published: list[str] = []
         self.server = Server(clock=clock, name="devtools-agent")
         self.server.register(
             "grpc.Health",
@@ -110,6 +118,7 @@ class DevelopmentAgent:
             {
                 "CreateSandbox": (agent_pb2.CreateSandboxRequest, self.create_sandbox),
                 "DestroySandbox": (agent_pb2.DestroySandboxRequest, self.destroy_sandbox),
+                "CreateContainer": (agent_pb2.CreateContainerRequest, self.create_container),
                 "ListInterfaces": (agent_pb2.ListInterfacesRequest, self.list_interfaces),
                 "ListRoutes": (agent_pb2.ListRoutesRequest, self.list_routes),
             },
@@ -129,6 +138,22 @@ class DevelopmentAgent:
     async def destroy_sandbox(self, ctx: CallContext, request: Any) -> Any:
         self._log.info("DestroySandbox ({count} sandboxes)", count=len(self.sandboxes))
         self.sandboxes.clear()
+        published, self.published = self.published, []
+        await deferToThread(unpublish, published)
+        return empty_pb2.Empty()
+
+    async def create_container(self, ctx: CallContext, request: Any) -> Any:
+        cid = request.container_id
+        if not cid or os.path.basename(cid) != cid or cid in (".", ".."):
+            from caa.ttrpc import Code, TTRPCError
+
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"container id {cid!r} is not a plain name")
+        mounts = [(m.source, m.destination) for m in request.OCI.Mounts if m.type == "bind"]
+        if self.workload_dir:
+            made = await deferToThread(publish, os.path.join(self.workload_dir, "containers", cid), mounts)
+            self.published.extend(made)
+        self._log.info("CreateContainer {container_id} ({count} bind mounts; development agent: nothing is run)",
+                       container_id=cid, count=len(mounts))
         return empty_pb2.Empty()
 
     async def list_interfaces(self, ctx: CallContext, request: Any) -> Any:
@@ -140,10 +165,34 @@ class DevelopmentAgent:
         return agent_pb2.Routes(Routes=routes)
 
 
+def publish(root: str, mounts: list[tuple[str, str]]) -> list[str]:
+    """Bind-mount each directory source at root + destination; the targets made (failures are logged)."""
+    log = Logger(namespace="caa.devtools.agent")
+    made = []
+    for source, destination in mounts:
+        target = os.path.normpath(os.path.join(root, destination.lstrip("/")))
+        if not os.path.isdir(source) or not target.startswith(root + "/"):
+            continue
+        os.makedirs(target, exist_ok=True)
+        r = subprocess.run(["mount", "--bind", source, target], capture_output=True, text=True, check=False)
+        if r.returncode:
+            log.warn("bind mount {source} at {target}: {error}", source=source, target=target, error=r.stderr.strip())
+            continue
+        made.append(target)
+    return made
+
+
+def unpublish(targets: list[str]) -> None:
+    for target in reversed(targets):
+        subprocess.run(["umount", target], capture_output=True, check=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="caa development agent (NOT kata-agent)")
     parser.add_argument("--socket", required=True, help="unix socket to serve kata-agent's ttrpc API on")
     parser.add_argument("--pod-netns", default=None, help="pod network namespace (name or path)")
+    parser.add_argument("--workload-dir", default=None,
+                        help="show containers' bind mounts under <dir>/containers/<id>/ (the development workload)")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor as _reactor
@@ -155,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     reactor = as_node_reactor(_reactor)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     log = Logger(namespace="caa.devtools.agent")
-    agent = DevelopmentAgent(reactor, args.pod_netns)
+    agent = DevelopmentAgent(reactor, args.pod_netns, args.workload_dir)
     log.warn("{version}: this is the caa development agent, not kata-agent; containers are not run",
              version=AGENT_VERSION)
 

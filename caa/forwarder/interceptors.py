@@ -23,7 +23,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from caa.podvm_api.godur import parse_duration
-from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION, CloudVolume, VolumeError, decode_cloud_volumes
+from caa.podvm_api.volumes import (
+    CLOUD_VOLUMES_ANNOTATION,
+    CloudVolume,
+    VolumeError,
+    data_disk_serial,
+    decode_cloud_volumes,
+)
 from caa.ttrpc import CallContext, Code, TTRPCError
 
 __all__ = [
@@ -39,6 +45,8 @@ __all__ = [
     "is_mount_point",
     "wait_for_mounts",
     "wait_for_data_disk",
+    "find_data_disk",
+    "disk_by_serial",
     "disk_detect_settings",
     "is_luks",
     "secure_mount_request",
@@ -158,8 +166,30 @@ def rewrite_volume_mounts(req: Any, volume: CloudVolume) -> bool:
     return False
 
 
-def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev") -> str | None:
-    """The block device of a data disk: Azure by-lun links, AWS EBS by-id links, libvirt /dev/vd<b+lun>."""
+def disk_by_serial(serial: str, dev: str = "/dev", sys: str = "/sys") -> str | None:
+    """The disk whose serial is `serial`: udev's /dev/disk/by-id/virtio-<serial> link, else the `serial` file
+    of a virtio disk in sysfs (what the tiny init's VM has: no udev). virtio-blk keeps 20 bytes of a serial."""
+    link = f"{dev}/disk/by-id/virtio-{serial}"
+    if os.path.exists(link):
+        return os.path.realpath(link)
+    try:
+        names = sorted(os.listdir(f"{sys}/block"))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(f"{sys}/block/{name}/serial") as f:
+                found = f.read().strip()
+        except OSError:
+            continue
+        if found == serial[:20] and os.path.exists(f"{dev}/{name}"):
+            return f"{dev}/{name}"
+    return None
+
+
+def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev", sys: str = "/sys") -> str | None:
+    """The block device of a data disk: Azure by-lun links, AWS EBS by-id links, the disk whose serial is the
+    LUN's (libvirt, caa.podvm_api.volumes.data_disk_serial), else upstream's libvirt guess /dev/vd<b+lun>."""
     import glob
 
     for p in (f"{dev}/disk/azure/data/by-lun/{lun}", f"{dev}/disk/azure/scsi1/lun{lun}"):
@@ -172,6 +202,10 @@ def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev") -> str | None
             match = [p for p in ebs if want in p]
             return os.path.realpath(match[0]) if match else None
         return os.path.realpath(ebs[lun]) if lun < len(ebs) else None
+    if lun >= 0:
+        by_serial = disk_by_serial(data_disk_serial(lun), dev, sys)
+        if by_serial:
+            return by_serial
     if 0 <= lun <= 24:
         vd = f"{dev}/vd{chr(ord('b') + lun)}"
         if os.path.exists(vd):
@@ -435,7 +469,10 @@ class Interceptors:
                     self.mounted.append(volume)
                 rewrite_volume_mounts(req, volume)
             await self._run_blocking(create_bind_sources, req)
-            paths = target_paths(annotations)
+            # only mounts whose source still is a target path (upstream: exact match), so a CSI volume the
+            # cloud_volumes step mounted (its source rewritten) is not waited for
+            sources = {m.source for m in req.OCI.Mounts}
+            paths = [p for p in target_paths(annotations) if p in sources]
             if paths:
                 await wait_for_mounts(paths, self._clock, self._is_mount, ctx.remaining())
         except InterceptError as e:

@@ -21,8 +21,10 @@ __all__ = [
     "CLOUD_VOLUMES_ANNOTATION",
     "CLOUD_VOLUMES_DIR",
     "CloudVolume",
+    "DATA_DISK_SERIAL_PREFIX",
     "FS_TYPES",
     "VolumeError",
+    "data_disk_serial",
     "decode_cloud_volumes",
     "encode_cloud_volumes",
 ]
@@ -31,6 +33,10 @@ CLOUD_VOLUMES_ANNOTATION = "io.confidentialcontainers.org.cloud_volumes"
 #: Where the pod VM mounts each volume (`<dir>/<name>`), the source the OCI mount is rewritten to.
 CLOUD_VOLUMES_DIR = "/run/cloud-volumes"
 FS_TYPES = ("ext4", "ext3", "xfs")
+#: The serial of the LUN-th data disk where the provider chooses it (libvirt: `<serial>` of a virtio disk, which
+#: the guest sees in /sys/block/vdX/serial and as /dev/disk/by-id/virtio-<serial>). Not upstream (its libvirt
+#: provider attaches no data disks); at most 20 bytes, virtio-blk's limit.
+DATA_DISK_SERIAL_PREFIX = "caa-lun-"
 _LUN = re.compile(r"[+-]?[0-9]+")  # Go's strconv.Atoi
 
 
@@ -65,6 +71,13 @@ class CloudVolume:
             if value:  # omitempty
                 out[key] = value
         return out
+
+
+def data_disk_serial(lun: int) -> str:
+    """The serial the node gives the LUN-th data disk and the pod VM looks for."""
+    if not 0 <= lun < 10**12:
+        raise ValueError(f"lun {lun} out of range")
+    return f"{DATA_DISK_SERIAL_PREFIX}{lun}"
 
 
 def encode_cloud_volumes(volumes: Iterable[CloudVolume]) -> str:

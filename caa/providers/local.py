@@ -217,6 +217,9 @@ class LocalProvider:
             raise InvalidConfig(f"local: no GPUs on the local provider ({spec.gpus} asked for)")
         if spec.instance_type:
             self._log.info("local: ignoring instance type {type}", type=spec.instance_type)
+        if spec.volumes:
+            self._log.warn("local: CSI volumes {volumes} are not attached (the local provider has no disks)",
+                           volumes=list(spec.volumes))
         name = self.instance_name(pod_name, sandbox_id)
         existing = await self._run(self._t_record, name)
         if existing is not None and existing.get("sandbox_id") == sandbox_id and existing.get("state") == "running":

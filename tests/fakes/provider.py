@@ -77,6 +77,8 @@ class FakeProvider:
         self.fail_image = fail_image
         self.instances: dict[str, Instance] = {}
         self.user_data: dict[str, bytes] = {}
+        #: the InstanceSpec of each created instance
+        self.specs: dict[str, InstanceSpec] = {}
         self.calls: list[tuple[str, str]] = []
         self.hold_create = False
         self.fail_create: Exception | None = None
@@ -116,6 +118,7 @@ class FakeProvider:
             inst = Instance(id=f"i-{name}", name=name, ips=() if self.no_ips else (ip,))
         self.instances[inst.id] = inst
         self.user_data[inst.id] = user_data
+        self.specs[inst.id] = spec
         if self.create_delay_after:
             await deferLater(self.clock, self.create_delay_after)
         return inst

@@ -94,6 +94,8 @@ class AwsConfig:
     imds_endpoint: str = ""  # the instance metadata service for the fill-in ("" = off; imds.py)
     boot_timeout: float = 120.0  # until the instance runs (upstream's InstanceRunning waiter)
     poll_interval: float = 2.0
+    volume_poll_interval: float = 3.0  # DescribeVolumes while CSI volumes attach (upstream: 3 s, up to 60 s)
+    volume_attach_timeout: float = 60.0
 
     @classmethod
     def from_options(cls, options: usage.Options) -> AwsConfig:

@@ -17,6 +17,14 @@ from caa.podvm_api.naming import instance_name
 from caa.providers.aws.config import AwsConfig
 from caa.providers.aws.ec2 import Ec2Client, query_params, resolve_target
 from caa.providers.aws.imds import fill_from_metadata
+from caa.providers.aws.volumes import (
+    VOLUME_ID,
+    VolumeState,
+    device_name,
+    is_data_device,
+    parse_volumes,
+    prevalidation_problems,
+)
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -207,8 +215,11 @@ class AwsProvider:
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
         await self.ec2.target()  # the first call fills the configuration in from IMDS
         config = self.config
-        if spec.volumes or spec.multi_nic:
-            raise InvalidConfig("aws: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported yet")
+        if spec.multi_nic:
+            raise InvalidConfig("aws: a second NIC (--ext-network-via-podvm) is not supported yet")
+        volumes = tuple(spec.volumes)
+        if volumes:
+            await self._prevalidate(volumes)
         image_id = config.image_id
         instance_type = config.instance_type
         if not config.use_lt:
@@ -226,7 +237,10 @@ class AwsProvider:
             raise TransientError("RunInstances: the answer names no instance")
         self._log.info("created instance {id} ({name}, {type})", id=instance_id, name=name, type=instance_type)
         try:
-            return await self._wait_running(instance_id, name)
+            instance = await self._wait_running(instance_id, name)
+            if volumes:
+                await self._attach(instance_id, volumes)
+            return instance
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
             try:
                 await self._delete(instance_id)
@@ -255,7 +269,70 @@ class AwsProvider:
         return await poll(self._reactor, probe, self.config.poll_interval, self.config.boot_timeout,
                           f"instance {instance_id} not running with an IP")
 
+    # -- CSI volumes (EBS) ----------------------------------------------------------------------------
+    async def _volumes(self, volume_ids: Sequence[str]) -> dict[str, VolumeState]:
+        return parse_volumes(await self.ec2.call("DescribeVolumes", query_params("VolumeId", volume_ids)))
+
+    async def _prevalidate(self, volume_ids: Sequence[str]) -> None:
+        """Upstream's check before RunInstances: well-formed ids, every volume available."""
+        bad = [v for v in volume_ids if not VOLUME_ID.fullmatch(v)]
+        if bad:
+            raise InvalidConfig(f"EBS volume pre-validation failed: invalid volume ids {bad} (want vol-<hex>)")
+        try:
+            found = await self._volumes(volume_ids)
+        except ProviderError as e:
+            if e.kind is ErrorKind.NOT_FOUND:
+                raise InvalidConfig(f"EBS volume pre-validation failed: {e}") from None
+            raise
+        problems = prevalidation_problems(volume_ids, found)
+        if problems:
+            # in use or still creating: may be fine on a later try (a detach of the pod's previous VM)
+            raise TransientError("EBS volume pre-validation failed: " + "; ".join(problems))
+
+    async def _attach(self, instance_id: str, volume_ids: Sequence[str]) -> None:
+        """Attach each volume at its device (the order fixes the name), skip one attached already, then wait
+        until EC2 reports all of them attached."""
+        found = await self._volumes(volume_ids)
+        for index, volume_id in enumerate(volume_ids):
+            state = found.get(volume_id)
+            if state is not None and state.attachment_to(instance_id) is not None:
+                continue
+            await self.ec2.call("AttachVolume", {"VolumeId": volume_id, "InstanceId": instance_id,
+                                                 "Device": device_name(index)})
+            self._log.info("attaching volume {volume} to {id} as {device}", volume=volume_id, id=instance_id,
+                           device=device_name(index))
+
+        async def attached() -> bool | None:
+            states = await self._volumes(volume_ids)
+            for volume_id in volume_ids:
+                attachment = states[volume_id].attachment_to(instance_id) if volume_id in states else None
+                if attachment is None or attachment.state != "attached":
+                    return None
+            return True
+
+        await poll(self._reactor, attached, self.config.volume_poll_interval, self.config.volume_attach_timeout,
+                   f"volumes {list(volume_ids)} not attached to instance {instance_id}")
+
+    async def _detach_all(self, instance_id: str) -> None:
+        """Detach the volumes we attached (at one of our device names, deleteOnTermination false: never the root
+        volume) so that they outlive the instance; they are never deleted."""
+        root = await self.ec2.call("DescribeVolumes", {"Filter.1.Name": "attachment.instance-id",
+                                                       "Filter.1.Value.1": instance_id})
+        for state in parse_volumes(root).values():
+            attachment = state.attachment_to(instance_id)
+            if (attachment is None or attachment.delete_on_termination or not is_data_device(attachment.device)
+                    or attachment.state in ("detaching", "detached")):
+                continue
+            try:
+                await self.ec2.call("DetachVolume", {"VolumeId": state.volume_id, "InstanceId": instance_id})
+            except ProviderError as e:
+                if e.kind is not ErrorKind.NOT_FOUND and "IncorrectState" not in e.message:
+                    raise
+            self._log.info("detached volume {volume} from {id}", volume=state.volume_id, id=instance_id)
+
     async def _delete(self, instance_id: str) -> None:
+        if instance_id.startswith("i-"):  # anything else names no instance (and no attachment)
+            await self._detach_all(instance_id)
         try:
             await self.ec2.call("TerminateInstances", query_params("InstanceId", [instance_id]))
         except ProviderError as e:

@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 from attrs import frozen
 
+from caa.podvm_api.volumes import DATA_DISK_SERIAL_PREFIX
 from caa.providers.interfaces import InvalidConfig
 
 DESCRIPTION = "This Virtual Machine is the peer-pod VM"
@@ -133,6 +134,17 @@ class SevParameters:
 
 
 @frozen
+class DataDisk:
+    """A CSI block volume attached to the VM: a pool volume (`kind` file or block) as a virtio disk whose serial
+    (caa.podvm_api.volumes.data_disk_serial of its place) the pod VM looks for."""
+
+    source: str
+    serial: str
+    kind: str = "file"
+    format: str = "raw"
+
+
+@frozen
 class DomainParams:
     name: str
     vcpus: int
@@ -147,6 +159,7 @@ class DomainParams:
     sev: SevParameters | None = None
     pod_name: str = ""
     sandbox_id: str = ""
+    data_disks: tuple[DataDisk, ...] = ()
 
 
 def _metadata(domain: ET.Element, params: DomainParams) -> None:
@@ -177,6 +190,30 @@ def _disk(devices: ET.Element, device: str, driver: dict[str, str], path: str, t
     ET.SubElement(disk, "source", file=path)
     ET.SubElement(disk, "target", target)
     return disk
+
+
+def _data_disks(devices: ET.Element, params: DomainParams, first: str, iommu: bool) -> None:
+    """The CSI volumes, in attach order, as virtio disks from target `vd<first>` on (the guest's names may
+    differ; the serial is what it goes by)."""
+    for i, data in enumerate(params.data_disks):
+        disk = ET.SubElement(devices, "disk", type=data.kind, device="disk")
+        driver = {"name": "qemu", "type": data.format, "cache": "none"}
+        if iommu:
+            driver["iommu"] = "on"
+        ET.SubElement(disk, "driver", driver)
+        ET.SubElement(disk, "source", {"file" if data.kind == "file" else "dev": data.source})
+        ET.SubElement(disk, "target", dev=f"vd{_letters(ord(first) - ord('a') + i)}", bus="virtio")
+        ET.SubElement(disk, "serial").text = data.serial
+
+
+def _letters(index: int) -> str:
+    """0 -> a, 25 -> z, 26 -> aa (the kernel's disk naming)."""
+    out = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        out = chr(ord("a") + rest) + out
+    return out
 
 
 def _x86_64(params: DomainParams, caps: HostCapabilities) -> ET.Element:
@@ -217,6 +254,7 @@ def _x86_64(params: DomainParams, caps: HostCapabilities) -> ET.Element:
         iso = _disk(devices, "cdrom", {"name": "qemu", "type": "raw"}, params.iso_path, {"dev": "hda", "bus": "ide"})
         ET.SubElement(iso, "readonly")
         ET.SubElement(iso, "address", type="drive", controller="0", bus="0", target="0", unit="0")
+    _data_disks(devices, params, "a", confidential)
     interface = ET.SubElement(devices, "interface", type="network")
     ET.SubElement(interface, "source", network=params.network)
     ET.SubElement(interface, "model", type="virtio")
@@ -274,6 +312,7 @@ def _virtio_arch(params: DomainParams, caps: HostCapabilities, arch: str) -> ET.
         iso = _disk(devices, "cdrom", {"name": "qemu", "type": "raw"}, params.iso_path, {"dev": "sda", "bus": "scsi"})
         ET.SubElement(iso, "readonly")
         ET.SubElement(devices, "controller", type="scsi", model="virtio-scsi")
+    _data_disks(devices, params, "c" if s390 else "b", True)
     interface = ET.SubElement(devices, "interface", type="network")
     ET.SubElement(interface, "source", network=params.network)
     ET.SubElement(interface, "model", type="virtio")
@@ -309,10 +348,13 @@ def parse_sev_parameters(domain_capabilities_xml: str) -> SevParameters | None:
 
 
 def file_disk_paths(domain_xml: str) -> list[str]:
-    """Paths of the domain's file-backed disks (root overlay, cidata ISO)."""
+    """Paths of the domain's own file-backed disks (root overlay, cidata ISO): never an attached CSI volume
+    (known by its data-disk serial), which outlives the VM."""
     paths = []
     for disk in ET.fromstring(domain_xml).findall("devices/disk"):
         source = disk.find("source")
+        if (disk.findtext("serial") or "").startswith(DATA_DISK_SERIAL_PREFIX):
+            continue
         if disk.get("type") == "file" and source is not None and source.get("file"):
             paths.append(source.get("file", ""))
     return paths

@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from caa.podvm_api.naming import instance_name
+from caa.podvm_api.volumes import data_disk_serial
 from caa.providers.cidata import build_cidata_iso
 from caa.providers.interfaces import (
     Instance,
@@ -47,6 +48,7 @@ from caa.providers.interfaces import (
 from caa.providers.libvirt.config import LibvirtConfig
 from caa.providers.libvirt.domainxml import (
     METADATA_NS,
+    DataDisk,
     DomainParams,
     HostCapabilities,
     LaunchSecurity,
@@ -290,6 +292,7 @@ class LibvirtProvider:
         try:
             if security in (LaunchSecurity.SEV, LaunchSecurity.SEV_SNP):
                 await self._owner.run(self._t_sev)
+            data_disks = await self._owner.run(self._t_data_disks, spec.volumes)
             root_path, iso_path = await self._owner.run(self._t_volumes, name, image, user_data, made)
             params = DomainParams(
                 name=name,
@@ -305,6 +308,7 @@ class LibvirtProvider:
                 sev=self._sev,
                 pod_name=pod_name,
                 sandbox_id=sandbox_id,
+                data_disks=data_disks,
             )
             domain_xml = build_domain_xml(params, host)
             domain_uuid = await self._owner.run(self._t_define_and_start, domain_xml, vcpus, memory, made)
@@ -425,6 +429,31 @@ class LibvirtProvider:
         if not domain.isActive():
             domain.create()
         return str(domain.UUIDString())
+
+    def _t_data_disks(self, conn: libvirt.virConnect, disk_ids: tuple[str, ...]) -> tuple[DataDisk, ...]:
+        """The CSI volumes to attach, in order: each disk id is a volume of the pool (by name) or any pool volume
+        (by absolute path). Checked before anything is made; they are never created or deleted here."""
+        if not disk_ids:
+            return ()
+        pool = self._pool(conn)
+        self._refresh(pool)
+        disks = []
+        for lun, disk_id in enumerate(disk_ids):
+            try:
+                if disk_id.startswith("/"):
+                    volume = conn.storageVolLookupByPath(disk_id)
+                else:
+                    volume = pool.storageVolLookupByName(disk_id)
+                kind = "block" if volume.info()[0] == libvirt.VIR_STORAGE_VOL_BLOCK else "file"
+                disks.append(DataDisk(volume.path(), data_disk_serial(lun), kind, volume_format(volume.XMLDesc(0))))
+            except libvirt.libvirtError as e:
+                if _not_found(e, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    raise InvalidConfig(
+                        f"CSI volume {disk_id}: no such volume (a name in pool {self.config.pool_name} or a volume "
+                        f"path)") from None
+                raise map_libvirt_error(e, f"looking up CSI volume {disk_id}") from None
+        self._log.info("attaching CSI volumes {disks}", disks=[f"{d.source} (serial {d.serial})" for d in disks])
+        return tuple(disks)
 
     def _t_volumes(
         self, conn: libvirt.virConnect, name: str, image: str, user_data: bytes, made: _Made
