@@ -282,6 +282,7 @@ class RolloutTestCase(TestCase):
         ends = [t1 for _t0, t1, _err in window]
         gaps = [b - a for a, b in zip([window[0][0], *ends], ends, strict=False)]
         self.assertLessEqual(max(gaps), MAX_GAP, f"longest gap between answers: {max(gaps):.3f}s")
+        print(f"\n{len(window)} calls over {ends[-1] - window[0][0]:.1f}s, longest gap {max(gaps):.3f}s")
 
     def term(self, name: str) -> int:
         proc = self.node.procs[name]
@@ -429,6 +430,7 @@ class RollingUpdateTests(RolloutTestCase):
         r = n.ctl("start", "--id", self.sid, timeout=120)  # the shim's retry, through B
         self.assertEqual(r.returncode, 0, r.stderr + n.text("b")[-3000:])
         prober = self.prober()
+        n.wait_for(lambda: prober.successes() >= 20, "the agent answers through B")
         self.assert_available(prober.finish())
         self.stop_pod_and_assert_clean("b")
 
