@@ -23,6 +23,7 @@ from caa.adaptor.admin import ADMIN_SERVICE, register_admin
 from caa.adaptor.daemon import AdaptorDaemon, DaemonSettings
 from caa.adaptor.interfaces import SandboxState
 from caa.adaptor.listeners import OwnedUnixSocket, socket_identity
+from caa.adaptor.service import CloudService, ServiceConfig
 from caa.adaptor.store import SandboxStore
 from caa.proto import admin_pb2
 from caa.reactors import INodeReactor
@@ -160,6 +161,33 @@ class PassiveServiceTests(Harness):
         self.successResultOf(stopping)
         self.assertEqual(self.successResultOf(handing), [])
         self.assertClean()
+
+
+class JournalLoadingTests(Harness):
+    """The newer adaptor serves its socket before it has read the journal: StopVM / StartVM wait for the read."""
+
+    def test_stop_waits_for_the_journal(self) -> None:
+        self.create()
+        self.successResultOf(self.start())
+        pending: list[tuple[Any, Deferred[Any]]] = []
+
+        def run(f: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append((f, d))
+            return d
+
+        newer = CloudService(self.clock, self.provider, self.proxies, SandboxStore(self.pods_dir, run), self.net,
+                             self.tls, ServiceConfig(pods_dir=self.pods_dir), wallclock=self.clock.seconds)
+        recovering = Deferred.fromCoroutine(newer.recover())
+        stopping = Deferred.fromCoroutine(newer.stop_vm(SID))
+        self.assertNoResult(stopping)  # unknown until the journal is read: no NOT_FOUND
+        while pending:
+            f, d = pending.pop(0)
+            d.callback(f())
+        self.successResultOf(recovering)
+        self.successResultOf(stopping)
+        self.assertEqual(self.provider.instances, {})
+        self.assertEqual(self.records(), [])
 
 
 def call(server: Server, method: str, payload: bytes) -> bytes:

@@ -644,6 +644,7 @@ class CloudService:
         return answer
 
     async def _hand_over(self) -> list[str]:
+        await self._journal_loaded()  # a recovery reading the journal stops after the read (we are passive)
         for sb in list(self.sandboxes.values()):
             dialling = (sb.start_call is not None and sb.record.state in (S.TUNNEL_INTENT, S.TUNNEL)) or sb.adopting
             if dialling and sb.proxy is not None:
