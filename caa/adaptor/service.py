@@ -524,8 +524,6 @@ class CloudService:
             self._log.info("journal: recovering {n} sandboxes", n=len(records))
             work = []
             for rec in records:
-                if rec.sandbox_id in self.sandboxes:  # a CreateVM that came while we read
-                    continue
                 sb = _Sandbox(rec)
                 self.sandboxes[rec.sandbox_id] = sb
                 work.append(Deferred.fromCoroutine(self._recover_one(sb)))
