@@ -432,3 +432,43 @@ class ServerDrainTests(SynchronousTestCase):
     def test_nothing_open(self) -> None:
         server = Server(clock=Clock())
         self.assertEqual(self.successResultOf(Deferred.fromCoroutine(server.drain(20.0))), 0)
+
+
+class DrainTimeoutOptionTests(SynchronousTestCase):
+    def test_flag_env_default_and_bad_values(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from tests.test_adaptor_options import parse
+
+        self.assertEqual(parse([])["drain-timeout"], 20.0)
+        self.assertEqual(parse([], {"DRAIN_TIMEOUT": "45s"})["drain-timeout"], 45.0)
+        self.assertEqual(parse(["--drain-timeout", "1m"], {"DRAIN_TIMEOUT": "45s"})["drain-timeout"], 60.0)
+        self.assertEqual(parse(["--drain-timeout", "0"])["drain-timeout"], 0.0)
+        e = self.assertRaises(UsageError, parse, ["--drain-timeout", "-5s"])
+        self.assertIn("--drain-timeout must not be negative", str(e))
+        e = self.assertRaises(UsageError, parse, ["--drain-timeout", "20"])
+        self.assertIn("--drain-timeout", str(e))
+
+
+class BuiltDaemonTests(DaemonTestCase):
+    def test_drain_timeout_and_hand_over_wired(self) -> None:
+        from caa.adaptor.daemon import build_daemon
+        from caa.adaptor.options import AdaptorOptions
+        from caa.adaptor.store import run_inline
+
+        options = AdaptorOptions({})
+        options.parseOptions(["--provider", "tests.fakes.provider:FakeProviderFactory", "--socket", self.path,
+                              "--pods-dir", os.path.join(self.dir, "pods"), "--tls-dir", os.path.join(self.dir, "tls"),
+                              "--tunnel-type", "none", "--disable-tls", "--probe-port", "0", "--drain-timeout", "7s"])
+        d = build_daemon(self.reactor, options, on_fatal=lambda: None, environ={}, journal_runner=run_inline)
+        self.assertEqual(d.settings.drain_timeout, 7.0)
+        assert isinstance(d.cloud, CloudService)
+        self.assertEqual(d.cloud.config.drain_timeout, 7.0)
+        d.startService()
+        # HandOver is served on the daemon's own socket server and makes it passive
+        answer = admin_pb2.HandOverResponse.FromString(
+            call(d.server, "HandOver", admin_pb2.HandOverRequest(successor="pid 1").SerializeToString()))
+        self.assertEqual(list(answer.sandbox_ids), [])
+        self.assertTrue(d.passive)
+        self.assertTrue(d.cloud.passive)
+        self.successResultOf(d.stopService())
