@@ -15,6 +15,7 @@ from collections.abc import Sized
 from typing import Any
 
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -58,6 +59,10 @@ class FakeCloud:
 
     def records(self) -> list[SandboxRecord]:
         return []
+
+    def hand_over(self) -> Deferred[list[str]]:
+        self.log.append("hand over")
+        return succeed([])
 
 
 class RecordingPool(ThreadPool):
@@ -118,7 +123,7 @@ class StartTests(DaemonTestCase):
         d = self.daemon()
         d.startService()
         self.assertTrue(d.running)
-        self.assertIn(d.hypervisor, self.reactor.readers)
+        self.assertIn(d.hypervisor.socket, self.reactor.readers)
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
         self.assertEqual(self.log, ["pool start", "recover"])  # pools only once listening worked
         self.assertTrue(d.recovered)
@@ -128,12 +133,12 @@ class StartTests(DaemonTestCase):
         client = socket.socket(socket.AF_UNIX)
         self.addCleanup(client.close)
         client.connect(self.path)
-        d.hypervisor.doRead()
+        d.hypervisor.socket.doRead()
         [(fd, family, factory)] = self.reactor.adoptedStreamConnections
         self.assertEqual(family, socket.AF_UNIX)
         self.assertIsInstance(factory.buildProtocol(UNIXAddress(self.path)), type(self.server.factory().buildProtocol(
             UNIXAddress(self.path))))
-        d.hypervisor.doRead()  # nothing pending: returns without adopting
+        d.hypervisor.socket.doRead()  # nothing pending: returns without adopting
         self.assertEqual(len(self.reactor.adoptedStreamConnections), 1)
         self.successResultOf(d.stopService())
         self.assertNoTimers()

@@ -1,12 +1,14 @@
 """The node daemon as one `MultiService`: the hypervisor socket, the startup probe and the metrics listener
-(child services whose failed listen aborts start-up), the orphan sweeper on the injected clock, journal
-recovery after start, and the ordered stop. `build_daemon` wires it from the command line; tests hand
-`AdaptorDaemon` their own collaborators and a `MemoryReactorClock`.
+(child services whose failed listen aborts start-up), the orphan sweeper on the injected clock, the hand-over
+from the adaptor it replaces (rolling update), journal recovery after start, and the ordered stop.
+`build_daemon` wires it from the command line; tests hand `AdaptorDaemon` their own collaborators and a
+`MemoryReactorClock`.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Protocol
@@ -25,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullClusterDuties, NullNetworking
-from caa.adaptor.admin import register_admin
+from caa.adaptor.admin import HandOverCall, register_admin, request_hand_over
 from caa.adaptor.interfaces import (
     IAgentProxyFactory,
     IAgentTLS,
@@ -64,13 +66,19 @@ class DaemonSettings:
     provider_name: str = ""
     disable_tls: bool = False
     sweep_interval: float = 60.0
+    # How often we check that the hypervisor socket file is still ours (the fallback when a newer adaptor took
+    # it over without a hand-over call), and how long we wait for the older adaptor to hand over.
+    socket_check_interval: float = 1.0
+    handover_timeout: float = 120.0
+    drain_timeout: float = 20.0  # what the sandbox service's proxies do with it; here for the log line
 
     @classmethod
     def from_options(cls, options: AdaptorOptions) -> DaemonSettings:
         return cls(socket_path=options["socket"], socket_mode=options["socket-mode"],
                    probe_port=int(options["probe-port"]), metrics_port=int(options["metrics-port"]),
                    metrics_interface=options["metrics-interface"], verify_config=bool(options["cloud-config-verify"]),
-                   provider_name=options["provider"], disable_tls=bool(options["disable-tls"]))
+                   provider_name=options["provider"], disable_tls=bool(options["disable-tls"]),
+                   drain_timeout=float(options["drain-timeout"]))
 
 
 class CloudLifecycle(Protocol):
@@ -86,6 +94,8 @@ class CloudLifecycle(Protocol):
     async def sweep(self) -> None: ...
 
     async def shutdown(self) -> None: ...
+
+    def hand_over(self) -> Deferred[list[str]]: ...
 
 
 def can_connect(reactor: INodeReactor, path: str, timeout: float = 1.0) -> Deferred[bool]:
@@ -151,7 +161,7 @@ class AdaptorDaemon(MultiService):
     def __init__(self, reactor: INodeReactor, settings: DaemonSettings, *, server: Server, cloud: CloudLifecycle,
                  provider: IProvider, store: ISandboxStore, network: IPodNetworking,
                  thread_pools: Sequence[ThreadPool] = (), on_fatal: Callable[[], None] = lambda: None,
-                 cluster: IClusterDuties | None = None) -> None:
+                 cluster: IClusterDuties | None = None, hand_over_call: HandOverCall | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.settings = settings
@@ -166,8 +176,12 @@ class AdaptorDaemon(MultiService):
         self.recovered = False
         self.failed = False
         self.recovery: Deferred[None] | None = None
+        # A newer adaptor took over (rolling update): we manage nothing any more, see `hand_over`.
+        self.passive = False
+        self._hand_over_call: HandOverCall = hand_over_call or request_hand_over
+        # Bound at start, put at the path (one rename) only after the adaptor there handed over.
         self.hypervisor = UnixSocketService(IReactorFDSet(reactor), reactor, settings.socket_path, server.factory(),
-                                            mode=settings.socket_mode)
+                                            mode=settings.socket_mode, publish_at_start=False)
         self.hypervisor.setServiceParent(self)
         if settings.probe_port:
             probe = Site(StartupProbe(lambda: self.recovered, self._started))
@@ -188,6 +202,9 @@ class AdaptorDaemon(MultiService):
         self.sweeper = TimerService(settings.sweep_interval, self._sweep)
         self.sweeper.clock = reactor
         self.sweeper.setServiceParent(self)
+        self.socket_watch = TimerService(settings.socket_check_interval, self._check_socket)
+        self.socket_watch.clock = reactor
+        self.socket_watch.setServiceParent(self)
 
     def _hypervisor_answers(self) -> Deferred[bool]:
         return can_connect(self.reactor, self.settings.socket_path)
@@ -236,6 +253,17 @@ class AdaptorDaemon(MultiService):
                     self.failed = True
                     self._on_fatal()
                     return
+            # Only a daemon that can run takes over: the older adaptor stops managing the sandboxes first, then
+            # our socket replaces its file in one rename (the path never goes missing), then we adopt them.
+            await self._take_over()
+            try:
+                self.hypervisor.publish()
+            except OSError as e:
+                self._log.critical("cannot listen on {path}: {error}", path=self.settings.socket_path, error=str(e))
+                self.failed = True
+                self._on_fatal()
+                return
+            self._log.info("serving {socket}", socket=self.settings.socket_path)
             await self.cloud.recover()
             if isinstance(self.network, NodeNetworking):
                 records = self.cloud.records()
@@ -256,13 +284,54 @@ class AdaptorDaemon(MultiService):
                 self.recovered = True
                 self._log.info("journal recovery done; {n} sandboxes", n=len(self.cloud.sandboxes))
 
+    async def _take_over(self) -> None:
+        """Ask the adaptor serving our socket path, if any, to hand its sandboxes over (caa.adaptor.v1.Admin/
+        HandOver); it answers once none of its work is under way. Whatever fails, we go on: nobody there (it
+        exited or was killed), an older version without the call, or no answer in time (it then goes passive when
+        it sees its socket replaced)."""
+        path = self.settings.socket_path
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                return
+        except OSError:
+            return
+        successor = f"pid {os.getpid()}"
+        self._log.info("asking the adaptor on {path} to hand over", path=path)
+        try:
+            handed = await self._hand_over_call(self.reactor, path, successor, self.settings.handover_timeout)
+        except Exception as e:
+            self._log.warn("no hand-over from an adaptor on {path} ({error}): taking the socket over", path=path,
+                           error=str(e) or type(e).__name__)
+            return
+        self._log.info("the adaptor on {path} (pid {pid}) handed over {n} sandboxes", path=path, pid=handed.pid,
+                       n=len(handed.sandbox_ids))
+
+    def hand_over(self, successor: str) -> Deferred[list[str]]:
+        """A newer adaptor takes over (the Admin/HandOver call, or our socket file replaced): from now on no sweep,
+        recovery, StartVM, StopVM or CreateVM here; our agent proxies drain at stop. Fires with the sandbox ids once
+        no work of ours is under way."""
+        if not self.passive:
+            self.passive = True
+            self._log.warn("{successor} takes over {socket}: this adaptor is passive now; stop it when the newer "
+                           "one is ready", successor=successor, socket=self.settings.socket_path)
+        return self.cloud.hand_over()
+
+    def _check_socket(self) -> None:
+        """The fallback of the hand-over call: our socket file replaced by someone who did not call us."""
+        if self.passive or not self.hypervisor.socket.published or self.hypervisor.ours():
+            return
+        self._log.warn("{path} is no longer our socket and nobody asked us to hand over",
+                       path=self.settings.socket_path)
+        self.hand_over("another process (socket replaced)").addErrback(
+            lambda f: self._log.failure("hand-over failed", f))
+
     def _sweep(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._sweep_once())
 
     async def _sweep_once(self) -> None:
         """One sweeper round; it never fails, so the TimerService's loop never stops."""
-        if not self.recovered:
-            return  # recovery handles the same cases first
+        if not self.recovered or self.passive:
+            return  # recovery handles the same cases first; passive: the newer adaptor sweeps
         try:
             await self.cloud.sweep()
         except Exception:
@@ -273,9 +342,13 @@ class AdaptorDaemon(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        self._log.info("shutting down: VMs, tunnels and the journal stay for the next start")
+        if self.passive:
+            self._log.info("shutting down after a hand-over: agent connections still open drain for at most "
+                           "{timeout}s", timeout=self.settings.drain_timeout)
+        else:
+            self._log.info("shutting down: VMs, tunnels and the journal stay for the next start")
         await super().stopService()  # listeners and the sweeper
-        await self.cloud.shutdown()
+        await self.cloud.shutdown()  # passive: the agent proxies drain first
         await self.cluster.stop()  # background API work ends; the node's value is withdrawn if still ours
         await self.server.stop(timeout=1.0)
         self.server.abort()
@@ -411,12 +484,15 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
                       tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites,
                       initdata=options["initdata"], enable_scratch_space=bool(options["enable-scratch-space"]),
                       ext_network_via_podvm=bool(options["ext-network-via-podvm"]),
-                      direct_volumes_dir=options["direct-volumes-dir"]),
+                      direct_volumes_dir=options["direct-volumes-dir"],
+                      drain_timeout=options["drain-timeout"]),
         auth_lookup=auth_lookup, cluster=cluster)
     server = Server(clock=reactor, name="hypervisor")
     HypervisorHandlers(cloud).register(server)
-    # caactl list asks the adaptor itself (its in-memory view), not a journal directory of its own.
-    register_admin(server, cloud.records)
-    return AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
-                         provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal,
-                         cluster=cluster)
+    daemon = AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
+                           provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal,
+                           cluster=cluster)
+    # caactl list asks the adaptor itself (its in-memory view), not a journal directory of its own; a newer
+    # adaptor asks it to hand over.
+    register_admin(server, cloud.records, daemon.hand_over)
+    return daemon

@@ -45,7 +45,13 @@ class IAgentProxy(Interface):
 
     def stop() -> Deferred[None]:
         """Close the listener, every shim connection and the upstream connection at once, cancel a
-        dial in progress, and remove socket_path. Idempotent; fires when everything is closed."""
+        dial in progress, and remove socket_path while it is still this proxy's socket (a newer
+        adaptor's socket at that path stays). Idempotent; fires when everything is closed."""
+
+    def drain(timeout: float) -> Deferred[None]:
+        """After a rolling update handed the sandbox to a newer adaptor: stop listening (the path is left
+        to the newer adaptor), let the shim connections already open relay until their clients close
+        them or `timeout` seconds pass, then stop. Fires when stopped."""
 
 
 class IAgentProxyFactory(Interface):

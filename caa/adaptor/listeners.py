@@ -5,9 +5,12 @@ twistd aborts start-up with exit status 1 (`strports.service` would only log it,
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -26,7 +29,8 @@ from zope.interface import implementer
 
 from caa.ttrpc.endpoints import prepare_unix_path
 
-__all__ = ["ListenError", "ListeningService", "UnixSocketService", "listen_reuseport", "socket_identity"]
+__all__ = ["ListenError", "ListeningService", "OwnedUnixSocket", "UnixSocketService", "listen_reuseport",
+           "socket_identity"]
 
 
 class ListenError(Exception):
@@ -116,57 +120,117 @@ _ACCEPTS_PER_READ = 100
 _ACCEPT_LATER = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
 
 
+_temp_names = itertools.count()
+
+
+def _temporary_path(path: str) -> str | None:
+    """A fresh name beside `path` to bind before the rename, or None when it would not fit a unix socket
+    address (then we bind `path` itself)."""
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.getpid()}.{next(_temp_names)}")
+    return tmp if len(os.fsencode(tmp)) <= len(os.fsencode(path)) else None
+
+
 @implementer(IReadDescriptor)
-class UnixSocketService(Service):
-    """A unix stream socket at `path` that the daemon binds and owns itself; each accepted connection is handed
-    to the reactor (`adoptStreamConnection`).
+class OwnedUnixSocket:
+    """A unix stream socket at `path` that we bind and own ourselves; each accepted connection is handed to the
+    reactor (`adoptStreamConnection`). Used for the hypervisor socket and every agent proxy socket.
 
     Why not `listenUNIX` or `adoptStreamPort`: a Twisted unix port unlinks the path it is bound to when it stops
-    listening. In a rolling update a newer adaptor removes our socket file and binds its own at the same path;
-    our later stop would then delete the newer adaptor's socket. Here Twisted never learns the path: on stop we
-    unlink it ourselves, and only while its identity (device, inode, change time) is still the one we bound.
+    listening. In a rolling update a newer adaptor replaces our socket file with its own at the same path; our
+    later stop would then delete the newer adaptor's socket. Here Twisted never learns the path: on close we
+    unlink it ourselves, and only while its identity (device, inode, change time) is still the one we published.
+
+    The path never goes missing: `bind` listens on a temporary name in the same directory and `publish` renames it
+    over `path` (atomic), so a client connecting meanwhile reaches the old socket or the new one, never nothing.
     """
 
     _log = Logger()
 
     def __init__(self, reactor: IReactorFDSet, sockets: IReactorSocket, path: str,
-                 factory: Factory[Any], mode: int = 0o600, backlog: int = 128) -> None:
+                 factory: Factory[Any], mode: int = 0o600, backlog: int = 128, dir_mode: int = 0o755) -> None:
         self._fdset = reactor
         self._sockets = sockets
         self.path = path
         self._factory = factory
         self._mode = mode
         self._backlog = backlog
+        self._dir_mode = dir_mode
         self._sock: socket.socket | None = None
+        self._temp: str | None = None  # bound but not yet published under `path`
         self._identity: tuple[int, int, int] | None = None
 
     @property
     def listening(self) -> bool:
         return self._sock is not None
 
-    def startService(self) -> None:
-        super().startService()
+    @property
+    def published(self) -> bool:
+        return self._identity is not None
+
+    def bind(self) -> None:
+        """Bind and listen (on a temporary name beside `path`), accepting through the reactor. Raises OSError."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=self._dir_mode, exist_ok=True)
         try:
-            prepare_unix_path(self.path)  # takeover: a socket file left at the path is removed, as upstream does
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
+            if stat.S_ISDIR(os.lstat(self.path).st_mode):
+                raise OSError(errno.EISDIR, f"{self.path} is a directory, not a socket")
+        except FileNotFoundError:
+            pass
+        temp = _temporary_path(self.path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if temp is None:  # no room for a temporary name: the old file goes first (a short gap)
+                prepare_unix_path(self.path, self._dir_mode)
                 s.bind(self.path)
-                os.chmod(self.path, self._mode)
-                s.listen(self._backlog)
-                s.setblocking(False)
-                identity = socket_identity(self.path)
-            except BaseException:
-                s.close()
-                raise
-        except OSError as e:
-            self.running = False
-            raise ListenError(f"cannot listen on {self.path}: {e}") from e
-        self._sock, self._identity = s, identity
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                s.bind(temp)
+            os.chmod(temp or self.path, self._mode)
+            s.listen(self._backlog)
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+        self._sock = s
+        self._temp = temp
+        if temp is None:
+            self._identity = socket_identity(self.path)
         self._fdset.addReader(self)
 
-    def stopService(self) -> None:
-        super().stopService()
-        self._close()
+    def publish(self) -> None:
+        """Put the bound socket at `path`, replacing whatever file is there (a socket left by an older adaptor)
+        in one rename. Raises OSError."""
+        if self._sock is None or self.published:
+            return
+        assert self._temp is not None
+        os.rename(self._temp, self.path)
+        self._temp = None
+        # after the rename: a rename changes the file's change time
+        self._identity = socket_identity(self.path)
+
+    def ours(self) -> bool:
+        """Whether `path` is still the socket we published (False once a newer adaptor replaced it)."""
+        if self._identity is None:
+            return False
+        try:
+            return socket_identity(self.path) == self._identity
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Stop accepting; remove the file only while it is still ours (or our unpublished temporary name)."""
+        s, self._sock = self._sock, None
+        if s is not None:
+            self._fdset.removeReader(self)
+            s.close()
+        temp, self._temp = self._temp, None
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
         identity, self._identity = self._identity, None
         if identity is None:
             return
@@ -180,19 +244,13 @@ class UnixSocketService(Service):
         except OSError as e:
             self._log.warn("cannot remove {path}: {error}", path=self.path, error=str(e))
 
-    def _close(self) -> None:
-        s, self._sock = self._sock, None
-        if s is not None:
-            self._fdset.removeReader(self)
-            s.close()
-
     # IReadDescriptor
 
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1
 
     def logPrefix(self) -> str:
-        return f"UnixSocketService({self.path})"
+        return f"OwnedUnixSocket({self.path})"
 
     def doRead(self) -> None:
         for _ in range(_ACCEPTS_PER_READ):
@@ -216,6 +274,46 @@ class UnixSocketService(Service):
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor gave up on the listening descriptor (it only does so on an error)."""
-        if self._sock is not None:
+        s, self._sock = self._sock, None
+        if s is not None:
             self._log.error("listening socket {path} lost: {reason}", path=self.path, reason=reason.getErrorMessage())
-            self._close()
+            self._fdset.removeReader(self)
+            s.close()
+
+
+class UnixSocketService(Service):
+    """The hypervisor socket as a service (an `OwnedUnixSocket`): bound at start (a failure raises
+    `ListenError`), published at start unless `publish_at_start` is False (the daemon first asks the adaptor
+    it replaces to hand over), closed at stop without touching a newer adaptor's file."""
+
+    def __init__(self, reactor: IReactorFDSet, sockets: IReactorSocket, path: str,
+                 factory: Factory[Any], mode: int = 0o600, backlog: int = 128, publish_at_start: bool = True) -> None:
+        self.path = path
+        self.socket = OwnedUnixSocket(reactor, sockets, path, factory, mode=mode, backlog=backlog)
+        self._publish_at_start = publish_at_start
+
+    @property
+    def listening(self) -> bool:
+        return self.socket.listening
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.socket.bind()
+            if self._publish_at_start:
+                self.socket.publish()
+        except OSError as e:
+            self.running = False
+            self.socket.close()
+            raise ListenError(f"cannot listen on {self.path}: {e}") from e
+
+    def publish(self) -> None:
+        """Replace the file at the path with our socket (raises OSError)."""
+        self.socket.publish()
+
+    def ours(self) -> bool:
+        return self.socket.ours()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.socket.close()

@@ -75,6 +75,9 @@ class AdaptorOptions(ProviderOptions):
         ["tls-min-version", None, "", "VersionTLS12 or VersionTLS13 (default TLS 1.2)."],
         ["tls-cipher-suites", None, "", "Comma-separated IANA cipher suite names (TLS 1.2 only)."],
         ["proxy-timeout", None, 300.0, "Max time to reach the forwarder (Go duration).", parse_duration],
+        ["drain-timeout", None, 20.0, "After a rolling update handed the sandboxes to a newer adaptor: how long "
+         "agent connections already open keep relaying once this one is stopped (Go duration; 0: none).",
+         parse_duration],
         ["tunnel-type", None, "vxlan", "vxlan, or none (no pod network plumbing; development/tests)."],
         ["vxlan-port", None, 4789, "VXLAN UDP port.", _port],
         ["vxlan-min-id", None, 555000, "Lowest VNI.", _int],
@@ -110,6 +113,7 @@ class AdaptorOptions(ProviderOptions):
         "tls-min-version": "TLS_MIN_VERSION",
         "tls-cipher-suites": "TLS_CIPHER_SUITES",
         "proxy-timeout": "PROXY_TIMEOUT",
+        "drain-timeout": "DRAIN_TIMEOUT",
         "tunnel-type": "TUNNEL_TYPE",
         "vxlan-port": "VXLAN_PORT",
         "initdata": "INITDATA",
@@ -210,6 +214,8 @@ class AdaptorOptions(ProviderOptions):
             raise usage.UsageError("--cert-file and --cert-key must be given together")
         if self["proxy-timeout"] <= 0:
             raise usage.UsageError("--proxy-timeout must be positive")
+        if self["drain-timeout"] < 0:
+            raise usage.UsageError("--drain-timeout must not be negative")
         if self["initdata"]:
             from caa.adaptor.userdata import validate_initdata
 

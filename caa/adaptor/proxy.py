@@ -13,7 +13,12 @@ Where we differ from upstream (the Go weak points, §3.3/§3.4):
 - the link heals: when it drops, only the calls in flight fail (Unavailable) and the proxy dials again; calls
   that arrive meanwhile wait for the new link within their own deadline;
 - `stop()` closes the listener, every shim connection and the upstream link at once (no graceful wait on the
-  shim's long-polling GetOOMEvent).
+  shim's long-polling GetOOMEvent);
+- the socket file is ours (`caa.adaptor.listeners.OwnedUnixSocket`): it appears at its path in one rename, so a
+  newer adaptor re-adopting the sandbox replaces it without a moment where the path is missing, and we remove it
+  only while it is still the one we made;
+- `drain(timeout)` (after a rolling update handed the sandbox to a newer adaptor): the shim connections already
+  open keep relaying until their clients close them or the timeout passes; then the proxy stops.
 
 The dialling, back-off and redial are `caa.dialer.Link` (a `ClientService`), shared with the forwarder's link
 to kata-agent.
@@ -21,7 +26,6 @@ to kata-agent.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +36,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
-    IListeningPort,
+    IReactorFDSet,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -48,11 +52,12 @@ from caa.adaptor.interceptors import (
     describe_call,
 )
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory, ProxyTLS
+from caa.adaptor.listeners import OwnedUnixSocket
 from caa.dialer import Link, LinkStopped, dial_backoff
 from caa.notifier import Notifier
 from caa.reactors import INodeReactor
 from caa.ttrpc import CallContext, Code, Relay, Server, TTRPCClient, TTRPCError
-from caa.ttrpc.endpoints import tcp_client_endpoint, tls_client_endpoint, unix_server_endpoint
+from caa.ttrpc.endpoints import tcp_client_endpoint, tls_client_endpoint
 from caa.ttrpc.relay import Interceptor
 
 AGENT_SERVICE = "grpc.AgentService"
@@ -175,7 +180,7 @@ class AgentProxy:
         self._relay = Relay(self._get_client, clock=reactor, interceptors=interceptors,
                             observer=self._observe, name=f"agent-proxy {sandbox_id}")
         self._server.register_fallback(self._relay.handle)
-        self._port: IListeningPort | None = None
+        self._port: OwnedUnixSocket | None = None
         self.link: Link[_Upstream] | None = None  # made by start()
         self._address = ""
         self._started = False
@@ -213,17 +218,16 @@ class AgentProxy:
             raise self._failed(Code.UNAVAILABLE,
                                "agent proxy stopped" if self._stopped else "agent proxy already started")
         self._started = True
+        port_ = OwnedUnixSocket(IReactorFDSet(self._reactor), self._reactor, self.socket_path,
+                                self._server.factory(), mode=0o600, dir_mode=0o700)
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.socket_path)), mode=0o700, exist_ok=True)
-            port_ = await unix_server_endpoint(self._reactor, self.socket_path, mode=0o600).listen(
-                self._server.factory())
-        except Exception as e:
+            port_.bind()
+            port_.publish()  # replaces an older adaptor's socket of this sandbox in one rename
+        except OSError as e:
+            port_.close()
             self._stopped = True
             raise TTRPCError(Code.INTERNAL, f"agent proxy: listening on {self.socket_path}: {e}") from e
         self._port = port_
-        if self._stopping is not None:  # stop() ran while we were binding
-            await self._close_port()
-            raise self._failed(Code.UNAVAILABLE, "agent proxy stopped")
         link: Link[_Upstream] = Link(
             self._make_endpoint(host, port, server_name), self._new_upstream, self._clock, self._policy,
             attempt_timeout=self._attempt_timeout, client_ready=lambda client: client.ready,
@@ -289,6 +293,23 @@ class AgentProxy:
             self._log.warn("{sandbox_id}: {method} fails: {code}", sandbox_id=self.sandbox_id,
                            method=ctx.method, code=name)
 
+    # -- drain (rolling update)
+    def drain(self, timeout: float) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._drain(timeout))
+
+    async def _drain(self, timeout: float) -> None:
+        if self._stopping is None and self._started:
+            await self._close_port()  # no new connections here; the path is the newer adaptor's by now
+            open_now = self._server.connection_count
+            if open_now:
+                self._log.info("{sandbox_id}: draining {n} shim connections (at most {timeout}s)",
+                               sandbox_id=self.sandbox_id, n=open_now, timeout=timeout)
+            dropped = await self._server.drain(timeout)
+            if dropped:
+                self._log.warn("{sandbox_id}: drain deadline passed: closing {n} shim connections still open",
+                               sandbox_id=self.sandbox_id, n=dropped)
+        await self.stop()
+
     # -- stop
     async def _stop(self) -> None:
         self._stopped = True
@@ -300,21 +321,10 @@ class AgentProxy:
             self._log.info("{sandbox_id}: agent proxy stopped", sandbox_id=self.sandbox_id)
 
     async def _close_port(self) -> None:
+        """Stop listening; the socket file goes only while it is ours (a newer adaptor's stays)."""
         port, self._port = self._port, None
         if port is not None:
-            try:
-                stopped = port.stopListening()
-                if stopped is not None:
-                    await stopped
-            except OSError:  # the pod directory may be gone already
-                pass
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            self._log.warn("{sandbox_id}: removing {socket}: {error}", sandbox_id=self.sandbox_id,
-                           socket=self.socket_path, error=str(e))
+            port.close()
 
     def _stopped_all(self, result: object) -> None:
         if isinstance(result, Failure):

@@ -6,6 +6,11 @@ VMs, roll back half-done starts and finish stops. The journal's writes run off t
 runner); the service awaits each intent write before its side effect. Per sandbox, one `DeferredLock` (taken with
 `async with locked(...)`) serialises StartVM, StopVM, recovery and the sweeper; different sandboxes proceed
 concurrently. Failures are `SandboxError`s with a kind; caa/adaptor/rpc.py maps them to ttrpc codes.
+
+Rolling update (`hand_over`): once a newer adaptor takes over, this service is *passive*: it refuses CreateVM,
+StartVM and StopVM (UNAVAILABLE), never sweeps or recovers, stops an in-flight StartVM at its next step
+without rolling back (the newer adaptor finishes or rolls back from the journal), and holds every sandbox's
+lock for good. Its agent proxies only drain (`shutdown`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -65,6 +70,8 @@ class ServiceConfig:
     delete_timeout: float = 600.0
     #: where CSI drivers leave the pods' direct volumes (caa.adaptor.directvolumes)
     direct_volumes_dir: str = DIRECT_VOLUMES_DIR
+    # After a hand-over, how long the agent proxies keep relaying the shim connections already open (at stop).
+    drain_timeout: float = 20.0
 
 
 class locked:
@@ -91,6 +98,8 @@ class _Sandbox:
     # The StartVM in progress, kept only so that a StopVM can cancel it (whether a start is under way is the
     # state: one of STARTING).
     start_call: Deferred[None] | None = None
+    # Recovery is re-adopting it (its proxy may be dialling for up to --proxy-timeout).
+    adopting: bool = False
 
 
 class CloudService:
@@ -116,6 +125,14 @@ class CloudService:
         self.sandboxes: dict[str, _Sandbox] = {}
         # Fired whenever a sandbox gains an instance id (GetInfo with wait).
         self.instance_known: Notifier[None] = Notifier()
+        # A newer adaptor manages the sandboxes now (rolling update): see `hand_over`.
+        self.passive = False
+        self._hand_over_done: Notifier[list[str]] = Notifier()
+        self._handed_over: list[str] | None = None  # the answer, once every lock is ours
+        # While recovery reads the journal, a StartVM / StopVM waits for the sandboxes to be known (the socket is
+        # served already: a rolling update hands the path over before the newer adaptor reads the journal).
+        self._loading = False
+        self._loaded: Notifier[None] = Notifier()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -173,9 +190,21 @@ class CloudService:
     def version(self) -> str:
         return VERSION
 
+    def _refuse_when_passive(self, what: str, sandbox_id: str) -> None:
+        if self.passive:
+            raise SandboxError(Fault.UNAVAILABLE, f"{what}: sandbox {sandbox_id}: this adaptor handed its sandboxes "
+                                                  "over to a newer one (rolling update); call again")
+
+    def _stop_if_handed_over(self, sb: _Sandbox) -> None:
+        """A StartVM's step boundary: after a hand-over it goes no further (the newer adaptor takes it from the
+        journal)."""
+        if self.passive:
+            raise _HandedOver(sb.record.sandbox_id)
+
     async def create_vm(self, sandbox_id: str, annotations: Mapping[str, str], netns: str) -> str:
         """CreateVM (§1.4): local work only. Returns the agent socket path."""
         check_sandbox_id(sandbox_id)
+        self._refuse_when_passive("adding sandbox", sandbox_id)
         try:
             pod_name, pod_ns = pod_identity(annotations)
         except AnnotationError as e:
@@ -275,15 +304,22 @@ class CloudService:
     def _live(self, sandbox_id: str, what: str) -> _Sandbox:
         """The sandbox, unless it is unknown or on its way out (NOT_FOUND, upstream's text)."""
         check_sandbox_id(sandbox_id)
+        self._refuse_when_passive(what, sandbox_id)
         sb = self.sandboxes.get(sandbox_id)
         if sb is None or sb.record.state in GOING:
             raise SandboxError(Fault.NOT_FOUND, f"{what}: sandbox {sandbox_id} does not exist")
         return sb
 
+    async def _journal_loaded(self) -> None:
+        if self._loading:
+            await self._loaded.wait()
+
     async def start_vm(self, sandbox_id: str, deadline: float | None = None) -> None:
         """StartVM (§1.4): instance -> tunnel -> proxy ready; anything built is undone on failure."""
+        await self._journal_loaded()
         sb = self._live(sandbox_id, "getting sandbox")
         async with locked(sb.lock):
+            self._refuse_when_passive("getting sandbox", sandbox_id)  # handed over while we waited
             if sb.record.state in GOING:  # a StopVM came while we waited for the lock
                 raise SandboxError(Fault.NOT_FOUND, f"getting sandbox: sandbox {sandbox_id} does not exist")
             if sb.record.state is S.RUNNING:
@@ -299,6 +335,7 @@ class CloudService:
         sid = rec.sandbox_id
         t0 = self.clock.seconds()
         data = await self.store.read_user_data(sid)
+        self._stop_if_handed_over(sb)
         await self._put(sb, S.CREATE_INTENT, error="")
         try:
             try:
@@ -323,6 +360,7 @@ class CloudService:
             self.instance_known.notify(None)
             await journalled
             self.cluster.instance_created(sb.record)  # in the background: the API never delays StartVM
+            self._stop_if_handed_over(sb)
             if not instance.ips:
                 raise SandboxError(Fault.UNAVAILABLE, "instance IP is not available")
             try:
@@ -331,6 +369,7 @@ class CloudService:
                 raise
             except Exception as e:
                 raise SandboxError(Fault.INTERNAL, f"setting up pod network tunnel on netns {rec.netns}: {e}") from e
+            self._stop_if_handed_over(sb)
             t2 = self.clock.seconds()
             metrics.START_PHASE_SECONDS.labels(phase="tunnel").observe(t2 - t1)
             # No TUNNEL record before the proxy starts: recovery rolls TUNNEL back exactly as TUNNEL_INTENT, and the
@@ -343,6 +382,13 @@ class CloudService:
             self._log.info("{sandbox_id}: VM {instance_name} started in {elapsed:.1f}s; agent socket {socket}",
                            sandbox_id=sid, instance_name=instance.name, elapsed=t3 - t0, socket=rec.socket_path)
         except BaseException as e:
+            if self.passive and sb.record.state is not S.STOPPING:
+                # Handed over: whatever this start built is in the journal; the newer adaptor, which waits for
+                # us to let go of the lock, finishes or rolls it back.
+                self._log.info("{sandbox_id}: StartVM stopped at {state}: handed over to a newer adaptor",
+                               sandbox_id=sid, state=sb.record.state.value)
+                raise SandboxError(Fault.UNAVAILABLE, f"starting VM for sandbox {sid}: interrupted by a rolling "
+                                   "update; the newer adaptor rolls it back, call StartVM again") from e
             cancelled = isinstance(e, CancelledError)
             reason = "StartVM cancelled (deadline or shim gone)" if cancelled else str(e)
             if sb.record.state is S.STOPPING:
@@ -426,6 +472,7 @@ class CloudService:
 
     async def stop_vm(self, sandbox_id: str) -> None:
         """StopVM (§1.4): best effort, each step's failure logged; succeeds whenever the sandbox is known."""
+        await self._journal_loaded()
         sb = self._live(sandbox_id, "stopping VM")
         t0 = self.clock.seconds()
         prior = sb.record.state
@@ -481,21 +528,30 @@ class CloudService:
 
     async def recover(self) -> None:
         """Re-adopt or undo every journalled sandbox (concurrently); never raises."""
-        for sid in await self.store.remove_strays():
-            self._log.info("{sandbox_id}: removed the directory of an interrupted CreateVM", sandbox_id=sid)
-        records = await self.store.load_all()
-        self._log.info("journal: recovering {n} sandboxes", n=len(records))
-        work = []
-        for rec in records:
-            sb = _Sandbox(rec)
-            self.sandboxes[rec.sandbox_id] = sb
-            work.append(Deferred.fromCoroutine(self._recover_one(sb)))
-        self._update_gauge()
+        self._loading = True
+        try:
+            for sid in await self.store.remove_strays():
+                self._log.info("{sandbox_id}: removed the directory of an interrupted CreateVM", sandbox_id=sid)
+            records = await self.store.load_all()
+            if self.passive:  # a newer adaptor took over while we read the journal: the sandboxes are its
+                return
+            self._log.info("journal: recovering {n} sandboxes", n=len(records))
+            work = []
+            for rec in records:
+                sb = _Sandbox(rec)
+                self.sandboxes[rec.sandbox_id] = sb
+                work.append(Deferred.fromCoroutine(self._recover_one(sb)))
+            self._update_gauge()
+        finally:
+            self._loading = False
+            self._loaded.notify(None)
         if work:
             await gatherResults(work, consumeErrors=True).addErrback(lambda f: None)
 
     async def _recover_one(self, sb: _Sandbox) -> None:
         async with locked(sb.lock):
+            if self.passive:
+                return
             rec = sb.record
             sid = rec.sandbox_id
             pod_gone = bool(rec.netns) and not os.path.exists(rec.netns)
@@ -521,14 +577,21 @@ class CloudService:
         sid = rec.sandbox_id
         self._log.info("{sandbox_id}: recovery: re-adopting VM {instance_id} at {ips}", sandbox_id=sid,
                        instance_id=rec.instance_id, ips=list(rec.ips))
+        sb.adopting = True
         try:
             await self.network.ensure(sid, rec.netns, rec.ips, _network(rec))
+            self._stop_if_handed_over(sb)
             await self._start_proxy(sb, None)
         except Exception as e:
+            if self.passive:  # handed over meanwhile: the newer adaptor re-adopts it
+                self._log.info("{sandbox_id}: re-adoption stopped: handed over to a newer adaptor", sandbox_id=sid)
+                return
             self._log.warn("{sandbox_id}: re-adopting failed ({error}); deleting the VM", sandbox_id=sid,
                            error=str(e))
             await self._rollback(sb, f"re-adopt after restart failed: {e}")
             return
+        finally:
+            sb.adopting = False
         # The PeerPod may never have been created (the API was down, or an older adaptor kept no name): make
         # sure it exists; one that does counts as created.
         if not sb.record.peerpod:
@@ -539,8 +602,10 @@ class CloudService:
 
     async def sweep(self) -> None:
         """Periodic, never raises: retry deletes that failed in StopVM (ORPHAN), and stop sandboxes whose pod
-        network namespace has vanished (the pod is gone without a StopVM: nothing may leak)."""
+        network namespace has vanished (the pod is gone without a StopVM: nothing may leak). Passive: nothing."""
         for sid, sb in list(self.sandboxes.items()):
+            if self.passive:
+                return
             rec = sb.record
             if sb.lock.locked:  # busy; an unlocked STOPPING sandbox is a StopVM that failed: finished here
                 continue
@@ -556,10 +621,60 @@ class CloudService:
                 self._log.failure("{sandbox_id}: sweep failed", sandbox_id=sid)
 
     async def shutdown(self) -> None:
-        """Graceful stop: close every proxy's listener, keep VMs, tunnels and the journal."""
-        work = [Deferred.fromCoroutine(self._stop_proxy(sb)) for sb in self.sandboxes.values()]
+        """Graceful stop: close every proxy's listener, keep VMs, tunnels and the journal. After a hand-over the
+        proxies drain first: shim connections already open relay until closed, for at most drain_timeout."""
+        stop = self._drain_proxy if self.passive else self._stop_proxy
+        work = [Deferred.fromCoroutine(stop(sb)) for sb in self.sandboxes.values()]
         if work:
             await gatherResults(work, consumeErrors=True).addErrback(lambda f: None)
+
+    async def _drain_proxy(self, sb: _Sandbox) -> None:
+        proxy, sb.proxy = sb.proxy, None
+        if proxy is None:
+            return
+        timeout = self.config.drain_timeout
+        try:
+            await self._with_timeout(proxy.drain(timeout), timeout + 10.0)
+        except Exception as e:
+            self._log.warn("{sandbox_id}: draining agent proxy: {error}", sandbox_id=sb.record.sandbox_id,
+                           error=str(e))
+
+    # -- rolling update --------------------------------------------------------------------------
+
+    def hand_over(self) -> Deferred[list[str]]:
+        """A newer adaptor takes over: become passive (see the module docstring) and fire, with the sandbox ids,
+        once no work of ours is under way on any sandbox (every lock is ours, for good). A StartVM in flight
+        stops at its next step (its agent dial at once); a StopVM in flight finishes. Idempotent."""
+        if self._handed_over is not None:
+            return succeed(self._handed_over)
+        answer = self._hand_over_done.wait()
+        if not self.passive:
+            self.passive = True
+            self._log.warn("handing over {n} sandboxes to a newer adaptor: no more sweeps, starts or stops here",
+                           n=len(self.sandboxes))
+            Deferred.fromCoroutine(self._hand_over())
+        return answer
+
+    async def _hand_over(self) -> list[str]:
+        await self._journal_loaded()  # a recovery reading the journal stops after the read (we are passive)
+        for sb in list(self.sandboxes.values()):
+            dialling = (sb.start_call is not None and sb.record.state in (S.TUNNEL_INTENT, S.TUNNEL)) or sb.adopting
+            if dialling and sb.proxy is not None:
+                # The dial may go on for --proxy-timeout; nothing is relayed yet, so it stops now.
+                Deferred.fromCoroutine(self._stop_proxy(sb))
+        await gatherResults([sb.lock.acquire() for sb in list(self.sandboxes.values())])
+        ids = sorted(self.sandboxes)
+        self._log.info("handed over sandboxes {ids}", ids=ids)
+        self._handed_over = ids
+        self._hand_over_done.notify(ids)
+        return ids
+
+
+class _HandedOver(Exception):
+    """Raised at a StartVM step boundary after a hand-over (turned into UNAVAILABLE by `_start`)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id}: handed over to a newer adaptor")
 
 
 def _network(rec: SandboxRecord) -> PodNetworkConfig:

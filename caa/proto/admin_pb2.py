@@ -25,19 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x0e\x63\x61\x61.adaptor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14ListSandboxesRequest\"\xae\x01\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08pod_name\x18\x02 \x01(\t\x12\x15\n\rpod_namespace\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x0e\n\x06vm_ips\x18\x05 \x03(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"C\n\x15ListSandboxesResponse\x12*\n\tsandboxes\x18\x01 \x03(\x0b\x32\x17.caa.adaptor.v1.Sandbox2e\n\x05\x41\x64min\x12\\\n\rListSandboxes\x12$.caa.adaptor.v1.ListSandboxesRequest\x1a%.caa.adaptor.v1.ListSandboxesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x0e\x63\x61\x61.adaptor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\x0fHandOverRequest\x12\x11\n\tsuccessor\x18\x01 \x01(\t\"4\n\x10HandOverResponse\x12\x13\n\x0bsandbox_ids\x18\x01 \x03(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\"\x16\n\x14ListSandboxesRequest\"\xae\x01\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08pod_name\x18\x02 \x01(\t\x12\x15\n\rpod_namespace\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x0e\n\x06vm_ips\x18\x05 \x03(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"C\n\x15ListSandboxesResponse\x12*\n\tsandboxes\x18\x01 \x03(\x0b\x32\x17.caa.adaptor.v1.Sandbox2\xb4\x01\n\x05\x41\x64min\x12\\\n\rListSandboxes\x12$.caa.adaptor.v1.ListSandboxesRequest\x1a%.caa.adaptor.v1.ListSandboxesResponse\x12M\n\x08HandOver\x12\x1f.caa.adaptor.v1.HandOverRequest\x1a .caa.adaptor.v1.HandOverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTSANDBOXESREQUEST']._serialized_start=64
-  _globals['_LISTSANDBOXESREQUEST']._serialized_end=86
-  _globals['_SANDBOX']._serialized_start=89
-  _globals['_SANDBOX']._serialized_end=263
-  _globals['_LISTSANDBOXESRESPONSE']._serialized_start=265
-  _globals['_LISTSANDBOXESRESPONSE']._serialized_end=332
-  _globals['_ADMIN']._serialized_start=334
-  _globals['_ADMIN']._serialized_end=435
+  _globals['_HANDOVERREQUEST']._serialized_start=64
+  _globals['_HANDOVERREQUEST']._serialized_end=100
+  _globals['_HANDOVERRESPONSE']._serialized_start=102
+  _globals['_HANDOVERRESPONSE']._serialized_end=154
+  _globals['_LISTSANDBOXESREQUEST']._serialized_start=156
+  _globals['_LISTSANDBOXESREQUEST']._serialized_end=178
+  _globals['_SANDBOX']._serialized_start=181
+  _globals['_SANDBOX']._serialized_end=355
+  _globals['_LISTSANDBOXESRESPONSE']._serialized_start=357
+  _globals['_LISTSANDBOXESRESPONSE']._serialized_end=424
+  _globals['_ADMIN']._serialized_start=427
+  _globals['_ADMIN']._serialized_end=607
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HandOverRequest(_message.Message):
+    __slots__ = ("successor",)
+    SUCCESSOR_FIELD_NUMBER: _ClassVar[int]
+    successor: str
+    def __init__(self, successor: _Optional[str] = ...) -> None: ...
+
+class HandOverResponse(_message.Message):
+    __slots__ = ("sandbox_ids", "pid")
+    SANDBOX_IDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_ids: _containers.RepeatedScalarFieldContainer[str]
+    pid: int
+    def __init__(self, sandbox_ids: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ...) -> None: ...
+
 class ListSandboxesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -265,6 +265,7 @@ class Server:
         self._fallback: RawHandler | None = None
         self._connections: set[ServerProtocol] = set()
         self._idle_waiters: list[Deferred[None]] = []
+        self._closed_waiters: list[Deferred[None]] = []
 
     def register(self, service: str, methods: dict[str, tuple[type[Message], Handler]]) -> None:
         if service in self._services:
@@ -305,11 +306,44 @@ class Server:
     def in_flight(self) -> int:
         return sum(c.in_flight for c in self._connections)
 
+    @property
+    def connection_count(self) -> int:
+        """Client connections open now."""
+        return len(self._connections)
+
     def _check_idle(self) -> None:
         if self._idle_waiters and self.in_flight == 0:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+        if self._closed_waiters and not self._connections:
+            closed, self._closed_waiters = self._closed_waiters, []
+            for d in closed:
+                d.callback(None)
+
+    async def drain(self, timeout: float) -> int:
+        """Let the open connections go on (calls and all) until their clients close them, for at most `timeout`
+        seconds; then drop the ones left. Returns how many were dropped. Stop listening first."""
+        if self._connections:
+            closed: Deferred[None] = Deferred()
+            self._closed_waiters.append(closed)
+
+            def give_up() -> None:
+                if closed in self._closed_waiters:
+                    self._closed_waiters.remove(closed)
+                    closed.callback(None)
+
+            timer = self.clock.callLater(timeout, give_up)
+            try:
+                await closed
+            finally:
+                if timer.active():
+                    timer.cancel()
+                if closed in self._closed_waiters:  # cancelled from outside
+                    self._closed_waiters.remove(closed)
+        left = len(self._connections)
+        self.abort()
+        return left
 
     def abort(self) -> None:
         """Drop every connection now; in-flight handlers are cancelled."""

@@ -24,6 +24,7 @@ class FakeProxy:
         self.socket_path = socket_path
         self.started: tuple[tuple[str, int], str, float] | None = None
         self.stopped = False
+        self.drained: float | None = None  # the timeout drain() was given
         self._start: Deferred[None] | None = None
 
     def start(self, address: tuple[str, int], server_name: str, deadline: float) -> Deferred[None]:
@@ -48,6 +49,10 @@ class FakeProxy:
         if self._start is not None and not self._start.called:
             self._start.errback(CancelledError())
         return succeed(None)
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        self.drained = timeout
+        return self.stop()
 
 
 @implementer(IAgentProxyFactory)

@@ -60,6 +60,9 @@ class RelayProxy:
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
+    def drain(self, timeout: float) -> Deferred[None]:
+        return self.stop()  # no drain in the stand-in: it closes at once
+
     async def _stop(self) -> None:
         self._stopped = True
         if self._run is not None and not self._run.called:
