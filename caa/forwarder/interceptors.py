@@ -46,6 +46,7 @@ __all__ = [
     "wait_for_mounts",
     "wait_for_data_disk",
     "find_data_disk",
+    "azure_disk_by_path",
     "disk_by_serial",
     "disk_detect_settings",
     "is_luks",
@@ -188,13 +189,22 @@ def disk_by_serial(serial: str, dev: str = "/dev", sys: str = "/sys") -> str | N
 
 
 def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev", sys: str = "/sys") -> str | None:
-    """The block device of a data disk: Azure by-lun links, AWS EBS by-id links, the disk whose serial is the
-    LUN's (libvirt, caa.podvm_api.volumes.data_disk_serial), else upstream's libvirt guess /dev/vd<b+lun>."""
+    """The block device of a data disk: Azure by-lun links (then upstream's VMBus by-path links off SCSI host 0),
+    GCP device-name links, AWS EBS by-id links, the disk whose serial is the LUN's (libvirt,
+    caa.podvm_api.volumes.data_disk_serial), else upstream's libvirt guess /dev/vd<b+lun>."""
     import glob
 
     for p in (f"{dev}/disk/azure/data/by-lun/{lun}", f"{dev}/disk/azure/scsi1/lun{lun}"):
         if os.path.exists(p):
             return os.path.realpath(p)
+    azure = azure_disk_by_path(lun, dev, sys)
+    if azure:
+        return azure
+    if lun >= 0:  # GCP: the device name the provider gave disk n (google guest rules, else systemd's SCSI id)
+        name = data_disk_serial(lun)
+        for p in (f"{dev}/disk/by-id/google-{name}", f"{dev}/disk/by-id/scsi-0Google_PersistentDisk_{name}"):
+            if os.path.exists(p):
+                return os.path.realpath(p)
     ebs = sorted(p for p in glob.glob(f"{dev}/disk/by-id/nvme-Amazon_Elastic_Block_Store_*") if "-part" not in p)
     if ebs:
         if disk_id:
@@ -210,6 +220,20 @@ def find_data_disk(lun: int, disk_id: str = "", dev: str = "/dev", sys: str = "/
         vd = f"{dev}/vd{chr(ord('b') + lun)}"
         if os.path.exists(vd):
             return vd
+    return None
+
+
+def azure_disk_by_path(lun: int, dev: str = "/dev", sys: str = "/sys") -> str | None:
+    """Upstream's Azure fallback without Azure's udev rules: systemd's /dev/disk/by-path/*vmbus*-lun-<lun> link
+    (not a partition) whose disk is not on SCSI host 0, the OS disk's controller (sysfs `device` links to its
+    H:C:T:L; a disk sysfs says nothing about is taken)."""
+    import glob
+
+    for link in sorted(glob.glob(f"{dev}/disk/by-path/*vmbus*-lun-{lun}")):
+        device = os.path.realpath(link)
+        hctl = f"{sys}/block/{os.path.basename(device)}/device"
+        if not os.path.exists(hctl) or os.path.basename(os.path.realpath(hctl)).split(":", 1)[0] != "0":
+            return device
     return None
 
 

@@ -20,9 +20,19 @@ It enforces what ARM enforces for these calls: the NIC a VM names must exist and
 deleted while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image and VM size
 must exist, a ConfidentialVM security profile needs the OS disk's `securityEncryptionType`, and `userData` must
 be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go
-with the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `fail_vm = (code,
-message)` makes the next VM create's operation end Failed with that error; `hang_once(text)` leaves the next ARM
-request whose path contains `text` unanswered (its `hung` notifier fires then).
+with the VM.
+
+Managed data disks (`add_disk` makes one, `Unattached`): a VM's `storageProfile.dataDisks` must name existing
+disks (404 NotFound otherwise), in the VM's region, each once at a distinct LUN 0-63, no more than the size's
+`maxDataDiskCount` (4 here; 409 OperationNotAllowed), none held by another VM (409 ConflictingUserInput, ARM's
+"already attached" text); only createOption Attach is modelled. The VM holds them (`managedBy`, diskState
+`Attached`; `attachments` records (vm, lun, disk id) in order); when the VM goes a data disk with deleteOption
+Delete goes too, any other (Detach, ARM's default for an attached disk) becomes `Unattached`. A disk held by a
+VM cannot be deleted (409 OperationNotAllowed).
+
+`throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `fail_vm = (code, message)` makes
+the next VM create's operation end Failed with that error; `hang_once(text)` leaves the next ARM request whose
+path contains `text` unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -93,6 +103,7 @@ class FakeAzure(Resource):
         self.operations: dict[str, int] = {}  # operation id -> GETs left while InProgress
         self.requests: list[tuple[str, str]] = []  # (method, path) of every ARM request
         self.bodies: dict[str, Any] = {}  # lower-case ARM id -> the last PUT body
+        self.attachments: list[tuple[str, int, str]] = []  # (vm name, lun, disk id) of every data disk attached
         self.throttled = 0
         self.hang = ""
         self.hung: Notifier[str] = Notifier()
@@ -111,6 +122,19 @@ class FakeAzure(Resource):
     def expire_tokens(self) -> None:
         for token in self.tokens:
             self.tokens[token] = 0.0
+
+    def add_disk(self, name: str, group: str = GROUP, location: str = REGION, size_gb: int = 10) -> str:
+        """A managed disk as the CSI driver's CreateVolume leaves it (Unattached); its ARM id."""
+        self.groups.add(group.lower())
+        disk_id = f"{group_path(group=group)}/providers/Microsoft.Compute/disks/{name}"
+        self.resources[disk_id.lower()] = {
+            "id": disk_id, "name": name, "type": "Microsoft.Compute/disks", "location": location, "managedBy": None,
+            "sku": {"name": "Premium_LRS"},
+            "properties": {"diskSizeGB": size_gb, "diskState": "Unattached", "provisioningState": "Succeeded"}}
+        return disk_id
+
+    def disk(self, disk_id: str) -> dict[str, Any] | None:
+        return self.resources.get(disk_id.lower())
 
     def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
         """Resources whose type is `kind` (e.g. Microsoft.Compute/virtualMachines), by name."""
@@ -396,14 +420,59 @@ class FakeAzure(Resource):
             raise ArmError(400, "InvalidResourceReference", f"Resource {nics[0].get('id')} was not found.")
         if nic.get("virtualMachine", {}).get("id", path).lower() != path.lower():
             raise ArmError(400, "NicInUse", f"Network interface {nic['id']} is used by another virtual machine.")
+        data = self._data_disks(path, size, storage.get("dataDisks") or [])
         nic["virtualMachine"] = {"id": path}
-        disk = os_disk.get("name") or f"{name}_OsDisk"
-        disk_id = f"{group_path()}/providers/Microsoft.Compute/disks/{disk}"
-        self.resources[disk_id.lower()] = {"id": disk_id, "name": disk, "type": "Microsoft.Compute/disks",
-                                           "location": REGION, "managedBy": path, "properties": {}}
+        for entry in data:
+            disk = self.resources[entry["managedDisk"]["id"].lower()]
+            disk["managedBy"] = path
+            disk["properties"]["diskState"] = "Attached"
+            self.attachments.append((name, entry["lun"], disk["id"]))
+        disk_name = os_disk.get("name") or f"{name}_OsDisk"
+        disk_id = f"{group_path()}/providers/Microsoft.Compute/disks/{disk_name}"
+        self.resources[disk_id.lower()] = {"id": disk_id, "name": disk_name, "type": "Microsoft.Compute/disks",
+                                           "location": REGION, "managedBy": path,
+                                           "properties": {"diskState": "Attached"}}
         return {**properties, "vmId": str(uuid.uuid4()), "provisioningState": "Succeeded",
-                "storageProfile": {**storage, "osDisk": {**os_disk, "name": disk,
-                                                         "managedDisk": {"id": disk_id}}}}
+                "storageProfile": {**storage, "dataDisks": data,
+                                   "osDisk": {**os_disk, "name": disk_name, "managedDisk": {"id": disk_id}}}}
+
+    def _data_disks(self, vm: str, size: str, entries: Any) -> list[dict[str, Any]]:
+        """The VM's data disks as ARM stores them, after ARM's checks of `storageProfile.dataDisks`."""
+        if not isinstance(entries, list):
+            raise ArmError(400, "InvalidRequestContent", "dataDisks must be an array.")
+        if len(entries) > 4:
+            raise ArmError(409, "OperationNotAllowed", "The maximum number of data disks allowed to be attached to "
+                                                       "a VM of this size is 4.")
+        out: list[dict[str, Any]] = []
+        luns: set[int] = set()
+        for entry in entries:
+            lun = entry.get("lun") if isinstance(entry, dict) else None
+            if not isinstance(lun, int) or not 0 <= lun <= 63:
+                raise ArmError(400, "InvalidParameter", f"The value {lun!r} of parameter 'dataDisk.lun' is invalid.")
+            if lun in luns:
+                raise ArmError(400, "InvalidParameter", f"A disk at LUN {lun} already exists.")
+            luns.add(lun)
+            if entry.get("createOption") != "Attach":
+                raise ArmError(400, "InvalidParameter", f"createOption {entry.get('createOption')!r} of the data disk "
+                                                        f"at LUN {lun}: this fake models only Attach.")
+            disk_id = str((entry.get("managedDisk") or {}).get("id", ""))
+            disk = self.resources.get(disk_id.lower())
+            if disk is None or disk["type"] != "Microsoft.Compute/disks":
+                raise ArmError(404, "NotFound", f"Resource {disk_id} not found.")
+            if disk["location"] != REGION:
+                raise ArmError(400, "InvalidParameter", f"Disk {disk_id} is in location {disk['location']}; the "
+                                                        f"VM is in {REGION}.")
+            owner = disk.get("managedBy")
+            if owner and owner.lower() != vm.lower():
+                raise ArmError(409, "ConflictingUserInput", f"Cannot attach the disk {disk['name']} to VM {vm} "
+                                                            f"because it is already attached to VM {owner}. A disk "
+                                                            "can be attached to only one VM at a time.")
+            if any(d["managedDisk"]["id"].lower() == disk_id.lower() for d in out):
+                raise ArmError(400, "InvalidParameter", f"Disk {disk_id} is attached twice.")
+            out.append({"lun": lun, "name": disk["name"], "createOption": "Attach", "caching": "None",
+                        "deleteOption": entry.get("deleteOption", "Detach"),
+                        "managedDisk": {"id": disk["id"]}, "diskSizeGB": disk["properties"].get("diskSizeGB")})
+        return out
 
     def _delete(self, request: Request, kind: str, key: str) -> Any:
         resource = self.resources.get(key)
@@ -431,6 +500,13 @@ class FakeAzure(Resource):
                 self.resources.pop(disk_key, None)
             elif disk_key in self.resources:
                 self.resources[disk_key]["managedBy"] = None
+            for data in properties["storageProfile"].get("dataDisks", []):
+                data_key = data["managedDisk"]["id"].lower()
+                if data.get("deleteOption") == "Delete":
+                    self.resources.pop(data_key, None)
+                elif data_key in self.resources:
+                    self.resources[data_key]["managedBy"] = None
+                    self.resources[data_key]["properties"]["diskState"] = "Unattached"
             for reference in properties["networkProfile"]["networkInterfaces"]:
                 nic_key = str(reference["id"]).lower()
                 if reference.get("properties", {}).get("deleteOption") == "Delete":

@@ -15,16 +15,24 @@ resource standing for
   `compute#operation` that is RUNNING for `operation_polls` GETs and then DONE; an instance is PROVISIONING,
   STAGING, then RUNNING with its `networkIP` (10.128.0.2 onwards; `natIP` 34.0.0.x with an access config),
   STOPPING while it is deleted,
+- Compute persistent disks: `zones/{zone}/disks/{disk}` (get) for the disks `add_disk` made (in ZONE or
+  OTHER_ZONE),
 - Resource Manager v3 `GET /v3/tagValues/namespaced?name={project}/{key}/{value}` (403 PERMISSION_DENIED for an
   unknown value, as the real one answers).
 
 It rejects what Compute rejects for these calls: an invalid instance name, an unknown machine type, image, disk
 type, network or subnetwork, a confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d,
 SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that is not base64, `params.
-resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n Compute
-requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
-operation with that error code; `hang_once(text)` leaves the next request whose path contains `text`
-unanswered (its `hung` notifier fires then).
+resourceManagerTags` not of the form tagKeys/N -> tagValues/N; for `disks[]`: exactly one boot disk, first,
+with initializeParams; every other entry an existing disk by `source` (404 notFound otherwise) in the instance's
+zone, with a unique valid `deviceName`, not used READ_WRITE by another instance (400
+resourceInUseByAnotherResource). Attached disks list the instance in their `users` (`attachments` records
+(instance, deviceName, source path) in order); when the instance goes, those with `autoDelete` (default false
+for an attached disk) are deleted with it, the others stay with the instance gone from `users`.
+
+`throttle(n, status)` makes the next n Compute requests answer 429 rateLimitExceeded (or 503 backendError);
+`fail_insert = code` ends the next insert's operation with that error code; `hang_once(text)` leaves the next
+request whose path contains `text` unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from caa.notifier import Notifier
 
 PROJECT = "caa-project"
 ZONE = "us-central1-a"
+OTHER_ZONE = "us-central1-b"  # holds disks only
 CLIENT_EMAIL = f"caa-adaptor@{PROJECT}.iam.gserviceaccount.com"
 KEY_ID = "5e7a0000c0ffee0000000000000000000000caa1"
 IMAGE = "podvm-image"
@@ -96,6 +105,8 @@ class FakeGcp(Resource):
         self.token_requests: list[dict[str, str]] = []
         self.instances: dict[str, dict[str, Any]] = {}
         self.inserted: dict[str, Any] = {}  # name -> the insert body
+        self.disks: dict[str, dict[str, Any]] = {}  # projects/<p>/zones/<z>/disks/<name> -> disk
+        self.attachments: list[tuple[str, str, str]] = []  # (instance, deviceName, disk path) of every attach
         self.operations: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every Compute / Resource Manager request
         self.images = {f"projects/{PROJECT}/global/images/{IMAGE}": 20,
@@ -115,6 +126,17 @@ class FakeGcp(Resource):
 
     def hang_once(self, text: str) -> None:
         self.hang = text
+
+    def add_disk(self, name: str, zone: str = ZONE, size_gb: int = 10, status: str = "READY") -> str:
+        """A persistent disk as the PD CSI driver's CreateVolume leaves it (no users); its path (the driver's
+        volume handle)."""
+        path = f"projects/{PROJECT}/zones/{zone}/disks/{name}"
+        self.disks[path] = {
+            "kind": "compute#disk", "id": str(next(self._ids)), "name": name, "sizeGb": str(size_gb),
+            "zone": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{zone}", "status": status,
+            "type": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{zone}/diskTypes/pd-balanced",
+            "selfLink": f"{self.base}/compute/v1/{path}", "users": []}
+        return path
 
     def expire_tokens(self) -> None:
         for token in self.tokens:
@@ -243,10 +265,15 @@ class FakeGcp(Resource):
             raise self._not_found(f"projects/{project}")
         if len(rest) < 3 or rest[0] != "zones":
             raise self._not_found(path)
-        if rest[1] != ZONE:
+        collection, item = rest[2], rest[3] if len(rest) > 3 else ""
+        if rest[1] != ZONE and not (rest[1] == OTHER_ZONE and collection == "disks"):
             raise GoogleError(400, "invalid", f"Invalid value for field 'zone': '{rest[1]}'. Unknown zone.",
                               "INVALID_ARGUMENT")
-        collection, item = rest[2], rest[3] if len(rest) > 3 else ""
+        if collection == "disks" and item and method == "GET":
+            disk = self.disks.get(path)
+            if disk is None:
+                raise self._not_found(path)
+            return disk
         if collection == "machineTypes" and item and method == "GET":
             found = MACHINE_TYPES.get(item)
             if found is None:
@@ -278,7 +305,7 @@ class FakeGcp(Resource):
                 operation["status"] = "DONE"
                 target = operation["targetLink"].rsplit("/", 1)[-1]
                 if operation["operationType"] == "delete" or operation.get("error"):
-                    self.instances.pop(target, None)
+                    self._release(self.instances.pop(target, None))
         return {k: v for k, v in operation.items() if not k.startswith("_")}
 
     def _start(self, kind: str, target: str) -> dict[str, Any]:
@@ -315,8 +342,10 @@ class FakeGcp(Resource):
             raise self._invalid(f"Invalid value for field 'resource.machineType': '{body.get('machineType')}'. "
                                 "Machine type with name does not exist in zone.")
         disks = body.get("disks") or []
-        if len(disks) != 1 or not disks[0].get("boot"):
-            raise self._invalid("Invalid value for field 'resource.disks': one boot disk is required.")
+        if not disks or not disks[0].get("boot") or any(d.get("boot") for d in disks[1:]):
+            raise self._invalid("Invalid value for field 'resource.disks': one boot disk is required and it must "
+                                "be the first disk.")
+        attached = self._attached_disks(name, disks[1:])
         params = disks[0].get("initializeParams", {})
         image = str(params.get("sourceImage", ""))
         image_key = image[image.find("projects/"):] if "projects/" in image else image
@@ -365,11 +394,18 @@ class FakeGcp(Resource):
             nic["accessConfigs"] = [{**a, "natIP": f"34.0.0.{next(self._nat)}"} for a in interface["accessConfigs"]]
         self.inserted[name] = body
         failure, self.fail_insert = self.fail_insert, ""
+        link = f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/{name}"
+        for entry in attached:
+            self.disks[entry["_path"]]["users"].append(link)
+            self.attachments.append((name, entry["deviceName"], entry["_path"]))
         self.instances[name] = {
             "kind": "compute#instance", "id": str(next(self._ids)), "name": name, "zone": ZONE,
             "machineType": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}",
             "status": "PROVISIONING", "networkInterfaces": [nic], "metadata": body.get("metadata", {}),
-            "_gets": 0,
+            "disks": [{"boot": True, "autoDelete": bool(disks[0].get("autoDelete")), "index": 0,
+                       "deviceName": "persistent-disk-0", "type": "PERSISTENT"},
+                      *({k: v for k, v in e.items() if k != "_path"} for e in attached)],
+            "selfLink": link, "_gets": 0, "_attached": attached,
         }
         operation = self._start("insert", name)
         if failure:
@@ -378,6 +414,47 @@ class FakeGcp(Resource):
                                                                "available to fulfill the request."}]},
                 httpErrorStatusCode=503, httpErrorMessage="SERVICE UNAVAILABLE")
         return operation
+
+    def _attached_disks(self, instance: str, entries: list[Any]) -> list[dict[str, Any]]:
+        """The non-boot disks of an insert as the instance lists them, after Compute's checks."""
+        out: list[dict[str, Any]] = []
+        for index, entry in enumerate(entries, start=1):
+            field = f"resource.disks[{index}]"
+            source = str(entry.get("source", ""))
+            if not source or "initializeParams" in entry:
+                raise self._invalid(f"Invalid value for field '{field}': only existing disks (source) are modelled.")
+            path = source[source.find("projects/"):] if "projects/" in source else source
+            disk = self.disks.get(path)
+            if disk is None:
+                raise self._not_found(path)
+            if path.split("/")[3] != ZONE:
+                raise self._invalid(f"Invalid value for field '{field}.source': '{source}'. Disk must be in the "
+                                    "same zone as the instance.")
+            device = str(entry.get("deviceName") or f"persistent-disk-{index}")
+            if not _NAME.match(device) or any(d["deviceName"] == device for d in out):
+                raise self._invalid(f"Invalid value for field '{field}.deviceName': '{device}'.")
+            mode = str(entry.get("mode", "READ_WRITE"))
+            if disk["users"] and mode == "READ_WRITE":
+                raise GoogleError(400, "resourceInUseByAnotherResource", f"The disk resource '{path}' is already "
+                                                                         f"being used by '{disk['users'][0]}'",
+                                  "INVALID_ARGUMENT")
+            out.append({"boot": False, "autoDelete": bool(entry.get("autoDelete", False)), "index": index,
+                        "deviceName": device, "mode": mode, "type": "PERSISTENT", "source": disk["selfLink"],
+                        "_path": path})
+        return out
+
+    def _release(self, instance: dict[str, Any] | None) -> None:
+        """The instance is gone: its attached disks are deleted with it (autoDelete) or freed."""
+        if instance is None:
+            return
+        for entry in instance["_attached"]:
+            disk = self.disks.get(entry["_path"])
+            if disk is None:
+                continue
+            if entry["autoDelete"]:
+                del self.disks[entry["_path"]]
+            else:
+                disk["users"] = [u for u in disk["users"] if u != instance["selfLink"]]
 
     def _get(self, name: str) -> dict[str, Any]:
         instance = self.instances.get(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +20,7 @@ from zope.interface import implementer
 from caa.podvm_api.naming import instance_name
 from caa.providers.azure.arm import COMPUTE_API, DISK_API, NETWORK_API, ArmClient
 from caa.providers.azure.config import MAX_USER_DATA, AzureConfig
+from caa.providers.azure.disks import DISK_ID, MAX_LUNS, data_disks, disk_problem
 from caa.providers.azure.identity import credential_kind, fetch_token
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
@@ -55,7 +57,8 @@ def disk_name(vm: str) -> str:
 
 
 def vm_body(
-    config: AzureConfig, name: str, size: str, image: str, user_data: bytes, nic_id: str, ssh_key: str
+    config: AzureConfig, name: str, size: str, image: str, user_data: bytes, nic_id: str, ssh_key: str,
+    disk_ids: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ARM VirtualMachine of one pod VM (spec-providers §4.2); pure, so tested without a cloud."""
     encoded = base64.b64encode(user_data).decode()
@@ -70,9 +73,12 @@ def vm_body(
                                "deleteOption": "Delete", "managedDisk": managed_disk}
     if config.root_volume_size > 0:
         os_disk["diskSizeGB"] = config.root_volume_size
+    storage: dict[str, Any] = {"imageReference": image_reference, "osDisk": os_disk}
+    if disk_ids:
+        storage["dataDisks"] = data_disks(disk_ids)
     properties: dict[str, Any] = {
         "hardwareProfile": {"vmSize": size},
-        "storageProfile": {"imageReference": image_reference, "osDisk": os_disk},
+        "storageProfile": storage,
         "osProfile": {
             "computerName": name,
             "adminUsername": config.ssh_username,
@@ -164,6 +170,7 @@ class AzureProvider:
         self.arm = ArmClient(reactor, RestClient(reactor, http, policy, self.redactor), config.arm_endpoint,
                              self.tokens, config.poll_interval)
         self._sizes: list[InstanceTypeInfo] | None = None
+        self._max_data_disks: dict[str, int] = {}  # size -> maxDataDiskCount, from the same size list
         self._ssh_key = ""
         self._lock = DeferredLock()
 
@@ -234,9 +241,11 @@ class AzureProvider:
                     url = self.arm.url(path, COMPUTE_API)
                     while url:  # paged: nextLink
                         page = (await self.arm.call("GET", url, COMPUTE_API, what="list VM sizes")).json()
-                        sizes += [InstanceTypeInfo(str(s.get("name", "")), int(s.get("numberOfCores") or 0),
-                                                   int(s.get("memoryInMB") or 0))
-                                  for s in page.get("value", []) if s.get("name") in wanted]
+                        for s in page.get("value", []):
+                            if s.get("name") in wanted:
+                                sizes.append(InstanceTypeInfo(str(s["name"]), int(s.get("numberOfCores") or 0),
+                                                              int(s.get("memoryInMB") or 0)))
+                                self._max_data_disks[str(s["name"])] = int(s.get("maxDataDiskCount") or 0)
                         url = page.get("nextLink") or ""
                     self._sizes = sizes
             finally:
@@ -258,16 +267,19 @@ class AzureProvider:
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
         config = self.config
-        if spec.volumes or spec.multi_nic:
-            raise InvalidConfig("azure: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported "
-                                "yet")
+        if spec.multi_nic:
+            raise InvalidConfig("azure: a second NIC (--ext-network-via-podvm) is not supported yet")
         size = select_instance_type(spec, await self._vm_sizes(), config.instance_sizes, config.instance_size)
+        disk_ids = tuple(spec.volumes)
+        if disk_ids:  # before anything is made: a disk that cannot be attached leaves nothing behind
+            await self._check_data_disks(name, size, disk_ids)
         image = config.image_id
         if spec.image:
             image = spec.image
             self._log.info("Choosing {image} from annotation as the Azure image for the PodVM image", image=image)
         vm = self.vm_path(name)
-        body = vm_body(config, name, size, image, user_data, self.nic_path(name), await self._public_key())
+        body = vm_body(config, name, size, image, user_data, self.nic_path(name), await self._public_key(),
+                       disk_ids)
         timeout = config.boot_timeout
         try:
             public_ip = ""
@@ -279,6 +291,8 @@ class AzureProvider:
                                f"create {nic_name(name)}")
             created = await self.arm.put(vm, COMPUTE_API, body, timeout, f"create {name}")
             self._log.info("created VM {name} ({size})", name=name, size=size)
+            for lun, disk_id in enumerate(disk_ids):
+                self._log.info("VM {name}: data disk {disk} at LUN {lun}", name=name, disk=disk_id, lun=lun)
             instance = await self._instance_of(created, name)
             if not instance.ips:
                 raise TransientError(f"VM {name}: address not ready")
@@ -294,6 +308,44 @@ class AzureProvider:
             if isinstance(e, ProviderError) and e.kind is ErrorKind.NOT_FOUND:
                 raise InvalidConfig(e.message) from e  # the image, subnet or NSG the create names is missing
             raise
+
+    async def _check_data_disks(self, name: str, size: str, disk_ids: Sequence[str]) -> None:
+        """Upstream's pre-check of the CSI disks: managed disk ids, no more than the size takes, each disk in
+        the region and free (or held by this VM already)."""
+        bad = [d for d in disk_ids if not DISK_ID.fullmatch(d)]
+        if bad:
+            raise InvalidConfig(f"azure: data disk pre-validation failed: {', '.join(bad)}: not a managed disk id "
+                                "(/subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Compute/disks/<name>)")
+        if len({d.lower() for d in disk_ids}) != len(disk_ids):
+            raise InvalidConfig(f"azure: data disk pre-validation failed: a disk is named twice: {list(disk_ids)}")
+        limit = self._max_data_disks.get(size, 0) or MAX_LUNS
+        if size not in self._max_data_disks:
+            self._log.warn("VM size {size}: no maxDataDiskCount known, checking only ARM's {n} LUNs", size=size,
+                           n=MAX_LUNS)
+        if len(disk_ids) > limit:
+            raise InvalidConfig(f"azure: data disk pre-validation failed: {len(disk_ids)} data disks, VM size "
+                                f"{size} takes at most {limit}")
+        problems: list[ProviderError] = []
+        for disk_id in disk_ids:
+            try:
+                disk = await self.arm.get(disk_id, DISK_API, f"get disk {disk_id.rsplit('/', 1)[-1]}")
+            except ProviderError as e:
+                if e.retryable:
+                    raise
+                problems.append(InvalidConfig(f"disk {disk_id} not found" if e.kind is ErrorKind.NOT_FOUND
+                                              else f"disk {disk_id}: {e}"))
+                continue
+            problem = disk_problem(disk_id, disk, self.config.region, self.vm_path(name))
+            if problem is not None:
+                problems.append(problem)
+            elif self.config.zone and disk.get("zones") and self.config.zone not in disk["zones"]:
+                self._log.warn("disk {disk} is in zones {zones}, the VM in zone {zone}", disk=disk_id,
+                               zones=disk["zones"], zone=self.config.zone)
+        if problems:
+            text = "azure: data disk pre-validation failed: " + "; ".join(p.message for p in problems)
+            if any(not p.retryable for p in problems):
+                raise InvalidConfig(text)
+            raise TransientError(text)
 
     async def _instance_of(self, vm: Any, name: str) -> Instance:
         """The Instance of a VM's JSON: its id and IPs (public first when asked, then private)."""
@@ -327,7 +379,8 @@ class AzureProvider:
 
     async def _delete_named(self, name: str) -> None:
         """The VM, then its NIC, public IP and OS disk (ARM removes them with the VM through deleteOption; each
-        delete of an already-gone one is a no-op), in that order: a NIC cannot go while its VM exists."""
+        delete of an already-gone one is a no-op), in that order: a NIC cannot go while its VM exists. The CSI
+        data disks are never deleted: their deleteOption Detach makes ARM release them with the VM."""
         timeout = self.config.boot_timeout
         deleted = await self.arm.delete(self.vm_path(name), COMPUTE_API, timeout, f"delete {name}")
         await self.arm.delete(self.nic_path(name), NETWORK_API, timeout, f"delete {nic_name(name)}")

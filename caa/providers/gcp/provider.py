@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,6 +20,7 @@ from caa.podvm_api.naming import instance_name
 from caa.providers.gcp.auth import ServiceAccountKey, metadata_token, parse_key, service_account_token
 from caa.providers.gcp.compute import ComputeClient
 from caa.providers.gcp.config import GcpConfig
+from caa.providers.gcp.disks import attached_disks, disk_path, disk_problem
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -234,8 +236,9 @@ class GcpProvider:
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
         config = self.config
-        if spec.volumes or spec.multi_nic:
-            raise InvalidConfig("gcp: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported yet")
+        if spec.multi_nic:
+            raise InvalidConfig("gcp: a second NIC (--ext-network-via-podvm) is not supported yet")
+        disks = await self._check_disks(name, spec.volumes) if spec.volumes else []
         machine_type = select_instance_type(spec, await self._machine_types(), config.machine_types,
                                             config.machine_type)
         image = image_path(config.image_name, config.project_id)
@@ -244,10 +247,19 @@ class GcpProvider:
             self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=image)
         disk_size = max(config.root_volume_size, await self._image_disk_size(image))
         body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), spec.gpus)
-        operation = await self.compute.call("POST", f"{self._zone()}/instances", body, f"insert {name}")
+        body["disks"] += attached_disks(disks)
+        try:
+            operation = await self.compute.call("POST", f"{self._zone()}/instances", body, f"insert {name}")
+        except ProviderError as e:
+            if e.kind is ErrorKind.NOT_FOUND:  # nothing was made: the image, network or a disk is missing
+                raise InvalidConfig(e.message) from e
+            raise
         try:
             await self.compute.wait(operation, config.boot_timeout, f"insert {name}")
             self._log.info("created instance {name} ({type})", name=name, type=machine_type)
+            for entry in body["disks"][1:]:
+                self._log.info("instance {name}: disk {disk} as {device}", name=name, disk=entry["source"],
+                               device=entry["deviceName"])
             return await self._wait_running(name)
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
             try:
@@ -260,6 +272,38 @@ class GcpProvider:
             if isinstance(e, ProviderError) and e.kind is ErrorKind.NOT_FOUND:
                 raise InvalidConfig(e.message) from e  # the image or network the insert names is missing
             raise
+
+    async def _check_disks(self, name: str, disk_ids: Sequence[str]) -> list[str]:
+        """The paths of the CSI disks, each checked before the insert: it exists, is in the zone and READY, and
+        no other instance uses it."""
+        config = self.config
+        paths: list[str] = []
+        for disk_id in disk_ids:
+            try:
+                paths.append(disk_path(disk_id, config.project_id, config.zone))
+            except ValueError as e:
+                raise InvalidConfig(f"gcp: disk pre-validation failed: {e}") from None
+        if len(set(paths)) != len(paths):
+            raise InvalidConfig(f"gcp: disk pre-validation failed: a disk is named twice: {paths}")
+        problems: list[ProviderError] = []
+        for path in paths:
+            try:
+                disk = await self.compute.call("GET", path, what=f"disk {path}")
+            except ProviderError as e:
+                if e.retryable:
+                    raise
+                problems.append(InvalidConfig(f"disk {path} not found" if e.kind is ErrorKind.NOT_FOUND
+                                              else f"disk {path}: {e}"))
+                continue
+            problem = disk_problem(path, disk, config.zone, name)
+            if problem is not None:
+                problems.append(problem)
+        if problems:
+            text = "gcp: disk pre-validation failed: " + "; ".join(p.message for p in problems)
+            if any(not p.retryable for p in problems):
+                raise InvalidConfig(text)
+            raise TransientError(text)
+        return paths
 
     async def _wait_running(self, name: str) -> Instance:
         async def probe() -> Instance | None:
@@ -286,6 +330,7 @@ class GcpProvider:
         return Instance(name, name, [ip for ip in ips if ip])
 
     async def _delete(self, instance_id: str) -> None:
+        """The instance; its CSI disks (autoDelete false) stay, detached by Compute with it."""
         if not _NAME.match(instance_id):
             self._log.info("delete of {id}: not an instance name, nothing to delete", id=instance_id)
             return
