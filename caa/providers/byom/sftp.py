@@ -39,8 +39,8 @@ class HostKeyRejected(SSHPushError):
 
 
 def fingerprint(key: keys.Key) -> str:
-    """OpenSSH's `SHA256:<base64>` form."""
-    return str(key.fingerprint(keys.FingerprintFormats.SHA256_BASE64))
+    """OpenSSH's `SHA256:<base64>` form (Twisted gives the base64 with its padding; ssh-keygen drops it)."""
+    return "SHA256:" + str(key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)).rstrip("=")
 
 
 def load_allowlist(directory: str) -> frozenset[str]:
@@ -267,7 +267,7 @@ async def push_file(
         if timed_out:
             raise SSHPushError(f"SFTP push of {path} to {host}: no answer within {timeout:g}s") from None
         if isinstance(e, SSHPushError):
-            raise SSHPushError(f"SFTP push of {path} to {host}: {e}") from None
+            raise type(e)(f"SFTP push of {path} to {host}: {e}") from None
         if isinstance(e, ConnectError):
             raise SSHPushError(f"SFTP push of {path} to {host}: cannot connect to port {port}: {e}") from None
         if isinstance(e, filetransfer.SFTPError):
