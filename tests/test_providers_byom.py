@@ -312,12 +312,12 @@ class ByomSFTPTests(TestCase):
         stranger_dir.mkdir()
         keygen(stranger_dir / "id")
         stranger = SSHIdentity.from_files("root", str(stranger_dir / "id.pub"), str(stranger_dir / "id"))
-        e = await self.assertFailure(Deferred.fromCoroutine(push_file(
-            global_reactor, vm.ip, 22, stranger, HostKeyPolicy(), "cidata/x", b"", 15)), SSHPushError)
-        self.assertIn("authentication as 'root'", str(e))
+        with self.assertRaises(SSHPushError) as refused:
+            await push_file(global_reactor, vm.ip, 22, stranger, HostKeyPolicy(), "cidata/x", b"", 15)
+        self.assertIn("authentication as 'root'", str(refused.exception))
         policy = HostKeyPolicy.from_dir(str(stranger_dir))  # a directory holding some other key
-        e = await self.assertFailure(Deferred.fromCoroutine(push_file(
-            global_reactor, vm.ip, 22, identity, policy, "cidata/x", b"", 15)), HostKeyRejected)
-        self.assertIn(vm.ip, str(e))
+        with self.assertRaises(HostKeyRejected) as rejected:
+            await push_file(global_reactor, vm.ip, 22, identity, policy, "cidata/x", b"", 15)
+        self.assertIn(vm.ip, str(rejected.exception))
         self.assertIsNone(vm.pushed("x"))
         self.assertRaises(ValueError, SSHIdentity.from_files, "root", public, str(stranger_dir / "id"))
