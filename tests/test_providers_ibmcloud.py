@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 
 from caa.providers.ibmcloud.config import IbmCloudConfig, IbmCloudOptions
 from caa.providers.ibmcloud.provider import IbmCloudProvider, instance_ips
@@ -191,7 +192,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         provider = self.ibm()
         token = await provider.iam.token()
         response = await treq.get(f"{self.url}/v1/instances?generation=2", persistent=False,
-                                  headers={b"Authorization": f"Bearer {token}".encode()})
+                                  headers=Headers({"Authorization": [f"Bearer {token}"]}))
         body = await response.json()
         self.assertEqual((response.code, body["errors"][0]["code"]), (400, "missing_version"))
 
