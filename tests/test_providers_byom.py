@@ -128,7 +128,7 @@ class ByomBehaviourTests(ByomTestMixin, TestCase):
 
         def pool() -> IPPool:
             return IPPool(global_reactor, self.kube(), self.namespace, self.cm_name, ips, "worker-1",
-                          checker._check_ready)
+                          checker.check_ready)
 
         a, b = pool(), pool()
         await a.recover()

@@ -95,7 +95,7 @@ class ByomProvider:
             except KubeError as e:
                 raise InvalidConfig(f"byom: the pool ConfigMap needs the Kubernetes API: {e}") from None
         self._pool = IPPool(self._reactor, self._kube, config.pool_namespace, config.pool_configmap_name,
-                            config.pool_ips, config.node_name, self._check_ready, timeout=config.allocate_timeout)
+                            config.pool_ips, config.node_name, self.check_ready, timeout=config.allocate_timeout)
         return self._pool
 
     async def _start(self) -> None:
@@ -178,7 +178,7 @@ class ByomProvider:
         await push_file(self._reactor, ip, self.config.ssh_port, self._identity, self._host_keys, path, data,
                         self.config.ssh_timeout)
 
-    async def _check_ready(self, ip: str) -> None:
+    async def check_ready(self, ip: str) -> None:
         """A TCP connect to the VM's SSH port succeeds (a few tries); TransientError naming the VM otherwise."""
         error: Exception | None = None
         for delay in (*READY_DELAYS, None):
