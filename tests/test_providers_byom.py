@@ -146,6 +146,8 @@ class ByomBehaviourTests(ByomTestMixin, TestCase):
         final = self.stored()
         self.assertEqual((final.allocated, sorted(final.available)), ({}, sorted(ips)))
         self.assertEqual(final.version, 1 + 50 * 4)  # recover + two allocations and two releases a round
+        # Both read before either writes in most rounds: the losers' writes were refused and recomputed.
+        self.assertGreater(a.conflicts + b.conflicts, 0)
 
     def test_host_key_outside_the_allow_list_is_refused(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._allowlist())

@@ -142,6 +142,7 @@ class IPPool:
         self.ready = ready
         self.timeout = timeout
         self._rand = rand
+        self.conflicts = 0  # writes refused for a stale resourceVersion (each one re-read and recomputed)
 
     async def read(self) -> PoolState | None:
         """The stored state, None when there is none yet."""
@@ -249,6 +250,7 @@ class IPPool:
                 return result
             except Conflict:
                 attempt += 1
+                self.conflicts += 1
                 delay = self._rand() * min(0.5, 0.01 * 2 ** min(attempt, 6))
                 if self.clock.seconds() + delay > end:
                     raise TransientError(f"byom: could not {what}: the pool state kept changing for "
