@@ -4,6 +4,9 @@ throttling, bad credentials, IAM token caching and refresh, trusted profiles, an
 
 from __future__ import annotations
 
+import json
+import os
+import urllib.error
 from typing import Any
 
 import attrs
@@ -11,16 +14,20 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
+from caa.k8s.client import connect
 from caa.providers.ibmcloud.config import IbmCloudConfig, IbmCloudOptions
+from caa.providers.ibmcloud.discovery import from_labels
 from caa.providers.ibmcloud.provider import IbmCloudProvider, instance_ips
 from caa.providers.interfaces import ErrorKind, Instance, InstanceSpec, IProvider, ProviderError
 from caa.providers.redact import MASK
 from caa.providers.rest import RetryPolicy
 from caa.reactors import as_node_reactor
 from tests.fakes.ibmcloud import API_KEY, CR_TOKEN, PROFILE_ID, FakeIbmCloud
+from tests.kubeapi import shared_server
 from tests.moto_server import serve
 from tests.test_providers_contract import ProviderContractMixin, unique_pod
 
@@ -222,3 +229,76 @@ class IbmCloudOptionsTests(SynchronousTestCase):
         self.assertIsNone(instance_ips(body))
         body["network_interfaces"][1]["primary_ip"]["address"] = "10.0.1.1"  # type: ignore[index]
         self.assertEqual(instance_ips(body), ("10.0.0.1", "10.0.1.1"))
+
+
+class IbmCloudDiscoveryTests(IbmTestMixin, TestCase):
+    """Start-up discovery from the real kube-apiserver (tests/kubeapi.py): cluster id, zone and subnet from the
+    cluster, VPC and resource group from the subnet."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.server = shared_server(self)
+        self.node = f"ibm-node-{os.getpid()}-{id(self) % 100000}"
+        pool = ThreadPool(minthreads=0, maxthreads=2, name="ibm-discovery-test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.kube = connect(as_node_reactor(global_reactor), pool, str(self.server.admin_kubeconfig))
+        self.addCleanup(self.kube.close)
+
+    def add_node(self, labels: dict[str, str]) -> None:
+        self.server.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
+                                                      "metadata": {"name": self.node, "labels": labels}})
+        self.addCleanup(self.server.request, "DELETE", f"/api/v1/nodes/{self.node}")
+
+    def test_discovered_from_node_labels_cluster_info_and_subnet(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._discovered())
+
+    async def _discovered(self) -> None:
+        fake = await self.start_fake()
+        self.add_node({"topology.kubernetes.io/region": "us-south", "topology.kubernetes.io/zone": "us-south-1",
+                       "ibm-cloud.kubernetes.io/subnet-id": "0717-subnet-2"})
+        cluster = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cluster-info"},
+                   "data": {"cluster-config.json": json.dumps({"cluster_id": "cl-iks-42", "name": "iks"})}}
+        try:
+            self.server.request("POST", "/api/v1/namespaces/kube-system/configmaps", cluster)
+        except urllib.error.HTTPError as e:
+            if e.code != 409:
+                raise
+            self.server.request("PUT", "/api/v1/namespaces/kube-system/configmaps/cluster-info", cluster)
+        provider = IbmCloudProvider(as_node_reactor(global_reactor), IbmCloudConfig(
+            api_key=API_KEY, iam_url=f"{self.url}/identity/token", vpc_url=f"{self.url}/v1", tagging_url=self.url,
+            profile_name="bx2-2x8", image_ids=("r006-image-amd64",), node_name=self.node, poll_interval=0.05),
+            policy=FAST, kube=self.kube)
+        self.addCleanup(provider.teardown)
+        instance = await provider.create_instance(*unique_pod("ibm"), b"", InstanceSpec())
+        proto = fake.prototypes[instance.id]
+        self.assertEqual((proto["zone"], proto["primary_network_interface"]["subnet"], proto["vpc"],
+                          proto["resource_group"]),
+                         ({"name": "us-south-1"}, {"id": "0717-subnet-2"}, {"id": "r006-vpc-1"}, {"id": "rg-0001"}))
+        self.assertEqual(fake.tags[fake.instances[instance.id]["crn"]], ["coco-pod-vm:cl-iks-42"])
+        await provider.delete_instance(instance.id)
+
+    def test_zone_nowhere_is_upstreams_error(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._no_zone())
+
+    async def _no_zone(self) -> None:
+        await self.start_fake()
+        self.add_node({"topology.kubernetes.io/region": "us-south"})
+        provider = IbmCloudProvider(as_node_reactor(global_reactor), IbmCloudConfig(
+            api_key=API_KEY, iam_url=f"{self.url}/identity/token", vpc_url=f"{self.url}/v1",
+            profile_name="bx2-2x8", image_ids=("r006-image-amd64",), node_name=self.node), policy=FAST,
+            kube=self.kube)
+        self.addCleanup(provider.teardown)
+        try:
+            await provider.verify_config()
+        except ProviderError as e:
+            self.assertIn("zone was not provided and could not detect automatically", str(e))
+        else:
+            self.fail("started without a zone")
+
+    def test_region_label_names_the_endpoint(self) -> None:
+        config = from_labels(IbmCloudConfig(), {"topology.kubernetes.io/region": "eu-de",
+                                                "ibm-provider.kubernetes.io/subnet-id": "02b7-sub"})
+        self.assertEqual((config.vpc_url, config.subnet_id, config.zone),
+                         ("https://eu-de.iaas.cloud.ibm.com/v1", "02b7-sub", ""))

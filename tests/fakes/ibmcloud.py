@@ -8,7 +8,7 @@ shapes field for field (no emulator exists for them):
 - VPC (`/v1/...`): every call needs `version=YYYY-MM-DD` and `generation=2` query parameters and a live bearer
   token (else 400 / 401), errors are `{"errors": [{"code", "message", "more_info"}], "trace"}`. Instances
   (`POST/GET /v1/instances`, `GET/DELETE /v1/instances/{id}`) go `pending` -> `running` after `boot_polls` GETs,
-  the primary IP `0.0.0.0` until then; profiles, images and dedicated hosts/groups are read-only tables. A
+  the primary IP `0.0.0.0` until then; profiles, images, subnets and dedicated hosts/groups are read-only tables. A
   prototype with an unknown image/profile/subnet/zone/VPC, a bad name or a duplicate name is refused (400).
 - Global Tagging: `POST /v3/tags/attach?tag_type=user` with `{"resources": [{"resource_id"}], "tag_names"}`.
 
@@ -150,6 +150,13 @@ class FakeIbmCloud(Resource):
             image = self.images.get(parts[1])
             return self._json(request, 200, image) if image else self._error(
                 request, 404, "image_id_not_found", f"Image {parts[1]} not found")
+        if parts[0] == "subnets" and len(parts) == 2 and method == "GET":
+            if parts[1] not in self.subnets:
+                return self._error(request, 404, "subnet_not_found", f"Subnet not found: {parts[1]}")
+            return self._json(request, 200, {"id": parts[1], "name": f"subnet-{parts[1][-1]}",
+                                             "vpc": {"id": "r006-vpc-1", "name": "vpc-1"},
+                                             "resource_group": {"id": "rg-0001", "name": "default"},
+                                             "zone": {"name": self.zone}, "ipv4_cidr_block": "10.240.0.0/24"})
         if parts[0] == "dedicated_hosts" and len(parts) == 2 and method == "GET":
             host = self.dedicated_hosts.get(parts[1])
             return self._json(request, 200, host) if host else self._error(request, 404, "not_found", "no host")

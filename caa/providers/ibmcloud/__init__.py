@@ -3,8 +3,8 @@ IBM Cloud VPC provider (spec-providers §6): one virtual server instance per pod
 API on treq with IAM tokens from an API key or a trusted profile (iam.py), the user data in `user_data`.
 
 Options (default < env < flag), upstream's names: see `IbmCloudOptions` (config.py) and docs/providers.md.
-Unlike upstream, the VPC endpoint, zone, subnet and VPC are not discovered from the node's labels: they are
-required options (the discovery is not implemented yet).
+What is left unset (cluster id, endpoint, zone, subnet, VPC, resource group) is discovered at start from the
+cluster (discovery.py) as upstream does on IKS.
 """
 
 from __future__ import annotations

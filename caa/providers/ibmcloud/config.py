@@ -94,10 +94,13 @@ class IbmCloudConfig:
     tagging_url: str = DEFAULT_TAGGING_URL
     boot_timeout: float = 120.0  # until the instance runs with its IPs (upstream: 10 tries 2 s apart, then none)
     poll_interval: float = 2.0
+    node_name: str = ""  # NODE_NAME: whose labels name the region, zone and subnet
 
     @classmethod
     def from_options(cls, options: usage.Options) -> IbmCloudConfig:
+        environ = getattr(options, "environ", {})
         return cls(
+            node_name=environ.get("NODE_NAME", ""),
             api_key=options["api-key"],
             iam_profile_id=options["iam-profile-id"],
             cr_token_file=options["cr-token-filename"],
@@ -122,20 +125,27 @@ class IbmCloudConfig:
         )
 
     def check(self) -> None:
-        """upstream's ConfigVerifier (an image) plus what upstream discovers on IKS and we need given."""
+        """What must be given whatever the cluster says (upstream's ConfigVerifier: an image; credentials)."""
         required = [("--api-key (IBMCLOUD_API_KEY) or --iam-profile-id (IBMCLOUD_IAM_PROFILE_ID)",
                      self.api_key or self.iam_profile_id),
                     ("--image-id (IBMCLOUD_PODVM_IMAGE_ID)", self.image_ids),
-                    ("--vpc-service-url (IBMCLOUD_VPC_ENDPOINT)", self.vpc_url),
-                    ("--zone-name (IBMCLOUD_ZONE)", self.zone),
-                    ("--primary-subnet-id (IBMCLOUD_VPC_SUBNET_ID)", self.subnet_id),
-                    ("--vpc-id (IBMCLOUD_VPC_ID)", self.vpc_id),
                     ("--profile-name (IBMCLOUD_PODVM_INSTANCE_PROFILE_NAME)", self.profile_name)]
         missing = [name for name, value in required if not value]
         if missing:
             raise InvalidConfig(f"ibmcloud: {missing[0]} is required")
         if bool(self.secondary_subnet_id) != bool(self.secondary_security_group_id):
             raise InvalidConfig("ibmcloud: --secondary-subnet-id and --secondary-security-group-id go together")
+
+    def check_discovered(self) -> None:
+        """After the start-up discovery (discovery.py): what neither the options nor the cluster gave."""
+        if not self.zone:
+            raise InvalidConfig("ibmcloud: zone was not provided and could not detect automatically "
+                                "(--zone-name, IBMCLOUD_ZONE)")
+        for name, value in (("--vpc-service-url (IBMCLOUD_VPC_ENDPOINT)", self.vpc_url),
+                            ("--primary-subnet-id (IBMCLOUD_VPC_SUBNET_ID)", self.subnet_id),
+                            ("--vpc-id (IBMCLOUD_VPC_ID)", self.vpc_id)):
+            if not value:
+                raise InvalidConfig(f"ibmcloud: {name} was not provided and could not be detected from the cluster")
 
     def secrets(self) -> list[str]:
         return [self.api_key] if self.api_key else []

@@ -8,15 +8,21 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
+from caa.k8s.client import connect
+from caa.k8s.config import cluster_configured
+from caa.k8s.errors import KubeError
 from caa.podvm_api.naming import instance_name
 from caa.providers.ibmcloud.config import VPC_API_VERSION, IbmCloudConfig
+from caa.providers.ibmcloud.discovery import discover
 from caa.providers.ibmcloud.iam import IamTokenSource
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
@@ -110,9 +116,12 @@ class IbmCloudProvider:
     _log = Logger()
 
     def __init__(self, reactor: INodeReactor, config: IbmCloudConfig, http: HTTPClient | None = None,
-                 policy: RetryPolicy = RetryPolicy(), token_clock: IReactorTime | None = None) -> None:
+                 policy: RetryPolicy = RetryPolicy(), token_clock: IReactorTime | None = None,
+                 kube: Any = None) -> None:
         self._reactor = reactor
         self.config = config
+        self._kube = kube  # an IKubeClient for the start-up discovery; None: made when in a cluster
+        self._threadpool: ThreadPool | None = None
         self._pool: HTTPConnectionPool | None = None
         if http is None:
             http, self._pool = default_http_client(reactor)
@@ -147,8 +156,12 @@ class IbmCloudProvider:
     # -- the API --------------------------------------------------------------------------------------------
     async def vpc(self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None) -> Any:
         """One VPC API call (version and generation added); the decoded JSON answer (None for 204)."""
+        return await self.vpc_with(self.config, method, path, body, query)
+
+    async def vpc_with(self, config: IbmCloudConfig, method: str, path: str, body: Any = None,
+                       query: Mapping[str, str] | None = None) -> Any:
         params = {"version": VPC_API_VERSION, "generation": "2", **(query or {})}
-        request = RestRequest(method, f"{self.config.vpc_url}{path}?{urlencode(params)}",
+        request = RestRequest(method, f"{config.vpc_url.rstrip('/')}{path}?{urlencode(params)}",
                               {"Accept": "application/json", "Content-Type": "application/json"},
                               json.dumps(body).encode() if body is not None else b"")
         response = await self.rest.call(request, vpc_error, self.iam.sign, what=f"{method} {path.split('?')[0]}")
@@ -160,6 +173,36 @@ class IbmCloudProvider:
     async def _teardown(self) -> None:
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+        if self._threadpool is not None:
+            if self._kube is not None:
+                self._kube.close()
+            self._threadpool.stop()
+            self._threadpool = None
+
+    def _kube_client(self) -> Any:
+        """The Kubernetes client of the discovery: the given one, else one of our own when in a cluster."""
+        if self._kube is None and cluster_configured():
+            self._threadpool = ThreadPool(minthreads=0, maxthreads=1, name="caa-ibmcloud-k8s")
+            self._threadpool.start()
+            try:
+                self._kube = connect(self._reactor, self._threadpool)
+            except KubeError as e:
+                self._log.warn("ibmcloud: no Kubernetes client for the start-up discovery: {error}", error=e)
+        return self._kube
+
+    async def _discover(self) -> None:
+        """Fill in what was not configured from the cluster (discovery.py) and the subnet (VPC, resource group)."""
+        config = await discover(self.config, self._kube_client(), self.config.node_name)
+        if config.vpc_url and config.subnet_id and not (config.vpc_id and config.resource_group_id):
+            subnet = await self.vpc_with(config, "GET", f"/subnets/{quote(config.subnet_id, safe='')}")
+            config = attrs.evolve(config, vpc_id=config.vpc_id or str((subnet.get("vpc") or {}).get("id") or ""),
+                                  resource_group_id=config.resource_group_id or str(
+                                      (subnet.get("resource_group") or {}).get("id") or ""))
+        config.check_discovered()
+        if config != self.config:
+            self._log.info("ibmcloud: discovered {fields}", fields={
+                k: v for k, v in attrs.asdict(config).items() if v != getattr(self.config, k) and k != "api_key"})
+        self.config = config
 
     async def _prepare(self) -> list[InstanceTypeInfo]:
         """Once: the profiles' sizes, the images' architectures, the dedicated host (group) of our zone."""
@@ -169,6 +212,7 @@ class IbmCloudProvider:
         try:
             if self._types is None:
                 self.config.check()
+                await self._discover()
                 types = []
                 for name in dict.fromkeys((self.config.profile_name, *self.config.profile_list)):
                     try:
