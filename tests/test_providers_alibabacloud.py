@@ -22,7 +22,18 @@ from caa.providers.interfaces import ErrorKind, Instance, InstanceSpec, IProvide
 from caa.providers.redact import MASK
 from caa.providers.rest import RetryPolicy
 from caa.reactors import as_node_reactor
-from tests.fakes.alibabacloud import IMAGE, KEY_ID, KEY_SECRET, REGION, SECURITY_GROUP, VSWITCH, FakeAlibabaCloud
+from tests.fakes.alibabacloud import (
+    IMAGE,
+    KEY_ID,
+    KEY_SECRET,
+    OIDC_PROVIDER_ARN,
+    OIDC_TOKEN,
+    REGION,
+    ROLE_ARN,
+    SECURITY_GROUP,
+    VSWITCH,
+    FakeAlibabaCloud,
+)
 from tests.moto_server import serve
 from tests.test_providers_contract import ProviderContractMixin, unique_pod
 
@@ -160,6 +171,41 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
             self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)  # never mistaken for a missing instance
         else:
             self.fail("an unknown key was accepted")
+
+
+class AlibabaRrsaTests(AliTestMixin, TestCase):
+    def test_rrsa_keys_from_the_projected_token(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rrsa())
+
+    async def _rrsa(self) -> None:
+        fake = await self.start_fake()
+        token_file = self.mktemp()
+        with open(token_file, "w") as f:
+            f.write(OIDC_TOKEN + "\n")
+        options = AlibabaCloudOptions({"IMAGEID": IMAGE, "VSWITCH_ID": VSWITCH, "SECURITY_GROUP_IDS": SECURITY_GROUP,
+                                       "ALIBABA_CLOUD_ROLE_ARN": ROLE_ARN, "ALIBABA_CLOUD_OIDC_PROVIDER_ARN":
+                                       OIDC_PROVIDER_ARN, "ALIBABA_CLOUD_OIDC_TOKEN_FILE": token_file})
+        options.parseOptions([])
+        config = AlibabaCloudConfig.from_options(options)
+        self.assertTrue(config.rrsa)
+        provider = self.ali(access_key_id="", access_key_secret="", role_arn=config.role_arn,
+                            oidc_provider_arn=config.oidc_provider_arn, oidc_token_file=token_file,
+                            sts_endpoint=self.url)
+        instance = await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec())
+        await provider.delete_instance(instance.id)
+        self.assertEqual((fake.assumed, fake.rejections), (1, []))  # one exchange, cached for every call
+        with open(token_file, "w") as f:
+            f.write("stale-token")
+        stale = self.ali(access_key_id="", access_key_secret="", role_arn=ROLE_ARN,
+                         oidc_provider_arn=OIDC_PROVIDER_ARN, oidc_token_file=token_file, sts_endpoint=self.url)
+        try:
+            await stale.verify_config()
+        except ProviderError as e:
+            self.assertEqual((e.kind, "AuthenticationFail.OIDCToken.Invalid" in str(e)),
+                             (ErrorKind.INVALID_CONFIG, True))
+            self.assertNotIn("stale-token", str(e))
+        else:
+            self.fail("a bad OIDC token gave keys")
 
 
 class AlibabaUnitTests(SynchronousTestCase):

@@ -15,6 +15,10 @@ real service rejects:
   `Pending` -> `Starting` -> `Running` over `boot_polls` describes, with a private IP (and a public one when
   `InternetMaxBandwidthOut` > 0).
 
+- STS `AssumeRoleWithOIDC` (`2015-04-01`, anonymous: no key, no signature) trades `OIDCToken` for the role
+  `RoleArn` (with `OIDCProviderArn`) into temporary keys; calls signed with them must carry their `SecurityToken`
+  (else 400 `InvalidSecurityToken.MismatchWithAccessKey`).
+
 `throttle` answers that many next calls with 400 `Throttling.User`, as the real flow control does.
 """
 
@@ -43,6 +47,9 @@ VPC = "vpc-2zefake01"
 SECURITY_GROUP = "sg-2zefake01"
 ECS_ACTIONS = {"DescribeInstanceTypes", "RunInstances", "DescribeInstances", "DeleteInstance"}
 VPC_ACTIONS = {"DescribeVSwitchAttributes"}
+ROLE_ARN = "acs:ram::1234567890:role/caa-peerpods"
+OIDC_PROVIDER_ARN = "acs:ram::1234567890:oidc-provider/ack-rrsa-c123"
+OIDC_TOKEN = "eyJhbGciOiJSUzI1NiJ9.fake-projected-token.sig"
 TYPES = {"ecs.g8i.xlarge": (4, 16.0, 0), "ecs.g8i.2xlarge": (8, 32.0, 0), "ecs.gn7i-c8g1.2xlarge": (8, 30.0, 1),
          "ecs.g7.large": (2, 8.0, 0)}
 
@@ -64,6 +71,8 @@ class FakeAlibabaCloud(Resource):
         self.nonces: set[str] = set()
         self.actions: list[str] = []
         self.rejections: list[str] = []
+        self.keys: dict[str, tuple[str, str]] = {KEY_ID: (KEY_SECRET, "")}  # id -> (secret, security token)
+        self.assumed = 0
         self.instances: dict[str, dict[str, Any]] = {}
         self.run_params: dict[str, dict[str, str]] = {}
         self.polls: dict[str, int] = {}
@@ -75,6 +84,12 @@ class FakeAlibabaCloud(Resource):
         raw = body if request.method == b"POST" else request.uri.decode().partition("?")[2]
         params = {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
         request.setHeader(b"content-type", b"application/json")
+        if params.get("Action") == "AssumeRoleWithOIDC":
+            status, doc = self._assume(params)
+            if status >= 400:
+                self.rejections.append(doc["Code"])
+                return self._error(request, status, doc["Code"], doc["Message"])
+            return json.dumps({"RequestId": str(uuid.uuid4()).upper(), **doc}).encode()
         problem = self._authenticate(request.method.decode(), params)
         if problem is not None:
             self.rejections.append(problem[1])
@@ -105,12 +120,15 @@ class FakeAlibabaCloud(Resource):
                 return 400, "MissingParameter", f"The input parameter \"{name}\" that is mandatory is not supplied."
         if params["SignatureMethod"] != "HMAC-SHA1" or params["SignatureVersion"] != "1.0":
             return 400, "InvalidParameter", "SignatureMethod / SignatureVersion"
-        if params["AccessKeyId"] != KEY_ID:
+        if params["AccessKeyId"] not in self.keys:
             return 404, "InvalidAccessKeyId.NotFound", "Specified access key is not found."
+        secret, security_token = self.keys[params["AccessKeyId"]]
+        if params.get("SecurityToken", "") != security_token:
+            return 400, "InvalidSecurityToken.MismatchWithAccessKey", "The security token does not match the key."
         unsigned = {k: v for k, v in params.items() if k != "Signature"}
         query = "&".join(f"{_encode(k)}={_encode(v)}" for k, v in sorted(unsigned.items()))
         to_sign = f"{method}&{_encode('/')}&{_encode(query)}"
-        expected = base64.b64encode(hmac.new(f"{KEY_SECRET}&".encode(), to_sign.encode(), hashlib.sha1).digest())
+        expected = base64.b64encode(hmac.new(f"{secret}&".encode(), to_sign.encode(), hashlib.sha1).digest())
         if not hmac.compare_digest(expected.decode(), params["Signature"]):
             return 400, "SignatureDoesNotMatch", f"Specified signature is not matched with our calculation. " \
                                                  f"server string to sign is:{to_sign}"
@@ -129,6 +147,27 @@ class FakeAlibabaCloud(Resource):
         if params["Format"] != "JSON":
             return 400, "InvalidParameter", "Format: this fake answers JSON only"
         return None
+
+    def _assume(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        for name in ("Format", "Version", "Timestamp", "SignatureNonce", "RoleArn", "OIDCProviderArn", "OIDCToken",
+                     "RoleSessionName"):
+            if not p.get(name):
+                return 400, {"Code": "MissingParameter", "Message": f"{name} is mandatory for this action."}
+        if p["Version"] != "2015-04-01":
+            return 400, {"Code": "InvalidVersion", "Message": "Specified parameter Version is not valid."}
+        if p["OIDCToken"] != OIDC_TOKEN:
+            return 400, {"Code": "AuthenticationFail.OIDCToken.Invalid", "Message": "The OIDC token is invalid."}
+        if p["RoleArn"] != ROLE_ARN or p["OIDCProviderArn"] != OIDC_PROVIDER_ARN:
+            return 404, {"Code": "EntityNotExist.Role", "Message": "The role or OIDC provider does not exist."}
+        key_id, secret, token = "STS." + uuid.uuid4().hex[:20], uuid.uuid4().hex, "CAIS" + uuid.uuid4().hex * 2
+        self.keys[key_id] = (secret, token)
+        self.assumed += 1
+        expiration = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + int(p.get("DurationSeconds",
+                                                                                               "3600"))))
+        return 200, {"Credentials": {"AccessKeyId": key_id, "AccessKeySecret": secret, "SecurityToken": token,
+                                     "Expiration": expiration},
+                     "AssumedRoleUser": {"Arn": f"{ROLE_ARN}/{p['RoleSessionName']}", "AssumedRoleId": "3001:x"},
+                     "OIDCTokenInfo": {"Subject": "system:serviceaccount:confidential-containers-system:caa"}}
 
     # -- actions ------------------------------------------------------------------------------------------
     def _DescribeVSwitchAttributes(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -220,4 +259,5 @@ class FakeAlibabaCloud(Resource):
         return 200, {}
 
 
-__all__ = ["FakeAlibabaCloud", "IMAGE", "KEY_ID", "KEY_SECRET", "REGION", "SECURITY_GROUP", "VSWITCH"]
+__all__ = ["FakeAlibabaCloud", "IMAGE", "KEY_ID", "KEY_SECRET", "OIDC_PROVIDER_ARN", "OIDC_TOKEN", "REGION", "ROLE_ARN",
+           "SECURITY_GROUP", "VSWITCH"]

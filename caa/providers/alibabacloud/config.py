@@ -11,6 +11,7 @@ import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
+from caa.providers.alibabacloud.rrsa import rrsa_settings
 from caa.providers.aws.config import parse_tags, split_list
 from caa.providers.interfaces import InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool, parse_uint
@@ -80,6 +81,11 @@ class AlibabaCloudConfig:
     vpc_id: str = ""
     security_group_ids: tuple[str, ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
+    role_arn: str = ""  # RRSA (rrsa.py), from ALIBABA_CLOUD_ROLE_ARN ...
+    oidc_provider_arn: str = ""
+    oidc_token_file: str = ""
+    role_session_name: str = "cloud-api-adaptor"
+    sts_endpoint: str = "https://sts.aliyuncs.com"
     ecs_endpoint: str = ""  # "" = https://ecs.<region>.aliyuncs.com
     vpc_endpoint: str = ""  # "" = https://vpc.<region>.aliyuncs.com
     boot_timeout: float = 120.0  # wall clock, until Running with its IPs
@@ -88,7 +94,9 @@ class AlibabaCloudConfig:
 
     @classmethod
     def from_options(cls, options: usage.Options) -> AlibabaCloudConfig:
+        role_arn, provider_arn, token_file, session = rrsa_settings(getattr(options, "environ", {}))
         return cls(
+            role_arn=role_arn, oidc_provider_arn=provider_arn, oidc_token_file=token_file, role_session_name=session,
             access_key_id=options["alibabacloud-access-key-id"],
             access_key_secret=options["alibabacloud-secret-access-key"],
             security_token=options["alibabacloud-security-token"],
@@ -121,12 +129,17 @@ class AlibabaCloudConfig:
                                                                  self.instance_type)):
             if not value:
                 raise InvalidConfig(f"alibabacloud: {name} is required")
-        if not (self.access_key_id and self.access_key_secret):
-            raise InvalidConfig("alibabacloud: --alibabacloud-access-key-id and --alibabacloud-secret-access-key "
-                                "(ALIBABACLOUD_ACCESS_KEY_ID, ALIBABACLOUD_ACCESS_KEY_SECRET) are required "
-                                "(RRSA is not supported yet)")
+        if not (self.access_key_id and self.access_key_secret) and not self.rrsa:
+            raise InvalidConfig("alibabacloud: credentials are required: --alibabacloud-access-key-id and "
+                                "--alibabacloud-secret-access-key (ALIBABACLOUD_ACCESS_KEY_ID, "
+                                "ALIBABACLOUD_ACCESS_KEY_SECRET), or RRSA (ALIBABA_CLOUD_ROLE_ARN, "
+                                "ALIBABA_CLOUD_OIDC_PROVIDER_ARN, ALIBABA_CLOUD_OIDC_TOKEN_FILE)")
         if self.system_disk_size < 20 or self.system_disk_size > 2048:
             raise InvalidConfig("alibabacloud: --system-disk-size must be 20..2048 GiB")
+
+    @property
+    def rrsa(self) -> bool:
+        return bool(self.role_arn and self.oidc_provider_arn and self.oidc_token_file)
 
     def secrets(self) -> list[str]:
         return [s for s in (self.access_key_id, self.access_key_secret, self.security_token) if s]

@@ -15,6 +15,7 @@ from zope.interface import implementer
 from caa.podvm_api.naming import instance_name
 from caa.providers.alibabacloud.config import AlibabaCloudConfig
 from caa.providers.alibabacloud.rpc import ECS_VERSION, VPC_VERSION, Credentials, RpcClient
+from caa.providers.alibabacloud.rrsa import OidcRoleCredentials
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -76,8 +77,14 @@ class AlibabaCloudProvider:
         self._pool: HTTPConnectionPool | None = None
         if http is None:
             http, self._pool = default_http_client(reactor)
-        self.rpc = RpcClient(reactor, RestClient(reactor, http, policy, Redactor(config.secrets())), Credentials(
-            config.access_key_id, config.access_key_secret, config.security_token))
+        rest = RestClient(reactor, http, policy, Redactor(config.secrets()))
+        credentials: Credentials | OidcRoleCredentials = Credentials(
+            config.access_key_id, config.access_key_secret, config.security_token)
+        if not config.access_key_id and config.rrsa:
+            credentials = self.rrsa = OidcRoleCredentials(reactor, rest, config.role_arn, config.oidc_provider_arn,
+                                                          config.oidc_token_file, config.role_session_name,
+                                                          config.sts_endpoint)
+        self.rpc = RpcClient(reactor, rest, credentials)
         self._types: list[InstanceTypeInfo] | None = None
         self._vpc_id = config.vpc_id
         self._lock = DeferredLock()

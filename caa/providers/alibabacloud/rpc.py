@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -67,7 +67,7 @@ def signed_form(method: str, action: str, version: str, params: Mapping[str, str
         **params,
         "Action": action, "Format": "JSON", "Version": version, "AccessKeyId": credentials.access_key_id,
         "SignatureMethod": "HMAC-SHA1", "SignatureVersion": "1.0", "SignatureNonce": nonce,
-        "Timestamp": datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Timestamp": timestamp(now),
     }
     if credentials.security_token:
         form["SecurityToken"] = credentials.security_token
@@ -94,23 +94,39 @@ def rpc_error(response: RestResponse) -> ProviderError | None:
     return InvalidConfig(message)
 
 
-class RpcClient:
-    """Calls `action` on `endpoint` (e.g. https://ecs.cn-beijing.aliyuncs.com) with `credentials`."""
+def timestamp(now: float) -> str:
+    return datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def __init__(self, clock: IReactorTime, rest: RestClient, credentials: Credentials,
+
+CredentialSource = Callable[[], Awaitable[Credentials]]
+
+
+class RpcClient:
+    """Calls `action` on `endpoint` (e.g. https://ecs.cn-beijing.aliyuncs.com) with `credentials` (static keys, or
+    a source of temporary ones such as RRSA's, asked before each attempt)."""
+
+    def __init__(self, clock: IReactorTime, rest: RestClient, credentials: Credentials | CredentialSource,
                  nonce: Callable[[], str] = lambda: uuid.uuid4().hex) -> None:
         self.clock = clock
         self.rest = rest
-        self.credentials = credentials
         self._nonce = nonce
-        for secret in (credentials.access_key_secret, credentials.security_token):
-            if secret:
-                rest.redactor.add(secret)
+        if isinstance(credentials, Credentials):
+            static = credentials
+
+            async def fixed() -> Credentials:
+                return static
+
+            self._credentials: CredentialSource = fixed
+            for secret in (credentials.access_key_secret, credentials.security_token):
+                if secret:
+                    rest.redactor.add(secret)
+        else:
+            self._credentials = credentials
 
     async def call(self, endpoint: str, version: str, action: str, params: Mapping[str, str]) -> Any:
-        def sign(request: RestRequest) -> RestRequest:
-            form = signed_form("POST", action, version, params, self.credentials, self.clock.seconds(),
-                               self._nonce())
+        async def sign(request: RestRequest) -> RestRequest:
+            credentials = await self._credentials()
+            form = signed_form("POST", action, version, params, credentials, self.clock.seconds(), self._nonce())
             return RestRequest(request.method, request.url, request.headers, canonical_query(form).encode())
 
         request = RestRequest("POST", f"{endpoint.rstrip('/')}/",
