@@ -48,7 +48,8 @@ class IbmTestMixin:
     def ibm(self, token_clock: Any = None, **changes: Any) -> IbmCloudProvider:
         case: Any = self
         config = IbmCloudConfig(api_key=API_KEY, iam_url=f"{self.url}/identity/token", vpc_url=f"{self.url}/v1",
-                                tagging_url=self.url, profile_name="bx2-2x8", profile_list=("bx2-2x8", "bx2-4x16"),
+                                tagging_url=self.url, containers_url=f"{self.url}/global", profile_name="bx2-2x8",
+                                profile_list=("bx2-2x8", "bx2-4x16"),
                                 zone="us-south-1", subnet_id="0717-subnet-1", vpc_id="r006-vpc-1",
                                 image_ids=("r006-image-amd64", "r006-image-s390x"), poll_interval=0.05,
                                 boot_timeout=10.0)
@@ -97,7 +98,8 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         self.assertEqual(proto["image"], {"id": "r006-image-amd64"})
         self.assertEqual(proto["keys"], [{"id": "r006-key"}])
         self.assertEqual(proto["placement_target"], {"id": "0717-dh-ours"})  # the host in our zone
-        self.assertEqual(proto["primary_network_interface"]["security_groups"], [{"id": "r006-sg-1"}])
+        self.assertEqual(proto["primary_network_interface"]["security_groups"],
+                         [{"id": "r006-sg-1"}, {"id": "r006-sg-kube-c123"}])  # the cluster's group appended
         self.assertEqual(proto["network_interfaces"], [{"subnet": {"id": "0717-subnet-2"}, "allow_ip_spoofing": True,
                                                         "security_groups": [{"id": "r006-sg-2"}]}])
         self.assertEqual(len(instance.ips), 2)  # both NICs' addresses, the primary first
@@ -113,6 +115,18 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         for i in (instance, s390x, chosen, later):
             await provider.delete_instance(i.id)
         self.assertEqual(fake.instances, {})
+
+    def test_cluster_without_its_security_group_fails_to_start(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._no_group())
+
+    async def _no_group(self) -> None:
+        await self.start_fake()
+        try:
+            await self.ibm(cluster_id="c404").verify_config()
+        except ProviderError as e:
+            self.assertIn("cluster_not_found", str(e))
+        else:
+            self.fail("a cluster unknown to the Kubernetes Service was accepted")
 
     def test_throttling_is_retried(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._throttled())
@@ -268,7 +282,8 @@ class IbmCloudDiscoveryTests(IbmTestMixin, TestCase):
             self.server.request("PUT", "/api/v1/namespaces/kube-system/configmaps/cluster-info", cluster)
         provider = IbmCloudProvider(as_node_reactor(global_reactor), IbmCloudConfig(
             api_key=API_KEY, iam_url=f"{self.url}/identity/token", vpc_url=f"{self.url}/v1", tagging_url=self.url,
-            profile_name="bx2-2x8", image_ids=("r006-image-amd64",), node_name=self.node, poll_interval=0.05),
+            containers_url=f"{self.url}/global", profile_name="bx2-2x8", image_ids=("r006-image-amd64",),
+            node_name=self.node, poll_interval=0.05),
             policy=FAST, kube=self.kube)
         self.addCleanup(provider.teardown)
         instance = await provider.create_instance(*unique_pod("ibm"), b"", InstanceSpec())
@@ -277,6 +292,7 @@ class IbmCloudDiscoveryTests(IbmTestMixin, TestCase):
                           proto["resource_group"]),
                          ({"name": "us-south-1"}, {"id": "0717-subnet-2"}, {"id": "r006-vpc-1"}, {"id": "rg-0001"}))
         self.assertEqual(fake.tags[fake.instances[instance.id]["crn"]], ["coco-pod-vm:cl-iks-42"])
+        self.assertEqual(proto["primary_network_interface"]["security_groups"], [{"id": "r006-sg-kube-cl-iks-42"}])
         await provider.delete_instance(instance.id)
 
     def test_zone_nowhere_is_upstreams_error(self) -> Deferred[None]:

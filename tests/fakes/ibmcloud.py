@@ -11,6 +11,8 @@ shapes field for field (no emulator exists for them):
   the primary IP `0.0.0.0` until then; profiles, images, subnets and dedicated hosts/groups are read-only tables. A
   prototype with an unknown image/profile/subnet/zone/VPC, a bad name or a duplicate name is refused (400).
 - Global Tagging: `POST /v3/tags/attach?tag_type=user` with `{"resources": [{"resource_id"}], "tag_names"}`.
+- Kubernetes Service: `GET /global/network/v2/security-group/getSecurityGroups?cluster=<id>&type=cluster` (with
+  `X-Request-Id`) -> a list of `{"id", "type", "name", "userProvided", "shared", "workerPoolID"}`.
 
 `throttle` answers that many next API calls with 429 `too_many_requests`. Token expiry uses `clock` (a test may
 pass a `task.Clock` shared with the provider's token source).
@@ -79,6 +81,7 @@ class FakeIbmCloud(Resource):
         self.polls: dict[str, int] = {}
         self.prototypes: dict[str, dict[str, Any]] = {}
         self.tags: dict[str, list[str]] = {}
+        self.clusters = {"c123", "cl-iks-42"}
         self._ips = itertools.count(4)
 
     # -- plumbing -----------------------------------------------------------------------------------------
@@ -101,6 +104,8 @@ class FakeIbmCloud(Resource):
             return self._error(request, 401, "not_authorized", "The token is missing, invalid or expired")
         if path == "/v3/tags/attach":
             return self._attach(request, body)
+        if path == "/global/network/v2/security-group/getSecurityGroups":
+            return self._cluster_groups(request)
         if not path.startswith("/v1/"):
             return self._error(request, 404, "not_found", f"no route {path}")
         args = {k.decode(): v[-1].decode() for k, v in (request.args or {}).items()}
@@ -233,6 +238,20 @@ class FakeIbmCloud(Resource):
             for nic in instance["network_interfaces"]:
                 n = next(self._ips)
                 nic["primary_ip"] = {"address": f"10.240.{n // 250}.{n % 250 + 4}"}
+
+    # -- Kubernetes Service ------------------------------------------------------------------------------------
+    def _cluster_groups(self, request: Request) -> bytes:
+        args = {k.decode(): v[-1].decode() for k, v in (request.args or {}).items()}
+        cluster = args.get("cluster", "")
+        if args.get("type") != "cluster" or not request.getHeader("x-request-id"):
+            return self._error(request, 400, "bad_request", "type=cluster and X-Request-Id are required")
+        if cluster not in self.clusters:
+            return self._error(request, 404, "cluster_not_found", f"The cluster {cluster} could not be found")
+        return self._json(request, 200, [
+            {"id": f"r006-sg-kube-{cluster}", "type": "cluster", "name": f"kube-{cluster}", "userProvided": False,
+             "shared": False, "workerPoolID": ""},
+            {"id": "r006-sg-kube-vpc", "type": "vpc", "name": "kube-r006-vpc-1", "userProvided": False,
+             "shared": True, "workerPoolID": ""}])
 
     # -- Global Tagging ---------------------------------------------------------------------------------------
     def _attach(self, request: Request, body: bytes) -> bytes:

@@ -17,6 +17,8 @@ from caa.providers.redact import MASK
 
 DEFAULT_CR_TOKEN_FILE = "/var/run/secrets/tokens/vault-token"
 DEFAULT_TAGGING_URL = "https://tags.global-search-tagging.cloud.ibm.com"
+#: The Kubernetes Service API: the cluster's security group `kube-<cluster id>`.
+DEFAULT_CONTAINERS_URL = "https://containers.cloud.ibm.com/global"
 #: The VPC API version we speak (query parameter `version`, with `generation=2`).
 VPC_API_VERSION = "2025-03-04"
 
@@ -92,6 +94,7 @@ class IbmCloudConfig:
     disable_cvm: bool = True
     tags: tuple[str, ...] = ()
     tagging_url: str = DEFAULT_TAGGING_URL
+    containers_url: str = DEFAULT_CONTAINERS_URL
     boot_timeout: float = 120.0  # until the instance runs with its IPs (upstream: 10 tries 2 s apart, then none)
     poll_interval: float = 2.0
     node_name: str = ""  # NODE_NAME: whose labels name the region, zone and subnet

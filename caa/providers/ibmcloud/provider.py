@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -40,6 +43,8 @@ from caa.providers.rest import RestClient, RestRequest, RestResponse, RetryPolic
 from caa.reactors import INodeReactor
 
 NO_IP = "0.0.0.0"
+USER_AGENT = (f"cloud-api-adaptor-ibm-0.0.1 (arch={platform.machine()}; os={sys.platform}; "
+              f"python.version={platform.python_version()})")
 QUOTA_CODES = ("quota", "insufficient", "capacity")
 
 
@@ -199,6 +204,9 @@ class IbmCloudProvider:
                                   resource_group_id=config.resource_group_id or str(
                                       (subnet.get("resource_group") or {}).get("id") or ""))
         config.check_discovered()
+        if config.cluster_id:
+            config = attrs.evolve(config, security_group_ids=tuple(dict.fromkeys(
+                (*config.security_group_ids, await self._cluster_security_group(config)))))
         if config != self.config:
             self._log.info("ibmcloud: discovered {fields}", fields={
                 k: v for k, v in attrs.asdict(config).items() if v != getattr(self.config, k) and k != "api_key"})
@@ -241,6 +249,20 @@ class IbmCloudProvider:
         finally:
             self._lock.release()
         return self._types
+
+    async def _cluster_security_group(self, config: IbmCloudConfig) -> str:
+        """The id of the cluster's security group `kube-<cluster id>` (the Kubernetes Service API), which upstream
+        always adds to the pod VMs' primary interface; InvalidConfig when the cluster has none."""
+        query = urlencode({"cluster": config.cluster_id, "type": "cluster"})
+        request = RestRequest("GET", f"{config.containers_url}/network/v2/security-group/getSecurityGroups?{query}",
+                              {"Accept": "application/json", "User-Agent": USER_AGENT,
+                               "X-Request-Id": str(uuid.uuid4())})
+        response = await self.rest.call(request, vpc_error, self.iam.sign, what="cluster security groups")
+        wanted = f"kube-{config.cluster_id}"
+        for group in response.json() or []:
+            if isinstance(group, dict) and group.get("name") == wanted and group.get("id"):
+                return str(group["id"])
+        raise InvalidConfig(f"ibmcloud: the cluster's security group {wanted} was not found")
 
     async def _in_zone(self, collection: str, ids: tuple[str, ...]) -> str:
         """The first of `ids` whose zone is ours; InvalidConfig when ids were given and none is."""
