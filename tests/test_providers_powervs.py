@@ -22,6 +22,7 @@ from caa.reactors import as_node_reactor
 from tests.fakes.ibmcloud import API_KEY
 from tests.fakes.powervs import DHCP_NETWORK, IMAGE, NETWORK, WORKSPACE, ZONE, FakePowerVS
 from tests.moto_server import serve
+from tests.reactors import NodeMemoryReactor
 from tests.test_providers_contract import ProviderContractMixin, unique_pod
 
 FAST = RetryPolicy(attempts=4, base=0.01, cap=0.05, attempt_timeout=10.0, call_timeout=30.0)
@@ -153,6 +154,12 @@ class PowerVSUnitTests(SynchronousTestCase):
             self.assertIn(repr(bad), str(e))
         self.assertEqual(config.sizing(InstanceSpec(vcpus=3, memory_mib=2048)), Sizing(3.0, 2.0, "s922"))
         self.assertEqual(config.sizing(InstanceSpec(vcpus=3)), Sizing(0.5, 2.0, "s922"))  # both or neither
+
+    def test_volumes_and_second_nic_refused_before_any_call(self) -> None:
+        provider = PowerVSProvider(NodeMemoryReactor(), PowerVSConfig(api_key="k" * 8))
+        for spec in (InstanceSpec(volumes=("vol-1",)), InstanceSpec(multi_nic=True)):
+            failure = self.failureResultOf(provider.create_instance("p", "0" * 64, b"", spec), InvalidConfig)
+            self.assertIn("not supported", str(failure.value))
 
     def test_options_and_region(self) -> None:
         e = self.assertRaises(usage.UsageError, PowerVSOptions({}).parseOptions, [])

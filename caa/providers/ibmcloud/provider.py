@@ -286,6 +286,8 @@ class IbmCloudProvider:
         raise InvalidConfig(f"ibmcloud: no configured image for architecture {arch}")
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        if spec.volumes:
+            raise InvalidConfig("ibmcloud: CSI volumes are not supported yet")
         types = await self._prepare()
         config = self.config
         profile = select_instance_type(spec, types, config.profile_list, config.profile_name)

@@ -139,6 +139,9 @@ class PowerVSProvider:
 
     # -- create / delete ------------------------------------------------------------------------------------
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        if spec.volumes or spec.multi_nic:
+            raise InvalidConfig("ibmcloud-powervs: CSI volumes and a second NIC (--ext-network-via-podvm) are not "
+                                "supported")
         body = create_body(self.config, name, user_data, spec)  # InvalidConfig for a malformed machine type
         if spec.image:
             body["imageID"] = spec.image
