@@ -21,12 +21,15 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(cd "${CAA_SRC:-$(dirname "$HERE")}" && pwd)
 CACHE=${CAA_PODVM_CACHE:-/var/cache/caa-podvm}
 KATA_AGENT=${KATA_AGENT:-}
+BYOM_AUTHORIZED_KEYS=${BYOM_AUTHORIZED_KEYS:-}
 PRINT_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --kata-agent) KATA_AGENT=$2; shift 2 ;;
     --print-dir) PRINT_ONLY=1; shift ;;
-    *) echo "usage: $0 [--kata-agent PATH] [--print-dir]" >&2; exit 2 ;;
+    # byom variant: sshd + SFTP-pushed user data (docs/podvm.md); PATH holds the adaptor's public key(s)
+    --byom-authorized-keys) BYOM_AUTHORIZED_KEYS=$2; shift 2 ;;
+    *) echo "usage: $0 [--kata-agent PATH] [--byom-authorized-keys PATH] [--print-dir]" >&2; exit 2 ;;
   esac
 done
 # shellcheck source=podvm/config.sh
@@ -42,8 +45,12 @@ key=$( {
   (cd "$HERE" && find . -type f -not -name '*~' | LC_ALL=C sort | xargs sha256sum)
   (cd "$SRC" && source_files | xargs -r sha256sum)
   if [ -n "$KATA_AGENT" ]; then sha256sum < "$KATA_AGENT"; fi
+  if [ -n "$BYOM_AUTHORIZED_KEYS" ]; then sha256sum < "$BYOM_AUTHORIZED_KEYS"; fi
 } | sha256sum | cut -c1-16)
 if [ -n "$KATA_AGENT" ]; then VARIANT=kata; SUFFIX=; else VARIANT=dev; SUFFIX=-dev; fi
+if [ -n "$BYOM_AUTHORIZED_KEYS" ]; then
+  VARIANT=$VARIANT-byom; SUFFIX=$SUFFIX-byom; PODVM_PACKAGES+=("${PODVM_BYOM_PACKAGES[@]}")
+fi
 OUT=$CACHE/podvm-$VARIANT-$key
 if [ "$PRINT_ONLY" = 1 ]; then echo "$OUT"; exit 0; fi
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
@@ -149,6 +156,18 @@ mkdir -p "$R/etc/systemd/system/network-online.target.wants"
 ln -sf /lib/systemd/system/systemd-networkd-wait-online.service \
   "$R/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service"
 mkdir -p "$R/media/cidata" "$R/var/lib/caa" "$R/run/netns"
+if [ -n "$BYOM_AUTHORIZED_KEYS" ]; then
+  # byom: the pod starts when its user data arrives over SFTP, not at boot (systemd boot: caa.init=systemd)
+  cp -a "$HERE/files-byom/." "$R/"
+  install -m644 "$BYOM_AUTHORIZED_KEYS" "$R/etc/ssh/caa-byom-authorized_keys"
+  chroot "$R" /usr/sbin/useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin peerpod
+  chroot "$R" /usr/sbin/usermod -p '*' peerpod  # no password, but not "locked": key logins stay allowed
+  for u in caa-process-user-data.service kata-agent.service caa-forwarder.path; do rm -f "$W/$u"; done
+  for u in caa-byom-media.service caa-byom-user-data.path caa-byom-reboot.path; do
+    ln -sf "/etc/systemd/system/$u" "$W/$u"
+  done
+  ln -sf /lib/systemd/system/ssh.service "$W/ssh.service"
+fi
 mkdir -p "$R/etc/kata-opa"; ln -sf /run/peerpod/policy.rego "$R/etc/kata-opa/default-policy.rego"
 ln -sf /run/resolv.conf "$R/etc/resolv.conf"
 

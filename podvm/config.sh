@@ -12,6 +12,9 @@ PODVM_PACKAGES=(
   systemd systemd-sysv udev   # the full (systemd) boot of the qcow2
 )
 
+# Extra packages of the byom variant (build.sh --byom-authorized-keys): the sshd the adaptor pushes user data to.
+PODVM_BYOM_PACKAGES=(openssh-server)
+
 # Guest kernel: Debian's cloud kernel (virtio, vxlan, isofs, ata_piix as modules; no AHCI).
 PODVM_KERNEL_META=linux-image-cloud-amd64
 

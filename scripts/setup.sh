@@ -19,6 +19,8 @@ APT_PACKAGES=(
   syslinux syslinux-common mtools dosfstools
   # pod VM image recipe
   debootstrap busybox-static e2fsprogs xorriso cpio kmod zstd
+  # BYOM provider tests: a real sshd per "machine" (tests/sshd_machines.py)
+  openssh-server
 )
 
 missing=()

@@ -106,3 +106,35 @@ class UnitOrderTests(SynchronousTestCase):
         cfg.read(REPO / "setup.cfg")
         scripts = cfg["options.entry_points"]["console_scripts"]
         self.assertIn("caa-process-user-data", scripts)  # linked into /usr/local/bin by build.sh
+
+
+class ByomVariantTests(SynchronousTestCase):
+    """The byom variant (docs/podvm.md): its own cache directory, and the pod started by the pushed user data."""
+
+    def test_variant_directory_follows_the_keys(self) -> None:
+        keys = Path(self.mktemp())
+        keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake adaptor\n")
+        out = _print_dir(REPO, BYOM_AUTHORIZED_KEYS=str(keys))
+        self.assertIn("/podvm-dev-byom-", out)
+        keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherOtherOtherOtherOtherOtherOtherOtherOth other\n")
+        self.assertNotEqual(out, _print_dir(REPO, BYOM_AUTHORIZED_KEYS=str(keys)))
+
+    def test_units_watch_the_pushed_files(self) -> None:
+        units = PODVM / "files-byom" / "etc" / "systemd" / "system"
+
+        def unit(name: str) -> configparser.ConfigParser:
+            cp = configparser.ConfigParser(strict=False, interpolation=None)
+            cp.optionxform = str  # type: ignore[assignment,method-assign]
+            cp.read(units / name)
+            return cp
+
+        self.assertEqual((unit("caa-byom-user-data.path")["Path"]["PathChanged"],
+                          unit("caa-byom-user-data.path")["Path"]["Unit"]),
+                         ("/media/cidata/user-data", "caa-byom-pod.target"))
+        self.assertEqual(unit("caa-byom-pod.target")["Unit"]["Wants"].split(),
+                         ["caa-process-user-data.service", "kata-agent.service", "caa-forwarder.path"])
+        self.assertEqual(unit("caa-byom-reboot.path")["Path"]["PathChanged"], "/media/cidata/reboot")
+        self.assertIn("ssh.service", unit("caa-byom-media.service")["Unit"]["Before"].split())
+        sshd = (PODVM / "files-byom" / "etc" / "ssh" / "sshd_config.d" / "caa-byom.conf").read_text()
+        self.assertIn("ChrootDirectory /media", sshd)
+        self.assertIn("ForceCommand internal-sftp", sshd)
