@@ -7,15 +7,14 @@ import json
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from caa.podvm_api.naming import instance_name
 from caa.providers.alibabacloud.config import AlibabaCloudConfig
 from caa.providers.alibabacloud.rpc import ECS_VERSION, VPC_VERSION, Credentials, RpcClient
 from caa.providers.alibabacloud.rrsa import OidcRoleCredentials
+from caa.providers.base import CoroutineProvider
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -67,16 +66,15 @@ def _ips(item: dict[str, Any], public: bool) -> tuple[str, ...]:
 
 
 @implementer(IProvider)
-class AlibabaCloudProvider:
+class AlibabaCloudProvider(CoroutineProvider):
     _log = Logger()
 
     def __init__(self, reactor: INodeReactor, config: AlibabaCloudConfig, http: HTTPClient | None = None,
                  policy: RetryPolicy = RetryPolicy()) -> None:
         self._reactor = reactor
         self.config = config
-        self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = default_http_client(reactor)
+            http, self.owned_pool = default_http_client(reactor)
         rest = RestClient(reactor, http, policy, Redactor(config.secrets()))
         credentials: Credentials | OidcRoleCredentials = Credentials(
             config.access_key_id, config.access_key_secret, config.security_token)
@@ -89,33 +87,9 @@ class AlibabaCloudProvider:
         self._vpc_id = config.vpc_id
         self._lock = DeferredLock()
 
-    # -- IProvider ----------------------------------------------------------------------------------------
-    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return instance_name(pod_name, sandbox_id)
-
-    def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes,
-                        spec: InstanceSpec) -> Deferred[Instance]:
-        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
-
-    def delete_instance(self, instance_id: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete(instance_id))
-
-    def find_instance(self, name: str) -> Deferred[Instance | None]:
-        return Deferred.fromCoroutine(self._find(name))
-
-    def verify_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._verify())
-
-    def teardown(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._teardown())
-
     # -- internals ----------------------------------------------------------------------------------------
     async def ecs(self, action: str, params: dict[str, str]) -> Any:
         return await self.rpc.call(self.config.ecs, ECS_VERSION, action, {"RegionId": self.config.region, **params})
-
-    async def _teardown(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
 
     async def _verify(self) -> None:
         await self._prepare()

@@ -8,12 +8,10 @@ from collections.abc import Sequence
 from xml.etree import ElementTree
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from caa.podvm_api.naming import instance_name
 from caa.providers.aws.config import AwsConfig
 from caa.providers.aws.ec2 import Ec2Client, query_params, resolve_target
 from caa.providers.aws.imds import fill_from_metadata
@@ -25,6 +23,7 @@ from caa.providers.aws.volumes import (
     parse_volumes,
     prevalidation_problems,
 )
+from caa.providers.base import CoroutineProvider
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -115,7 +114,7 @@ def type_info(item: ElementTree.Element) -> InstanceTypeInfo:
 
 
 @implementer(IProvider)
-class AwsProvider:
+class AwsProvider(CoroutineProvider):
     _log = Logger()
 
     def __init__(
@@ -127,9 +126,8 @@ class AwsProvider:
     ) -> None:
         self._reactor = reactor
         self.config = config
-        self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = default_http_client(reactor)
+            http, self.owned_pool = default_http_client(reactor)
         self.redactor = Redactor(config.secrets())
         static = (config.access_key_id, config.secret_key, config.session_token) if config.access_key_id else None
         self._imds = RestClient(reactor, http, IMDS_POLICY, self.redactor)
@@ -141,35 +139,10 @@ class AwsProvider:
         self._root_devices: dict[str, tuple[str, int]] = {}
         self._lock = DeferredLock()
 
-    # -- IProvider ----------------------------------------------------------------------------------
-    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return instance_name(pod_name, sandbox_id)
-
-    def create_instance(
-        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
-    ) -> Deferred[Instance]:
-        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
-
-    def delete_instance(self, instance_id: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete(instance_id))
-
-    def find_instance(self, name: str) -> Deferred[Instance | None]:
-        return Deferred.fromCoroutine(self._find(name))
-
-    def verify_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._verify())
-
-    def teardown(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._teardown())
-
     # -- internals ----------------------------------------------------------------------------------
     async def _fill_in(self) -> None:
         """Before the first EC2 call: what was not configured, from the node's IMDS (imds.py)."""
         self.config = await fill_from_metadata(self.config, self._imds)
-
-    async def _teardown(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
 
     async def _verify(self) -> None:
         self.config.check()

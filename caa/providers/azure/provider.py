@@ -11,17 +11,16 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from caa.podvm_api.naming import instance_name
 from caa.providers.azure.arm import COMPUTE_API, DISK_API, NETWORK_API, ArmClient
 from caa.providers.azure.config import MAX_USER_DATA, AzureConfig
 from caa.providers.azure.disks import DISK_ID, MAX_LUNS, data_disks, disk_problem
 from caa.providers.azure.identity import credential_kind, fetch_token
+from caa.providers.base import CoroutineProvider
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
     ErrorKind,
@@ -148,7 +147,7 @@ def _read_ssh_key(path: str) -> str:
 
 
 @implementer(IProvider)
-class AzureProvider:
+class AzureProvider(CoroutineProvider):
     _log = Logger()
 
     def __init__(
@@ -161,9 +160,8 @@ class AzureProvider:
     ) -> None:
         self._reactor = reactor
         self.config = config
-        self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = default_http_client(reactor)
+            http, self.owned_pool = default_http_client(reactor)
         self.redactor = Redactor(config.secrets())
         token_rest = RestClient(reactor, http, token_policy, self.redactor)
         self.tokens = TokenCache(reactor, lambda: fetch_token(reactor, token_rest, config), self.redactor)
@@ -190,32 +188,7 @@ class AzureProvider:
     def disk_path(self, vm: str) -> str:
         return f"{self._group()}/providers/Microsoft.Compute/disks/{disk_name(vm)}"
 
-    # -- IProvider ----------------------------------------------------------------------------------
-    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return instance_name(pod_name, sandbox_id)
-
-    def create_instance(
-        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
-    ) -> Deferred[Instance]:
-        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
-
-    def delete_instance(self, instance_id: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete(instance_id))
-
-    def find_instance(self, name: str) -> Deferred[Instance | None]:
-        return Deferred.fromCoroutine(self._find(name))
-
-    def verify_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._verify())
-
-    def teardown(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._teardown())
-
     # -- internals ----------------------------------------------------------------------------------
-    async def _teardown(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
-
     async def _verify(self) -> None:
         self.config.check()
         self._log.info("azure: {kind} credentials for subscription {sub}", kind=credential_kind(self.config),

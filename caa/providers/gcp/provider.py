@@ -10,13 +10,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from caa.podvm_api.naming import instance_name
+from caa.providers.base import CoroutineProvider
 from caa.providers.gcp.auth import ServiceAccountKey, metadata_token, parse_key, service_account_token
 from caa.providers.gcp.compute import ComputeClient
 from caa.providers.gcp.config import GcpConfig
@@ -95,7 +94,7 @@ def instance_body(
 
 
 @implementer(IProvider)
-class GcpProvider:
+class GcpProvider(CoroutineProvider):
     _log = Logger()
 
     def __init__(
@@ -108,9 +107,8 @@ class GcpProvider:
     ) -> None:
         self._reactor = reactor
         self.config = config
-        self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = default_http_client(reactor)
+            http, self.owned_pool = default_http_client(reactor)
         self.redactor = Redactor(config.secrets())
         self._token_rest = RestClient(reactor, http, token_policy, self.redactor)
         self._key: ServiceAccountKey | None = None
@@ -147,32 +145,7 @@ class GcpProvider:
     def instance_path(self, name: str) -> str:
         return f"{self._zone()}/instances/{name}"
 
-    # -- IProvider ----------------------------------------------------------------------------------
-    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return instance_name(pod_name, sandbox_id)
-
-    def create_instance(
-        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
-    ) -> Deferred[Instance]:
-        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
-
-    def delete_instance(self, instance_id: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete(instance_id))
-
-    def find_instance(self, name: str) -> Deferred[Instance | None]:
-        return Deferred.fromCoroutine(self._find(name))
-
-    def verify_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._verify())
-
-    def teardown(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._teardown())
-
     # -- internals ----------------------------------------------------------------------------------
-    async def _teardown(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
-
     async def _verify(self) -> None:
         self.config.check()
         await self._image_disk_size(image_path(self.config.image_name, self.config.project_id))

@@ -13,17 +13,16 @@ from urllib.parse import quote, urlencode
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
 from caa.k8s.client import connect
 from caa.k8s.config import cluster_configured
 from caa.k8s.errors import KubeError
-from caa.podvm_api.naming import instance_name
+from caa.providers.base import CoroutineProvider
 from caa.providers.ibmcloud.config import VPC_API_VERSION, IbmCloudConfig
 from caa.providers.ibmcloud.discovery import discover
 from caa.providers.ibmcloud.iam import IamTokenSource
@@ -117,7 +116,7 @@ def instance_ips(body: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 
 @implementer(IProvider)
-class IbmCloudProvider:
+class IbmCloudProvider(CoroutineProvider):
     _log = Logger()
 
     def __init__(self, reactor: INodeReactor, config: IbmCloudConfig, http: HTTPClient | None = None,
@@ -127,9 +126,8 @@ class IbmCloudProvider:
         self.config = config
         self._kube = kube  # an IKubeClient for the start-up discovery; None: made when in a cluster
         self._threadpool: ThreadPool | None = None
-        self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = default_http_client(reactor)
+            http, self.owned_pool = default_http_client(reactor)
         self.rest = RestClient(reactor, http, policy, Redactor(config.secrets()))
         self.iam = IamTokenSource(token_clock or reactor, self.rest, config.iam_url, config.api_key,
                                   config.iam_profile_id, config.cr_token_file)
@@ -137,26 +135,6 @@ class IbmCloudProvider:
         self._image_arch: dict[str, str] = {}
         self._placement: tuple[str, str] | None = None  # (dedicated host id, host group id) in our zone
         self._lock = DeferredLock()
-
-    # -- IProvider ----------------------------------------------------------------------------------------
-    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return instance_name(pod_name, sandbox_id)
-
-    def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes,
-                        spec: InstanceSpec) -> Deferred[Instance]:
-        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
-
-    def delete_instance(self, instance_id: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete(instance_id))
-
-    def find_instance(self, name: str) -> Deferred[Instance | None]:
-        return Deferred.fromCoroutine(self._find(name))
-
-    def verify_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._verify())
-
-    def teardown(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._teardown())
 
     # -- the API --------------------------------------------------------------------------------------------
     async def vpc(self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None) -> Any:
@@ -176,8 +154,7 @@ class IbmCloudProvider:
         await self._prepare()
 
     async def _teardown(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+        await super()._teardown()
         if self._threadpool is not None:
             if self._kube is not None:
                 self._kube.close()

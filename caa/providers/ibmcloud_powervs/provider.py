@@ -9,13 +9,11 @@ from typing import Any
 from urllib.parse import quote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from caa.podvm_api.naming import instance_name
+from caa.providers.base import CoroutineProvider
 from caa.providers.ibmcloud.iam import IamTokenSource, iam_error
 from caa.providers.ibmcloud_powervs.config import PowerVSConfig
 from caa.providers.interfaces import (
@@ -75,44 +73,23 @@ def fixed_ips(body: dict[str, Any], public: bool) -> tuple[str, ...]:
 
 
 @implementer(IProvider)
-class PowerVSProvider:
+class PowerVSProvider(CoroutineProvider):
     _log = Logger()
+    name_limit = NAME_LIMIT
 
     def __init__(self, reactor: INodeReactor, config: PowerVSConfig, http: HTTPClient | None = None,
                  policy: RetryPolicy = RetryPolicy(), token_clock: IReactorTime | None = None) -> None:
         self._reactor = reactor
         self.config = config
-        self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = default_http_client(reactor)
+            http, self.owned_pool = default_http_client(reactor)
         self.rest = RestClient(reactor, http, policy, Redactor(config.secrets()))
         self.iam = IamTokenSource(token_clock or reactor, self.rest, config.iam_url, config.api_key)
         self._crn = ""
 
-    # -- IProvider ----------------------------------------------------------------------------------------
-    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
-        return instance_name(pod_name, sandbox_id, NAME_LIMIT)
-
-    def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes,
-                        spec: InstanceSpec) -> Deferred[Instance]:
-        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
-
-    def delete_instance(self, instance_id: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete(instance_id))
-
-    def find_instance(self, name: str) -> Deferred[Instance | None]:
-        return Deferred.fromCoroutine(self._find(name))
-
-    def verify_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._session())
-
-    def teardown(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._teardown())
-
     # -- the API --------------------------------------------------------------------------------------------
-    async def _teardown(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+    async def _verify(self) -> None:
+        await self._session()
 
     async def _session(self) -> None:
         """Once: the account of the API key (IAM Identity) -> the workspace CRN every PowerVS call carries."""

@@ -1,0 +1,63 @@
+"""`CoroutineProvider`: the Deferred face of `IProvider` for providers written as coroutines.
+
+The cloud providers (REST on treq) write their work as `async def`; the contract is Deferred-based. This base
+turns the five calls into `Deferred.fromCoroutine` once, names instances the shared way, and closes the HTTP
+connection pool a provider made for itself (`owned_pool`) at teardown.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.web.client import HTTPConnectionPool
+
+from caa.podvm_api.naming import MAX_NAME_LENGTH, instance_name
+from caa.providers.interfaces import Instance, InstanceSpec
+
+__all__ = ["CoroutineProvider"]
+
+
+class CoroutineProvider:
+    """Subclasses implement `_create(name, user_data, spec)`, `_delete(instance_id)`, `_find(name)` and
+    `_verify()`; a subclass holding more than an HTTP pool extends `_teardown` (calling this one)."""
+
+    #: the longest instance name the cloud accepts
+    name_limit: int = MAX_NAME_LENGTH
+    #: the connection pool the provider made itself (None when the caller handed in its HTTP client)
+    owned_pool: HTTPConnectionPool | None = None
+
+    def instance_name(self, pod_name: str, sandbox_id: str) -> str:
+        return instance_name(pod_name, sandbox_id, self.name_limit)
+
+    def create_instance(
+        self, pod_name: str, sandbox_id: str, user_data: bytes, spec: InstanceSpec
+    ) -> Deferred[Instance]:
+        return Deferred.fromCoroutine(self._create(self.instance_name(pod_name, sandbox_id), user_data, spec))
+
+    def delete_instance(self, instance_id: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._delete(instance_id))
+
+    def find_instance(self, name: str) -> Deferred[Instance | None]:
+        return Deferred.fromCoroutine(self._find(name))
+
+    def verify_config(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._verify())
+
+    def teardown(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._teardown())
+
+    async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
+        raise NotImplementedError
+
+    async def _delete(self, instance_id: str) -> None:
+        raise NotImplementedError
+
+    async def _find(self, name: str) -> Instance | None:
+        raise NotImplementedError
+
+    async def _verify(self) -> None:
+        raise NotImplementedError
+
+    async def _teardown(self) -> None:
+        if self.owned_pool is not None:
+            await self.owned_pool.closeCachedConnections()
+            self.owned_pool = None
