@@ -233,6 +233,12 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await provider.verify_config()
         await provider.find_instance("podvm-x-12345678")
         self.assertEqual(len(self.fake.token_requests), 1)
+        # the JWT names Google's token endpoint as its audience although the key's token_uri is the fake's
+        claims = json.loads(base64.urlsafe_b64decode(self.fake.token_requests[0]["assertion"].split(".")[1] + "=="))
+        self.assertEqual((claims["aud"], claims["iss"], claims["scope"]),
+                         ("https://oauth2.googleapis.com/token", gcp_compute.CLIENT_EMAIL,
+                          "https://www.googleapis.com/auth/cloud-platform"))
+        self.assertEqual(claims["exp"] - claims["iat"], 3600)
         self.fake.expire_tokens()  # the cloud refuses it (401): a new one is fetched and the call retried
         self.assertIsNone(await provider.find_instance("podvm-x-12345678"))
         self.assertEqual(len(self.fake.token_requests), 2)
@@ -354,6 +360,12 @@ class GcpOptionsTests(TestCase):
                          ("e2-medium", ("c3-standard-4", "c3-standard-8"), "pd-balanced", 10, "europe-west4", "TDX"))
         self.assertEqual(options.redacted()["gcp-credentials"], "**********")
         self.assertNotIn("k3y-text", repr(config))
+        self.assertEqual(config.metadata_host, "metadata.google.internal")
+        for variables, host in (({"GCE_METADATA_ROOT": "169.254.169.254"}, "169.254.169.254"),
+                                ({"GCE_METADATA_ROOT": "old:1", "GCE_METADATA_HOST": "new:2"}, "new:2")):
+            options = GcpOptions(dict(self.environ(), **variables))
+            options.parseOptions([])
+            self.assertEqual(GcpConfig.from_options(options).metadata_host, host)  # google-auth's variables
 
     def test_missing_required_option_is_named(self) -> None:
         for variable, flag in (("GCP_PROJECT_ID", "--gcp-project-id"), ("GCP_ZONE", "--zone"),

@@ -3,8 +3,9 @@ A fake of the Google endpoints the gcp provider talks to, for tests (GCP has no 
 resource standing for
 
 - Google's OAuth2 token endpoint, `POST /token` with the JWT-bearer grant: the assertion's RS256 signature is
-  checked against the test service account's public key, and its `iss`, `aud`, `scope`, `iat`/`exp` (at most an
-  hour, not expired) as Google checks them; refusals are `{"error": "invalid_grant", "error_description"}`,
+  checked against the test service account's public key, and its `iss`, `aud` (Google's token endpoint, whatever
+  URL the request went to), `scope`, `iat`/`exp` (at most an hour, not expired) as Google checks them;
+  refusals are `{"error": "invalid_grant", "error_description"}`,
 - the GCE metadata server's token, `GET /computeMetadata/v1/instance/service-accounts/default/token`
   (`Metadata-Flavor: Google` required, else 403),
 - Compute Engine v1 under `/compute/v1/projects/{project}/`: `zones/{zone}/machineTypes/{type}`,
@@ -184,7 +185,7 @@ class FakeGcp(Resource):
             return self._refuse(request, "Invalid JWT Signature.")
         if claims.get("iss") != CLIENT_EMAIL:
             return self._refuse(request, "Invalid grant: account not found")
-        if claims.get("aud") != f"{self.base}/token" or not claims.get("scope"):
+        if claims.get("aud") != "https://oauth2.googleapis.com/token" or not claims.get("scope"):
             return self._refuse(request, "Invalid JWT: audience or scope")
         iat, exp = claims.get("iat", 0), claims.get("exp", 0)
         if exp - iat > 3600 or iat > now + 300 or exp < now:
