@@ -242,6 +242,17 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.fake.expire_tokens()  # the cloud refuses it (401): a new one is fetched and the call retried
         self.assertIsNone(await provider.find_instance("podvm-x-12345678"))
         self.assertEqual(len(self.fake.token_requests), 2)
+        self.fake.revoke_tokens()  # a fresh token refused as well: one retry, then a configuration error
+        before = len(self.fake.requests)
+        try:
+            await provider.find_instance("podvm-x-12345678")
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("HTTP 401 authError", str(e))
+        else:
+            self.fail("a refused token was accepted")
+        self.assertEqual(len(self.fake.requests) - before, 2)
+        self.assertEqual(len(self.fake.token_requests), 3)
 
     def test_bad_key_names_the_problem_and_never_the_key(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._bad_key())

@@ -25,7 +25,7 @@ SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that 
 resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n Compute
 requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
 operation with that error code; `hang_once(text)` leaves the next request whose path contains `text`
-unanswered (its `hung` notifier fires then).
+unanswered (its `hung` notifier fires then); `revoke_tokens()` makes Compute refuse every token.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class FakeGcp(Resource):
         self.requests: list[tuple[str, str]] = []  # (method, path) of every Compute / Resource Manager request
         self.images = {f"projects/{PROJECT}/global/images/{IMAGE}": 20,
                        "projects/confidential-images/global/images/podvm-tdx": 30}
+        self.revoked = False
         self.throttled = 0
         self.throttle_status = 429
         self.hang = ""
@@ -120,6 +121,10 @@ class FakeGcp(Resource):
     def expire_tokens(self) -> None:
         for token in self.tokens:
             self.tokens[token] = 0.0
+
+    def revoke_tokens(self) -> None:
+        """The token endpoint still issues tokens, but Compute refuses them all (401)."""
+        self.revoked = True
 
     # -- dispatch -------------------------------------------------------------------------------------------
     def render(self, request: Request) -> bytes:
@@ -205,7 +210,7 @@ class FakeGcp(Resource):
             raise GoogleError(401, "required", "Request is missing required authentication credential. Expected "
                                                "OAuth 2 access token.", "UNAUTHENTICATED")
         expiry = self.tokens.get(authorization.removeprefix("Bearer "))
-        if not authorization.startswith("Bearer ") or expiry is None or expiry < time.time():
+        if not authorization.startswith("Bearer ") or expiry is None or expiry < time.time() or self.revoked:
             raise GoogleError(401, "authError", "Request had invalid authentication credentials. Expected OAuth 2 "
                                                 "access token.", "UNAUTHENTICATED")
         if self.throttled > 0:
