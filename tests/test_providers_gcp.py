@@ -203,6 +203,41 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertIn(("DELETE", f"/compute/v1/{provider.instance_path(name)}"), self.fake.requests)  # rolled back
         self.assertEqual(self.fake.instances, {})
 
+    def test_lost_insert_answer_is_retried_with_the_same_request_id(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._lost())
+
+    async def _lost(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        pod, sid = unique_pod("gcpl")
+        name = provider.instance_name(pod, sid)
+        self.fake.lose_answer_once("POST", "/instances")  # inserted, then the connection drops
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec())
+        self.assertEqual(instance.name, name)
+        inserts = [p for m, p in self.fake.requests if m == "POST"]
+        self.assertEqual(len(inserts), 2)  # retried ...
+        self.assertEqual(len(self.fake.request_ids), 1)  # ... with the first one's requestId: no 409
+        await provider.delete_instance(instance.id)
+        self.assertEqual(self.fake.instances, {})
+
+    def test_cancel_during_an_insert_that_was_carried_out_rolls_back(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._cancel_insert())
+
+    async def _cancel_insert(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        pod, sid = unique_pod("gcpi")
+        name = provider.instance_name(pod, sid)
+        self.fake.lose_answer_once("POST", "/instances", hang=True)  # inserted, the answer never comes
+        hung = self.fake.hung.wait()
+        creating = provider.create_instance(pod, sid, b"", InstanceSpec())
+        await hung
+        self.assertIn(name, self.fake.instances)
+        creating.cancel()
+        error = await creating.addErrback(lambda f: f.value)
+        self.assertIsInstance(error, CancelledError)
+        self.assertEqual(self.fake.instances, {})  # the instance the unanswered insert made is gone again
+
     def test_throttling_429_and_503_are_retried(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._throttled())
 

@@ -25,7 +25,9 @@ SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that 
 resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n Compute
 requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
 operation with that error code; `hang_once(text)` leaves the next request whose path contains `text`
-unanswered (its `hung` notifier fires then); `revoke_tokens()` makes Compute refuse every token.
+unanswered (its `hung` notifier fires then), `lose_answer_once(method, text)` carries one out but never answers
+it (Compute's `requestId` makes the client's retry safe: a repeated id answers the first one's operation);
+`revoke_tokens()` makes Compute refuse every token.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -105,7 +108,9 @@ class FakeGcp(Resource):
         self.throttled = 0
         self.throttle_status = 429
         self.hang = ""
+        self.lose: tuple[str, str, bool] | None = None
         self.hung: Notifier[str] = Notifier()
+        self.request_ids: dict[str, str] = {}  # requestId -> the name of the operation it started
         self.fail_insert = ""  # an operation error code the next insert ends with (the instance is not created)
         self._ips = itertools.count(2)
         self._nat = itertools.count(10)
@@ -117,6 +122,11 @@ class FakeGcp(Resource):
 
     def hang_once(self, text: str) -> None:
         self.hang = text
+
+    def lose_answer_once(self, method: str, text: str, hang: bool = False) -> None:
+        """Carry out the next Compute `method` request whose path contains `text`, then drop the connection
+        without answering (or, with `hang`, keep it open and never answer; `hung` fires)."""
+        self.lose = (method, text, hang)
 
     def expire_tokens(self) -> None:
         for token in self.tokens:
@@ -145,7 +155,15 @@ class FakeGcp(Resource):
             if path == "/v3/tagValues/namespaced":
                 return self._json(request, 200, self._tag_value(request))
             if path.startswith("/compute/v1/"):
-                return self._json(request, 200, self._compute(request, path.removeprefix("/compute/v1/"), raw))
+                answer = self._compute(request, path.removeprefix("/compute/v1/"), raw)
+                if self.lose and self.lose[0] == request.method.decode() and self.lose[1] in path:
+                    hang, self.lose = self.lose[2], None
+                    if hang:  # done, but the answer never comes
+                        self.hung.notify(path)
+                    else:  # done, then the connection drops before the answer
+                        request.transport.abortConnection()  # type: ignore[union-attr]
+                    return NOT_DONE_YET  # type: ignore[return-value]
+                return self._json(request, 200, answer)
             raise GoogleError(404, "notFound", f"The requested URL {path} was not found on this server.",
                               "NOT_FOUND")
         except GoogleError as e:
@@ -267,11 +285,11 @@ class FakeGcp(Resource):
             return self._operation(item)
         if collection == "instances":
             if not item and method == "POST":
-                return self._insert(raw)
+                return self._once(request, lambda: self._insert(raw))
             if item and method == "GET":
                 return self._get(item)
             if item and method == "DELETE":
-                return self._delete(item)
+                return self._once(request, lambda: self._delete(item))
         raise self._not_found(path)
 
     def _operation(self, name: str) -> dict[str, Any]:
@@ -298,6 +316,17 @@ class FakeGcp(Resource):
         }
         self.operations[name] = operation
         return {k: v for k, v in operation.items() if not k.startswith("_")}
+
+    def _once(self, request: Request, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Compute's `requestId`: a request repeated with the same id is not carried out again; the answer is the
+        operation the first one started."""
+        request_id = request.args.get(b"requestId", [b""])[-1].decode()
+        if request_id and request_id in self.request_ids:
+            return self._operation(self.request_ids[request_id])
+        operation = start()
+        if request_id:
+            self.request_ids[request_id] = operation["name"]
+        return operation
 
     def _invalid(self, message: str) -> GoogleError:
         return GoogleError(400, "invalid", message, "INVALID_ARGUMENT")

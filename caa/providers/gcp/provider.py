@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
 from typing import Any
 from urllib.parse import urlencode
 
@@ -244,8 +245,10 @@ class GcpProvider:
             self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=image)
         disk_size = max(config.root_volume_size, await self._image_disk_size(image))
         body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), spec.gpus)
-        operation = await self.compute.call("POST", f"{self._zone()}/instances", body, f"insert {name}")
         try:
+            # requestId: a retry of an insert whose answer was lost is not a second insert (409 alreadyExists)
+            operation = await self.compute.call("POST", f"{self._zone()}/instances?{_request_id()}", body,
+                                                f"insert {name}")
             await self.compute.wait(operation, config.boot_timeout, f"insert {name}")
             self._log.info("created instance {name} ({type})", name=name, type=machine_type)
             return await self._wait_running(name)
@@ -290,7 +293,7 @@ class GcpProvider:
             self._log.info("delete of {id}: not an instance name, nothing to delete", id=instance_id)
             return
         try:
-            operation = await self.compute.call("DELETE", self.instance_path(instance_id),
+            operation = await self.compute.call("DELETE", f"{self.instance_path(instance_id)}?{_request_id()}",
                                                 what=f"delete {instance_id}")
             await self.compute.wait(operation, self.config.boot_timeout, f"delete {instance_id}")
         except ProviderError as e:
@@ -309,6 +312,11 @@ class GcpProvider:
                 return None
             raise
         return self._instance_of(found)
+
+
+def _request_id() -> str:
+    """Compute's `requestId` query parameter: one UUID per logical request, the same for its retries."""
+    return urlencode({"requestId": str(uuid.uuid4())})
 
 
 def _read(path: str) -> str:
