@@ -151,6 +151,32 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 
+    def test_partial_urls_and_a_bare_image_annotation(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._partial())
+
+    async def _partial(self) -> None:
+        await self.start_fake()
+        provider = self.gcp(image_name=f"global/images/{gcp_compute.IMAGE}", network="global/networks/default",
+                            subnetwork="regions/us-central1/subnetworks/pods")
+        await provider.verify_config()  # images.get of the project's image, not of "global/images/..."
+        instance = await provider.create_instance(*unique_pod("gcpu"), b"", InstanceSpec(image=gcp_compute.IMAGE))
+        self.addCleanup(provider.delete_instance, instance.id)
+        body = self.fake.inserted[instance.name]
+        self.assertEqual(body["disks"][0]["initializeParams"]["sourceImage"],
+                         f"projects/{gcp_compute.PROJECT}/global/images/{gcp_compute.IMAGE}")  # the bare annotation
+        self.assertEqual((body["networkInterfaces"][0]["network"], body["networkInterfaces"][0]["subnetwork"]),
+                         ("global/networks/default", "regions/us-central1/subnetworks/pods"))
+        # Compute takes full or partial URLs only: a bare network name is malformed
+        body = dict(body, name="podvm-bare-12345678", networkInterfaces=[{"network": "default"}])
+        try:
+            await provider.compute.call("POST", f"projects/{gcp_compute.PROJECT}/zones/{gcp_compute.ZONE}/instances",
+                                        body)
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("The URL is malformed", str(e))
+        else:
+            self.fail("a bare network name was taken")
+
     def test_rejected_insert_is_invalid_config_and_leaves_nothing(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._rejected())
 

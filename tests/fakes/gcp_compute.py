@@ -20,14 +20,14 @@ resource standing for
   unknown value, as the real one answers).
 
 It rejects what Compute rejects for these calls: an invalid instance name, an unknown machine type, image, disk
-type, network or subnetwork, a confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d,
-SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that is not base64, `params.
-resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n Compute
-requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
-operation with that error code; `hang_once(text)` leaves the next request whose path contains `text`
-unanswered (its `hung` notifier fires then), `lose_answer_once(method, text)` carries one out but never answers
-it (Compute's `requestId` makes the client's retry safe: a repeated id answers the first one's operation);
-`revoke_tokens()` makes Compute refuse every token.
+type, network or subnetwork, one given as a bare name instead of a full or partial URL (e.g. `global/networks/x`), a
+confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d, SEV_SNP: n2d, TDX: c3), CVM without
+onHostMaintenance TERMINATE, user data that is not base64, `params.resourceManagerTags` not of the form tagKeys/N ->
+tagValues/N. `throttle(n, status)` makes the next n Compute requests answer 429 rateLimitExceeded (or 503
+backendError); `fail_insert = code` ends the next insert's operation with that error code; `hang_once(text)` leaves
+the next request whose path contains `text` unanswered (its `hung` notifier fires then), `lose_answer_once(method,
+text)` carries one out but never answers it (Compute's `requestId` makes the client's retry safe: a repeated id
+answers the first one's operation); `revoke_tokens()` makes Compute refuse every token.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ MACHINE_TYPES = {  # name -> (guestCpus, memoryMb, accelerators)
     "e2-medium": (2, 4096, 0), "n2d-standard-2": (2, 8192, 0), "n2d-standard-4": (4, 16384, 0),
     "n2d-standard-8": (8, 32768, 0), "c3-standard-4": (4, 16384, 0), "a2-highgpu-1g": (12, 87040, 1),
 }
+DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme")
 CVM_SERIES = {"SEV": ("n2d", "c2d", "c3d"), "SEV_SNP": ("n2d",), "TDX": ("c3",)}
 TAGS = {f"{PROJECT}/env/prod": ("tagKeys/281474976710001", "tagValues/281474976710101")}
 _PRIVATE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -328,6 +329,20 @@ class FakeGcp(Resource):
             self.request_ids[request_id] = operation["name"]
         return operation
 
+    def _resolve(self, field: str, link: Any) -> str:
+        """`projects/...` of a full or partial resource URL as Compute takes them (an API URL, `projects/...`, or
+        `global/...`, `regions/...`, `zones/...` in the request's project); anything else, a bare name too, is
+        400 "The URL is malformed"."""
+        text = str(link or "")
+        for prefix in (f"{self.base}/compute/v1/", "https://www.googleapis.com/compute/v1/",
+                       "https://compute.googleapis.com/compute/v1/"):
+            text = text.removeprefix(prefix)
+        if text.startswith(("global/", "regions/", "zones/")):
+            text = f"projects/{PROJECT}/{text}"
+        if not text.startswith("projects/") or text.count("/") < 3:
+            raise self._invalid(f"Invalid value for field 'resource.{field}': '{link}'. The URL is malformed.")
+        return text
+
     def _invalid(self, message: str) -> GoogleError:
         return GoogleError(400, "invalid", message, "INVALID_ARGUMENT")
 
@@ -345,8 +360,9 @@ class FakeGcp(Resource):
         if name in self.instances:
             raise GoogleError(409, "alreadyExists", f"The resource 'projects/{PROJECT}/zones/{ZONE}/instances/"
                                                     f"{name}' already exists", "ALREADY_EXISTS")
-        machine = str(body.get("machineType", "")).rsplit("/", 1)[-1]
-        if machine not in MACHINE_TYPES:
+        machine_link = self._resolve("machineType", body.get("machineType"))
+        machine = machine_link.rsplit("/", 1)[-1]
+        if machine_link != f"projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}" or machine not in MACHINE_TYPES:
             raise self._invalid(f"Invalid value for field 'resource.machineType': '{body.get('machineType')}'. "
                                 "Machine type with name does not exist in zone.")
         disks = body.get("disks") or []
@@ -354,10 +370,11 @@ class FakeGcp(Resource):
             raise self._invalid("Invalid value for field 'resource.disks': one boot disk is required.")
         params = disks[0].get("initializeParams", {})
         image = str(params.get("sourceImage", ""))
-        image_key = image[image.find("projects/"):] if "projects/" in image else image
+        image_key = self._resolve("disks[0].initializeParams.sourceImage", image)
         if image_key not in self.images:
             raise self._not_found(image)
-        if str(params.get("diskType", "")).rsplit("/", 1)[-1] not in ("pd-standard", "pd-balanced", "pd-ssd"):
+        disk_type = self._resolve("disks[0].initializeParams.diskType", params.get("diskType"))
+        if disk_type not in {f"projects/{PROJECT}/zones/{ZONE}/diskTypes/{t}" for t in DISK_TYPES}:
             raise self._invalid(f"Invalid value for field 'resource.disks[0].initializeParams.diskType': "
                                 f"'{params.get('diskType')}'.")
         if int(params.get("diskSizeGb") or 0) < self.images[image_key]:
@@ -367,10 +384,12 @@ class FakeGcp(Resource):
         if len(interfaces) != 1:
             raise self._invalid("Invalid value for field 'resource.networkInterfaces'.")
         interface = interfaces[0]
-        if str(interface.get("network", "")).rsplit("/", 1)[-1] != NETWORK:
+        if self._resolve("networkInterfaces[0].network", interface.get("network")) != \
+                f"projects/{PROJECT}/global/networks/{NETWORK}":
             raise self._not_found(str(interface.get("network")))
         subnetwork = interface.get("subnetwork")
-        if subnetwork is not None and subnetwork != f"projects/{PROJECT}/regions/us-central1/subnetworks/{SUBNETWORK}":
+        if subnetwork is not None and self._resolve("networkInterfaces[0].subnetwork", subnetwork) != \
+                f"projects/{PROJECT}/regions/us-central1/subnetworks/{SUBNETWORK}":
             raise self._not_found(str(subnetwork))
         confidential = body.get("confidentialInstanceConfig")
         if confidential is not None:

@@ -40,9 +40,14 @@ TOKEN_POLICY = RetryPolicy(attempts=3, base=0.2, cap=2.0, attempt_timeout=10.0, 
 
 
 def image_path(image: str, project: str) -> str:
-    """A bare image name in the project as `projects/<p>/global/images/<name>`; paths and URLs as they are."""
-    if image.startswith(("projects/", "/projects/", "https://", "http://", "global/")):
+    """The image as Compute takes it and `images.get` finds it: a bare name (or `global/images/...`) in the
+    project as `projects/<p>/global/images/<name>`, `/projects/...` without its slash, URLs as they are."""
+    if image.startswith(("https://", "http://", "projects/")):
         return image
+    if image.startswith("/projects/"):
+        return image[1:]
+    if image.startswith("global/"):
+        return f"projects/{project}/{image}"
     return f"projects/{project}/global/images/{image}"
 
 
@@ -241,8 +246,8 @@ class GcpProvider:
                                             config.machine_type)
         image = image_path(config.image_name, config.project_id)
         if spec.image:
-            image = spec.image
-            self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=image)
+            image = image_path(spec.image, config.project_id)  # upstream: a bare name is in the project too
+            self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=spec.image)
         disk_size = max(config.root_volume_size, await self._image_disk_size(image))
         body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), spec.gpus)
         try:
