@@ -93,7 +93,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertEqual(instance.id, provider.vm_path(instance.name))
         body = self.fake.bodies[instance.id.lower()]
         properties = body["properties"]
-        # the smallest allowed size with 3 vCPUs and 9000 MiB, from the paged size list
+        # the smallest allowed size with 3 vCPUs and 9000 MiB, from the region's size list
         self.assertEqual(properties["hardwareProfile"]["vmSize"], "Standard_DC4as_v5")
         self.assertEqual(body["tags"], {"team": "caa"})
         self.assertEqual(body["zones"], ["2"])

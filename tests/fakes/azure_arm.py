@@ -8,7 +8,7 @@ resource standing for
 - the instance metadata service's managed identity endpoint, `GET /metadata/identity/oauth2/token`
   (`Metadata: true` required; `expires_in` as a string, as IMDS sends it),
 - Azure Resource Manager for one subscription: Microsoft.Compute `virtualMachines`, `disks`, `locations/{region}/
-  vmSizes` (paged with `nextLink`) and Microsoft.Network `networkInterfaces`, `publicIPAddresses`,
+  vmSizes` (one unpaged list) and Microsoft.Network `networkInterfaces`, `publicIPAddresses`,
   `virtualNetworks/{vnet}/subnets`, with `api-version` required on every request, bearer tokens checked
   (missing → AuthenticationFailed, unknown → InvalidAuthenticationToken, expired → ExpiredAuthenticationToken),
   ARM error bodies `{"error": {"code", "message"}}`, 404 ResourceNotFound / ResourceGroupNotFound, a malformed
@@ -54,7 +54,7 @@ API_VERSIONS = {
     "Microsoft.Compute/disks": {"2023-04-02", "2023-10-02"},
     "Microsoft.Network": {"2023-05-01", "2023-09-01", "2024-01-01"},
 }
-SIZES = [  # name, cores, MiB (the first page of the size list; the second has the rest)
+SIZES = [  # name, cores, MiB
     ("Standard_DC2as_v5", 2, 8192), ("Standard_DC4as_v5", 4, 16384), ("Standard_DC8as_v5", 8, 32768),
     ("Standard_D2s_v5", 2, 8192), ("Standard_DC16as_v5", 16, 65536), ("Standard_DC32as_v5", 32, 131072),
 ]
@@ -235,7 +235,7 @@ class FakeAzure(Resource):
             if parts[7] == "operations" and len(parts) == 9:
                 return self._operation(request, parts[8])
             if parts[7] == "vmSizes" and method == "GET":
-                return self._sizes(parts[6], query)
+                return self._sizes(parts[6])
         if len(parts) < 9 or parts[3] != "resourceGroups" or parts[5] != "providers":
             raise ArmError(404, "InvalidResourceType", f"The resource type could not be found: {path}")
         if parts[4].lower() not in self.groups:
@@ -273,17 +273,13 @@ class FakeAzure(Resource):
                                                     f"resource group '{GROUP}' was not found.")
         return resource
 
-    def _sizes(self, region: str, query: dict[str, str]) -> dict[str, Any]:
+    def _sizes(self, region: str) -> dict[str, Any]:
+        """VirtualMachineSizeListResult: the whole list in `value`, no nextLink (x-ms-pageable nextLinkName null)."""
         if region != REGION:
             raise ArmError(400, "NoRegisteredProviderFound", f"No registered resource provider found for location "
                                                              f"'{region}'.")
-        rows = [{"name": n, "numberOfCores": c, "memoryInMB": m, "maxDataDiskCount": 4, "osDiskSizeInMB": 1047552,
-                 "resourceDiskSizeInMB": 0} for n, c, m in SIZES]
-        if query.get("page") == "2":
-            return {"value": rows[3:]}
-        link = f"{self.base}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/{region}/vmSizes" \
-               f"?api-version={query['api-version']}&page=2"
-        return {"value": rows[:3], "nextLink": link}
+        return {"value": [{"name": n, "numberOfCores": c, "osDiskSizeInMB": 1047552, "resourceDiskSizeInMB": 0,
+                           "memoryInMB": m, "maxDataDiskCount": 4} for n, c, m in SIZES]}
 
     def _start(self, request: Request, status: int, namespace: str, location: bool) -> str:
         operation = str(uuid.uuid4())

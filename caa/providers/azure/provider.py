@@ -230,15 +230,11 @@ class AzureProvider:
                     wanted = {self.config.instance_size, *self.config.instance_sizes}
                     path = (f"/subscriptions/{self.config.subscription_id}/providers/Microsoft.Compute/locations/"
                             f"{self.config.region}/vmSizes")
-                    sizes: list[InstanceTypeInfo] = []
-                    url = self.arm.url(path, COMPUTE_API)
-                    while url:  # paged: nextLink
-                        page = (await self.arm.call("GET", url, COMPUTE_API, what="list VM sizes")).json()
-                        sizes += [InstanceTypeInfo(str(s.get("name", "")), int(s.get("numberOfCores") or 0),
-                                                   int(s.get("memoryInMB") or 0))
-                                  for s in page.get("value", []) if s.get("name") in wanted]
-                        url = page.get("nextLink") or ""
-                    self._sizes = sizes
+                    # VirtualMachineSizeListResult: one answer, `value` only (the list is not paged)
+                    listed = await self.arm.get(path, COMPUTE_API, "list VM sizes")
+                    self._sizes = [InstanceTypeInfo(str(s.get("name", "")), int(s.get("numberOfCores") or 0),
+                                                    int(s.get("memoryInMB") or 0))
+                                   for s in listed.get("value", []) if s.get("name") in wanted]
             finally:
                 self._lock.release()
         return self._sizes
