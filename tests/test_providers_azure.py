@@ -340,8 +340,17 @@ class AzureOptionsTests(TestCase):
         self.assertEqual((config.instance_size, config.instance_sizes, config.tags, config.enable_secure_boot,
                           config.ssh_username, config.root_volume_size, config.disable_cvm),
                          ("Standard_DC2as_v5", ("a", "b"), (("k", "v"), ("k2", "v2")), True, "admin", 0, False))
-        self.assertEqual(options.redacted()["secret"], "**********")
-        self.assertNotIn("s3cret-value", repr(config))
+        # upstream marks --clientid, --secret and --tenantid Secret(): masked wherever the config is shown
+        environ = dict(self.environ(), AZURE_CLIENT_ID="client-id-value", AZURE_TENANT_ID="tenant-id-value")
+        options = AzureOptions(environ)
+        options.parseOptions([])
+        config = AzureConfig.from_options(options)
+        for name in ("clientid", "secret", "tenantid"):
+            self.assertEqual(options.redacted()[name], "**********")
+        for value in ("s3cret-value", "client-id-value", "tenant-id-value"):
+            self.assertNotIn(value, repr(config))
+            self.assertNotIn(value, repr(config.redacted()))
+            self.assertIn(value, config.secrets())
 
     def test_missing_required_option_is_named(self) -> None:
         from twisted.python import usage
@@ -361,7 +370,9 @@ class AzureOptionsTests(TestCase):
         self.assertIn("not a subnet's ARM id", str(raised.exception))
 
     def test_help_hides_the_secret(self) -> None:
-        options = AzureOptions(dict(self.environ(), AZURE_CLIENT_SECRET="very-secret-value"))
-        self.assertNotIn("very-secret-value", str(options))
-        self.assertNotIn("very-secret-value", repr(options.usage_rows()))
+        options = AzureOptions(dict(self.environ(), AZURE_CLIENT_SECRET="very-secret-value",
+                                    AZURE_CLIENT_ID="client-id-value", AZURE_TENANT_ID="tenant-id-value"))
+        for value in ("very-secret-value", "client-id-value", "tenant-id-value"):
+            self.assertNotIn(value, str(options))
+            self.assertNotIn(value, repr(options.usage_rows()))
 

@@ -68,14 +68,14 @@ class AzureOptions(ProviderOptions):
         "root-volume-size": "ROOT_VOLUME_SIZE",
         "tags": "TAGS",
     }
-    secretOptions = frozenset({"secret"})
+    secretOptions = frozenset({"clientid", "secret", "tenantid"})  # upstream marks all three Secret()
 
 
 @frozen
 class AzureConfig:
-    client_id: str = ""
+    client_id: str = field(default="", repr=False)
     client_secret: str = field(default="", repr=False)
-    tenant_id: str = ""
+    tenant_id: str = field(default="", repr=False)
     subscription_id: str = ""
     region: str = ""
     resource_group: str = ""
@@ -151,12 +151,14 @@ class AzureConfig:
             raise InvalidConfig("azure: --instance-size must not be empty")
 
     def secrets(self) -> list[str]:
-        return [self.client_secret] if self.client_secret else []
+        """What never reaches a log or an error: upstream's Secret() options (its Redact masks the same three)."""
+        return [value for value in (self.client_id, self.client_secret, self.tenant_id) if value]
 
     def redacted(self) -> dict[str, Any]:
         fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        if fields["client_secret"]:
-            fields["client_secret"] = MASK
+        for name in ("client_id", "client_secret", "tenant_id"):
+            if fields[name]:
+                fields[name] = MASK
         return fields
 
 
