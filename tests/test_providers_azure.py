@@ -162,6 +162,60 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)  # the NIC was made ...
         self.assertEqual(self.leftover_names([name]), [])  # ... and removed again
 
+    def test_missing_gallery_image_is_invalid_config(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._gallery())
+
+    async def _gallery(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        pod, sid = unique_pod("azg")
+        image = "/CommunityGalleries/caa-gallery/images/no-such-image/versions/latest"
+        try:
+            await provider.create_instance(pod, sid, b"", InstanceSpec(image=image))
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("GalleryImageNotFound: The gallery image", str(e))
+        else:
+            self.fail("a VM with a missing gallery image was created")
+        self.assertEqual(self.leftover_names([provider.instance_name(pod, sid)]), [])
+
+    def test_ssh_key_file_checked_at_start_and_used(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._ssh_key())
+
+    async def _ssh_key(self) -> None:
+        import os
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        await self.start_fake()
+        path = self.mktemp()
+        public = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        with open(path, "w") as f:
+            f.write(public + "\n")
+        for mode, text, message in ((0o644, public, "permissions are 644, not 600"),
+                                    (0o600, "not a key", "not an SSH public key")):
+            with open(path, "w") as f:
+                f.write(text + "\n")
+            os.chmod(path, mode)
+            try:
+                await self.azure(ssh_key_path=path).verify_config()  # upstream's ConfigVerifier: at start-up
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+                self.assertIn("--ssh-key-path", str(e))
+                self.assertIn(message, str(e))
+            else:
+                self.fail(f"a key file ({mode:o}, {text!r}) was accepted")
+        with open(path, "w") as f:
+            f.write(public + "\n")
+        provider = self.azure(ssh_key_path=path)
+        await provider.verify_config()
+        instance = await provider.create_instance(*unique_pod("azk"), b"", InstanceSpec())
+        self.addCleanup(provider.delete_instance, instance.id)
+        key = self.fake.bodies[instance.id.lower()]["properties"]["osProfile"]["linuxConfiguration"]["ssh"]
+        self.assertEqual(key["publicKeys"][0]["keyData"], public)
+
     def test_failed_allocation_is_quota_and_rolled_back(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._allocation())
 
@@ -376,3 +430,11 @@ class AzureOptionsTests(TestCase):
             self.assertNotIn(value, str(options))
             self.assertNotIn(value, repr(options.usage_rows()))
 
+    def test_authority_host_without_scheme_is_https(self) -> None:
+        options = AzureOptions({**self.environ(), "AZURE_AUTHORITY_HOST": "login.microsoftonline.us/"})
+        options.parseOptions([])
+        self.assertEqual(AzureConfig.from_options(options).authority_host, "https://login.microsoftonline.us")
+        # as the AKS workload identity webhook sets it
+        options = AzureOptions({**self.environ(), "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/"})
+        options.parseOptions([])
+        self.assertEqual(AzureConfig.from_options(options).authority_host, "https://login.microsoftonline.com")

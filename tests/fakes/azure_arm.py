@@ -16,13 +16,14 @@ resource standing for
   `Azure-AsyncOperation` URL (DELETE also `Location`) and `Retry-After`, the operation reports `InProgress`
   for `operation_polls` GETs, then `Succeeded`; a DELETE of a missing resource answers 204.
 
-It enforces what ARM enforces for these calls: the NIC a VM names must exist and be free, a NIC cannot be
-deleted while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image and VM size
-must exist, a ConfidentialVM security profile needs the OS disk's `securityEncryptionType`, and `userData` must
-be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go
-with the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `fail_vm = (code,
-message)` makes the next VM create's operation end Failed with that error; `hang_once(text)` leaves the next ARM
-request whose path contains `text` unanswered (its `hung` notifier fires then).
+It enforces what ARM enforces for these calls: the NIC a VM names must exist and be free, a NIC cannot be deleted
+while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image (404 NotFound; a
+gallery image GalleryImageNotFound) and VM size must exist, a ConfidentialVM security profile needs the OS disk's
+`securityEncryptionType` and a vTPM (and that encryption type needs the ConfidentialVM profile), and `userData` must
+be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go with
+the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `fail_vm = (code, message)`
+makes the next VM create's operation end Failed with that error; `hang_once(text)` leaves the next ARM request whose
+path contains `text` unanswered (its `hung` notifier fires then).
 """
 
 from __future__ import annotations
@@ -373,6 +374,10 @@ class FakeAzure(Resource):
         reference = storage.get("imageReference", {})
         image = str(reference.get("id") or reference.get("communityGalleryImageId") or "")
         if image.lower() not in self.images:
+            if image.lower().startswith(("/communitygalleries/", "/sharedgalleries/")):
+                raise ArmError(404, "GalleryImageNotFound", f"The gallery image {image} is not available in {REGION} "
+                                                            "region. Please contact image owner to replicate to this "
+                                                            "region, or change your requested region.")
             raise ArmError(404, "NotFound", f"The Image '{image}' cannot be found in '{REGION}' region.")
         os_disk = storage.get("osDisk", {})
         security = properties.get("securityProfile", {})
@@ -380,6 +385,12 @@ class FakeAzure(Resource):
         if security.get("securityType") == "ConfidentialVM" and not encryption:
             raise ArmError(400, "InvalidParameter", "Required parameter 'securityEncryptionType' is missing (null) "
                                                     "for ConfidentialVM.")
+        if security.get("securityType") == "ConfidentialVM" and \
+                security.get("uefiSettings", {}).get("vTpmEnabled") is not True:
+            raise ArmError(400, "InvalidParameter", "'vTpmEnabled' must be true for securityType ConfidentialVM.")
+        if encryption and security.get("securityType") != "ConfidentialVM":
+            raise ArmError(400, "InvalidParameter", "'securityEncryptionType' can only be set for securityType "
+                                                    "ConfidentialVM.")
         try:
             base64.b64decode(str(properties.get("userData", "")), validate=True)
         except binascii.Error:

@@ -123,7 +123,7 @@ class AzureConfig:
             root_volume_size=int(options["root-volume-size"]),
             tags=parse_tags(options["tags"]),
             arm_endpoint=(environ.get("AZURE_RESOURCE_MANAGER_ENDPOINT") or DEFAULT_ARM_ENDPOINT).rstrip("/"),
-            authority_host=(environ.get("AZURE_AUTHORITY_HOST") or DEFAULT_AUTHORITY_HOST).rstrip("/"),
+            authority_host=_with_scheme(environ.get("AZURE_AUTHORITY_HOST") or DEFAULT_AUTHORITY_HOST),
             federated_token_file=environ.get("AZURE_FEDERATED_TOKEN_FILE", ""),
             imds_endpoint=(environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") or DEFAULT_IMDS_ENDPOINT).rstrip("/"),
         )
@@ -160,6 +160,12 @@ class AzureConfig:
             if fields[name]:
                 fields[name] = MASK
         return fields
+
+
+def _with_scheme(host: str) -> str:
+    """An authority host as azure-identity normalises it: https:// when it names no scheme, no trailing slash."""
+    host = host.strip().rstrip("/")
+    return host if "://" in host else f"https://{host}"
 
 
 AzureOptions.config_type = AzureConfig

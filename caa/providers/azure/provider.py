@@ -4,9 +4,12 @@ on ARM REST (`arm.py`) with tokens from `identity.py`."""
 from __future__ import annotations
 
 import base64
+import os
 import re
+import stat
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
@@ -125,18 +128,22 @@ def public_ip_body(config: AzureConfig) -> dict[str, Any]:
 
 
 def _generated_ssh_key() -> str:
-    """An OpenSSH RSA public key whose private half is discarded (upstream's default: no SSH into pod VMs)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    """An OpenSSH RSA-4096 public key whose private half is discarded (upstream's default: no SSH into pod VMs)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                          serialization.PublicFormat.OpenSSH).decode()
 
 
 def _read_ssh_key(path: str) -> str:
+    """The public key of --ssh-key-path, checked as upstream's ConfigVerifier does: mode 0600, a valid key."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode != 0o600:
+        raise InvalidConfig(f"azure: --ssh-key-path {path}: SSH key file permissions are {mode:o}, not 600")
     with open(path, encoding="utf-8") as f:
         text = f.read().strip()
     try:
         serialization.load_ssh_public_key(text.encode())
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise InvalidConfig(f"azure: --ssh-key-path {path}: not an SSH public key: {e}") from None
     return text
 
@@ -211,6 +218,8 @@ class AzureProvider:
 
     async def _verify(self) -> None:
         self.config.check()
+        if self.config.ssh_key_path:
+            await self._public_key()  # upstream's ConfigVerifier: a bad key file stops the start
         self._log.info("azure: {kind} credentials for subscription {sub}", kind=credential_kind(self.config),
                        sub=self.config.subscription_id)
         try:
