@@ -62,6 +62,9 @@ MACHINE_TYPES = {  # name -> (guestCpus, memoryMb, accelerators)
     "e2-medium": (2, 4096, 0), "n2d-standard-2": (2, 8192, 0), "n2d-standard-4": (4, 16384, 0),
     "n2d-standard-8": (8, 32768, 0), "c3-standard-4": (4, 16384, 0), "a2-highgpu-1g": (12, 87040, 1),
 }
+#: Compute's links (selfLink, targetLink, ...) name this host whatever endpoint the request went to (a private
+#: endpoint, this fake): a client that follows them as URLs leaves its endpoint.
+LINK = "https://www.googleapis.com/compute/v1"
 DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme")
 CVM_SERIES = {"SEV": ("n2d", "c2d", "c3d"), "SEV_SNP": ("n2d",), "TDX": ("c3",)}
 TAGS = {f"{PROJECT}/env/prod": ("tagKeys/281474976710001", "tagValues/281474976710101")}
@@ -94,7 +97,7 @@ class FakeGcp(Resource):
 
     def __init__(self, token_lifetime: int = 3600, operation_polls: int = 1) -> None:
         super().__init__()
-        self.base = ""  # http://127.0.0.1:<port>, set by the test once listening (selfLinks are absolute)
+        self.base = ""  # http://127.0.0.1:<port>, set by the test once listening
         self.token_lifetime = token_lifetime
         self.operation_polls = operation_polls
         self.tokens: dict[str, float] = {}
@@ -263,7 +266,7 @@ class FakeGcp(Resource):
             if size is None:
                 raise self._not_found(path)
             return {"kind": "compute#image", "name": rest[2], "diskSizeGb": str(size), "status": "READY",
-                    "selfLink": f"{self.base}/compute/v1/{path}"}
+                    "selfLink": f"{LINK}/{path}"}
         if project != PROJECT:
             raise self._not_found(f"projects/{project}")
         if len(rest) < 3 or rest[0] != "zones":
@@ -311,8 +314,8 @@ class FakeGcp(Resource):
         operation = {
             "kind": "compute#operation", "id": str(next(self._ids)), "name": name, "zone": ZONE,
             "operationType": kind, "status": "RUNNING", "progress": 0,
-            "targetLink": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/{target}",
-            "selfLink": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/operations/{name}",
+            "targetLink": f"{LINK}/projects/{PROJECT}/zones/{ZONE}/instances/{target}",
+            "selfLink": f"{LINK}/projects/{PROJECT}/zones/{ZONE}/operations/{name}",
             "_polls": self.operation_polls,
         }
         self.operations[name] = operation
@@ -421,7 +424,7 @@ class FakeGcp(Resource):
         failure, self.fail_insert = self.fail_insert, ""
         self.instances[name] = {
             "kind": "compute#instance", "id": str(next(self._ids)), "name": name, "zone": ZONE,
-            "machineType": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}",
+            "machineType": f"{LINK}/projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}",
             "status": "PROVISIONING", "networkInterfaces": [nic], "metadata": body.get("metadata", {}),
             "_gets": 0,
         }

@@ -37,6 +37,13 @@ def error_of_body(body: Any) -> tuple[str, str]:
     return reason, str(error.get("message", ""))
 
 
+def resource_path(link: str) -> str:
+    """`projects/...` of a Compute URL or path (https://www.googleapis.com/compute/v1/projects/..., /projects/...);
+    other text as it is."""
+    index = link.find("projects/")
+    return link[index:] if index >= 0 else link
+
+
 class ComputeClient:
     """Calls on the Compute (and Resource Manager) endpoints; `tokens` signs every attempt."""
 
@@ -96,9 +103,10 @@ class ComputeClient:
         return response.json()
 
     async def wait(self, operation: Any, timeout: float, what: str) -> None:
-        """Poll a zone operation until DONE; its error as ProviderError."""
-        link = str(operation.get("selfLink") or "") if isinstance(operation, dict) else ""
-        if not link:
+        """Poll a zone operation until DONE; its error as ProviderError. The operation is read on our endpoint:
+        its selfLink names www.googleapis.com whatever endpoint the insert went to."""
+        link = resource_path(str(operation.get("selfLink") or "")) if isinstance(operation, dict) else ""
+        if not link.startswith("projects/"):
             raise TransientError(f"{what}: the answer is not an operation")
         current = operation
 

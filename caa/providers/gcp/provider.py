@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from caa.podvm_api.naming import instance_name
 from caa.providers.gcp.auth import ServiceAccountKey, metadata_token, parse_key, service_account_token
-from caa.providers.gcp.compute import ComputeClient
+from caa.providers.gcp.compute import ComputeClient, resource_path
 from caa.providers.gcp.config import GcpConfig
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
@@ -49,12 +49,6 @@ def image_path(image: str, project: str) -> str:
     if image.startswith("global/"):
         return f"projects/{project}/{image}"
     return f"projects/{project}/global/images/{image}"
-
-
-def _resource_path(link: str) -> str:
-    """`projects/...` of a Compute path or URL (https://.../compute/v1/projects/...)."""
-    index = link.find("projects/")
-    return link[index:] if index >= 0 else link
 
 
 def network_path(network: str, project: str) -> str:
@@ -211,7 +205,7 @@ class GcpProvider:
         """The image's disk size in GB (the boot disk is never smaller); InvalidConfig when it does not exist."""
         if image not in self._disk_sizes:
             try:
-                found = await self.compute.call("GET", _resource_path(image), what=f"image {image}")
+                found = await self.compute.call("GET", resource_path(image), what=f"image {image}")
             except ProviderError as e:
                 if e.retryable:
                     raise
