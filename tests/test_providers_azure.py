@@ -365,6 +365,40 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertEqual(self.fake.requests, [])
 
 
+class AzureFakeRejectsTests(AzureTestMixin, TestCase):
+    """The fake refuses what ARM refuses, with ARM's codes, and the client takes each as INVALID_CONFIG (never
+    retried): no api-version, an api-version the resource type does not have, no bearer token, a body that is not
+    JSON."""
+
+    def test_rejections(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rejections())
+
+    async def _rejections(self) -> None:
+        from caa.providers.rest import RestRequest
+
+        await self.start_fake()
+        provider = self.azure()
+        arm = provider.arm
+        vm = provider.vm_path("podvm-x-12345678")
+        cases = [
+            (RestRequest("GET", f"{self.url}{vm}"), True, "MissingApiVersionParameter"),
+            (RestRequest("GET", f"{self.url}{vm}?api-version=2015-01-01"), True, "InvalidApiVersionParameter"),
+            (RestRequest("GET", f"{self.url}{vm}?api-version=2024-03-01"), False, "AuthenticationFailed"),
+            (RestRequest("PUT", f"{self.url}{vm}?api-version=2024-03-01", {"Content-Type": "application/json"},
+                         b"{not json"), True, "InvalidRequestContent"),
+        ]
+        for request, signed, code in cases:
+            before = len(self.fake.requests)
+            try:
+                await arm.rest.call(request, error_of=arm.arm_error, sign=arm.sign if signed else None)
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG, str(e))
+                self.assertIn(code, str(e))
+            else:
+                self.fail(f"{request.method} {request.url} was accepted")
+            self.assertEqual(len(self.fake.requests) - before, 1)  # not retried
+
+
 class AzureBodyTests(TestCase):
     def test_user_data_limit(self) -> None:
         from caa.providers.azure.provider import vm_body

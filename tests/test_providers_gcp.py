@@ -379,6 +379,38 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertEqual(self.fake.requests[-1][0], "DELETE")
 
 
+class GcpFakeRejectsTests(GcpTestMixin, TestCase):
+    """The fake refuses what Compute refuses, with Google's reasons, and the client takes each as INVALID_CONFIG
+    (never retried): no bearer token, an insert body that is not JSON, a bad instance name."""
+
+    def test_rejections(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rejections())
+
+    async def _rejections(self) -> None:
+        from caa.providers.rest import RestRequest
+
+        await self.start_fake()
+        provider = self.gcp()
+        compute = provider.compute
+        instances = f"{self.url}/compute/v1/projects/{gcp_compute.PROJECT}/zones/{gcp_compute.ZONE}/instances"
+        json_type = {"Content-Type": "application/json"}
+        cases = [
+            (RestRequest("GET", f"{instances}/podvm-x-12345678"), False, "HTTP 401 required"),
+            (RestRequest("POST", instances, json_type, b"{not json"), True, "HTTP 400 parseError"),
+            (RestRequest("POST", instances, json_type, b'{"name": "Not_A_Name"}'), True, "HTTP 400 invalid"),
+        ]
+        for request, signed, text in cases:
+            before = len(self.fake.requests)
+            try:
+                await compute.rest.call(request, error_of=compute.google_error, sign=compute.sign if signed else None)
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG, str(e))
+                self.assertIn(text, str(e))
+            else:
+                self.fail(f"{request.method} {request.url} was accepted")
+            self.assertEqual(len(self.fake.requests) - before, 1)  # not retried
+
+
 class TokenCacheTests(TestCase):
     """caa.providers.token.TokenCache on a Clock: one fetch shared by concurrent callers, a refresh `margin`
     before expiry (half the life of a short-lived token), and every token added to the redactor."""
