@@ -191,6 +191,21 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("TDX on n2d was created")
         self.assertEqual(self.fake.instances, {})
+        # TDX runs on C3, which has no pd-standard (the default --disk-type): pd-balanced it is
+        tdx = self.gcp(confidential_type="TDX", machine_type="c3-standard-4", machine_types=())
+        try:
+            await tdx.create_instance(*unique_pod("gcpr"), b"", InstanceSpec())
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("[pd-standard] features are not compatible", str(e))
+        else:
+            self.fail("pd-standard on c3 was created")
+        tdx = self.gcp(confidential_type="TDX", machine_type="c3-standard-4", machine_types=(), disk_type="pd-balanced")
+        instance = await tdx.create_instance(*unique_pod("gcpr"), b"", InstanceSpec())
+        self.assertEqual(self.fake.inserted[instance.name]["confidentialInstanceConfig"]["confidentialInstanceType"],
+                         "TDX")
+        await tdx.delete_instance(instance.id)
+        self.assertEqual(self.fake.instances, {})
 
     def test_exhausted_zone_is_quota(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._exhausted())

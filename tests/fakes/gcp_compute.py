@@ -21,13 +21,14 @@ resource standing for
 
 It rejects what Compute rejects for these calls: an invalid instance name, an unknown machine type, image, disk
 type, network or subnetwork, one given as a bare name instead of a full or partial URL (e.g. `global/networks/x`), a
-confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d, SEV_SNP: n2d, TDX: c3), CVM without
-onHostMaintenance TERMINATE, user data that is not base64, `params.resourceManagerTags` not of the form tagKeys/N ->
-tagValues/N. `throttle(n, status)` makes the next n Compute requests answer 429 rateLimitExceeded (or 503
-backendError); `fail_insert = code` ends the next insert's operation with that error code; `hang_once(text)` leaves
-the next request whose path contains `text` unanswered (its `hung` notifier fires then), `lose_answer_once(method,
-text)` carries one out but never answers it (Compute's `requestId` makes the client's retry safe: a repeated id
-answers the first one's operation); `revoke_tokens()` makes Compute refuse every token.
+confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d, SEV_SNP: n2d, TDX: c3), pd-standard on a
+series that has none (c3, c3d, c4, n4), CVM without onHostMaintenance TERMINATE, user data that is not base64,
+`params.resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n
+Compute requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
+operation with that error code; `hang_once(text)` leaves the next request whose path contains `text` unanswered (its
+`hung` notifier fires then), `lose_answer_once(method, text)` carries one out but never answers it (Compute's
+`requestId` makes the client's retry safe: a repeated id answers the first one's operation); `revoke_tokens()` makes
+Compute refuse every token.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ MACHINE_TYPES = {  # name -> (guestCpus, memoryMb, accelerators)
 #: Compute's links (selfLink, targetLink, ...) name this host whatever endpoint the request went to (a private
 #: endpoint, this fake): a client that follows them as URLs leaves its endpoint.
 LINK = "https://www.googleapis.com/compute/v1"
-DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme")
+DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme", "hyperdisk-balanced")
+#: Machine series that take no Standard Persistent Disk (third generation and later, e.g. C3: TDX)
+NO_PD_STANDARD = ("c3", "c3d", "c4", "n4")
 CVM_SERIES = {"SEV": ("n2d", "c2d", "c3d"), "SEV_SNP": ("n2d",), "TDX": ("c3",)}
 TAGS = {f"{PROJECT}/env/prod": ("tagKeys/281474976710001", "tagValues/281474976710101")}
 _PRIVATE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -380,6 +383,9 @@ class FakeGcp(Resource):
         if disk_type not in {f"projects/{PROJECT}/zones/{ZONE}/diskTypes/{t}" for t in DISK_TYPES}:
             raise self._invalid(f"Invalid value for field 'resource.disks[0].initializeParams.diskType': "
                                 f"'{params.get('diskType')}'.")
+        if disk_type.endswith("/pd-standard") and machine.split("-", 1)[0] in NO_PD_STANDARD:
+            raise self._invalid(f"[pd-standard] features are not compatible for creating instance with machine type "
+                                f"{machine}.")
         if int(params.get("diskSizeGb") or 0) < self.images[image_key]:
             raise self._invalid(f"Requested disk size cannot be smaller than the image size "
                                 f"({self.images[image_key]} GB)")
