@@ -381,6 +381,14 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertIsNone(await metadata.find_instance("podvm-x-12345678"))
         self.assertEqual(len(self.fake.token_requests), 1)  # the metadata server answered this one
         self.assertEqual(metadata.tokens.fetches, 1)
+        # off GCE the metadata server's name does not resolve: a TRANSIENT ProviderError naming the call
+        try:
+            await self.gcp(credentials="", metadata_host="metadata.google.invalid").verify_config()
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.TRANSIENT)
+            self.assertIn("gcp metadata server token", str(e))
+        else:
+            self.fail("a token came from a metadata server that does not exist")
 
     def test_delete_of_unknown_or_malformed_names(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._unknown())
