@@ -112,6 +112,11 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.addCleanup(plain.delete_instance, gpu.id)
         self.assertTrue(self.fake.inserted[gpu.name]["machineType"].endswith("/a2-highgpu-1g"))
         self.assertEqual(self.fake.inserted[gpu.name]["scheduling"], {"onHostMaintenance": "TERMINATE"})
+        # a GPU machine type as the default: no live migration even when the pod asks for no GPU
+        a2 = self.gcp(disable_cvm=True, machine_type="a2-highgpu-1g", machine_types=())
+        gpu = await a2.create_instance(*unique_pod("gcp"), b"", InstanceSpec())
+        self.addCleanup(a2.delete_instance, gpu.id)
+        self.assertEqual(self.fake.inserted[gpu.name]["scheduling"], {"onHostMaintenance": "TERMINATE"})
         try:
             await provider.create_instance(*unique_pod("gcp"), b"", InstanceSpec(instance_type="e2-medium"))
         except ProviderError as e:

@@ -22,13 +22,13 @@ resource standing for
 It rejects what Compute rejects for these calls: an invalid instance name, an unknown machine type, image, disk
 type, network or subnetwork, one given as a bare name instead of a full or partial URL (e.g. `global/networks/x`), a
 confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d, SEV_SNP: n2d, TDX: c3), pd-standard on a
-series that has none (c3, c3d, c4, n4), CVM without onHostMaintenance TERMINATE, user data that is not base64,
-`params.resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)` makes the next n
-Compute requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the next insert's
-operation with that error code; `hang_once(text)` leaves the next request whose path contains `text` unanswered (its
-`hung` notifier fires then), `lose_answer_once(method, text)` carries one out but never answers it (Compute's
-`requestId` makes the client's retry safe: a repeated id answers the first one's operation); `revoke_tokens()` makes
-Compute refuse every token.
+series that has none (c3, c3d, c4, n4), CVM or a GPU machine type without onHostMaintenance TERMINATE, user data
+that is not base64, `params.resourceManagerTags` not of the form tagKeys/N -> tagValues/N. `throttle(n, status)`
+makes the next n Compute requests answer 429 rateLimitExceeded (or 503 backendError); `fail_insert = code` ends the
+next insert's operation with that error code; `hang_once(text)` leaves the next request whose path contains `text`
+unanswered (its `hung` notifier fires then), `lose_answer_once(method, text)` carries one out but never answers it
+(Compute's `requestId` makes the client's retry safe: a repeated id answers the first one's operation);
+`revoke_tokens()` makes Compute refuse every token.
 """
 
 from __future__ import annotations
@@ -411,6 +411,8 @@ class FakeGcp(Resource):
                                     f"type {machine}.")
             if body.get("scheduling", {}).get("onHostMaintenance") != "TERMINATE":
                 raise self._invalid("Confidential VMs must have onHostMaintenance set to TERMINATE.")
+        if MACHINE_TYPES[machine][2] and body.get("scheduling", {}).get("onHostMaintenance") != "TERMINATE":
+            raise self._invalid("Instances with guest accelerators do not support live migration.")
         items = {i.get("key"): i.get("value") for i in body.get("metadata", {}).get("items", [])}
         if items.get("user-data-encoding") == "base64":
             try:

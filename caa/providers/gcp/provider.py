@@ -236,14 +236,16 @@ class GcpProvider:
         config = self.config
         if spec.volumes or spec.multi_nic:
             raise InvalidConfig("gcp: CSI volumes and a second NIC (--ext-network-via-podvm) are not supported yet")
-        machine_type = select_instance_type(spec, await self._machine_types(), config.machine_types,
-                                            config.machine_type)
+        types = await self._machine_types()
+        machine_type = select_instance_type(spec, types, config.machine_types, config.machine_type)
+        # a machine type with GPUs (a2, g2, ...) cannot live-migrate whether or not the pod asked for GPUs
+        gpus = max([spec.gpus] + [t.gpus for t in types if t.name == machine_type])
         image = image_path(config.image_name, config.project_id)
         if spec.image:
             image = image_path(spec.image, config.project_id)  # upstream: a bare name is in the project too
             self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=spec.image)
         disk_size = max(config.root_volume_size, await self._image_disk_size(image))
-        body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), spec.gpus)
+        body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), gpus)
         try:
             # requestId: a retry of an insert whose answer was lost is not a second insert (409 alreadyExists)
             operation = await self.compute.call("POST", f"{self._zone()}/instances?{_request_id()}", body,
