@@ -399,6 +399,29 @@ class AzureFakeRejectsTests(AzureTestMixin, TestCase):
             self.assertEqual(len(self.fake.requests) - before, 1)  # not retried
 
 
+class AzureFakeAdminNameTests(AzureTestMixin, TestCase):
+    def test_reserved_admin_name_is_refused_by_arm(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._admin())
+
+    async def _admin(self) -> None:
+        """What the start-up check spares the user: ARM refuses the VM (the fake, as ARM does)."""
+        from caa.providers.azure.provider import nic_body, vm_body
+
+        await self.start_fake()
+        provider = self.azure(ssh_username="admin")  # no check(): straight to ARM
+        name = "podvm-admin-12345678"
+        await provider.arm.put(provider.nic_path(name), "2023-09-01", nic_body(provider.config, ""), 10, "nic")
+        body = vm_body(provider.config, name, "Standard_DC2as_v5", azure_arm.IMAGE_ID, b"", provider.nic_path(name),
+                       "ssh-rsa AAAA")
+        try:
+            await provider.arm.put(provider.vm_path(name), "2024-03-01", body, 10, "vm")
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("InvalidParameter: The Admin Username specified is not allowed.", str(e))
+        else:
+            self.fail("ARM took 'admin' as admin user")
+
+
 class AzureBodyTests(TestCase):
     def test_user_data_limit(self) -> None:
         from caa.providers.azure.provider import vm_body
@@ -423,11 +446,11 @@ class AzureOptionsTests(TestCase):
 
     def test_env_and_defaults(self) -> None:
         options = AzureOptions(self.environ())
-        options.parseOptions(["--ssh-username", "admin"])
+        options.parseOptions(["--ssh-username", "caa-admin"])
         config = AzureConfig.from_options(options)
         self.assertEqual((config.instance_size, config.instance_sizes, config.tags, config.enable_secure_boot,
                           config.ssh_username, config.root_volume_size, config.disable_cvm),
-                         ("Standard_DC2as_v5", ("a", "b"), (("k", "v"), ("k2", "v2")), True, "admin", 0, False))
+                         ("Standard_DC2as_v5", ("a", "b"), (("k", "v"), ("k2", "v2")), True, "caa-admin", 0, False))
         # upstream marks --clientid, --secret and --tenantid Secret(): masked wherever the config is shown
         environ = dict(self.environ(), AZURE_CLIENT_ID="client-id-value", AZURE_TENANT_ID="tenant-id-value")
         options = AzureOptions(environ)
@@ -452,6 +475,9 @@ class AzureOptionsTests(TestCase):
                 AzureOptions(environ).parseOptions([])
             self.assertIn(flag, str(raised.exception))
             self.assertIn(variable, str(raised.exception))
+        with self.assertRaises(usage.UsageError) as raised:
+            AzureOptions(dict(self.environ(), SSH_USERNAME="root")).parseOptions([])
+        self.assertIn("--ssh-username (SSH_USERNAME) 'root' is not allowed", str(raised.exception))
         environ = dict(self.environ(), AZURE_SUBNET_ID="subnet-1")
         with self.assertRaises(usage.UsageError) as raised:
             AzureOptions(environ).parseOptions([])

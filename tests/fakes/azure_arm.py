@@ -17,13 +17,14 @@ resource standing for
   for `operation_polls` GETs, then `Succeeded`; a DELETE of a missing resource answers 204.
 
 It enforces what ARM enforces for these calls: the NIC a VM names must exist and be free, a NIC cannot be deleted
-while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image (404 NotFound; a
-gallery image GalleryImageNotFound) and VM size must exist, a ConfidentialVM security profile needs the OS disk's
-`securityEncryptionType` and a vTPM (and that encryption type needs the ConfidentialVM profile), and `userData` must
-be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go with
-the VM. `throttle(n)` makes the next n ARM requests answer 429 with `Retry-After: 1`; `fail_vm = (code, message)`
-makes the next VM create's operation end Failed with that error; `hang_once(text)` leaves the next ARM request whose
-path contains `text` unanswered (its `hung` notifier fires then).
+while a VM uses it, a public IP cannot be deleted while a NIC uses it, a reserved admin user name (root, admin, ...)
+is refused, the subnet, NSG, image (404 NotFound; a gallery image GalleryImageNotFound) and VM size must exist, a
+ConfidentialVM security profile needs the OS disk's `securityEncryptionType` and a vTPM (and that encryption type
+needs the ConfidentialVM profile), and `userData` must be base64. VMs get their NIC's private IP (10.1.0.4 onwards);
+the OS disk and a NIC with deleteOption Delete go with the VM. `throttle(n)` makes the next n ARM requests answer
+429 with `Retry-After: 1`; `fail_vm = (code, message)` makes the next VM create's operation end Failed with that
+error; `hang_once(text)` leaves the next ARM request whose path contains `text` unanswered (its `hung` notifier
+fires then).
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ SIZES = [  # name, cores, MiB
     ("Standard_DC2as_v5", 2, 8192), ("Standard_DC4as_v5", 4, 16384), ("Standard_DC8as_v5", 8, 32768),
     ("Standard_D2s_v5", 2, 8192), ("Standard_DC16as_v5", 16, 65536), ("Standard_DC32as_v5", 32, 131072),
 ]
+
+
+#: OSProfile.adminUsername's disallowed values (Compute's API reference)
+RESERVED_ADMIN_NAMES = frozenset({
+    "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1", "123", "a", "actuser",
+    "adm", "admin2", "aspnet", "backup", "console", "david", "guest", "john", "owner", "root", "server", "sql",
+    "support", "support_388945a0", "sys", "test2", "test3", "user4", "user5",
+})
 
 
 def group_path(subscription: str = SUBSCRIPTION, group: str = GROUP) -> str:
@@ -366,6 +375,9 @@ class FakeAzure(Resource):
         return {**properties, "ipConfigurations": out, "provisioningState": "Succeeded"}
 
     def _vm(self, path: str, name: str, properties: dict[str, Any]) -> dict[str, Any]:
+        admin = str(properties.get("osProfile", {}).get("adminUsername", ""))
+        if admin.lower() in RESERVED_ADMIN_NAMES or not 1 <= len(admin) <= 64:
+            raise ArmError(400, "InvalidParameter", "The Admin Username specified is not allowed.")
         size = properties.get("hardwareProfile", {}).get("vmSize")
         if size not in {n for n, _c, _m in SIZES}:
             raise ArmError(409, "SkuNotAvailable", f"The requested VM size {size} is not available in location "

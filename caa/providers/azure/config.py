@@ -21,6 +21,12 @@ DEFAULT_ARM_ENDPOINT = "https://management.azure.com"
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 #: The instance metadata service (managed identity); AZURE_POD_IDENTITY_AUTHORITY_HOST (azure-identity's) moves it.
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+#: osProfile.adminUsername values ARM refuses (Compute's API reference, OSProfile.adminUsername)
+RESERVED_ADMIN_NAMES = frozenset({
+    "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1", "123", "a", "actuser",
+    "adm", "admin2", "aspnet", "backup", "console", "david", "guest", "john", "owner", "root", "server", "sql",
+    "support", "support_388945a0", "sys", "test2", "test3", "user4", "user5",
+})
 MAX_USER_DATA = 65536  # characters of base64 (ARM's limit on userData)
 _SUBNET_ID = re.compile(
     r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+$",
@@ -149,6 +155,10 @@ class AzureConfig:
                                 "--tenantid")
         if not self.instance_size:
             raise InvalidConfig("azure: --instance-size must not be empty")
+        if self.ssh_username.lower() in RESERVED_ADMIN_NAMES or not 1 <= len(self.ssh_username) <= 64:
+            # ARM refuses these as osProfile.adminUsername: every create would fail
+            raise InvalidConfig(f"azure: --ssh-username (SSH_USERNAME) {self.ssh_username!r} is not allowed as an "
+                                "Azure VM's admin user")
 
     def secrets(self) -> list[str]:
         """What never reaches a log or an error: upstream's Secret() options (its Redact masks the same three)."""
