@@ -93,7 +93,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertEqual(instance.id, provider.vm_path(instance.name))
         body = self.fake.bodies[instance.id.lower()]
         properties = body["properties"]
-        # the smallest allowed size with 3 vCPUs and 9000 MiB, from the paged size list
+        # the smallest allowed size with 3 vCPUs and 9000 MiB, from the region's size list
         self.assertEqual(properties["hardwareProfile"]["vmSize"], "Standard_DC4as_v5")
         self.assertEqual(body["tags"], {"team": "caa"})
         self.assertEqual(body["zones"], ["2"])
@@ -161,6 +161,60 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
             self.fail("a VM with a missing image was created")
         self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)  # the NIC was made ...
         self.assertEqual(self.leftover_names([name]), [])  # ... and removed again
+
+    def test_missing_gallery_image_is_invalid_config(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._gallery())
+
+    async def _gallery(self) -> None:
+        await self.start_fake()
+        provider = self.azure()
+        pod, sid = unique_pod("azg")
+        image = "/CommunityGalleries/caa-gallery/images/no-such-image/versions/latest"
+        try:
+            await provider.create_instance(pod, sid, b"", InstanceSpec(image=image))
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("GalleryImageNotFound: The gallery image", str(e))
+        else:
+            self.fail("a VM with a missing gallery image was created")
+        self.assertEqual(self.leftover_names([provider.instance_name(pod, sid)]), [])
+
+    def test_ssh_key_file_checked_at_start_and_used(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._ssh_key())
+
+    async def _ssh_key(self) -> None:
+        import os
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        await self.start_fake()
+        path = self.mktemp()
+        public = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        with open(path, "w") as f:
+            f.write(public + "\n")
+        for mode, text, message in ((0o644, public, "permissions are 644, not 600"),
+                                    (0o600, "not a key", "not an SSH public key")):
+            with open(path, "w") as f:
+                f.write(text + "\n")
+            os.chmod(path, mode)
+            try:
+                await self.azure(ssh_key_path=path).verify_config()  # upstream's ConfigVerifier: at start-up
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+                self.assertIn("--ssh-key-path", str(e))
+                self.assertIn(message, str(e))
+            else:
+                self.fail(f"a key file ({mode:o}, {text!r}) was accepted")
+        with open(path, "w") as f:
+            f.write(public + "\n")
+        provider = self.azure(ssh_key_path=path)
+        await provider.verify_config()
+        instance = await provider.create_instance(*unique_pod("azk"), b"", InstanceSpec())
+        self.addCleanup(provider.delete_instance, instance.id)
+        key = self.fake.bodies[instance.id.lower()]["properties"]["osProfile"]["linuxConfiguration"]["ssh"]
+        self.assertEqual(key["publicKeys"][0]["keyData"], public)
 
     def test_failed_allocation_is_quota_and_rolled_back(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._allocation())
@@ -311,6 +365,63 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertEqual(self.fake.requests, [])
 
 
+class AzureFakeRejectsTests(AzureTestMixin, TestCase):
+    """The fake refuses what ARM refuses, with ARM's codes, and the client takes each as INVALID_CONFIG (never
+    retried): no api-version, an api-version the resource type does not have, no bearer token, a body that is not
+    JSON."""
+
+    def test_rejections(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rejections())
+
+    async def _rejections(self) -> None:
+        from caa.providers.rest import RestRequest
+
+        await self.start_fake()
+        provider = self.azure()
+        arm = provider.arm
+        vm = provider.vm_path("podvm-x-12345678")
+        cases = [
+            (RestRequest("GET", f"{self.url}{vm}"), True, "MissingApiVersionParameter"),
+            (RestRequest("GET", f"{self.url}{vm}?api-version=2015-01-01"), True, "InvalidApiVersionParameter"),
+            (RestRequest("GET", f"{self.url}{vm}?api-version=2024-03-01"), False, "AuthenticationFailed"),
+            (RestRequest("PUT", f"{self.url}{vm}?api-version=2024-03-01", {"Content-Type": "application/json"},
+                         b"{not json"), True, "InvalidRequestContent"),
+        ]
+        for request, signed, code in cases:
+            before = len(self.fake.requests)
+            try:
+                await arm.rest.call(request, error_of=arm.arm_error, sign=arm.sign if signed else None)
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG, str(e))
+                self.assertIn(code, str(e))
+            else:
+                self.fail(f"{request.method} {request.url} was accepted")
+            self.assertEqual(len(self.fake.requests) - before, 1)  # not retried
+
+
+class AzureFakeAdminNameTests(AzureTestMixin, TestCase):
+    def test_reserved_admin_name_is_refused_by_arm(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._admin())
+
+    async def _admin(self) -> None:
+        """What the start-up check spares the user: ARM refuses the VM (the fake, as ARM does)."""
+        from caa.providers.azure.provider import nic_body, vm_body
+
+        await self.start_fake()
+        provider = self.azure(ssh_username="admin")  # no check(): straight to ARM
+        name = "podvm-admin-12345678"
+        await provider.arm.put(provider.nic_path(name), "2023-09-01", nic_body(provider.config, ""), 10, "nic")
+        body = vm_body(provider.config, name, "Standard_DC2as_v5", azure_arm.IMAGE_ID, b"", provider.nic_path(name),
+                       "ssh-rsa AAAA")
+        try:
+            await provider.arm.put(provider.vm_path(name), "2024-03-01", body, 10, "vm")
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("InvalidParameter: The Admin Username specified is not allowed.", str(e))
+        else:
+            self.fail("ARM took 'admin' as admin user")
+
+
 class AzureBodyTests(TestCase):
     def test_user_data_limit(self) -> None:
         from caa.providers.azure.provider import vm_body
@@ -335,13 +446,22 @@ class AzureOptionsTests(TestCase):
 
     def test_env_and_defaults(self) -> None:
         options = AzureOptions(self.environ())
-        options.parseOptions(["--ssh-username", "admin"])
+        options.parseOptions(["--ssh-username", "caa-admin"])
         config = AzureConfig.from_options(options)
         self.assertEqual((config.instance_size, config.instance_sizes, config.tags, config.enable_secure_boot,
                           config.ssh_username, config.root_volume_size, config.disable_cvm),
-                         ("Standard_DC2as_v5", ("a", "b"), (("k", "v"), ("k2", "v2")), True, "admin", 0, False))
-        self.assertEqual(options.redacted()["secret"], "**********")
-        self.assertNotIn("s3cret-value", repr(config))
+                         ("Standard_DC2as_v5", ("a", "b"), (("k", "v"), ("k2", "v2")), True, "caa-admin", 0, False))
+        # upstream marks --clientid, --secret and --tenantid Secret(): masked wherever the config is shown
+        environ = dict(self.environ(), AZURE_CLIENT_ID="client-id-value", AZURE_TENANT_ID="tenant-id-value")
+        options = AzureOptions(environ)
+        options.parseOptions([])
+        config = AzureConfig.from_options(options)
+        for name in ("clientid", "secret", "tenantid"):
+            self.assertEqual(options.redacted()[name], "**********")
+        for value in ("s3cret-value", "client-id-value", "tenant-id-value"):
+            self.assertNotIn(value, repr(config))
+            self.assertNotIn(value, repr(config.redacted()))
+            self.assertIn(value, config.secrets())
 
     def test_missing_required_option_is_named(self) -> None:
         from twisted.python import usage
@@ -355,13 +475,26 @@ class AzureOptionsTests(TestCase):
                 AzureOptions(environ).parseOptions([])
             self.assertIn(flag, str(raised.exception))
             self.assertIn(variable, str(raised.exception))
+        with self.assertRaises(usage.UsageError) as raised:
+            AzureOptions(dict(self.environ(), SSH_USERNAME="root")).parseOptions([])
+        self.assertIn("--ssh-username (SSH_USERNAME) 'root' is not allowed", str(raised.exception))
         environ = dict(self.environ(), AZURE_SUBNET_ID="subnet-1")
         with self.assertRaises(usage.UsageError) as raised:
             AzureOptions(environ).parseOptions([])
         self.assertIn("not a subnet's ARM id", str(raised.exception))
 
     def test_help_hides_the_secret(self) -> None:
-        options = AzureOptions(dict(self.environ(), AZURE_CLIENT_SECRET="very-secret-value"))
-        self.assertNotIn("very-secret-value", str(options))
-        self.assertNotIn("very-secret-value", repr(options.usage_rows()))
+        options = AzureOptions(dict(self.environ(), AZURE_CLIENT_SECRET="very-secret-value",
+                                    AZURE_CLIENT_ID="client-id-value", AZURE_TENANT_ID="tenant-id-value"))
+        for value in ("very-secret-value", "client-id-value", "tenant-id-value"):
+            self.assertNotIn(value, str(options))
+            self.assertNotIn(value, repr(options.usage_rows()))
 
+    def test_authority_host_without_scheme_is_https(self) -> None:
+        options = AzureOptions({**self.environ(), "AZURE_AUTHORITY_HOST": "login.microsoftonline.us/"})
+        options.parseOptions([])
+        self.assertEqual(AzureConfig.from_options(options).authority_host, "https://login.microsoftonline.us")
+        # as the AKS workload identity webhook sets it
+        options = AzureOptions({**self.environ(), "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/"})
+        options.parseOptions([])
+        self.assertEqual(AzureConfig.from_options(options).authority_host, "https://login.microsoftonline.com")

@@ -56,7 +56,8 @@ class AzureAdaptorProcessTests(TestCase):
                      "--use-public-ip", "--root-volume-size", "--tags", "AZURE_CLIENT_SECRET", "AZURE_NSG_ID",
                      "Standard_DC2as_v5"):
             self.assertIn(flag, r.stdout)
-        self.assertNotIn(azure_arm.CLIENT_SECRET, r.stdout + r.stderr)
+        for secret in (azure_arm.CLIENT_SECRET, azure_arm.CLIENT_ID, azure_arm.TENANT):  # upstream's Secret() three
+            self.assertNotIn(secret, r.stdout + r.stderr)
 
     def test_missing_required_option_is_a_start_up_error(self) -> None:
         env = azure_env("http://127.0.0.1:1")
@@ -98,6 +99,7 @@ class AzureAdaptorProcessTests(TestCase):
         with open(a.log) as f:
             log = f.read()
         self.assertIn("created VM", log)
-        self.assertNotIn(azure_arm.CLIENT_SECRET, log)
+        for secret in (azure_arm.CLIENT_SECRET, azure_arm.CLIENT_ID, azure_arm.TENANT):
+            self.assertNotIn(secret, log)
         for token in fake.tokens:
             self.assertNotIn(token, log)

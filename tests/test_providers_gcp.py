@@ -112,6 +112,11 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.addCleanup(plain.delete_instance, gpu.id)
         self.assertTrue(self.fake.inserted[gpu.name]["machineType"].endswith("/a2-highgpu-1g"))
         self.assertEqual(self.fake.inserted[gpu.name]["scheduling"], {"onHostMaintenance": "TERMINATE"})
+        # a GPU machine type as the default: no live migration even when the pod asks for no GPU
+        a2 = self.gcp(disable_cvm=True, machine_type="a2-highgpu-1g", machine_types=())
+        gpu = await a2.create_instance(*unique_pod("gcp"), b"", InstanceSpec())
+        self.addCleanup(a2.delete_instance, gpu.id)
+        self.assertEqual(self.fake.inserted[gpu.name]["scheduling"], {"onHostMaintenance": "TERMINATE"})
         try:
             await provider.create_instance(*unique_pod("gcp"), b"", InstanceSpec(instance_type="e2-medium"))
         except ProviderError as e:
@@ -151,6 +156,32 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 
+    def test_partial_urls_and_a_bare_image_annotation(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._partial())
+
+    async def _partial(self) -> None:
+        await self.start_fake()
+        provider = self.gcp(image_name=f"global/images/{gcp_compute.IMAGE}", network="global/networks/default",
+                            subnetwork="regions/us-central1/subnetworks/pods")
+        await provider.verify_config()  # images.get of the project's image, not of "global/images/..."
+        instance = await provider.create_instance(*unique_pod("gcpu"), b"", InstanceSpec(image=gcp_compute.IMAGE))
+        self.addCleanup(provider.delete_instance, instance.id)
+        body = self.fake.inserted[instance.name]
+        self.assertEqual(body["disks"][0]["initializeParams"]["sourceImage"],
+                         f"projects/{gcp_compute.PROJECT}/global/images/{gcp_compute.IMAGE}")  # the bare annotation
+        self.assertEqual((body["networkInterfaces"][0]["network"], body["networkInterfaces"][0]["subnetwork"]),
+                         ("global/networks/default", "regions/us-central1/subnetworks/pods"))
+        # Compute takes full or partial URLs only: a bare network name is malformed
+        body = dict(body, name="podvm-bare-12345678", networkInterfaces=[{"network": "default"}])
+        try:
+            await provider.compute.call("POST", f"projects/{gcp_compute.PROJECT}/zones/{gcp_compute.ZONE}/instances",
+                                        body)
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("The URL is malformed", str(e))
+        else:
+            self.fail("a bare network name was taken")
+
     def test_rejected_insert_is_invalid_config_and_leaves_nothing(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._rejected())
 
@@ -164,6 +195,21 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
             self.assertIn("not supported for machine type n2d-standard-2", str(e))
         else:
             self.fail("TDX on n2d was created")
+        self.assertEqual(self.fake.instances, {})
+        # TDX runs on C3, which has no pd-standard (the default --disk-type): pd-balanced it is
+        tdx = self.gcp(confidential_type="TDX", machine_type="c3-standard-4", machine_types=())
+        try:
+            await tdx.create_instance(*unique_pod("gcpr"), b"", InstanceSpec())
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("[pd-standard] features are not compatible", str(e))
+        else:
+            self.fail("pd-standard on c3 was created")
+        tdx = self.gcp(confidential_type="TDX", machine_type="c3-standard-4", machine_types=(), disk_type="pd-balanced")
+        instance = await tdx.create_instance(*unique_pod("gcpr"), b"", InstanceSpec())
+        self.assertEqual(self.fake.inserted[instance.name]["confidentialInstanceConfig"]["confidentialInstanceType"],
+                         "TDX")
+        await tdx.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 
     def test_exhausted_zone_is_quota(self) -> Deferred[None]:
@@ -203,6 +249,41 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertIn(("DELETE", f"/compute/v1/{provider.instance_path(name)}"), self.fake.requests)  # rolled back
         self.assertEqual(self.fake.instances, {})
 
+    def test_lost_insert_answer_is_retried_with_the_same_request_id(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._lost())
+
+    async def _lost(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        pod, sid = unique_pod("gcpl")
+        name = provider.instance_name(pod, sid)
+        self.fake.lose_answer_once("POST", "/instances")  # inserted, then the connection drops
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec())
+        self.assertEqual(instance.name, name)
+        inserts = [p for m, p in self.fake.requests if m == "POST"]
+        self.assertEqual(len(inserts), 2)  # retried ...
+        self.assertEqual(len(self.fake.request_ids), 1)  # ... with the first one's requestId: no 409
+        await provider.delete_instance(instance.id)
+        self.assertEqual(self.fake.instances, {})
+
+    def test_cancel_during_an_insert_that_was_carried_out_rolls_back(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._cancel_insert())
+
+    async def _cancel_insert(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        pod, sid = unique_pod("gcpi")
+        name = provider.instance_name(pod, sid)
+        self.fake.lose_answer_once("POST", "/instances", hang=True)  # inserted, the answer never comes
+        hung = self.fake.hung.wait()
+        creating = provider.create_instance(pod, sid, b"", InstanceSpec())
+        await hung
+        self.assertIn(name, self.fake.instances)
+        creating.cancel()
+        error = await creating.addErrback(lambda f: f.value)
+        self.assertIsInstance(error, CancelledError)
+        self.assertEqual(self.fake.instances, {})  # the instance the unanswered insert made is gone again
+
     def test_throttling_429_and_503_are_retried(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._throttled())
 
@@ -233,9 +314,26 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await provider.verify_config()
         await provider.find_instance("podvm-x-12345678")
         self.assertEqual(len(self.fake.token_requests), 1)
+        # the JWT names Google's token endpoint as its audience although the key's token_uri is the fake's
+        claims = json.loads(base64.urlsafe_b64decode(self.fake.token_requests[0]["assertion"].split(".")[1] + "=="))
+        self.assertEqual((claims["aud"], claims["iss"], claims["scope"]),
+                         ("https://oauth2.googleapis.com/token", gcp_compute.CLIENT_EMAIL,
+                          "https://www.googleapis.com/auth/cloud-platform"))
+        self.assertEqual(claims["exp"] - claims["iat"], 3600)
         self.fake.expire_tokens()  # the cloud refuses it (401): a new one is fetched and the call retried
         self.assertIsNone(await provider.find_instance("podvm-x-12345678"))
         self.assertEqual(len(self.fake.token_requests), 2)
+        self.fake.revoke_tokens()  # a fresh token refused as well: one retry, then a configuration error
+        before = len(self.fake.requests)
+        try:
+            await provider.find_instance("podvm-x-12345678")
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.INVALID_CONFIG)
+            self.assertIn("HTTP 401 authError", str(e))
+        else:
+            self.fail("a refused token was accepted")
+        self.assertEqual(len(self.fake.requests) - before, 2)
+        self.assertEqual(len(self.fake.token_requests), 3)
 
     def test_bad_key_names_the_problem_and_never_the_key(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._bad_key())
@@ -288,6 +386,14 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertIsNone(await metadata.find_instance("podvm-x-12345678"))
         self.assertEqual(len(self.fake.token_requests), 1)  # the metadata server answered this one
         self.assertEqual(metadata.tokens.fetches, 1)
+        # off GCE the metadata server's name does not resolve: a TRANSIENT ProviderError naming the call
+        try:
+            await self.gcp(credentials="", metadata_host="metadata.google.invalid").verify_config()
+        except ProviderError as e:
+            self.assertIs(e.kind, ErrorKind.TRANSIENT)
+            self.assertIn("gcp metadata server token", str(e))
+        else:
+            self.fail("a token came from a metadata server that does not exist")
 
     def test_delete_of_unknown_or_malformed_names(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._unknown())
@@ -299,6 +405,38 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertEqual(self.fake.requests, [])
         await provider.delete_instance("podvm-gone-12345678")
         self.assertEqual(self.fake.requests[-1][0], "DELETE")
+
+
+class GcpFakeRejectsTests(GcpTestMixin, TestCase):
+    """The fake refuses what Compute refuses, with Google's reasons, and the client takes each as INVALID_CONFIG
+    (never retried): no bearer token, an insert body that is not JSON, a bad instance name."""
+
+    def test_rejections(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rejections())
+
+    async def _rejections(self) -> None:
+        from caa.providers.rest import RestRequest
+
+        await self.start_fake()
+        provider = self.gcp()
+        compute = provider.compute
+        instances = f"{self.url}/compute/v1/projects/{gcp_compute.PROJECT}/zones/{gcp_compute.ZONE}/instances"
+        json_type = {"Content-Type": "application/json"}
+        cases = [
+            (RestRequest("GET", f"{instances}/podvm-x-12345678"), False, "HTTP 401 required"),
+            (RestRequest("POST", instances, json_type, b"{not json"), True, "HTTP 400 parseError"),
+            (RestRequest("POST", instances, json_type, b'{"name": "Not_A_Name"}'), True, "HTTP 400 invalid"),
+        ]
+        for request, signed, text in cases:
+            before = len(self.fake.requests)
+            try:
+                await compute.rest.call(request, error_of=compute.google_error, sign=compute.sign if signed else None)
+            except ProviderError as e:
+                self.assertIs(e.kind, ErrorKind.INVALID_CONFIG, str(e))
+                self.assertIn(text, str(e))
+            else:
+                self.fail(f"{request.method} {request.url} was accepted")
+            self.assertEqual(len(self.fake.requests) - before, 1)  # not retried
 
 
 class TokenCacheTests(TestCase):
@@ -354,6 +492,12 @@ class GcpOptionsTests(TestCase):
                          ("e2-medium", ("c3-standard-4", "c3-standard-8"), "pd-balanced", 10, "europe-west4", "TDX"))
         self.assertEqual(options.redacted()["gcp-credentials"], "**********")
         self.assertNotIn("k3y-text", repr(config))
+        self.assertEqual(config.metadata_host, "metadata.google.internal")
+        for variables, host in (({"GCE_METADATA_ROOT": "169.254.169.254"}, "169.254.169.254"),
+                                ({"GCE_METADATA_ROOT": "old:1", "GCE_METADATA_HOST": "new:2"}, "new:2")):
+            options = GcpOptions(dict(self.environ(), **variables))
+            options.parseOptions([])
+            self.assertEqual(GcpConfig.from_options(options).metadata_host, host)  # google-auth's variables
 
     def test_missing_required_option_is_named(self) -> None:
         for variable, flag in (("GCP_PROJECT_ID", "--gcp-project-id"), ("GCP_ZONE", "--zone"),

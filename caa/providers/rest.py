@@ -29,7 +29,7 @@ import treq
 from attrs import field, frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -191,7 +191,8 @@ class RestClient:
                 if expired:
                     return TransientError(f"{what}: no answer within {timeout:g}s"), None
                 raise CancelledError() from None
-            if isinstance(e, (ConnectError, ConnectionLost, ResponseFailed, ResponseNeverReceived)):
+            # DNSLookupError is no ConnectError: without it an unresolvable host escaped as a raw exception
+            if isinstance(e, (ConnectError, DNSLookupError, ConnectionLost, ResponseFailed, ResponseNeverReceived)):
                 return TransientError(f"{what}: {_describe(e)}"), None
             raise
         finally:

@@ -8,7 +8,7 @@ resource standing for
 - the instance metadata service's managed identity endpoint, `GET /metadata/identity/oauth2/token`
   (`Metadata: true` required; `expires_in` as a string, as IMDS sends it),
 - Azure Resource Manager for one subscription: Microsoft.Compute `virtualMachines`, `disks`, `locations/{region}/
-  vmSizes` (paged with `nextLink`) and Microsoft.Network `networkInterfaces`, `publicIPAddresses`,
+  vmSizes` (one unpaged list) and Microsoft.Network `networkInterfaces`, `publicIPAddresses`,
   `virtualNetworks/{vnet}/subnets`, with `api-version` required on every request, bearer tokens checked
   (missing → AuthenticationFailed, unknown → InvalidAuthenticationToken, expired → ExpiredAuthenticationToken),
   ARM error bodies `{"error": {"code", "message"}}`, 404 ResourceNotFound / ResourceGroupNotFound, a malformed
@@ -16,11 +16,12 @@ resource standing for
   `Azure-AsyncOperation` URL (DELETE also `Location`) and `Retry-After`, the operation reports `InProgress`
   for `operation_polls` GETs, then `Succeeded`; a DELETE of a missing resource answers 204.
 
-It enforces what ARM enforces for these calls: the NIC a VM names must exist and be free, a NIC cannot be
-deleted while a VM uses it, a public IP cannot be deleted while a NIC uses it, the subnet, NSG, image and VM size
-must exist, a ConfidentialVM security profile needs the OS disk's `securityEncryptionType`, and `userData` must
-be base64. VMs get their NIC's private IP (10.1.0.4 onwards); the OS disk and a NIC with deleteOption Delete go
-with the VM.
+It enforces what ARM enforces for these calls: the NIC a VM names must exist and be free, a NIC cannot be deleted
+while a VM uses it, a public IP cannot be deleted while a NIC uses it, a reserved admin user name (root, admin, ...)
+is refused, the subnet, NSG, image (404 NotFound; a gallery image GalleryImageNotFound) and VM size must exist, a
+ConfidentialVM security profile needs the OS disk's `securityEncryptionType` and a vTPM (and that encryption type
+needs the ConfidentialVM profile), and `userData` must be base64. VMs get their NIC's private IP (10.1.0.4 onwards);
+the OS disk and a NIC with deleteOption Delete go with the VM.
 
 Managed data disks (`add_disk` makes one, `Unattached`): a VM's `storageProfile.dataDisks` must name existing
 disks (404 NotFound otherwise), in the VM's region, each once at a distinct LUN 0-63, no more than the size's
@@ -64,10 +65,18 @@ API_VERSIONS = {
     "Microsoft.Compute/disks": {"2023-04-02", "2023-10-02"},
     "Microsoft.Network": {"2023-05-01", "2023-09-01", "2024-01-01"},
 }
-SIZES = [  # name, cores, MiB (the first page of the size list; the second has the rest)
+SIZES = [  # name, cores, MiB
     ("Standard_DC2as_v5", 2, 8192), ("Standard_DC4as_v5", 4, 16384), ("Standard_DC8as_v5", 8, 32768),
     ("Standard_D2s_v5", 2, 8192), ("Standard_DC16as_v5", 16, 65536), ("Standard_DC32as_v5", 32, 131072),
 ]
+
+
+#: OSProfile.adminUsername's disallowed values (Compute's API reference)
+RESERVED_ADMIN_NAMES = frozenset({
+    "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1", "123", "a", "actuser",
+    "adm", "admin2", "aspnet", "backup", "console", "david", "guest", "john", "owner", "root", "server", "sql",
+    "support", "support_388945a0", "sys", "test2", "test3", "user4", "user5",
+})
 
 
 def group_path(subscription: str = SUBSCRIPTION, group: str = GROUP) -> str:
@@ -259,7 +268,7 @@ class FakeAzure(Resource):
             if parts[7] == "operations" and len(parts) == 9:
                 return self._operation(request, parts[8])
             if parts[7] == "vmSizes" and method == "GET":
-                return self._sizes(parts[6], query)
+                return self._sizes(parts[6])
         if len(parts) < 9 or parts[3] != "resourceGroups" or parts[5] != "providers":
             raise ArmError(404, "InvalidResourceType", f"The resource type could not be found: {path}")
         if parts[4].lower() not in self.groups:
@@ -297,17 +306,13 @@ class FakeAzure(Resource):
                                                     f"resource group '{GROUP}' was not found.")
         return resource
 
-    def _sizes(self, region: str, query: dict[str, str]) -> dict[str, Any]:
+    def _sizes(self, region: str) -> dict[str, Any]:
+        """VirtualMachineSizeListResult: the whole list in `value`, no nextLink (x-ms-pageable nextLinkName null)."""
         if region != REGION:
             raise ArmError(400, "NoRegisteredProviderFound", f"No registered resource provider found for location "
                                                              f"'{region}'.")
-        rows = [{"name": n, "numberOfCores": c, "memoryInMB": m, "maxDataDiskCount": 4, "osDiskSizeInMB": 1047552,
-                 "resourceDiskSizeInMB": 0} for n, c, m in SIZES]
-        if query.get("page") == "2":
-            return {"value": rows[3:]}
-        link = f"{self.base}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/{region}/vmSizes" \
-               f"?api-version={query['api-version']}&page=2"
-        return {"value": rows[:3], "nextLink": link}
+        return {"value": [{"name": n, "numberOfCores": c, "osDiskSizeInMB": 1047552, "resourceDiskSizeInMB": 0,
+                           "memoryInMB": m, "maxDataDiskCount": 4} for n, c, m in SIZES]}
 
     def _start(self, request: Request, status: int, namespace: str, location: bool) -> str:
         operation = str(uuid.uuid4())
@@ -393,6 +398,9 @@ class FakeAzure(Resource):
         return {**properties, "ipConfigurations": out, "provisioningState": "Succeeded"}
 
     def _vm(self, path: str, name: str, properties: dict[str, Any]) -> dict[str, Any]:
+        admin = str(properties.get("osProfile", {}).get("adminUsername", ""))
+        if admin.lower() in RESERVED_ADMIN_NAMES or not 1 <= len(admin) <= 64:
+            raise ArmError(400, "InvalidParameter", "The Admin Username specified is not allowed.")
         size = properties.get("hardwareProfile", {}).get("vmSize")
         if size not in {n for n, _c, _m in SIZES}:
             raise ArmError(409, "SkuNotAvailable", f"The requested VM size {size} is not available in location "
@@ -401,6 +409,10 @@ class FakeAzure(Resource):
         reference = storage.get("imageReference", {})
         image = str(reference.get("id") or reference.get("communityGalleryImageId") or "")
         if image.lower() not in self.images:
+            if image.lower().startswith(("/communitygalleries/", "/sharedgalleries/")):
+                raise ArmError(404, "GalleryImageNotFound", f"The gallery image {image} is not available in {REGION} "
+                                                            "region. Please contact image owner to replicate to this "
+                                                            "region, or change your requested region.")
             raise ArmError(404, "NotFound", f"The Image '{image}' cannot be found in '{REGION}' region.")
         os_disk = storage.get("osDisk", {})
         security = properties.get("securityProfile", {})
@@ -408,6 +420,12 @@ class FakeAzure(Resource):
         if security.get("securityType") == "ConfidentialVM" and not encryption:
             raise ArmError(400, "InvalidParameter", "Required parameter 'securityEncryptionType' is missing (null) "
                                                     "for ConfidentialVM.")
+        if security.get("securityType") == "ConfidentialVM" and \
+                security.get("uefiSettings", {}).get("vTpmEnabled") is not True:
+            raise ArmError(400, "InvalidParameter", "'vTpmEnabled' must be true for securityType ConfidentialVM.")
+        if encryption and security.get("securityType") != "ConfidentialVM":
+            raise ArmError(400, "InvalidParameter", "'securityEncryptionType' can only be set for securityType "
+                                                    "ConfidentialVM.")
         try:
             base64.b64decode(str(properties.get("userData", "")), validate=True)
         except binascii.Error:

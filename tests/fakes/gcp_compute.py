@@ -3,8 +3,9 @@ A fake of the Google endpoints the gcp provider talks to, for tests (GCP has no 
 resource standing for
 
 - Google's OAuth2 token endpoint, `POST /token` with the JWT-bearer grant: the assertion's RS256 signature is
-  checked against the test service account's public key, and its `iss`, `aud`, `scope`, `iat`/`exp` (at most an
-  hour, not expired) as Google checks them; refusals are `{"error": "invalid_grant", "error_description"}`,
+  checked against the test service account's public key, and its `iss`, `aud` (Google's token endpoint, whatever
+  URL the request went to), `scope`, `iat`/`exp` (at most an hour, not expired) as Google checks them;
+  refusals are `{"error": "invalid_grant", "error_description"}`,
 - the GCE metadata server's token, `GET /computeMetadata/v1/instance/service-accounts/default/token`
   (`Metadata-Flavor: Google` required, else 403),
 - Compute Engine v1 under `/compute/v1/projects/{project}/`: `zones/{zone}/machineTypes/{type}`,
@@ -21,18 +22,21 @@ resource standing for
   unknown value, as the real one answers).
 
 It rejects what Compute rejects for these calls: an invalid instance name, an unknown machine type, image, disk
-type, network or subnetwork, a confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d,
-SEV_SNP: n2d, TDX: c3), CVM without onHostMaintenance TERMINATE, user data that is not base64, `params.
-resourceManagerTags` not of the form tagKeys/N -> tagValues/N; for `disks[]`: exactly one boot disk, first,
-with initializeParams; every other entry an existing disk by `source` (404 notFound otherwise) in the instance's
-zone, with a unique valid `deviceName`, not used READ_WRITE by another instance (400
+type, network or subnetwork, one given as a bare name instead of a full or partial URL (e.g. `global/networks/x`), a
+confidential instance type the machine series cannot run (SEV: n2d/c2d/c3d, SEV_SNP: n2d, TDX: c3), pd-standard on a
+series that has none (c3, c3d, c4, n4), CVM or a GPU machine type without onHostMaintenance TERMINATE, user data
+that is not base64, `params.resourceManagerTags` not of the form tagKeys/N -> tagValues/N; for `disks[]`: exactly
+one boot disk, first, with initializeParams; every other entry an existing disk by `source` (404 notFound
+otherwise) in the instance's zone, with a unique valid `deviceName`, not used READ_WRITE by another instance (400
 resourceInUseByAnotherResource). Attached disks list the instance in their `users` (`attachments` records
-(instance, deviceName, source path) in order); when the instance goes, those with `autoDelete` (default false
-for an attached disk) are deleted with it, the others stay with the instance gone from `users`.
+(instance, deviceName, source path) in order); when the instance goes, those with `autoDelete` (default false for
+an attached disk) are deleted with it, the others stay with the instance gone from `users`.
 
 `throttle(n, status)` makes the next n Compute requests answer 429 rateLimitExceeded (or 503 backendError);
 `fail_insert = code` ends the next insert's operation with that error code; `hang_once(text)` leaves the next
-request whose path contains `text` unanswered (its `hung` notifier fires then).
+request whose path contains `text` unanswered (its `hung` notifier fires then), `lose_answer_once(method, text)`
+carries one out but never answers it (Compute's `requestId` makes the client's retry safe: a repeated id answers
+the first one's operation); `revoke_tokens()` makes Compute refuse every token.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -67,6 +72,12 @@ MACHINE_TYPES = {  # name -> (guestCpus, memoryMb, accelerators)
     "e2-medium": (2, 4096, 0), "n2d-standard-2": (2, 8192, 0), "n2d-standard-4": (4, 16384, 0),
     "n2d-standard-8": (8, 32768, 0), "c3-standard-4": (4, 16384, 0), "a2-highgpu-1g": (12, 87040, 1),
 }
+#: Compute's links (selfLink, targetLink, ...) name this host whatever endpoint the request went to (a private
+#: endpoint, this fake): a client that follows them as URLs leaves its endpoint.
+LINK = "https://www.googleapis.com/compute/v1"
+DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme", "hyperdisk-balanced")
+#: Machine series that take no Standard Persistent Disk (third generation and later, e.g. C3: TDX)
+NO_PD_STANDARD = ("c3", "c3d", "c4", "n4")
 CVM_SERIES = {"SEV": ("n2d", "c2d", "c3d"), "SEV_SNP": ("n2d",), "TDX": ("c3",)}
 TAGS = {f"{PROJECT}/env/prod": ("tagKeys/281474976710001", "tagValues/281474976710101")}
 _PRIVATE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -98,7 +109,7 @@ class FakeGcp(Resource):
 
     def __init__(self, token_lifetime: int = 3600, operation_polls: int = 1) -> None:
         super().__init__()
-        self.base = ""  # http://127.0.0.1:<port>, set by the test once listening (selfLinks are absolute)
+        self.base = ""  # http://127.0.0.1:<port>, set by the test once listening
         self.token_lifetime = token_lifetime
         self.operation_polls = operation_polls
         self.tokens: dict[str, float] = {}
@@ -111,10 +122,13 @@ class FakeGcp(Resource):
         self.requests: list[tuple[str, str]] = []  # (method, path) of every Compute / Resource Manager request
         self.images = {f"projects/{PROJECT}/global/images/{IMAGE}": 20,
                        "projects/confidential-images/global/images/podvm-tdx": 30}
+        self.revoked = False
         self.throttled = 0
         self.throttle_status = 429
         self.hang = ""
+        self.lose: tuple[str, str, bool] | None = None
         self.hung: Notifier[str] = Notifier()
+        self.request_ids: dict[str, str] = {}  # requestId -> the name of the operation it started
         self.fail_insert = ""  # an operation error code the next insert ends with (the instance is not created)
         self._ips = itertools.count(2)
         self._nat = itertools.count(10)
@@ -133,14 +147,23 @@ class FakeGcp(Resource):
         path = f"projects/{PROJECT}/zones/{zone}/disks/{name}"
         self.disks[path] = {
             "kind": "compute#disk", "id": str(next(self._ids)), "name": name, "sizeGb": str(size_gb),
-            "zone": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{zone}", "status": status,
-            "type": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{zone}/diskTypes/pd-balanced",
-            "selfLink": f"{self.base}/compute/v1/{path}", "users": []}
+            "zone": f"{LINK}/projects/{PROJECT}/zones/{zone}", "status": status,
+            "type": f"{LINK}/projects/{PROJECT}/zones/{zone}/diskTypes/pd-balanced",
+            "selfLink": f"{LINK}/{path}", "users": []}
         return path
+
+    def lose_answer_once(self, method: str, text: str, hang: bool = False) -> None:
+        """Carry out the next Compute `method` request whose path contains `text`, then drop the connection
+        without answering (or, with `hang`, keep it open and never answer; `hung` fires)."""
+        self.lose = (method, text, hang)
 
     def expire_tokens(self) -> None:
         for token in self.tokens:
             self.tokens[token] = 0.0
+
+    def revoke_tokens(self) -> None:
+        """The token endpoint still issues tokens, but Compute refuses them all (401)."""
+        self.revoked = True
 
     # -- dispatch -------------------------------------------------------------------------------------------
     def render(self, request: Request) -> bytes:
@@ -161,7 +184,15 @@ class FakeGcp(Resource):
             if path == "/v3/tagValues/namespaced":
                 return self._json(request, 200, self._tag_value(request))
             if path.startswith("/compute/v1/"):
-                return self._json(request, 200, self._compute(request, path.removeprefix("/compute/v1/"), raw))
+                answer = self._compute(request, path.removeprefix("/compute/v1/"), raw)
+                if self.lose and self.lose[0] == request.method.decode() and self.lose[1] in path:
+                    hang, self.lose = self.lose[2], None
+                    if hang:  # done, but the answer never comes
+                        self.hung.notify(path)
+                    else:  # done, then the connection drops before the answer
+                        request.transport.abortConnection()  # type: ignore[union-attr]
+                    return NOT_DONE_YET  # type: ignore[return-value]
+                return self._json(request, 200, answer)
             raise GoogleError(404, "notFound", f"The requested URL {path} was not found on this server.",
                               "NOT_FOUND")
         except GoogleError as e:
@@ -206,7 +237,7 @@ class FakeGcp(Resource):
             return self._refuse(request, "Invalid JWT Signature.")
         if claims.get("iss") != CLIENT_EMAIL:
             return self._refuse(request, "Invalid grant: account not found")
-        if claims.get("aud") != f"{self.base}/token" or not claims.get("scope"):
+        if claims.get("aud") != "https://oauth2.googleapis.com/token" or not claims.get("scope"):
             return self._refuse(request, "Invalid JWT: audience or scope")
         iat, exp = claims.get("iat", 0), claims.get("exp", 0)
         if exp - iat > 3600 or iat > now + 300 or exp < now:
@@ -226,7 +257,7 @@ class FakeGcp(Resource):
             raise GoogleError(401, "required", "Request is missing required authentication credential. Expected "
                                                "OAuth 2 access token.", "UNAUTHENTICATED")
         expiry = self.tokens.get(authorization.removeprefix("Bearer "))
-        if not authorization.startswith("Bearer ") or expiry is None or expiry < time.time():
+        if not authorization.startswith("Bearer ") or expiry is None or expiry < time.time() or self.revoked:
             raise GoogleError(401, "authError", "Request had invalid authentication credentials. Expected OAuth 2 "
                                                 "access token.", "UNAUTHENTICATED")
         if self.throttled > 0:
@@ -260,7 +291,7 @@ class FakeGcp(Resource):
             if size is None:
                 raise self._not_found(path)
             return {"kind": "compute#image", "name": rest[2], "diskSizeGb": str(size), "status": "READY",
-                    "selfLink": f"{self.base}/compute/v1/{path}"}
+                    "selfLink": f"{LINK}/{path}"}
         if project != PROJECT:
             raise self._not_found(f"projects/{project}")
         if len(rest) < 3 or rest[0] != "zones":
@@ -288,11 +319,11 @@ class FakeGcp(Resource):
             return self._operation(item)
         if collection == "instances":
             if not item and method == "POST":
-                return self._insert(raw)
+                return self._once(request, lambda: self._insert(raw))
             if item and method == "GET":
                 return self._get(item)
             if item and method == "DELETE":
-                return self._delete(item)
+                return self._once(request, lambda: self._delete(item))
         raise self._not_found(path)
 
     def _operation(self, name: str) -> dict[str, Any]:
@@ -313,12 +344,37 @@ class FakeGcp(Resource):
         operation = {
             "kind": "compute#operation", "id": str(next(self._ids)), "name": name, "zone": ZONE,
             "operationType": kind, "status": "RUNNING", "progress": 0,
-            "targetLink": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/{target}",
-            "selfLink": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/operations/{name}",
+            "targetLink": f"{LINK}/projects/{PROJECT}/zones/{ZONE}/instances/{target}",
+            "selfLink": f"{LINK}/projects/{PROJECT}/zones/{ZONE}/operations/{name}",
             "_polls": self.operation_polls,
         }
         self.operations[name] = operation
         return {k: v for k, v in operation.items() if not k.startswith("_")}
+
+    def _once(self, request: Request, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Compute's `requestId`: a request repeated with the same id is not carried out again; the answer is the
+        operation the first one started."""
+        request_id = request.args.get(b"requestId", [b""])[-1].decode()
+        if request_id and request_id in self.request_ids:
+            return self._operation(self.request_ids[request_id])
+        operation = start()
+        if request_id:
+            self.request_ids[request_id] = operation["name"]
+        return operation
+
+    def _resolve(self, field: str, link: Any) -> str:
+        """`projects/...` of a full or partial resource URL as Compute takes them (an API URL, `projects/...`, or
+        `global/...`, `regions/...`, `zones/...` in the request's project); anything else, a bare name too, is
+        400 "The URL is malformed"."""
+        text = str(link or "")
+        for prefix in (f"{self.base}/compute/v1/", "https://www.googleapis.com/compute/v1/",
+                       "https://compute.googleapis.com/compute/v1/"):
+            text = text.removeprefix(prefix)
+        if text.startswith(("global/", "regions/", "zones/")):
+            text = f"projects/{PROJECT}/{text}"
+        if not text.startswith("projects/") or text.count("/") < 3:
+            raise self._invalid(f"Invalid value for field 'resource.{field}': '{link}'. The URL is malformed.")
+        return text
 
     def _invalid(self, message: str) -> GoogleError:
         return GoogleError(400, "invalid", message, "INVALID_ARGUMENT")
@@ -337,8 +393,9 @@ class FakeGcp(Resource):
         if name in self.instances:
             raise GoogleError(409, "alreadyExists", f"The resource 'projects/{PROJECT}/zones/{ZONE}/instances/"
                                                     f"{name}' already exists", "ALREADY_EXISTS")
-        machine = str(body.get("machineType", "")).rsplit("/", 1)[-1]
-        if machine not in MACHINE_TYPES:
+        machine_link = self._resolve("machineType", body.get("machineType"))
+        machine = machine_link.rsplit("/", 1)[-1]
+        if machine_link != f"projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}" or machine not in MACHINE_TYPES:
             raise self._invalid(f"Invalid value for field 'resource.machineType': '{body.get('machineType')}'. "
                                 "Machine type with name does not exist in zone.")
         disks = body.get("disks") or []
@@ -348,12 +405,16 @@ class FakeGcp(Resource):
         attached = self._attached_disks(name, disks[1:])
         params = disks[0].get("initializeParams", {})
         image = str(params.get("sourceImage", ""))
-        image_key = image[image.find("projects/"):] if "projects/" in image else image
+        image_key = self._resolve("disks[0].initializeParams.sourceImage", image)
         if image_key not in self.images:
             raise self._not_found(image)
-        if str(params.get("diskType", "")).rsplit("/", 1)[-1] not in ("pd-standard", "pd-balanced", "pd-ssd"):
+        disk_type = self._resolve("disks[0].initializeParams.diskType", params.get("diskType"))
+        if disk_type not in {f"projects/{PROJECT}/zones/{ZONE}/diskTypes/{t}" for t in DISK_TYPES}:
             raise self._invalid(f"Invalid value for field 'resource.disks[0].initializeParams.diskType': "
                                 f"'{params.get('diskType')}'.")
+        if disk_type.endswith("/pd-standard") and machine.split("-", 1)[0] in NO_PD_STANDARD:
+            raise self._invalid(f"[pd-standard] features are not compatible for creating instance with machine type "
+                                f"{machine}.")
         if int(params.get("diskSizeGb") or 0) < self.images[image_key]:
             raise self._invalid(f"Requested disk size cannot be smaller than the image size "
                                 f"({self.images[image_key]} GB)")
@@ -361,10 +422,12 @@ class FakeGcp(Resource):
         if len(interfaces) != 1:
             raise self._invalid("Invalid value for field 'resource.networkInterfaces'.")
         interface = interfaces[0]
-        if str(interface.get("network", "")).rsplit("/", 1)[-1] != NETWORK:
+        if self._resolve("networkInterfaces[0].network", interface.get("network")) != \
+                f"projects/{PROJECT}/global/networks/{NETWORK}":
             raise self._not_found(str(interface.get("network")))
         subnetwork = interface.get("subnetwork")
-        if subnetwork is not None and subnetwork != f"projects/{PROJECT}/regions/us-central1/subnetworks/{SUBNETWORK}":
+        if subnetwork is not None and self._resolve("networkInterfaces[0].subnetwork", subnetwork) != \
+                f"projects/{PROJECT}/regions/us-central1/subnetworks/{SUBNETWORK}":
             raise self._not_found(str(subnetwork))
         confidential = body.get("confidentialInstanceConfig")
         if confidential is not None:
@@ -377,6 +440,8 @@ class FakeGcp(Resource):
                                     f"type {machine}.")
             if body.get("scheduling", {}).get("onHostMaintenance") != "TERMINATE":
                 raise self._invalid("Confidential VMs must have onHostMaintenance set to TERMINATE.")
+        if MACHINE_TYPES[machine][2] and body.get("scheduling", {}).get("onHostMaintenance") != "TERMINATE":
+            raise self._invalid("Instances with guest accelerators do not support live migration.")
         items = {i.get("key"): i.get("value") for i in body.get("metadata", {}).get("items", [])}
         if items.get("user-data-encoding") == "base64":
             try:
@@ -394,13 +459,13 @@ class FakeGcp(Resource):
             nic["accessConfigs"] = [{**a, "natIP": f"34.0.0.{next(self._nat)}"} for a in interface["accessConfigs"]]
         self.inserted[name] = body
         failure, self.fail_insert = self.fail_insert, ""
-        link = f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/{name}"
+        link = f"{LINK}/projects/{PROJECT}/zones/{ZONE}/instances/{name}"
         for entry in attached:
             self.disks[entry["_path"]]["users"].append(link)
             self.attachments.append((name, entry["deviceName"], entry["_path"]))
         self.instances[name] = {
             "kind": "compute#instance", "id": str(next(self._ids)), "name": name, "zone": ZONE,
-            "machineType": f"{self.base}/compute/v1/projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}",
+            "machineType": f"{LINK}/projects/{PROJECT}/zones/{ZONE}/machineTypes/{machine}",
             "status": "PROVISIONING", "networkInterfaces": [nic], "metadata": body.get("metadata", {}),
             "disks": [{"boot": True, "autoDelete": bool(disks[0].get("autoDelete")), "index": 0,
                        "deviceName": "persistent-disk-0", "type": "PERSISTENT"},

@@ -5,9 +5,9 @@ security profile (vTPM, secure boot with --enable-secure-boot) unless --disable-
 
 Options (default < env < flag), upstream's names:
 
-    --clientid            AZURE_CLIENT_ID        ""
+    --clientid            AZURE_CLIENT_ID        "" (secret, as upstream marks it)
     --secret              AZURE_CLIENT_SECRET    "" (secret; else workload identity, else managed identity)
-    --tenantid            AZURE_TENANT_ID        ""
+    --tenantid            AZURE_TENANT_ID        "" (secret, as upstream marks it)
     --subscriptionid      AZURE_SUBSCRIPTION_ID  "" (required)
     --region              AZURE_REGION           "" (required)
     --resourcegroup       AZURE_RESOURCE_GROUP   "" (required)

@@ -21,6 +21,12 @@ DEFAULT_ARM_ENDPOINT = "https://management.azure.com"
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 #: The instance metadata service (managed identity); AZURE_POD_IDENTITY_AUTHORITY_HOST (azure-identity's) moves it.
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+#: osProfile.adminUsername values ARM refuses (Compute's API reference, OSProfile.adminUsername)
+RESERVED_ADMIN_NAMES = frozenset({
+    "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1", "123", "a", "actuser",
+    "adm", "admin2", "aspnet", "backup", "console", "david", "guest", "john", "owner", "root", "server", "sql",
+    "support", "support_388945a0", "sys", "test2", "test3", "user4", "user5",
+})
 MAX_USER_DATA = 65536  # characters of base64 (ARM's limit on userData)
 _SUBNET_ID = re.compile(
     r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+$",
@@ -68,14 +74,14 @@ class AzureOptions(ProviderOptions):
         "root-volume-size": "ROOT_VOLUME_SIZE",
         "tags": "TAGS",
     }
-    secretOptions = frozenset({"secret"})
+    secretOptions = frozenset({"clientid", "secret", "tenantid"})  # upstream marks all three Secret()
 
 
 @frozen
 class AzureConfig:
-    client_id: str = ""
+    client_id: str = field(default="", repr=False)
     client_secret: str = field(default="", repr=False)
-    tenant_id: str = ""
+    tenant_id: str = field(default="", repr=False)
     subscription_id: str = ""
     region: str = ""
     resource_group: str = ""
@@ -123,7 +129,7 @@ class AzureConfig:
             root_volume_size=int(options["root-volume-size"]),
             tags=parse_tags(options["tags"]),
             arm_endpoint=(environ.get("AZURE_RESOURCE_MANAGER_ENDPOINT") or DEFAULT_ARM_ENDPOINT).rstrip("/"),
-            authority_host=(environ.get("AZURE_AUTHORITY_HOST") or DEFAULT_AUTHORITY_HOST).rstrip("/"),
+            authority_host=_with_scheme(environ.get("AZURE_AUTHORITY_HOST") or DEFAULT_AUTHORITY_HOST),
             federated_token_file=environ.get("AZURE_FEDERATED_TOKEN_FILE", ""),
             imds_endpoint=(environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") or DEFAULT_IMDS_ENDPOINT).rstrip("/"),
         )
@@ -149,15 +155,27 @@ class AzureConfig:
                                 "--tenantid")
         if not self.instance_size:
             raise InvalidConfig("azure: --instance-size must not be empty")
+        if self.ssh_username.lower() in RESERVED_ADMIN_NAMES or not 1 <= len(self.ssh_username) <= 64:
+            # ARM refuses these as osProfile.adminUsername: every create would fail
+            raise InvalidConfig(f"azure: --ssh-username (SSH_USERNAME) {self.ssh_username!r} is not allowed as an "
+                                "Azure VM's admin user")
 
     def secrets(self) -> list[str]:
-        return [self.client_secret] if self.client_secret else []
+        """What never reaches a log or an error: upstream's Secret() options (its Redact masks the same three)."""
+        return [value for value in (self.client_id, self.client_secret, self.tenant_id) if value]
 
     def redacted(self) -> dict[str, Any]:
         fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        if fields["client_secret"]:
-            fields["client_secret"] = MASK
+        for name in ("client_id", "client_secret", "tenant_id"):
+            if fields[name]:
+                fields[name] = MASK
         return fields
+
+
+def _with_scheme(host: str) -> str:
+    """An authority host as azure-identity normalises it: https:// when it names no scheme, no trailing slash."""
+    host = host.strip().rstrip("/")
+    return host if "://" in host else f"https://{host}"
 
 
 AzureOptions.config_type = AzureConfig

@@ -4,10 +4,13 @@ on ARM REST (`arm.py`) with tokens from `identity.py`."""
 from __future__ import annotations
 
 import base64
+import os
 import re
+import stat
 from collections.abc import Sequence
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
@@ -130,18 +133,22 @@ def public_ip_body(config: AzureConfig) -> dict[str, Any]:
 
 
 def _generated_ssh_key() -> str:
-    """An OpenSSH RSA public key whose private half is discarded (upstream's default: no SSH into pod VMs)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    """An OpenSSH RSA-4096 public key whose private half is discarded (upstream's default: no SSH into pod VMs)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                          serialization.PublicFormat.OpenSSH).decode()
 
 
 def _read_ssh_key(path: str) -> str:
+    """The public key of --ssh-key-path, checked as upstream's ConfigVerifier does: mode 0600, a valid key."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode != 0o600:
+        raise InvalidConfig(f"azure: --ssh-key-path {path}: SSH key file permissions are {mode:o}, not 600")
     with open(path, encoding="utf-8") as f:
         text = f.read().strip()
     try:
         serialization.load_ssh_public_key(text.encode())
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise InvalidConfig(f"azure: --ssh-key-path {path}: not an SSH public key: {e}") from None
     return text
 
@@ -191,6 +198,8 @@ class AzureProvider(CoroutineProvider):
     # -- internals ----------------------------------------------------------------------------------
     async def _verify(self) -> None:
         self.config.check()
+        if self.config.ssh_key_path:
+            await self._public_key()  # upstream's ConfigVerifier: a bad key file stops the start
         self._log.info("azure: {kind} credentials for subscription {sub}", kind=credential_kind(self.config),
                        sub=self.config.subscription_id)
         try:
@@ -210,16 +219,14 @@ class AzureProvider(CoroutineProvider):
                     wanted = {self.config.instance_size, *self.config.instance_sizes}
                     path = (f"/subscriptions/{self.config.subscription_id}/providers/Microsoft.Compute/locations/"
                             f"{self.config.region}/vmSizes")
+                    # VirtualMachineSizeListResult: one answer, `value` only (the list is not paged)
+                    listed = await self.arm.get(path, COMPUTE_API, "list VM sizes")
                     sizes: list[InstanceTypeInfo] = []
-                    url = self.arm.url(path, COMPUTE_API)
-                    while url:  # paged: nextLink
-                        page = (await self.arm.call("GET", url, COMPUTE_API, what="list VM sizes")).json()
-                        for s in page.get("value", []):
-                            if s.get("name") in wanted:
-                                sizes.append(InstanceTypeInfo(str(s["name"]), int(s.get("numberOfCores") or 0),
-                                                              int(s.get("memoryInMB") or 0)))
-                                self._max_data_disks[str(s["name"])] = int(s.get("maxDataDiskCount") or 0)
-                        url = page.get("nextLink") or ""
+                    for s in listed.get("value", []):
+                        if s.get("name") in wanted:
+                            sizes.append(InstanceTypeInfo(str(s["name"]), int(s.get("numberOfCores") or 0),
+                                                          int(s.get("memoryInMB") or 0)))
+                            self._max_data_disks[str(s["name"])] = int(s.get("maxDataDiskCount") or 0)
                     self._sizes = sizes
             finally:
                 self._lock.release()

@@ -3,12 +3,12 @@ Google OAuth2 access tokens for Compute Engine, requested on treq through `caa.p
 
 A service-account key (--gcp-credentials, else the file GOOGLE_APPLICATION_CREDENTIALS names) is exchanged with
 the JWT-bearer grant (RFC 7523, Google's "OAuth 2.0 for server to server applications"): an RS256-signed JWT
-`{iss: client_email, scope, aud: token_uri, iat, exp}` (header `kid` = private_key_id) posted to the key's
-`token_uri` as `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<jwt>`. The JWT is signed with
-`cryptography` (already a dependency) rather than google-auth: google-auth's refresh is a blocking HTTP call
-that would need a thread, while the signature is a millisecond of CPU and the token request then gets the REST
-layer's deadline and retries. Without a key, the GCE metadata server's token of the node's service account is
-used (`GET /computeMetadata/v1/instance/service-accounts/default/token`, `Metadata-Flavor: Google`).
+`{iss: client_email, scope, aud: https://oauth2.googleapis.com/token, iat, exp}` (header `kid` = private_key_id)
+posted to the key's `token_uri` as `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<jwt>`.
+The JWT is signed with `cryptography` (already a dependency) rather than google-auth: google-auth's refresh is a
+blocking HTTP call that would need a thread, while the signature is a millisecond of CPU and the token request
+then gets the REST layer's deadline and retries. Without a key, the GCE metadata server's token of the node's
+service account is used (`GET /computeMetadata/v1/instance/service-accounts/default/token`, `Metadata-Flavor: Google`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from caa.providers.token import token_error, token_response
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
+#: The JWT's `aud`: always Google's token endpoint, also when the key's token_uri names another host (a private
+#: endpoint); Google checks it, as google-auth's service_account credentials send it.
+TOKEN_AUDIENCE = DEFAULT_TOKEN_URI
 ASSERTION_LIFETIME = 3600
 
 
@@ -72,7 +75,7 @@ def parse_key(text: str, source: str) -> tuple[ServiceAccountKey, str]:
 def assertion(key: ServiceAccountKey, now: float, scope: str = SCOPE) -> str:
     """The signed JWT of the JWT-bearer grant."""
     header = {"alg": "RS256", "typ": "JWT", "kid": key.private_key_id}
-    claims = {"iss": key.client_email, "scope": scope, "aud": key.token_uri, "iat": int(now),
+    claims = {"iss": key.client_email, "scope": scope, "aud": TOKEN_AUDIENCE, "iat": int(now),
               "exp": int(now) + ASSERTION_LIFETIME}
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
     signature = key.private_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())

@@ -4,8 +4,9 @@ Google's error bodies (`{"error": {"code", "message", "errors": [{"reason", ...}
 kinds, and zone operations polled to DONE.
 
 Kinds: 429, 5xx and the rate-limit reasons TRANSIENT; `quotaExceeded` and the zone's exhausted resource pool
-QUOTA; 404 NOT_FOUND; a 401 drops the cached token and is retried with a new one (a token the token endpoint
-refuses is INVALID_CONFIG there); every other 4xx INVALID_CONFIG.
+QUOTA; 404 NOT_FOUND; a 401 drops the cached token and is retried once with a new one (a token the token
+endpoint refuses is INVALID_CONFIG there; a fresh token Compute refuses too is INVALID_CONFIG, not retried
+again); every other 4xx INVALID_CONFIG.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def error_of_body(body: Any) -> tuple[str, str]:
     return reason, str(error.get("message", ""))
 
 
+def resource_path(link: str) -> str:
+    """`projects/...` of a Compute URL or path (https://www.googleapis.com/compute/v1/projects/..., /projects/...);
+    other text as it is."""
+    index = link.find("projects/")
+    return link[index:] if index >= 0 else link
+
+
 class ComputeClient:
     """Calls on the Compute (and Resource Manager) endpoints; `tokens` signs every attempt."""
 
@@ -48,7 +56,8 @@ class ComputeClient:
         self.tokens = tokens
         self.poll_interval = poll_interval
 
-    def google_error(self, response: RestResponse) -> ProviderError | None:
+    def google_error(self, response: RestResponse, refused: list[bool] | None = None) -> ProviderError | None:
+        """The error of one answer; `refused` (one per call) remembers a 401 already retried with a new token."""
         status = response.status
         if 200 <= status < 300:
             return None
@@ -59,7 +68,10 @@ class ComputeClient:
         message = message or response.body[:300].decode("utf-8", "replace").strip()
         text = f"HTTP {status} {reason}: {message}" if reason else f"HTTP {status}: {message}"
         if status == 401:
-            self.tokens.forget()
+            if refused is None or refused:
+                return InvalidConfig(text)
+            refused.append(True)
+            self.tokens.forget()  # the next attempt signs with a new token
             return TransientError(text)
         if status == 429 or status >= 500 or reason in RATE_REASONS:
             return TransientError(text)
@@ -85,14 +97,16 @@ class ComputeClient:
             headers["Content-Type"] = "application/json"
             data = json.dumps(body).encode()
         request = RestRequest(method, self.url(path), headers, data)
-        response = await self.rest.call(request, error_of=self.google_error, sign=self.sign,
+        refused: list[bool] = []
+        response = await self.rest.call(request, error_of=lambda r: self.google_error(r, refused), sign=self.sign,
                                         what=what or f"{method} {path.rsplit('/', 1)[-1]}")
         return response.json()
 
     async def wait(self, operation: Any, timeout: float, what: str) -> None:
-        """Poll a zone operation until DONE; its error as ProviderError."""
-        link = str(operation.get("selfLink") or "") if isinstance(operation, dict) else ""
-        if not link:
+        """Poll a zone operation until DONE; its error as ProviderError. The operation is read on our endpoint:
+        its selfLink names www.googleapis.com whatever endpoint the insert went to."""
+        link = resource_path(str(operation.get("selfLink") or "")) if isinstance(operation, dict) else ""
+        if not link.startswith("projects/"):
             raise TransientError(f"{what}: the answer is not an operation")
         current = operation
 

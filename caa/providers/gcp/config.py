@@ -19,7 +19,8 @@ from caa.providers.redact import MASK
 #: the tests' fake).
 DEFAULT_COMPUTE_ENDPOINT = "https://compute.googleapis.com/compute/v1"
 DEFAULT_RESOURCE_MANAGER_ENDPOINT = "https://cloudresourcemanager.googleapis.com/v3"
-#: The GCE metadata server (application-default credentials on GCE/GKE); GCE_METADATA_HOST moves it.
+#: The GCE metadata server (application-default credentials on GCE/GKE); GCE_METADATA_HOST (or its old name
+#: GCE_METADATA_ROOT, as google-auth reads them) moves it.
 DEFAULT_METADATA_HOST = "metadata.google.internal"
 CONFIDENTIAL_TYPES = ("SEV", "SEV_SNP", "TDX")
 
@@ -107,7 +108,8 @@ class GcpConfig:
             resource_manager_endpoint=(environ.get("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER")
                                        or DEFAULT_RESOURCE_MANAGER_ENDPOINT).rstrip("/"),
             credentials_file=environ.get("GOOGLE_APPLICATION_CREDENTIALS", ""),
-            metadata_host=environ.get("GCE_METADATA_HOST") or DEFAULT_METADATA_HOST,
+            metadata_host=(environ.get("GCE_METADATA_HOST") or environ.get("GCE_METADATA_ROOT")
+                           or DEFAULT_METADATA_HOST),
         )
 
     def check(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -17,7 +18,7 @@ from zope.interface import implementer
 
 from caa.providers.base import CoroutineProvider
 from caa.providers.gcp.auth import ServiceAccountKey, metadata_token, parse_key, service_account_token
-from caa.providers.gcp.compute import ComputeClient
+from caa.providers.gcp.compute import ComputeClient, resource_path
 from caa.providers.gcp.config import GcpConfig
 from caa.providers.gcp.disks import attached_disks, disk_path, disk_problem
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
@@ -40,16 +41,15 @@ TOKEN_POLICY = RetryPolicy(attempts=3, base=0.2, cap=2.0, attempt_timeout=10.0, 
 
 
 def image_path(image: str, project: str) -> str:
-    """A bare image name in the project as `projects/<p>/global/images/<name>`; paths and URLs as they are."""
-    if image.startswith(("projects/", "/projects/", "https://", "http://", "global/")):
+    """The image as Compute takes it and `images.get` finds it: a bare name (or `global/images/...`) in the
+    project as `projects/<p>/global/images/<name>`, `/projects/...` without its slash, URLs as they are."""
+    if image.startswith(("https://", "http://", "projects/")):
         return image
+    if image.startswith("/projects/"):
+        return image[1:]
+    if image.startswith("global/"):
+        return f"projects/{project}/{image}"
     return f"projects/{project}/global/images/{image}"
-
-
-def _resource_path(link: str) -> str:
-    """`projects/...` of a Compute path or URL (https://.../compute/v1/projects/...)."""
-    index = link.find("projects/")
-    return link[index:] if index >= 0 else link
 
 
 def network_path(network: str, project: str) -> str:
@@ -180,7 +180,7 @@ class GcpProvider(CoroutineProvider):
         """The image's disk size in GB (the boot disk is never smaller); InvalidConfig when it does not exist."""
         if image not in self._disk_sizes:
             try:
-                found = await self.compute.call("GET", _resource_path(image), what=f"image {image}")
+                found = await self.compute.call("GET", resource_path(image), what=f"image {image}")
             except ProviderError as e:
                 if e.retryable:
                     raise
@@ -212,22 +212,26 @@ class GcpProvider(CoroutineProvider):
         if spec.multi_nic:
             raise InvalidConfig("gcp: a second NIC (--ext-network-via-podvm) is not supported yet")
         disks = await self._check_disks(name, spec.volumes) if spec.volumes else []
-        machine_type = select_instance_type(spec, await self._machine_types(), config.machine_types,
-                                            config.machine_type)
+        types = await self._machine_types()
+        machine_type = select_instance_type(spec, types, config.machine_types, config.machine_type)
+        # a machine type with GPUs (a2, g2, ...) cannot live-migrate whether or not the pod asked for GPUs
+        gpus = max([spec.gpus] + [t.gpus for t in types if t.name == machine_type])
         image = image_path(config.image_name, config.project_id)
         if spec.image:
-            image = spec.image
-            self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=image)
+            image = image_path(spec.image, config.project_id)  # upstream: a bare name is in the project too
+            self._log.info("Choosing {image} from annotation as the GCP image for the PodVM image", image=spec.image)
         disk_size = max(config.root_volume_size, await self._image_disk_size(image))
-        body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), spec.gpus)
+        body = instance_body(config, name, machine_type, image, disk_size, user_data, await self._tags(), gpus)
         body["disks"] += attached_disks(disks)
         try:
-            operation = await self.compute.call("POST", f"{self._zone()}/instances", body, f"insert {name}")
-        except ProviderError as e:
-            if e.kind is ErrorKind.NOT_FOUND:  # nothing was made: the image, network or a disk is missing
-                raise InvalidConfig(e.message) from e
-            raise
-        try:
+            # requestId: a retry of an insert whose answer was lost is not a second insert (409 alreadyExists)
+            try:
+                operation = await self.compute.call("POST", f"{self._zone()}/instances?{_request_id()}", body,
+                                                    f"insert {name}")
+            except ProviderError as e:
+                if e.kind is ErrorKind.NOT_FOUND:  # nothing was made: the image, network or a disk is missing
+                    raise InvalidConfig(e.message) from e
+                raise
             await self.compute.wait(operation, config.boot_timeout, f"insert {name}")
             self._log.info("created instance {name} ({type})", name=name, type=machine_type)
             for entry in body["disks"][1:]:
@@ -308,7 +312,7 @@ class GcpProvider(CoroutineProvider):
             self._log.info("delete of {id}: not an instance name, nothing to delete", id=instance_id)
             return
         try:
-            operation = await self.compute.call("DELETE", self.instance_path(instance_id),
+            operation = await self.compute.call("DELETE", f"{self.instance_path(instance_id)}?{_request_id()}",
                                                 what=f"delete {instance_id}")
             await self.compute.wait(operation, self.config.boot_timeout, f"delete {instance_id}")
         except ProviderError as e:
@@ -327,6 +331,11 @@ class GcpProvider(CoroutineProvider):
                 return None
             raise
         return self._instance_of(found)
+
+
+def _request_id() -> str:
+    """Compute's `requestId` query parameter: one UUID per logical request, the same for its retries."""
+    return urlencode({"requestId": str(uuid.uuid4())})
 
 
 def _read(path: str) -> str:
