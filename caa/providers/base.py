@@ -7,11 +7,14 @@ connection pool a provider made for itself (`owned_pool`) at teardown.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from caa.podvm_api.naming import MAX_NAME_LENGTH, instance_name
-from caa.providers.interfaces import Instance, InstanceSpec
+from caa.providers.interfaces import Instance, InstanceSpec, ProviderError
 
 __all__ = ["CoroutineProvider"]
 
@@ -20,6 +23,7 @@ class CoroutineProvider:
     """Subclasses implement `_create(name, user_data, spec)`, `_delete(instance_id)`, `_find(name)` and
     `_verify()`; a subclass holding more than an HTTP pool extends `_teardown` (calling this one)."""
 
+    _log = Logger()
     #: the longest instance name the cloud accepts
     name_limit: int = MAX_NAME_LENGTH
     #: the connection pool the provider made itself (None when the caller handed in its HTTP client)
@@ -56,6 +60,19 @@ class CoroutineProvider:
 
     async def _verify(self) -> None:
         raise NotImplementedError
+
+    async def _roll_back(
+        self, leftover: str, error: BaseException, delete: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """The contract's cleanup of a create that failed or was cancelled once `leftover` exists: delete it
+        (`delete`, else `_delete(leftover)`). When that fails too, a failed create becomes a ProviderError naming
+        the leftover (the adaptor records it); otherwise the caller re-raises `error` (a cancel stays a cancel)."""
+        try:
+            await (delete() if delete is not None else self._delete(leftover))
+        except ProviderError as cleanup:
+            self._log.warn("rollback of {id} failed: {error}", id=leftover, error=cleanup)
+            if isinstance(error, ProviderError):
+                raise ProviderError(error.kind, error.message, leftover) from error
 
     async def _teardown(self) -> None:
         if self.owned_pool is not None:

@@ -137,12 +137,7 @@ class AlibabaCloudProvider(CoroutineProvider):
         try:
             return await self._wait_running(instance_id, name)
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
-            try:
-                await self._delete(instance_id)
-            except ProviderError as cleanup:
-                self._log.warn("alibabacloud: rollback of {id} failed: {error}", id=instance_id, error=cleanup)
-                if isinstance(e, ProviderError):
-                    raise ProviderError(e.kind, e.message, instance_id) from e
+            await self._roll_back(instance_id, e)
             raise
 
     async def _describe(self, params: dict[str, str]) -> list[dict[str, Any]]:

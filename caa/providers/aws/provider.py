@@ -215,13 +215,7 @@ class AwsProvider(CoroutineProvider):
                 await self._attach(instance_id, volumes)
             return instance
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
-            try:
-                await self._delete(instance_id)
-            except ProviderError as cleanup:
-                self._log.warn("rollback of {id} failed: {error}", id=instance_id, error=cleanup)
-                if isinstance(e, ProviderError):
-                    raise ProviderError(e.kind, e.message, instance_id) from e
-                raise
+            await self._roll_back(instance_id, e)
             raise
 
     async def _wait_running(self, instance_id: str, name: str) -> Instance:

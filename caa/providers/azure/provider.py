@@ -278,13 +278,7 @@ class AzureProvider(CoroutineProvider):
                 raise TransientError(f"VM {name}: address not ready")
             return instance
         except BaseException as e:  # a failure or a cancel: roll back what exists (the contract), then re-raise
-            try:
-                await self._delete_named(name)
-            except ProviderError as cleanup:
-                self._log.warn("rollback of {name} failed: {error}", name=name, error=cleanup)
-                if isinstance(e, ProviderError):
-                    raise ProviderError(e.kind, e.message, vm) from e
-                raise
+            await self._roll_back(vm, e, lambda: self._delete_named(name))
             if isinstance(e, ProviderError) and e.kind is ErrorKind.NOT_FOUND:
                 raise InvalidConfig(e.message) from e  # the image, subnet or NSG the create names is missing
             raise

@@ -225,13 +225,8 @@ class GcpProvider(CoroutineProvider):
         body["disks"] += attached_disks(disks)
         try:
             # requestId: a retry of an insert whose answer was lost is not a second insert (409 alreadyExists)
-            try:
-                operation = await self.compute.call("POST", f"{self._zone()}/instances?{_request_id()}", body,
-                                                    f"insert {name}")
-            except ProviderError as e:
-                if e.kind is ErrorKind.NOT_FOUND:  # nothing was made: the image, network or a disk is missing
-                    raise InvalidConfig(e.message) from e
-                raise
+            operation = await self.compute.call("POST", f"{self._zone()}/instances?{_request_id()}", body,
+                                                f"insert {name}")
             await self.compute.wait(operation, config.boot_timeout, f"insert {name}")
             self._log.info("created instance {name} ({type})", name=name, type=machine_type)
             for entry in body["disks"][1:]:
@@ -239,15 +234,9 @@ class GcpProvider(CoroutineProvider):
                                device=entry["deviceName"])
             return await self._wait_running(name)
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
-            try:
-                await self._delete(name)
-            except ProviderError as cleanup:
-                self._log.warn("rollback of {name} failed: {error}", name=name, error=cleanup)
-                if isinstance(e, ProviderError):
-                    raise ProviderError(e.kind, e.message, name) from e
-                raise
+            await self._roll_back(name, e)
             if isinstance(e, ProviderError) and e.kind is ErrorKind.NOT_FOUND:
-                raise InvalidConfig(e.message) from e  # the image or network the insert names is missing
+                raise InvalidConfig(e.message) from e  # the image, network or a disk the insert names is missing
             raise
 
     async def _check_disks(self, name: str, disk_ids: Sequence[str]) -> list[str]:

@@ -289,12 +289,7 @@ class IbmCloudProvider(CoroutineProvider):
                 await self._tag(str(created.get("crn") or ""))
             return Instance(instance_id, name, ips)
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
-            try:
-                await self._delete(instance_id)
-            except ProviderError as cleanup:
-                self._log.warn("ibmcloud: rollback of {id} failed: {error}", id=instance_id, error=cleanup)
-                if isinstance(e, ProviderError):
-                    raise ProviderError(e.kind, e.message, instance_id) from e
+            await self._roll_back(instance_id, e)
             raise
 
     async def _wait_ips(self, instance_id: str) -> tuple[str, ...]:

@@ -135,12 +135,7 @@ class PowerVSProvider(CoroutineProvider):
             ips = fixed_ips(active, self.config.use_public_ip) or await self._dhcp_ip(active)
             return Instance(instance_id, name, ips)
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
-            try:
-                await self._delete(instance_id)
-            except ProviderError as cleanup:
-                self._log.warn("ibmcloud-powervs: rollback of {id} failed: {error}", id=instance_id, error=cleanup)
-                if isinstance(e, ProviderError):
-                    raise ProviderError(e.kind, e.message, instance_id) from e
+            await self._roll_back(instance_id, e)
             raise
 
     async def _wait_active(self, instance_id: str) -> dict[str, Any]:
