@@ -298,7 +298,7 @@ class FakeAlibabaCloud(Resource):
     def _CreateNetworkInterface(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
         if not p.get("VSwitchId"):
             return 400, {"Code": "MissingParameter", "Message": "The input parameter \"VSwitchId\" that is "
-                                                                "mandatory for processing this request is not supplied."}
+                                                                "mandatory is not supplied."}
         if p["VSwitchId"] != VSWITCH:
             return 404, {"Code": "InvalidVSwitchId.NotFound", "Message": "Specified vswitch does not exist."}
         if p.get("SecurityGroupId") != SECURITY_GROUP:
