@@ -91,8 +91,7 @@ class SecondaryNic:
 
     # -- lookups ------------------------------------------------------------------------------------------
     async def _eni_status(self, eni: str, wanted: str) -> bool:
-        answer = await self._ecs("DescribeNetworkInterfaceAttribute", {"NetworkInterfaceId": eni})
-        return bool(answer.get("Status") == wanted)
+        return await self._eni_state(eni) == wanted
 
     async def _eips(self, params: dict[str, str]) -> list[dict[str, Any]]:
         answer = await self._vpc("DescribeEipAddresses", {"PageSize": "100", **params})
@@ -147,23 +146,21 @@ class SecondaryNic:
         await self._ignoring("DeleteNetworkInterface", self._ecs, {"NetworkInterfaceId": eni})
         self._log.info("alibabacloud: deleted network interface {eni}", eni=eni)
 
-    async def _eni_settled(self, eni: str) -> bool:
+    async def _eni_state(self, eni: str) -> str | None:
+        """The ENI's Status, None once it is gone."""
         try:
             answer = await self._ecs("DescribeNetworkInterfaceAttribute", {"NetworkInterfaceId": eni})
         except ProviderError as e:
             if e.kind is ErrorKind.NOT_FOUND:
-                return True
+                return None
             raise
-        return answer.get("Status") != "Attaching"
+        return str(answer.get("Status") or "")
+
+    async def _eni_settled(self, eni: str) -> bool:
+        return await self._eni_state(eni) != "Attaching"
 
     async def _eni_gone_or_available(self, eni: str) -> bool:
-        try:
-            answer = await self._ecs("DescribeNetworkInterfaceAttribute", {"NetworkInterfaceId": eni})
-        except ProviderError as e:
-            if e.kind is ErrorKind.NOT_FOUND:
-                return True
-            raise
-        return answer.get("Status") == "Available"
+        return await self._eni_state(eni) in (None, "Available")
 
     async def _ignoring(self, action: str, call: Call, params: dict[str, str]) -> None:
         """`action`, where "already done" (the object gone, or the instance it was attached to gone) is success."""
