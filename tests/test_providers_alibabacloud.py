@@ -1,7 +1,7 @@
 """The Alibaba Cloud provider against tests/fakes/alibabacloud.py over real HTTP (the fake recomputes every
 signature): the provider contract, Alibaba's documented signature example, the RunInstances parameters (TDX,
 system disk, public IP, tags), the image annotation not sticking, deletes refused while starting, throttling, bad
-credentials, and the options."""
+credentials, the options, and the second NIC (ENI and EIP) made, released by a fresh provider, rolled back."""
 
 from __future__ import annotations
 
