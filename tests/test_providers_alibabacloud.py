@@ -1,7 +1,7 @@
 """The Alibaba Cloud provider against tests/fakes/alibabacloud.py over real HTTP (the fake recomputes every
 signature): the provider contract, Alibaba's documented signature example, the RunInstances parameters (TDX,
 system disk, public IP, tags), the image annotation not sticking, deletes refused while starting, throttling, bad
-credentials, and the options."""
+credentials, the options, and the second NIC (ENI and EIP) made, released by a fresh provider, rolled back."""
 
 from __future__ import annotations
 
@@ -130,6 +130,88 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         self.assertEqual(fake.instances, {})
         self.assertGreaterEqual(fake.actions.count("DeleteInstance"), 7)
         await provider.delete_instance(instance.id)  # InvalidInstanceId.NotFound: a success
+
+    def test_second_nic_with_eip_created_and_all_released_on_delete(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._second_nic())
+
+    async def _second_nic(self) -> None:
+        fake = await self.start_fake()
+        fake.empty_enis = 2  # the documented "no id: call again" answer, twice
+        provider = self.ali(use_public_ip=True)
+        instance = await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec(multi_nic=True))
+        [eni] = fake.enis.values()
+        self.assertEqual((eni["NetworkInterfaceName"], eni["InstanceId"], eni["Status"], eni["DeleteOnRelease"],
+                          eni["VSwitchId"], eni["SecurityGroupIds"]["SecurityGroupId"]),
+                         (f"peerpod-nic-{instance.id}", instance.id, "InUse", True, VSWITCH, [SECURITY_GROUP]))
+        self.assertEqual(fake.actions.count("CreateNetworkInterface"), 3)
+        [eip] = fake.eips.values()
+        self.assertEqual((eip["Status"], eip["InstanceType"], eip["InstanceId"]),
+                         ("InUse", "NetworkInterface", eni["NetworkInterfaceId"]))
+        await provider.delete_instance(instance.id)
+        self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
+        # the order: EIP unbound and released, ENI detached and deleted, then the instance
+        order = [a for a in fake.actions if a in ("UnassociateEipAddress", "ReleaseEipAddress",
+                                                  "DetachNetworkInterface", "DeleteNetworkInterface",
+                                                  "DeleteInstance")]
+        self.assertEqual(order, ["UnassociateEipAddress", "ReleaseEipAddress", "DetachNetworkInterface",
+                                 "DeleteNetworkInterface", "DeleteInstance"])
+        await provider.delete_instance(instance.id)  # idempotent: nothing left to find
+
+    def test_second_nic_without_public_ip_has_no_eip(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._no_eip())
+
+    async def _no_eip(self) -> None:
+        fake = await self.start_fake()
+        provider = self.ali()
+        instance = await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec(multi_nic=True))
+        self.assertEqual([e["InstanceId"] for e in fake.enis.values()], [instance.id])
+        self.assertEqual(fake.eips, {})
+        self.assertNotIn("AllocateEipAddress", fake.actions)
+        await provider.delete_instance(instance.id)
+        self.assertEqual((fake.instances, fake.enis), ({}, {}))
+
+    def test_a_fresh_provider_deletes_the_eni_and_eip_of_an_earlier_one(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._restart())
+
+    async def _restart(self) -> None:
+        fake = await self.start_fake()
+        instance = await self.ali(use_public_ip=True).create_instance(*unique_pod("ali"), b"",
+                                                                        InstanceSpec(multi_nic=True))
+        self.assertEqual((len(fake.enis), len(fake.eips)), (1, 1))
+        restarted = self.ali(use_public_ip=True)  # an adaptor restart: no memory of the first provider's objects
+        await restarted.delete_instance(instance.id)
+        self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
+
+    def test_a_failure_midway_rolls_back_eip_eni_and_instance(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rollback())
+
+    async def _rollback(self) -> None:
+        fake = await self.start_fake()
+        # the EIP is allocated, then binding it is refused (a RAM policy without vpc:AssociateEipAddress)
+        fake.fail["AssociateEipAddress"] = (403, "Forbidden.RAM", "User not authorized to operate on the "
+                                                                  "specified resource.")
+        provider = self.ali(use_public_ip=True)
+        with self.assertRaises(ProviderError) as caught:
+            await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec(multi_nic=True))
+        self.assertIn("Forbidden.RAM", caught.exception.message)
+        self.assertIsNone(caught.exception.instance_id)  # rolled back: nothing for the caller to delete
+        self.assertIn("AllocateEipAddress", fake.actions)
+        self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
+
+    def test_a_refused_attach_rolls_back_eni_and_instance(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._attach_refused())
+
+    async def _attach_refused(self) -> None:
+        fake = await self.start_fake()
+        fake.fail["AttachNetworkInterface"] = (403, "InvalidOperation.InvalidEcsState",
+                                               "The instance status does not support this operation.")
+        provider = self.ali(use_public_ip=True)
+        with self.assertRaises(ProviderError) as caught:
+            await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec(multi_nic=True))
+        self.assertEqual(caught.exception.kind, ErrorKind.INVALID_CONFIG)
+        self.assertNotIn("AllocateEipAddress", fake.actions)
+        self.assertIn("DeleteNetworkInterface", fake.actions)
+        self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
 
     def test_throttling_is_retried_and_fresh_nonces_signed(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._throttled())

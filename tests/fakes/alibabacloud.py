@@ -14,12 +14,28 @@ real service rejects:
   instance is `Pending` and `busy_deletes` is set; `InvalidInstanceId.NotFound` for unknown ids). Instances go
   `Pending` -> `Starting` -> `Running` over `boot_polls` describes, with a private IP (and a public one when
   `InternetMaxBandwidthOut` > 0).
+- ENIs (ECS): `CreateNetworkInterface` (`VSwitchId` and `SecurityGroupId` must exist, `NetworkInterfaceName` 2-128
+  characters starting with a letter; answers an empty `NetworkInterfaceId` `empty_enis` times, as the documented
+  "call again" case), `AttachNetworkInterface` (403 `InvalidOperation.InvalidEcsState` unless the instance is
+  Running or Stopped, 403 `InvalidOperation.InvalidEniState` unless the ENI is Available), `Attaching` -> `InUse`
+  on the next describe; `DetachNetworkInterface` (`InUse` only) `Detaching` -> `Available`;
+  `DeleteNetworkInterface` (Available only); `DescribeNetworkInterfaceAttribute`, `DescribeNetworkInterfaces`
+  (`NetworkInterfaceName`, `InstanceId`, `NetworkInterfaceId.N` filters, `NetworkInterfaceSets`),
+  `ModifyNetworkInterfaceAttribute` (`DeleteOnRelease`). Unknown ENIs are 404 `InvalidEniId.NotFound`. Deleting an
+  instance detaches its ENIs, deleting those with DeleteOnRelease.
+- EIPs (VPC): `AllocateEipAddress` (`AllocationId`, `EipAddress`, Available), `AssociateEipAddress`
+  (`InstanceType` `EcsInstance` or `NetworkInterface`; the EIP must be Available, else 400 `IncorrectEipStatus`)
+  `Associating` -> `InUse`, `UnassociateEipAddress` (InUse only) `Unassociating` -> `Available`,
+  `ReleaseEipAddress` (Available only), `DescribeEipAddresses` (`AllocationId`, `AssociatedInstanceType`,
+  `AssociatedInstanceId`, `Status` filters, `EipAddresses.EipAddress`). Unknown EIPs are 404
+  `InvalidAllocationId.NotFound`.
 
 - STS `AssumeRoleWithOIDC` (`2015-04-01`, anonymous: no key, no signature) trades `OIDCToken` for the role
   `RoleArn` (with `OIDCProviderArn`) into temporary keys; calls signed with them must carry their `SecurityToken`
   (else 400 `InvalidSecurityToken.MismatchWithAccessKey`).
 
-`throttle` answers that many next calls with 400 `Throttling.User`, as the real flow control does.
+`throttle` answers that many next calls with 400 `Throttling.User`, as the real flow control does; `fail` maps an
+action to the (status, code, message) it answers once (e.g. a RAM policy refusing it).
 """
 
 from __future__ import annotations
@@ -45,8 +61,12 @@ IMAGE = "m-2ze0fakeimage"
 VSWITCH = "vsw-2zefake01"
 VPC = "vpc-2zefake01"
 SECURITY_GROUP = "sg-2zefake01"
-ECS_ACTIONS = {"DescribeInstanceTypes", "RunInstances", "DescribeInstances", "DeleteInstance"}
-VPC_ACTIONS = {"DescribeVSwitchAttributes"}
+ECS_ACTIONS = {"DescribeInstanceTypes", "RunInstances", "DescribeInstances", "DeleteInstance",
+               "CreateNetworkInterface", "AttachNetworkInterface", "DescribeNetworkInterfaceAttribute",
+               "DescribeNetworkInterfaces", "ModifyNetworkInterfaceAttribute", "DetachNetworkInterface",
+               "DeleteNetworkInterface"}
+VPC_ACTIONS = {"DescribeVSwitchAttributes", "AllocateEipAddress", "AssociateEipAddress", "UnassociateEipAddress",
+               "DescribeEipAddresses", "ReleaseEipAddress"}
 ROLE_ARN = "acs:ram::1234567890:role/caa-peerpods"
 OIDC_PROVIDER_ARN = "acs:ram::1234567890:oidc-provider/ack-rrsa-c123"
 OIDC_TOKEN = "eyJhbGciOiJSUzI1NiJ9.fake-projected-token.sig"
@@ -77,6 +97,10 @@ class FakeAlibabaCloud(Resource):
         self.run_params: dict[str, dict[str, str]] = {}
         self.polls: dict[str, int] = {}
         self._ips = itertools.count(10)
+        self.enis: dict[str, dict[str, Any]] = {}
+        self.eips: dict[str, dict[str, Any]] = {}
+        self.empty_enis = 0
+        self.fail: dict[str, tuple[int, str, str]] = {}
 
     def render(self, request: Request) -> bytes:
         assert request.content is not None
@@ -99,6 +123,8 @@ class FakeAlibabaCloud(Resource):
         if self.throttle > 0:
             self.throttle -= 1
             return self._error(request, 400, "Throttling.User", "Request was denied due to user flow control.")
+        if action in self.fail:
+            return self._error(request, *self.fail.pop(action))
         handler = getattr(self, f"_{action}", None)
         if handler is None:
             return self._error(request, 400, "InvalidAction.NotFound", f"Specified api {action} is not found.")
@@ -256,7 +282,206 @@ class FakeAlibabaCloud(Resource):
             return 403, {"Code": "IncorrectInstanceStatus", "Message": "The current status of the resource does "
                                                                        "not support this operation."}
         del self.instances[item["InstanceId"]]
+        for eni in list(self.enis.values()):
+            if eni["InstanceId"] == item["InstanceId"]:
+                eni["InstanceId"], eni["Status"] = "", "Available"
+                if eni["DeleteOnRelease"]:
+                    self._drop_eni(eni["NetworkInterfaceId"])
         return 200, {}
+
+    # -- ENIs ---------------------------------------------------------------------------------------------
+    def _eni(self, p: dict[str, str]) -> tuple[dict[str, Any] | None, tuple[int, dict[str, Any]]]:
+        eni = self.enis.get(p.get("NetworkInterfaceId", ""))
+        return eni, (404, {"Code": "InvalidEniId.NotFound", "Message": "The specified NetworkInterfaceId does "
+                                                                      "not exist."})
+
+    def _CreateNetworkInterface(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if not p.get("VSwitchId"):
+            return 400, {"Code": "MissingParameter", "Message": "The input parameter \"VSwitchId\" that is "
+                                                                "mandatory is not supplied."}
+        if p["VSwitchId"] != VSWITCH:
+            return 404, {"Code": "InvalidVSwitchId.NotFound", "Message": "Specified vswitch does not exist."}
+        if p.get("SecurityGroupId") != SECURITY_GROUP:
+            return 404, {"Code": "InvalidSecurityGroupId.NotFound", "Message": "The SecurityGroupId is not found"}
+        name = p.get("NetworkInterfaceName", "")
+        if name and not (2 <= len(name) <= 128 and name[0].isalpha()):
+            return 400, {"Code": "InvalidNetworkInterfaceName.Malformed", "Message": "NetworkInterfaceName"}
+        if self.empty_enis > 0:
+            self.empty_enis -= 1
+            return 200, {"NetworkInterfaceId": ""}
+        eni_id = "eni-2ze" + uuid.uuid4().hex[:17]
+        n = next(self._ips)
+        self.enis[eni_id] = {
+            "NetworkInterfaceId": eni_id, "NetworkInterfaceName": name, "Status": "Available", "Type": "Secondary",
+            "VSwitchId": VSWITCH, "VpcId": VPC, "InstanceId": "", "DeleteOnRelease": False,
+            "SecurityGroupIds": {"SecurityGroupId": [SECURITY_GROUP]},
+            "PrivateIpAddress": f"172.16.{n // 250}.{n % 250 + 2}", "MacAddress": f"00:16:3e:00:{n // 250:02x}:"
+                                                                              f"{n % 250:02x}",
+            "AssociatedPublicIp": {"PublicIpAddress": "", "AllocationId": ""},
+        }
+        return 200, {"NetworkInterfaceId": eni_id, "Status": "Available", "Type": "Secondary",
+                     "VSwitchId": VSWITCH, "VpcId": VPC, "PrivateIpAddress": self.enis[eni_id]["PrivateIpAddress"]}
+
+    def _AttachNetworkInterface(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eni, missing = self._eni(p)
+        if eni is None:
+            return missing
+        item = self.instances.get(p.get("InstanceId", ""))
+        if item is None:
+            return 404, {"Code": "InvalidInstanceId.NotFound", "Message": "The specified InstanceId does not exist"}
+        if item["Status"] not in ("Running", "Stopped"):
+            return 403, {"Code": "InvalidOperation.InvalidEcsState", "Message": "The instance status does not "
+                                                                                "support this operation."}
+        if eni["Status"] != "Available":
+            return 403, {"Code": "InvalidOperation.InvalidEniState", "Message": "The ENI status does not "
+                                                                                "support this operation."}
+        eni["Status"], eni["InstanceId"] = "Attaching", item["InstanceId"]
+        return 200, {}
+
+    def _DetachNetworkInterface(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eni, missing = self._eni(p)
+        if eni is None:
+            return missing
+        if p.get("InstanceId", "") not in self.instances:
+            return 404, {"Code": "InvalidInstanceId.NotFound", "Message": "The specified InstanceId does not exist"}
+        if eni["Status"] != "InUse" or eni["InstanceId"] != p["InstanceId"]:
+            return 403, {"Code": "InvalidOperation.InvalidEniState", "Message": "The ENI status does not "
+                                                                                "support this operation."}
+        eni["Status"] = "Detaching"
+        return 200, {}
+
+    def _DeleteNetworkInterface(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eni, missing = self._eni(p)
+        if eni is None:
+            return missing
+        if eni["Status"] != "Available":
+            return 403, {"Code": "InvalidOperation.InvalidEniState", "Message": "The ENI status does not "
+                                                                                "support this operation."}
+        self._drop_eni(eni["NetworkInterfaceId"])
+        return 200, {}
+
+    def _drop_eni(self, eni_id: str) -> None:
+        del self.enis[eni_id]
+        for eip in self.eips.values():  # an EIP on a deleted ENI is unbound, not released
+            if eip["InstanceId"] == eni_id:
+                eip["InstanceId"], eip["InstanceType"], eip["Status"] = "", "", "Available"
+
+    def _ModifyNetworkInterfaceAttribute(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eni, missing = self._eni(p)
+        if eni is None:
+            return missing
+        if "DeleteOnRelease" in p:
+            if p["DeleteOnRelease"] not in ("true", "false"):
+                return 400, {"Code": "InvalidParameter", "Message": "DeleteOnRelease"}
+            eni["DeleteOnRelease"] = p["DeleteOnRelease"] == "true"
+        return 200, {}
+
+    def _settle_eni(self, eni: dict[str, Any]) -> dict[str, Any]:
+        if eni["Status"] == "Attaching":
+            eni["Status"] = "InUse"
+        elif eni["Status"] == "Detaching":
+            eni["Status"], eni["InstanceId"] = "Available", ""
+        public = next((e for e in self.eips.values() if e["InstanceId"] == eni["NetworkInterfaceId"]
+                       and e["Status"] == "InUse"), None)
+        eni["AssociatedPublicIp"] = {"PublicIpAddress": public["IpAddress"] if public else "",
+                                     "AllocationId": public["AllocationId"] if public else ""}
+        return eni
+
+    def _DescribeNetworkInterfaceAttribute(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eni, missing = self._eni(p)
+        if eni is None:
+            return missing
+        return 200, dict(self._settle_eni(eni))
+
+    def _DescribeNetworkInterfaces(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        ids = [v for k, v in p.items() if k.startswith("NetworkInterfaceId.")]
+        rows = [dict(self._settle_eni(e)) for e in self.enis.values()
+                if (not ids or e["NetworkInterfaceId"] in ids)
+                and (not p.get("NetworkInterfaceName") or e["NetworkInterfaceName"] == p["NetworkInterfaceName"])
+                and (not p.get("InstanceId") or e["InstanceId"] == p["InstanceId"])]
+        return 200, {"NetworkInterfaceSets": {"NetworkInterfaceSet": rows}, "TotalCount": len(rows),
+                     "PageNumber": 1, "PageSize": int(p.get("PageSize", "10"))}
+
+    # -- EIPs ---------------------------------------------------------------------------------------------
+    def _eip(self, p: dict[str, str]) -> tuple[dict[str, Any] | None, tuple[int, dict[str, Any]]]:
+        eip = self.eips.get(p.get("AllocationId", ""))
+        return eip, (404, {"Code": "InvalidAllocationId.NotFound", "Message": "The specified AllocationId is not "
+                                                                              "found"})
+
+    def _AllocateEipAddress(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if p.get("RegionId") != REGION:
+            return 400, {"Code": "InvalidRegionId.NotFound", "Message": "The specified RegionId does not exist."}
+        if p.get("InternetChargeType", "PayByBandwidth") not in ("PayByBandwidth", "PayByTraffic"):
+            return 400, {"Code": "InvalidInternetChargeType.ValueNotSupported", "Message": "InternetChargeType"}
+        eip_id = "eip-2ze" + uuid.uuid4().hex[:17]
+        n = next(self._ips)
+        self.eips[eip_id] = {"AllocationId": eip_id, "IpAddress": f"39.105.{n // 250}.{n % 250 + 2}",
+                             "Status": "Available", "InstanceId": "", "InstanceType": "", "RegionId": REGION,
+                             "Description": p.get("Description", ""), "Name": p.get("Name", ""),
+                             "InternetChargeType": p.get("InternetChargeType", "PayByBandwidth")}
+        return 200, {"AllocationId": eip_id, "EipAddress": self.eips[eip_id]["IpAddress"]}
+
+    def _AssociateEipAddress(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eip, missing = self._eip(p)
+        if eip is None:
+            return missing
+        kind = p.get("InstanceType", "EcsInstance")
+        target = p.get("InstanceId", "")
+        if kind == "NetworkInterface":
+            if target not in self.enis:
+                return 404, {"Code": "InvalidEniId.NotFound", "Message": "The specified NetworkInterfaceId does "
+                                                                         "not exist."}
+        elif kind == "EcsInstance":
+            if target not in self.instances:
+                return 404, {"Code": "InvalidInstanceId.NotFound", "Message": "The specified InstanceId does not "
+                                                                              "exist"}
+        else:
+            return 400, {"Code": "InvalidParameter", "Message": f"InstanceType {kind}"}
+        if eip["Status"] != "Available":
+            return 400, {"Code": "IncorrectEipStatus", "Message": "The current status of the EIP does not support "
+                                                                  "this operation."}
+        eip["Status"], eip["InstanceId"], eip["InstanceType"] = "Associating", target, kind
+        return 200, {}
+
+    def _UnassociateEipAddress(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eip, missing = self._eip(p)
+        if eip is None:
+            return missing
+        if eip["Status"] != "InUse":
+            return 400, {"Code": "IncorrectEipStatus", "Message": "The current status of the EIP does not support "
+                                                                  "this operation."}
+        if p.get("InstanceId") and p["InstanceId"] != eip["InstanceId"]:
+            return 400, {"Code": "IncorrectInstanceStatus", "Message": "The EIP is not bound to this instance."}
+        eip["Status"] = "Unassociating"
+        return 200, {}
+
+    def _ReleaseEipAddress(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        eip, missing = self._eip(p)
+        if eip is None:
+            return missing
+        if eip["Status"] != "Available":
+            return 400, {"Code": "IncorrectEipStatus", "Message": "The current status of the EIP does not support "
+                                                                  "this operation."}
+        del self.eips[eip["AllocationId"]]
+        return 200, {}
+
+    def _DescribeEipAddresses(self, p: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if p.get("RegionId") != REGION:
+            return 400, {"Code": "InvalidRegionId.NotFound", "Message": "The specified RegionId does not exist."}
+        ids = [i for i in p.get("AllocationId", "").split(",") if i]
+        rows = []
+        for eip in self.eips.values():
+            if eip["Status"] == "Associating":
+                eip["Status"] = "InUse"
+            elif eip["Status"] == "Unassociating":
+                eip["Status"], eip["InstanceId"], eip["InstanceType"] = "Available", "", ""
+            if ((not ids or eip["AllocationId"] in ids)
+                    and (not p.get("AssociatedInstanceType") or eip["InstanceType"] == p["AssociatedInstanceType"])
+                    and (not p.get("AssociatedInstanceId") or eip["InstanceId"] == p["AssociatedInstanceId"])
+                    and (not p.get("Status") or eip["Status"] == p["Status"])):
+                rows.append(dict(eip))
+        return 200, {"EipAddresses": {"EipAddress": rows}, "TotalCount": len(rows), "PageNumber": 1,
+                     "PageSize": int(p.get("PageSize", "10"))}
 
 
 __all__ = ["FakeAlibabaCloud", "IMAGE", "KEY_ID", "KEY_SECRET", "OIDC_PROVIDER_ARN", "OIDC_TOKEN", "REGION", "ROLE_ARN",

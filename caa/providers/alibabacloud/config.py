@@ -90,6 +90,7 @@ class AlibabaCloudConfig:
     vpc_endpoint: str = ""  # "" = https://vpc.<region>.aliyuncs.com
     boot_timeout: float = 120.0  # wall clock, until Running with its IPs
     delete_timeout: float = 30.0  # wall clock, while the instance is in a state that refuses deletion
+    nic_timeout: float = 60.0  # wall clock, each wait of the second NIC (ENI attach, EIP bind / unbind)
     poll_interval: float = 1.0
 
     @classmethod

@@ -14,6 +14,7 @@ from zope.interface import implementer
 from caa.providers.alibabacloud.config import AlibabaCloudConfig
 from caa.providers.alibabacloud.rpc import ECS_VERSION, VPC_VERSION, Credentials, RpcClient
 from caa.providers.alibabacloud.rrsa import OidcRoleCredentials
+from caa.providers.alibabacloud.secondary import SecondaryNic
 from caa.providers.base import CoroutineProvider
 from caa.providers.instancetypes import InstanceTypeInfo, select_instance_type
 from caa.providers.interfaces import (
@@ -86,10 +87,14 @@ class AlibabaCloudProvider(CoroutineProvider):
         self._types: list[InstanceTypeInfo] | None = None
         self._vpc_id = config.vpc_id
         self._lock = DeferredLock()
+        self.nic = SecondaryNic(reactor, config, self.ecs, self.vpc_call)
 
     # -- internals ----------------------------------------------------------------------------------------
     async def ecs(self, action: str, params: dict[str, str]) -> Any:
         return await self.rpc.call(self.config.ecs, ECS_VERSION, action, {"RegionId": self.config.region, **params})
+
+    async def vpc_call(self, action: str, params: dict[str, str]) -> Any:
+        return await self.rpc.call(self.config.vpc, VPC_VERSION, action, {"RegionId": self.config.region, **params})
 
     async def _verify(self) -> None:
         await self._prepare()
@@ -117,9 +122,8 @@ class AlibabaCloudProvider(CoroutineProvider):
         return self._types
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
-        if spec.volumes or spec.multi_nic:
-            raise InvalidConfig("alibabacloud: CSI volumes and a second NIC (--ext-network-via-podvm) are not "
-                                "supported yet")
+        if spec.volumes:
+            raise InvalidConfig("alibabacloud: CSI volumes are not supported yet")
         types = await self._prepare()
         config = self.config
         instance_type = select_instance_type(spec, types, config.instance_types, config.instance_type)
@@ -135,7 +139,10 @@ class AlibabaCloudProvider(CoroutineProvider):
         self._log.info("alibabacloud: created instance {id} ({name}, {type})", id=instance_id, name=name,
                        type=instance_type)
         try:
-            return await self._wait_running(instance_id, name)
+            instance = await self._wait_running(instance_id, name)
+            if spec.multi_nic:  # --ext-network-via-podvm: a second NIC (and an EIP on it with a public IP)
+                await self.nic.add(instance_id)
+            return instance
         except BaseException as e:  # a failure or a cancel: roll back (the contract), then re-raise
             await self._roll_back(instance_id, e)
             raise
@@ -165,6 +172,8 @@ class AlibabaCloudProvider(CoroutineProvider):
                           f"alibabacloud: instance {instance_id} not Running with its IPs")
 
     async def _delete(self, instance_id: str) -> None:
+        await self.nic.remove(instance_id)  # looked up in the cloud: nothing to remember across restarts
+
         async def attempt() -> bool | None:
             try:
                 await self.ecs("DeleteInstance", {"InstanceId": instance_id, "Force": "true"})

@@ -10,7 +10,7 @@ Signing (Alibaba's documented algorithm): add the common parameters (`Format=JSO
 StringToSign))`. Each attempt is signed afresh (nonce and timestamp), so a retry is never refused as a replay.
 
 Errors are `{"Code", "Message", "RequestId"}`: throttling codes and 5xx are TRANSIENT, stock and quota codes
-QUOTA, a missing instance NOT_FOUND, the rest (a bad signature or key, a bad parameter) INVALID_CONFIG.
+QUOTA, a missing instance, ENI or EIP NOT_FOUND, the rest (a bad signature or key, a bad parameter) INVALID_CONFIG.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ECS_VERSION = "2014-05-26"
 VPC_VERSION = "2016-04-28"
 TRANSIENT_CODES = ("Throttling", "ServiceUnavailable", "InternalError", "UnknownError", "IncorrectInstanceStatus")
 QUOTA_CODES = ("QuotaExceed", "OperationDenied.NoStock", "Zone.NotOnSale", "InvalidResourceType.NotSupported")
-NOT_FOUND_CODES = ("InvalidInstanceId.NotFound",)
+NOT_FOUND_CODES = ("InvalidInstanceId.NotFound", "InvalidEniId.NotFound", "InvalidAllocationId.NotFound")
 
 
 def percent(text: str) -> str:
