@@ -34,6 +34,7 @@ from caa.providers.interfaces import IProvider, IProviderFactory, TransientError
 from caa.providers.local import LocalProviderFactory
 from caa.providers.registry import ProviderRegistry
 from caa.reactors import INodeReactor
+from tests.podnet import wire_pod_netns
 from tests.test_adaptor_k8s import install_rbac
 from tests.test_adaptor_process import Adaptor
 from tests.test_k8s_apiserver import reactor
@@ -148,16 +149,7 @@ class LeakedVMTests(ControllerTestCase):
     def wire_pod(self) -> str:
         """The Pod's network namespace on a bridge, as a CNI plugin wires it (the tunnel's node end); its path."""
         net = self.local["LOCAL_SUBNET"].replace("10.23", "10.24").rsplit(".", 1)[0]
-        ns, bridge, peer = self.pod_netns, self.pod_bridge, f"{self.pod_netns}h"
-        for cmd in (["link", "add", bridge, "type", "bridge"], ["addr", "add", f"{net}.1/24", "dev", bridge],
-                    ["link", "set", bridge, "up"], ["netns", "add", ns],
-                    ["link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", peer],
-                    ["link", "set", peer, "master", bridge, "up"],
-                    ["-n", ns, "addr", "add", f"{net}.2/24", "dev", "eth0"],
-                    ["-n", ns, "link", "set", "eth0", "up"], ["-n", ns, "link", "set", "lo", "up"],
-                    ["-n", ns, "route", "add", "default", "via", f"{net}.1"]):
-            subprocess.run(["ip", *cmd], check=True, capture_output=True)
-        return f"/var/run/netns/{ns}"
+        return wire_pod_netns(self.pod_netns, self.pod_bridge, net)
 
     def leak_a_vm(self) -> tuple[str, str]:
         """Pod -> adaptor CreateVM/StartVM -> PeerPod; then kill -9 and a wiped journal. (PeerPod, VM name)."""
