@@ -103,7 +103,7 @@ OVERLAY_PRIVILEGES: dict[str, dict[str, dict[str, Any]]] = {
     "local": {"cloud-api-adaptor-daemonset": {"privileged": True,
                                               "host_paths": sorted([*NODE_PATHS, "/run/caa-local"])},
               "caa-peerpod-ctrl": {"host_network": True, "user": 0, "non_root": False, "privileged": True,
-                                   "read_only_root": False, "host_paths": ["/run/caa-local", "/run/netns"]}},
+                                   "host_paths": ["/run/caa-local", "/run/netns"]}},
 }
 
 
