@@ -259,6 +259,7 @@ class InstalledTests(TestCase):
         self.addCleanup(self.server.request, "DELETE", f"/api/v1/nodes/{self.node}")
         self.server.token_for(self.namespace, "default")  # pods need their namespace's default ServiceAccount
         a = Adaptor(self)
+        self.addCleanup(self.stop_all)  # the daemons stop before the adaptor's directory goes
         self.start_webhook(objects)
         self.start_controller(objects)
         self.start_adaptor(objects, a)
