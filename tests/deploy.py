@@ -79,7 +79,15 @@ def render_dir(testcase: SynchronousTestCase, directory: Path) -> list[dict[str,
                             check=False)
     if result.returncode != 0:
         testcase.fail(f"kubectl kustomize {directory} failed: {result.stderr.strip()}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for obj in objects:
+        # kustomize wraps long base64 values over several lines; the API server's decoder skips the line breaks
+        if obj["kind"] == "Secret":
+            obj["data"] = {k: "".join(v.split()) for k, v in obj.get("data", {}).items()}
+        for hook in obj.get("webhooks", []) if obj["kind"].endswith("WebhookConfiguration") else []:
+            if "caBundle" in hook["clientConfig"]:
+                hook["clientConfig"]["caBundle"] = "".join(hook["clientConfig"]["caBundle"].split())
+    return objects
 
 
 _rendered: dict[str, list[dict[str, Any]]] = {}
