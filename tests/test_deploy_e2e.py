@@ -1,14 +1,13 @@
-"""caa installed from deploy/ on the real kube-apiserver (tests/kubeapi.py), one peer pod walked end to end.
-
-The local overlay is rendered with the cert-manager-free webhook component (tests/deploy.py) and applied
-server-side, as `kubectl apply --server-side -k` does. No kubelet runs here, so the test starts the three
-daemons itself, as their DaemonSet and Deployments would: through the image's entrypoint
-(deploy/image/entrypoint.sh) with the manifests' command line, their environment from the applied
-peer-pods-cm (the adaptor's envFrom) and the downward API values, each with a token of its applied
-ServiceAccount, so it can do exactly what the applied RBAC grants; the webhook runs as the manifest's
-non-root user with the certificate read back from the applied Secret. Test-only differences, each forced by
-a machine shared with other tests: private socket/pods/tls/netns paths, free ports instead of the fixed
-ones, a kubeconfig instead of the in-cluster files, unique local-provider names, and the webhook
+"""caa installed from deploy/ on the real kube-apiserver (tests/kubeapi.py), one peer pod walked end to end. The
+local overlay is rendered with the cert-manager-free webhook component (tests/deploy.py) and applied
+server-side, as `kubectl apply --server-side -k` does (less the surge rollout, which Kubernetes 1.20 lacks).
+No kubelet runs here, so the test starts the three daemons itself, as their DaemonSet and Deployments would:
+through the image's entrypoint (deploy/image/entrypoint.sh) with the manifests' command line, their
+environment from the applied peer-pods-cm (the adaptor's envFrom) and the downward API values, each with a
+token of its applied ServiceAccount, so it can do exactly what the applied RBAC grants; the webhook runs as
+the manifest's non-root user with the certificate read back from the applied Secret. Test-only differences,
+each forced by a machine shared with other tests: private socket/pods/tls/netns paths, free ports instead of
+the fixed ones, a kubeconfig instead of the in-cluster files, unique local-provider names, and the webhook
 configuration's service reference replaced by a URL (the API server cannot route to a Service without a
 cluster network). A kube-controller-manager runs the garbage collector and the namespace controller.
 
@@ -27,13 +26,14 @@ import shutil
 import subprocess
 import urllib.error
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
 from caa.k8s.objects import EXTENDED_RESOURCE, PEERPOD_FINALIZER
-from tests.deploy import NAMESPACE, ResourcePaths, apply, crds_first, find, render_dir
+from tests.deploy import NAMESPACE, ResourcePaths, apply, crds_first, find, for_test_server, render_dir
 from tests.kubeapi import REPO, KubeAPIServer, shared_server
 from tests.podnet import wire_pod_netns
 from tests.test_adaptor_k8s import wait_for
@@ -43,7 +43,6 @@ from tests.test_k8s_leak_e2e import netns_names, netns_pids, running
 
 ENTRYPOINT = REPO / "deploy" / "image" / "entrypoint.sh"
 PEERPODS = "/apis/confidentialcontainers.org/v1alpha1"
-WEBHOOK_USER = 65532
 
 
 def free_port() -> int:
@@ -88,7 +87,7 @@ class InstalledTests(TestCase):
         self.addCleanup(self.stop_all)
         n = os.getpid() % 250
         tag = f"{os.getpid() % 10000}"
-        self.work = Path(self.mktemp())
+        self.work = Path(self.mktemp()).resolve()
         self.work.mkdir(parents=True)
         self.local = {"LOCAL_BRIDGE": f"cdi{tag}v", "LOCAL_SUBNET": f"10.236.{n}.0/24",
                       "LOCAL_STATE_DIR": f"/tmp/caa-inst-{tag}", "FORWARDER_PORT": str(17000 + 2 * n),
@@ -132,7 +131,7 @@ class InstalledTests(TestCase):
             if obj["kind"] == "CustomResourceDefinition":
                 establish(self.server, self.paths, obj)
             else:
-                apply(self.server, self.paths, obj)
+                apply(self.server, self.paths, for_test_server(obj))
         return objects
 
     def uninstall(self, objects: list[dict[str, Any]]) -> None:
@@ -144,16 +143,23 @@ class InstalledTests(TestCase):
                 if e.code != 404:
                     raise
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], user: int | None = None) -> None:
-        """One daemon through the image's entrypoint (the venv's twistd on PATH), optionally as `user`."""
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], unprivileged: bool = False) -> None:
+        """One daemon through the image's entrypoint (the venv's twistd on PATH); `unprivileged`: with no
+        capability at all and no_new_privs (the manifest's `drop: [ALL]`, `allowPrivilegeEscalation: false`)."""
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115
         self.addCleanup(log.close)
         command = [str(ENTRYPOINT), *argv]
-        if user is not None:
-            command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+        if unprivileged:
+            command = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *command]
         full_env = {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.work), **env}
         self.procs.append(subprocess.Popen(command, env=full_env, stdout=log,
                                            stderr=subprocess.STDOUT, cwd=self.work))
+
+    def wait(self, cond: Callable[[], bool], what: str, daemon: str, timeout: float = 30.0) -> None:
+        try:
+            wait_for(cond, what, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- {daemon} log:\n{self.log(daemon)}") from None
 
     def log(self, name: str) -> str:
         return (self.work / f"{name}.log").read_text(errors="replace")[-3000:]
@@ -187,15 +193,14 @@ class InstalledTests(TestCase):
         cert_dir.mkdir()
         for key in ("tls.crt", "tls.key"):
             (cert_dir / key).write_bytes(base64.b64decode(secret["data"][key]))
-        for path in (self.work, cert_dir, *cert_dir.iterdir()):
-            os.chown(path, WEBHOOK_USER, WEBHOOK_USER)  # the Secret volume's files are the pod user's
         self.webhook_port, probe = free_port(), free_port()
-        pod = find(objects, "Deployment", "caa-webhook")["spec"]["template"]["spec"]
-        self.assertEqual(pod["securityContext"]["runAsUser"], WEBHOOK_USER)
+        self.assertEqual(c["securityContext"]["capabilities"], {"drop": ["ALL"]})
         args = [*c["args"], f"--webhook-bind-address=127.0.0.1:{self.webhook_port}",
                 f"--health-probe-bind-address=127.0.0.1:{probe}", f"--cert-dir={cert_dir}"]
-        self.spawn("webhook", args, downward(c, {}), user=WEBHOOK_USER)
-        wait_for(lambda: self.http_ok(probe, "/readyz"), "webhook ready")
+        # Not as uid 65532 here: the venv's interpreter lives under /root (mode 0700) on these machines;
+        # tests/test_image.py runs the webhook as that user from the image.
+        self.spawn("webhook", args, downward(c, {}), unprivileged=True)
+        self.wait(lambda: self.http_ok(probe, "/readyz"), "webhook ready", "webhook")
         # The API server reaches the webhook at its URL (no Service routing here); the caBundle is the applied one.
         mwc = find(objects, "MutatingWebhookConfiguration")
         ca_bundle = mwc["webhooks"][0]["clientConfig"]["caBundle"]
@@ -211,7 +216,7 @@ class InstalledTests(TestCase):
         args = [*c["args"], f"--health-probe-bind-address=127.0.0.1:{probe}",
                 f"--kubeconfig={self.token_kubeconfig('caa-peerpod-ctrl')}"]
         self.spawn("ctrl", args, env)
-        wait_for(lambda: self.http_ok(probe, "/readyz"), "caa-peerpod-ctrl ready")
+        self.wait(lambda: self.http_ok(probe, "/readyz"), "caa-peerpod-ctrl ready", "ctrl")
 
     def start_adaptor(self, objects: list[dict[str, Any]], a: Adaptor) -> None:
         c = container(objects, "DaemonSet", "cloud-api-adaptor-daemonset")
@@ -226,7 +231,7 @@ class InstalledTests(TestCase):
                 "--netns-dir", str(netns_dir), "--vxlan-min-id", str(710000 + (os.getpid() % 1000) * 10),
                 f"--kubeconfig={self.token_kubeconfig('cloud-api-adaptor')}"]
         self.spawn("adaptor", args, env)
-        wait_for(lambda: a.ctl("version").returncode == 0, "adaptor serving", timeout=60)
+        self.wait(lambda: a.ctl("version").returncode == 0, "adaptor serving", "adaptor", timeout=60)
 
     # ----------------------------------------------------------------- the walk
 
@@ -265,12 +270,12 @@ class InstalledTests(TestCase):
         self.start_adaptor(objects, a)
 
         # capacity from peer-pods-cm's PEERPODS_LIMIT_PER_NODE, written with the adaptor's own token
-        wait_for(lambda: self.node_capacity() == self.settings()["PEERPODS_LIMIT_PER_NODE"],
-                 "kata.peerpods.io/vm advertised")
+        self.wait(lambda: self.node_capacity() == self.settings()["PEERPODS_LIMIT_PER_NODE"],
+                  "kata.peerpods.io/vm advertised", "adaptor")
 
         # the API server calls the webhook (its configuration is picked up asynchronously)
-        wait_for(lambda: EXTENDED_RESOURCE in str(self.create_peer_pod("probe", dry_run=True)["spec"]),
-                 "pods mutated by the installed webhook", timeout=60)
+        self.wait(lambda: EXTENDED_RESOURCE in str(self.create_peer_pod("probe", dry_run=True)["spec"]),
+                  "pods mutated by the installed webhook", "webhook", timeout=60)
         pod = self.create_peer_pod("web")
         annotations = pod["metadata"]["annotations"]
         self.assertEqual(annotations["io.katacontainers.config.hypervisor.default_vcpus"], "2")
@@ -293,7 +298,7 @@ class InstalledTests(TestCase):
         vm_pids = netns_pids(vm)
         self.assertTrue(vm_pids)
         self.assertTrue(self.vxlan_in_pod())
-        wait_for(lambda: len(self.peerpods(self.namespace)) == 1, "the PeerPod created")
+        self.wait(lambda: len(self.peerpods(self.namespace)) == 1, "the PeerPod created", "adaptor")
         [peerpod] = self.peerpods(self.namespace)
         self.assertEqual(peerpod["spec"], {"cloudProvider": "local", "instanceID": vm})
         self.assertEqual(peerpod["metadata"]["finalizers"], [PEERPOD_FINALIZER])
@@ -303,11 +308,11 @@ class InstalledTests(TestCase):
         self.server.request("DELETE", f"/api/v1/namespaces/{self.namespace}/pods/web")
         r = a.ctl("stop", "--id", self.sid)
         self.assertEqual(r.returncode, 0, r.stderr)
-        wait_for(lambda: vm not in netns_names() and f"{vm}-pod" not in netns_names(), "the VM deleted")
+        self.wait(lambda: vm not in netns_names() and f"{vm}-pod" not in netns_names(), "the VM deleted", "adaptor")
         self.assertEqual([p for p in vm_pids if running(p)], [])
         self.assertFalse(self.vxlan_in_pod())
-        wait_for(lambda: self.peerpods(self.namespace) == [], "the PeerPod gone (garbage collected, released)",
-                 timeout=60)
+        self.wait(lambda: self.peerpods(self.namespace) == [], "the PeerPod gone (garbage collected, released)",
+                  "ctrl", timeout=60)
 
         # uninstall: every applied object deleted, daemons stopped; nothing stuck on a finalizer
         self.uninstall(objects)

@@ -37,6 +37,7 @@ from tests.deploy import (
     crds_first,
     deploy_copy,
     find,
+    for_test_server,
     missing_fields,
     render,
     render_dir,
@@ -54,11 +55,6 @@ OPERATOR_SETTINGS = {
               "AZURE_SUBNET_ID": "/subscriptions/x/subnets/worker"},
     "gcp": {"GCP_PROJECT_ID": "caa-project", "GCP_ZONE": "us-central1-a", "PODVM_IMAGE_NAME": "podvm"},
 }
-
-# What deploy/ uses that Kubernetes 1.20 (the tests' API server) does not know yet, left out of the check:
-# the DaemonSet's surge rollout (maxSurge is alpha in 1.21, on by default since 1.22; without it 1.20 also
-# refuses maxUnavailable 0). docs/install.md asks for Kubernetes >= 1.22; RenderTests checks the strategy.
-NEWER_THAN_THE_TEST_SERVER = {("DaemonSet", ".spec.updateStrategy.rollingUpdate")}
 
 ADAPTOR_RULES = [
     "cluster confidentialcontainers.org/peerpods create", "cluster confidentialcontainers.org/peerpods patch",
@@ -350,14 +346,6 @@ def establish(server: KubeAPIServer, paths: ResourcePaths, crd: dict[str, Any]) 
     raise AssertionError(f"CRD {crd['metadata']['name']} not Established")
 
 
-def _remove(obj: dict[str, Any], path: str) -> None:
-    """Delete the field at a dotted path (`.spec.a.b`), if present."""
-    *parents, last = path.strip(".").split(".")
-    for key in parents:
-        obj = obj.get(key) or {}
-    obj.pop(last, None)
-
-
 def validate(testcase: TestCase, server: KubeAPIServer, objects: list[dict[str, Any]]) -> None:
     """Namespace and CRDs applied for real, everything else in a dry run; nothing may be refused or pruned."""
     paths = ResourcePaths(server)
@@ -365,9 +353,7 @@ def validate(testcase: TestCase, server: KubeAPIServer, objects: list[dict[str, 
         establish(server, paths, crd)
     for obj in crds_first(objects):
         where = f"{obj['kind']}/{obj['metadata']['name']}"
-        for kind, path in NEWER_THAN_THE_TEST_SERVER:
-            if obj["kind"] == kind:
-                _remove(obj, path)
+        for_test_server(obj)
         try:
             if obj["kind"] == "CustomResourceDefinition":
                 establish(server, paths, obj)
