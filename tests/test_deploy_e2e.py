@@ -35,11 +35,10 @@ from twisted.trial.unittest import TestCase
 from caa.k8s.objects import EXTENDED_RESOURCE, PEERPOD_FINALIZER
 from tests.deploy import NAMESPACE, ResourcePaths, apply, crds_first, find, for_test_server, render_dir
 from tests.kubeapi import REPO, KubeAPIServer, shared_server
-from tests.podnet import wire_pod_netns
+from tests.podnet import netns_names, netns_pids, remove_vm_namespaces, running, wire_pod_netns
 from tests.test_adaptor_k8s import wait_for
 from tests.test_adaptor_process import BIN, Adaptor
 from tests.test_deploy_render import establish, files_variant, webhook_files
-from tests.test_k8s_leak_e2e import netns_names, netns_pids, running
 
 ENTRYPOINT = REPO / "deploy" / "image" / "entrypoint.sh"
 PEERPODS = "/apis/confidentialcontainers.org/v1alpha1"
@@ -108,14 +107,7 @@ class InstalledTests(TestCase):
                 proc.wait()
 
     def cleanup_local(self) -> None:
-        for name in netns_names() - self.before:
-            if name.startswith("podvm-") and self.sid[:8] in name:
-                for pid in netns_pids(name):
-                    try:
-                        os.kill(pid, 9)
-                    except ProcessLookupError:
-                        pass
-                subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        remove_vm_namespaces(self.sid[:8], self.before)
         subprocess.run(["ip", "netns", "del", self.pod_netns], check=False, capture_output=True)
         for bridge in (self.local["LOCAL_BRIDGE"], self.pod_bridge):
             subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True)
