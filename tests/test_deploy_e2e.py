@@ -1,15 +1,19 @@
-"""caa installed from deploy/ on the real kube-apiserver (tests/kubeapi.py), one peer pod walked end to end. The
-local overlay is rendered with the cert-manager-free webhook component (tests/deploy.py) and applied
+"""caa installed from deploy/ on a real kube-apiserver (tests/kubeapi.py), one peer pod walked end to end.
+
+The local overlay is rendered with the cert-manager-free webhook component (tests/deploy.py) and applied
 server-side, as `kubectl apply --server-side -k` does (less the surge rollout, which Kubernetes 1.20 lacks).
 No kubelet runs here, so the test starts the three daemons itself, as their DaemonSet and Deployments would:
 through the image's entrypoint (deploy/image/entrypoint.sh) with the manifests' command line, their
 environment from the applied peer-pods-cm (the adaptor's envFrom) and the downward API values, each with a
-token of its applied ServiceAccount, so it can do exactly what the applied RBAC grants; the webhook runs as
-the manifest's non-root user with the certificate read back from the applied Secret. Test-only differences,
-each forced by a machine shared with other tests: private socket/pods/tls/netns paths, free ports instead of
-the fixed ones, a kubeconfig instead of the in-cluster files, unique local-provider names, and the webhook
-configuration's service reference replaced by a URL (the API server cannot route to a Service without a
-cluster network). A kube-controller-manager runs the garbage collector and the namespace controller.
+token of its applied ServiceAccount, so it can do exactly what the applied RBAC grants; the webhook runs
+without any capability and with no_new_privs (not as uid 65532: the venv's interpreter lives under /root here;
+tests/test_image.py runs it as that user), with the certificate read back from the applied Secret. Test-only
+differences, each forced by a machine shared with other tests: private socket/pods/tls/netns paths, free ports
+instead of the fixed ones, a kubeconfig instead of the in-cluster files, unique local-provider names, and the
+webhook configuration's service reference replaced by a URL (the API server cannot route to a Service without
+a cluster network). The test has an API server of its own (tests/kubeapi.py's `KubeAPIServer`), since the
+uninstall deletes cluster-wide objects other tests share, and a kube-controller-manager running the garbage
+collector and the namespace controller.
 
 The walk: the adaptor advertises kata.peerpods.io/vm on its node; a kata-remote Pod created through the API
 server comes back mutated by the webhook; the shim's calls (caactl create/start) give it a VM (a namespace
@@ -34,7 +38,7 @@ from twisted.trial.unittest import TestCase
 
 from caa.k8s.objects import EXTENDED_RESOURCE, PEERPOD_FINALIZER
 from tests.deploy import NAMESPACE, ResourcePaths, apply, crds_first, find, for_test_server, render_dir
-from tests.kubeapi import REPO, KubeAPIServer, shared_server
+from tests.kubeapi import REPO, KubeAPIServer, kube_bin_dir, require_root
 from tests.podnet import netns_names, netns_pids, remove_vm_namespaces, running, wire_pod_netns
 from tests.test_adaptor_k8s import wait_for
 from tests.test_adaptor_process import BIN, Adaptor
@@ -80,7 +84,12 @@ class InstalledTests(TestCase):
     timeout = 300
 
     def setUp(self) -> None:
-        self.server: KubeAPIServer = shared_server(self)
+        # A private API server: the uninstall deletes cluster-wide objects (the CRD, ClusterRoles, the namespace)
+        # that other tests of this process installed once on the shared one and rely on.
+        require_root(self)
+        self.server = KubeAPIServer(kube_bin_dir())
+        self.addCleanup(self.server.stop)
+        self.server.start()
         self.server.start_controller_manager()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.addCleanup(self.stop_all)
