@@ -35,3 +35,7 @@ bench: setup
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp* .trial.log
+
+.PHONY: image
+image: setup  # the daemons' container image, offline: dist/caa-image.oci.tar (docs/install.md)
+	scripts/build-image.sh

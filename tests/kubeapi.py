@@ -198,6 +198,14 @@ class KubeAPIServer:
             str(self.bin_dir / "kube-scheduler"), f"--kubeconfig={k}", f"--authentication-kubeconfig={k}",
             f"--authorization-kubeconfig={k}", "--leader-elect=false", "--secure-port=0", "--port=0"])
 
+    def start_controller_manager(self, controllers: str = "garbagecollector,namespace") -> subprocess.Popen[bytes]:
+        """Run a kube-controller-manager with only `controllers` (default: garbage collection, so objects
+        owned by a deleted Pod go too, and namespace deletion); stopped with the server."""
+        k = str(self.admin_kubeconfig)
+        return self._spawn("kube-controller-manager", [
+            str(self.bin_dir / "kube-controller-manager"), f"--kubeconfig={k}", f"--controllers={controllers}",
+            "--leader-elect=false", "--secure-port=0", "--port=0"])
+
     def stop(self) -> None:
         for proc in reversed(self._procs):
             if proc.poll() is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -77,13 +77,6 @@ class RecordingPool(ThreadPool):
 
     def stop(self) -> None:
         self.log.append("pool stop")
-
-
-class FailingTCPReactor(NodeMemoryReactor):
-    """A reactor whose TCP listens fail (a metrics port in use)."""
-
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
-        raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
 
 class DaemonTestCase(SynchronousTestCase):
@@ -166,30 +159,36 @@ class StartTests(DaemonTestCase):
         self.assertNoTimers()
 
     def test_metrics_listen_failure_aborts_start_and_removes_socket(self) -> None:
-        reactor = FailingTCPReactor()
-        d = self.daemon(reactor, metrics_port=9100)
-        e = self.assertRaises(ListenError, d.startService)
-        self.assertIn("127.0.0.1:9100 (metrics)", str(e))
+        with socket.socket() as holder:  # another program holds the port without SO_REUSEPORT
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            port = holder.getsockname()[1]
+            d = self.daemon(metrics_port=port)
+            e = self.assertRaises(ListenError, d.startService)
+        self.assertIn(f"127.0.0.1:{port} (metrics)", str(e))
         self.assertIn("Address already in use", str(e))
         self.assertFalse(os.path.exists(self.path))  # the hypervisor socket that did start is undone
-        self.assertEqual(reactor.readers, set())
+        self.assertEqual(self.reactor.readers, set())
         self.assertEqual(self.log, [])
         self.assertFalse(any(s.running for s in d))
-        self.assertNoTimers(reactor)
+        self.assertNoTimers(self.reactor)
 
     def test_probe_and_metrics_listen(self) -> None:
-        with socket.socket() as s:  # a free port for the real SO_REUSEPORT bind
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        d = self.daemon(probe_port=port, metrics_port=9100)
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:  # free ports for the real SO_REUSEPORT binds
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        probe_port, metrics_port = ports
+        d = self.daemon(probe_port=probe_port, metrics_port=metrics_port)
         d.startService()
-        [(_fd, family, _probe)] = self.reactor.adoptedPorts
-        self.assertEqual(family, socket.AF_INET)
-        # SO_REUSEPORT: the next adaptor of a rolling update binds the same probe port while this one runs
-        listen_reuseport(self.reactor, "127.0.0.1", port, Site(Resource()))
-        self.assertEqual(len(self.reactor.adoptedPorts), 2)
-        [(metrics_port, _site, _backlog, interface)] = self.reactor.tcpServers
-        self.assertEqual((metrics_port, interface), (9100, "127.0.0.1"))
+        self.assertEqual([family for _fd, family, _f in self.reactor.adoptedPorts], [socket.AF_INET] * 2)
+        # SO_REUSEPORT on both: the next adaptor of a rolling update (host network) binds the same ports while
+        # this one runs
+        for port in ports:
+            listen_reuseport(self.reactor, "127.0.0.1", port, Site(Resource()))
+        self.assertEqual(len(self.reactor.adoptedPorts), 4)
+        self.assertEqual(self.reactor.tcpServers, [])
         self.successResultOf(d.stopService())
 
     def test_verify_config_failure_is_fatal(self) -> None:
@@ -327,14 +326,18 @@ class BuildTests(DaemonTestCase):
         return options
 
     def test_from_the_command_line(self) -> None:
-        options = self.options("--probe-port", "0", "--metrics-port", "9100", "--socket-mode", "0660", "--disable-tls")
+        with socket.socket() as s:  # a free port for the real SO_REUSEPORT bind of the metrics listener
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        options = self.options("--probe-port", "0", "--metrics-port", str(port), "--socket-mode", "0660",
+                               "--disable-tls")
         d = build_daemon(self.reactor, options, on_fatal=lambda: None, environ={}, journal_runner=run_inline)
         self.assertEqual(d.settings, DaemonSettings(
-            socket_path=self.path, socket_mode=0o660, probe_port=0, metrics_port=9100, metrics_interface="127.0.0.1",
+            socket_path=self.path, socket_mode=0o660, probe_port=0, metrics_port=port, metrics_interface="127.0.0.1",
             verify_config=False, provider_name="tests.fakes.provider:FakeProviderFactory", disable_tls=True))
         d.startService()
         self.assertTrue(d.recovered)  # the real CloudService recovered an empty journal
-        [(_port, site, _backlog, _iface)] = self.reactor.tcpServers
+        [(_fd, _family, site)] = self.reactor.adoptedPorts
         assert isinstance(site, Site)
         self.assertEqual(list(site.resource.children), [b"metrics"])
         self.successResultOf(d.stopService())

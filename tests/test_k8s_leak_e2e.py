@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from typing import Any, cast
@@ -34,32 +33,13 @@ from caa.providers.interfaces import IProvider, IProviderFactory, TransientError
 from caa.providers.local import LocalProviderFactory
 from caa.providers.registry import ProviderRegistry
 from caa.reactors import INodeReactor
+from tests.podnet import netns_names, netns_pids, remove_vm_namespaces, running, wire_pod_netns
 from tests.test_adaptor_k8s import install_rbac
 from tests.test_adaptor_process import Adaptor
 from tests.test_k8s_apiserver import reactor
 from tests.test_peerpodctrl_apiserver import TIMINGS, ControllerTestCase, eventually
 
 _PEERPODS = "/apis/confidentialcontainers.org/v1alpha1/namespaces/{ns}/peerpods"
-
-
-def netns_names() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-def netns_pids(name: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout
-    return [int(p) for p in out.split()]
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (the VM's processes outlived the killed adaptor, so whoever inherited them
-    reaps them, maybe never: exited is what counts)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except FileNotFoundError:
-        return False
 
 
 @implementer(IProvider)
@@ -132,14 +112,7 @@ class LeakedVMTests(ControllerTestCase):
 
     def cleanup_local(self) -> None:
         """Every namespace this test made and its processes, the bridge and the state directory."""
-        for name in netns_names() - getattr(self, "before", set()):
-            if name.startswith("podvm-") and self.sid[:8] in name:  # never another worker's VM (trial -j2)
-                for pid in netns_pids(name):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        remove_vm_namespaces(self.sid[:8], getattr(self, "before", set()))  # never another worker's VM (-j2)
         subprocess.run(["ip", "netns", "del", self.pod_netns], check=False, capture_output=True)
         for bridge in (self.local["LOCAL_BRIDGE"], self.pod_bridge):
             subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True)
@@ -148,16 +121,7 @@ class LeakedVMTests(ControllerTestCase):
     def wire_pod(self) -> str:
         """The Pod's network namespace on a bridge, as a CNI plugin wires it (the tunnel's node end); its path."""
         net = self.local["LOCAL_SUBNET"].replace("10.23", "10.24").rsplit(".", 1)[0]
-        ns, bridge, peer = self.pod_netns, self.pod_bridge, f"{self.pod_netns}h"
-        for cmd in (["link", "add", bridge, "type", "bridge"], ["addr", "add", f"{net}.1/24", "dev", bridge],
-                    ["link", "set", bridge, "up"], ["netns", "add", ns],
-                    ["link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", peer],
-                    ["link", "set", peer, "master", bridge, "up"],
-                    ["-n", ns, "addr", "add", f"{net}.2/24", "dev", "eth0"],
-                    ["-n", ns, "link", "set", "eth0", "up"], ["-n", ns, "link", "set", "lo", "up"],
-                    ["-n", ns, "route", "add", "default", "via", f"{net}.1"]):
-            subprocess.run(["ip", *cmd], check=True, capture_output=True)
-        return f"/var/run/netns/{ns}"
+        return wire_pod_netns(self.pod_netns, self.pod_bridge, net)
 
     def leak_a_vm(self) -> tuple[str, str]:
         """Pod -> adaptor CreateVM/StartVM -> PeerPod; then kill -9 and a wiped journal. (PeerPod, VM name)."""

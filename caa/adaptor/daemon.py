@@ -17,7 +17,7 @@ from attrs import frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort, IReactorFDSet
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.logger import Logger
@@ -189,13 +189,12 @@ class AdaptorDaemon(MultiService):
                              lambda: listen_reuseport(reactor, "127.0.0.1", settings.probe_port, probe)
                              ).setServiceParent(self)
         if settings.metrics_port:
-            endpoint = TCP4ServerEndpoint(reactor, settings.metrics_port, interface=settings.metrics_interface)
-
+            # SO_REUSEPORT as the probe: in a surge rolling update the old and the new adaptor of a node (host
+            # network) both hold the port until the old one stops; a plain listen would fail the new one.
             def listen_metrics() -> Deferred[IListeningPort]:
                 from caa.adaptor.metrics import metrics_site
 
-                listening: Deferred[IListeningPort] = endpoint.listen(metrics_site())
-                return listening
+                return listen_reuseport(reactor, settings.metrics_interface, settings.metrics_port, metrics_site())
 
             ListeningService(f"{settings.metrics_interface}:{settings.metrics_port} (metrics)",
                              listen_metrics).setServiceParent(self)
