@@ -20,11 +20,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import attrs
 from twisted.logger import ILogObserver, LogEvent, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 MASK = "**********"
+
+
+def masked_fields(config: Any, secret_fields: Iterable[str]) -> dict[str, Any]:
+    """An attrs config's fields for logging, the set ones among `secret_fields` replaced by MASK."""
+    fields: dict[str, Any] = {a.name: getattr(config, a.name) for a in attrs.fields(type(config))}
+    for name in secret_fields:
+        if fields[name]:
+            fields[name] = MASK
+    return fields
 MIN_SECRET_LENGTH = 4
 
 

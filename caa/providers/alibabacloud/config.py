@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
@@ -15,7 +14,7 @@ from caa.providers.alibabacloud.rrsa import rrsa_settings
 from caa.providers.aws.config import parse_tags, split_list
 from caa.providers.interfaces import InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool, parse_uint
-from caa.providers.redact import MASK
+from caa.providers.redact import masked_fields
 
 
 def _tags(text: str) -> str:
@@ -146,11 +145,7 @@ class AlibabaCloudConfig:
         return [s for s in (self.access_key_id, self.access_key_secret, self.security_token) if s]
 
     def redacted(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        for name in ("access_key_id", "access_key_secret", "security_token"):
-            if fields[name]:
-                fields[name] = MASK
-        return fields
+        return masked_fields(self, ("access_key_id", "access_key_secret", "security_token"))
 
 
 AlibabaCloudOptions.config_type = AlibabaCloudConfig

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
 from caa.providers.interfaces import InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool, parse_tags, parse_uint, split_list, tags_option
-from caa.providers.redact import MASK
+from caa.providers.redact import masked_fields
 
 #: Where EC2 is reached when no endpoint is configured; AWS_ENDPOINT_URL_EC2 / AWS_ENDPOINT_URL (the SDKs'
 #: standard variables) replace it (tests: moto's server).
@@ -139,11 +138,7 @@ class AwsConfig:
         return [s for s in (self.access_key_id, self.secret_key, self.session_token) if s]
 
     def redacted(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        for name in ("access_key_id", "secret_key", "session_token"):
-            if fields[name]:
-                fields[name] = MASK
-        return fields
+        return masked_fields(self, ("access_key_id", "secret_key", "session_token"))
 
 
 AwsOptions.config_type = AwsConfig

@@ -7,13 +7,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
 from caa.providers.interfaces import InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool, parse_tags, parse_uint, split_list, tags_option
-from caa.providers.redact import MASK
+from caa.providers.redact import masked_fields
 
 #: Where ARM and the identity platform are reached in Azure's public cloud; AZURE_RESOURCE_MANAGER_ENDPOINT and
 #: AZURE_AUTHORITY_HOST (azure-identity's variable) replace them (sovereign clouds, the tests' fake).
@@ -165,11 +164,7 @@ class AzureConfig:
         return [value for value in (self.client_id, self.client_secret, self.tenant_id) if value]
 
     def redacted(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        for name in ("client_id", "client_secret", "tenant_id"):
-            if fields[name]:
-                fields[name] = MASK
-        return fields
+        return masked_fields(self, ("client_id", "client_secret", "tenant_id"))
 
 
 def _with_scheme(host: str) -> str:

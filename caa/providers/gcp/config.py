@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
 from caa.providers.interfaces import InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool, parse_tags, parse_uint, split_list, tags_option
-from caa.providers.redact import MASK
+from caa.providers.redact import masked_fields
 
 #: Compute Engine v1 and Resource Manager v3 in Google's cloud; CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE and
 #: CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER (gcloud's variables) replace them (Private Service Connect,
@@ -140,10 +139,7 @@ class GcpConfig:
         return [self.credentials] if self.credentials else []
 
     def redacted(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        if fields["credentials"]:
-            fields["credentials"] = MASK
-        return fields
+        return masked_fields(self, ("credentials",))
 
 
 GcpOptions.config_type = GcpConfig

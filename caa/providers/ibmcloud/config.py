@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
@@ -13,7 +12,7 @@ from caa.providers.aws.config import split_list
 from caa.providers.ibmcloud.iam import DEFAULT_IAM_URL
 from caa.providers.interfaces import InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool
-from caa.providers.redact import MASK
+from caa.providers.redact import masked_fields
 
 DEFAULT_CR_TOKEN_FILE = "/var/run/secrets/tokens/vault-token"
 DEFAULT_TAGGING_URL = "https://tags.global-search-tagging.cloud.ibm.com"
@@ -154,10 +153,7 @@ class IbmCloudConfig:
         return [self.api_key] if self.api_key else []
 
     def redacted(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        if fields["api_key"]:
-            fields["api_key"] = MASK
-        return fields
+        return masked_fields(self, ("api_key",))
 
 
 IbmCloudOptions.config_type = IbmCloudConfig

@@ -7,14 +7,13 @@ import math
 import re
 from typing import Any
 
-import attrs
 from attrs import field, frozen
 from twisted.python import usage
 
 from caa.providers.ibmcloud.iam import DEFAULT_IAM_URL
 from caa.providers.interfaces import InstanceSpec, InvalidConfig
 from caa.providers.options import ProviderOptions, parse_bool, parse_duration
-from caa.providers.redact import MASK
+from caa.providers.redact import masked_fields
 
 #: `<systype>-<cpus>x<memGB>`, e.g. s922-2x8 or e980-0.5x4 (the pod's machine_type annotation).
 MACHINE_TYPE = re.compile(r"^([a-z0-9]+)-(\d+(?:\.\d+)?)x(\d+(?:\.\d+)?)$")
@@ -140,10 +139,7 @@ class PowerVSConfig:
         return [self.api_key] if self.api_key else []
 
     def redacted(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
-        if fields["api_key"]:
-            fields["api_key"] = MASK
-        return fields
+        return masked_fields(self, ("api_key",))
 
 
 PowerVSOptions.config_type = PowerVSConfig
