@@ -69,6 +69,14 @@ OPERATOR_SETTINGS = {
     "alibabacloud": {"IMAGEID": "m-2ze0123456789abcdefg", "VSWITCH_ID": "vsw-2ze0123456789abcdefg",
                      "SECURITY_GROUP_IDS": "sg-2ze0123456789abcdefg"},
 }
+# What an operator puts in <overlay>-cred.env (shipped with empty values) where the provider's options refuse
+# to parse without it.
+OPERATOR_SECRETS = {
+    "ibmcloud": {"IBMCLOUD_API_KEY": "caa-test-api-key"},
+    "ibmcloud-powervs": {"IBMCLOUD_API_KEY": "caa-test-api-key"},
+    "alibabacloud": {"ALIBABACLOUD_ACCESS_KEY_ID": "LTAI0123456789abcdef",
+                     "ALIBABACLOUD_ACCESS_KEY_SECRET": "caa-test-secret"},
+}
 # Objects an overlay puts outside confidential-containers-system, and where.
 OTHER_NAMESPACES = {("ibmcloud", "Role", "caa-ibmcloud-cluster-info"): "kube-system",
                     ("ibmcloud", "RoleBinding", "caa-ibmcloud-cluster-info"): "kube-system"}
@@ -232,7 +240,11 @@ class RenderTests(TestCase):
             objects = render(self, overlay)
             cm = find(objects, "ConfigMap", "peer-pods-cm")["data"]
             self.assertEqual({k for k, v in cm.items() if not v}, set(OPERATOR_SETTINGS.get(overlay, {})))
-            cm = {**cm, **OPERATOR_SETTINGS.get(overlay, {})}
+            secrets = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "peer-pods-secret"]
+            shipped = {k: base64.b64decode(v) for s in secrets for k, v in s.get("data", {}).items()}
+            self.assertEqual({k for k, v in shipped.items() if v}, set(), f"{overlay}: credentials committed")
+            self.assertLessEqual(set(OPERATOR_SECRETS.get(overlay, {})), set(shipped), overlay)
+            cm = {**cm, **OPERATOR_SETTINGS.get(overlay, {}), **OPERATOR_SECRETS.get(overlay, {})}
             for w in workloads(objects):
                 [container] = w["spec"]["template"]["spec"]["containers"]
                 self.assertEqual(container["command"], ["/usr/local/bin/entrypoint.sh"])
