@@ -1,7 +1,7 @@
 """deploy/ as the tests see it: render an overlay with the machine's kubectl and apply objects server-side.
 
 `render(overlay)` copies deploy/ into a temporary directory, adds the files an operator must supply before
-rendering (libvirt's SSH key pair; the webhook certificate of components/webhook-certs-from-files when asked
+rendering (libvirt's and byom's SSH key pairs; the webhook certificate of components/webhook-certs-from-files when asked
 for) and runs `kubectl kustomize` on the copy, so the repository is never written to. kubectl comes from the
 machine (the `kubectl` package of packages.cloud.google.com, kustomize v5 inside; Debian's kubernetes-client
 1.20 embeds kustomize 2.0, which knows neither components nor `labels`): missing, the tests skip outside CI
@@ -33,6 +33,8 @@ from tests.kubeapi import REPO, KubeAPIServer
 
 DEPLOY = REPO / "deploy"
 OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+# Overlays whose ssh-key-secret the operator supplies as id_rsa / id_rsa.pub files.
+SSH_KEY_OVERLAYS = ("byom", "libvirt")
 FIELD_MANAGER = "caa-tests"
 NAMESPACE = "confidential-containers-system"
 
@@ -66,7 +68,8 @@ def deploy_copy(testcase: SynchronousTestCase, webhook_certs: Mapping[str, bytes
     testcase.addCleanup(shutil.rmtree, root, True)
     tree = root / "deploy"
     shutil.copytree(DEPLOY, tree)
-    _ssh_key_pair(tree / "overlays" / "libvirt")
+    for overlay in SSH_KEY_OVERLAYS:
+        _ssh_key_pair(tree / "overlays" / overlay)
     if webhook_certs is not None:
         for name, data in webhook_certs.items():
             (tree / "components" / "webhook-certs-from-files" / name).write_bytes(data)

@@ -31,7 +31,9 @@ from caa.providers.registry import provider_names
 from caa.tls import CertificateAuthority
 from caa.webhook import tap as webhook_tap
 from tests.deploy import (
+    NAMESPACE,
     OVERLAYS,
+    SSH_KEY_OVERLAYS,
     ResourcePaths,
     apply,
     crds_first,
@@ -45,7 +47,8 @@ from tests.deploy import (
 from tests.kubeapi import KubeAPIServer, shared_server
 
 IMAGE = f"localhost/caa:{__version__}"
-PROVIDERS = {"local": "local", "libvirt": "libvirt", "aws": "aws", "azure": "azure", "gcp": "gcp"}
+PROVIDERS = {"local": "local", "libvirt": "libvirt", "aws": "aws", "azure": "azure", "gcp": "gcp", "byom": "byom",
+             "ibmcloud": "ibmcloud", "ibmcloud-powervs": "ibmcloud-powervs", "alibabacloud": "alibabacloud"}
 # What an operator fills in before applying (the overlays ship these keys empty); the adaptor refuses to start
 # without them.
 OPERATOR_SETTINGS = {
@@ -58,7 +61,25 @@ OPERATOR_SETTINGS = {
                   "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/caa/providers/"
                   "Microsoft.Network/virtualNetworks/worker/subnets/nodes")},
     "gcp": {"GCP_PROJECT_ID": "caa-project", "GCP_ZONE": "us-central1-a", "PODVM_IMAGE_NAME": "podvm"},
+    "byom": {"VM_POOL_IPS": "192.168.122.10,192.168.122.20-192.168.122.29"},
+    "ibmcloud": {"IBMCLOUD_PODVM_IMAGE_ID": "r006-01234567-89ab-cdef-0123-456789abcdef"},
+    "ibmcloud-powervs": {"POWERVS_ZONE": "dal12", "POWERVS_SERVICE_INSTANCE_ID": "0123456789abcdef0123456789abcdef",
+                         "POWERVS_NETWORK_ID": "01234567-89ab-cdef-0123-456789abcdef",
+                         "POWERVS_IMAGE_ID": "89abcdef-0123-4567-89ab-cdef01234567"},
+    "alibabacloud": {"IMAGEID": "m-2ze0123456789abcdefg", "VSWITCH_ID": "vsw-2ze0123456789abcdefg",
+                     "SECURITY_GROUP_IDS": "sg-2ze0123456789abcdefg"},
 }
+# What an operator puts in <overlay>-cred.env (shipped with empty values) where the provider's options refuse
+# to parse without it.
+OPERATOR_SECRETS = {
+    "ibmcloud": {"IBMCLOUD_API_KEY": "caa-test-api-key"},
+    "ibmcloud-powervs": {"IBMCLOUD_API_KEY": "caa-test-api-key"},
+    "alibabacloud": {"ALIBABACLOUD_ACCESS_KEY_ID": "LTAI0123456789abcdef",
+                     "ALIBABACLOUD_ACCESS_KEY_SECRET": "caa-test-secret"},
+}
+# Objects an overlay puts outside confidential-containers-system, and where.
+OTHER_NAMESPACES = {("ibmcloud", "Role", "caa-ibmcloud-cluster-info"): "kube-system",
+                    ("ibmcloud", "RoleBinding", "caa-ibmcloud-cluster-info"): "kube-system"}
 
 ADAPTOR_RULES = [
     "cluster confidentialcontainers.org/peerpods create", "cluster confidentialcontainers.org/peerpods patch",
@@ -77,9 +98,12 @@ CTRL_RULES = [
     "namespace core/configmaps[peer-pods-cm] watch", "namespace core/secrets[peer-pods-secret] get",
     "namespace core/secrets[peer-pods-secret] list", "namespace core/secrets[peer-pods-secret] watch",
 ]
+# byom's IP pool ConfigMap: read, made on first use, written back (adaptor and controller).
+BYOM_POOL_RULES = ["namespace core/configmaps create", "namespace core/configmaps[byom-ip-pool-state] get",
+                   "namespace core/configmaps[byom-ip-pool-state] update"]
 NODE_PATHS = ["/run/kata-containers/shared/direct-volumes", "/run/netns", "/run/peerpod", "/run/xtables.lock"]
 
-# What each daemon may do in the cloud overlays (aws, azure, gcp).
+# What each daemon may do in the cloud overlays (aws, azure, gcp, ibmcloud-powervs, alibabacloud).
 BASE_PRIVILEGES: dict[str, dict[str, Any]] = {
     "cloud-api-adaptor-daemonset": {
         "service_account": "cloud-api-adaptor", "token": True, "host_network": True, "user": 0,
@@ -96,7 +120,16 @@ BASE_PRIVILEGES: dict[str, dict[str, Any]] = {
 }
 # What an overlay changes, and why (see the overlay's patches).
 OVERLAY_PRIVILEGES: dict[str, dict[str, dict[str, Any]]] = {
-    "aws": {}, "azure": {}, "gcp": {},
+    "aws": {}, "azure": {}, "gcp": {}, "ibmcloud-powervs": {}, "alibabacloud": {},
+    # start-up discovery on IKS: the cluster id from kube-system/cluster-info (Node labels: the base's get).
+    "ibmcloud": {"cloud-api-adaptor-daemonset": {
+        "rules": sorted([*ADAPTOR_RULES, "namespace kube-system core/configmaps[cluster-info] get"])}},
+    # SFTP to the VMs with the key pair in /root/.ssh, and the pool ConfigMap, in the adaptor and in the
+    # controller deleting leaked instances.
+    "byom": {"cloud-api-adaptor-daemonset": {"secrets": ["ssh-key-secret"],
+                                             "rules": sorted([*ADAPTOR_RULES, *BYOM_POOL_RULES])},
+             "caa-peerpod-ctrl": {"user": 0, "non_root": False, "secrets": ["ssh-key-secret"],
+                                  "rules": sorted([*CTRL_RULES, *BYOM_POOL_RULES])}},
     # qemu+ssh: root's key pair, in the adaptor and in the controller deleting leaked domains.
     "libvirt": {"cloud-api-adaptor-daemonset": {"secrets": ["ssh-key-secret"]},
                 "caa-peerpod-ctrl": {"user": 0, "non_root": False, "secrets": ["ssh-key-secret"]}},
@@ -119,7 +152,9 @@ def _rules(objects: list[dict[str, Any]], service_account: str) -> list[str]:
         if not any(s["kind"] == "ServiceAccount" and s["name"] == service_account for s in binding["subjects"]):
             continue
         role = find(objects, binding["roleRef"]["kind"], binding["roleRef"]["name"])
-        scope = "cluster" if binding["kind"] == "ClusterRoleBinding" else "namespace"
+        namespace = binding["metadata"].get("namespace")
+        scope = "cluster" if binding["kind"] == "ClusterRoleBinding" else (
+            "namespace" if namespace == NAMESPACE else f"namespace {namespace}")
         for rule in role["rules"]:
             names = ",".join(rule.get("resourceNames", []))
             for group in rule["apiGroups"]:
@@ -184,13 +219,18 @@ class RenderTests(TestCase):
             for o in objects:
                 if o["kind"] not in ("Namespace", "CustomResourceDefinition", "RuntimeClass", "ClusterRole",
                                      "ClusterRoleBinding", "MutatingWebhookConfiguration"):
-                    self.assertEqual(o["metadata"].get("namespace"), "confidential-containers-system",
+                    where = OTHER_NAMESPACES.get((overlay, o["kind"], o["metadata"]["name"]), NAMESPACE)
+                    self.assertEqual(o["metadata"].get("namespace"), where,
                                      f"{overlay}: {o['kind']}/{o['metadata']['name']}")
-        libvirt = render(self, "libvirt")
-        self.assertEqual(sorted(find(libvirt, "Secret", "ssh-key-secret")["data"]), ["id_rsa", "id_rsa.pub"])
+        for overlay in SSH_KEY_OVERLAYS:
+            self.assertEqual(sorted(find(render(self, overlay), "Secret", "ssh-key-secret")["data"]),
+                             ["id_rsa", "id_rsa.pub"], overlay)
         for overlay, keys in (("aws", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]),
                               ("azure", ["AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID"]),
-                              ("gcp", ["GCP_CREDENTIALS"])):
+                              ("gcp", ["GCP_CREDENTIALS"]),
+                              ("ibmcloud", ["IBMCLOUD_API_KEY", "IBMCLOUD_IAM_PROFILE_ID"]),
+                              ("ibmcloud-powervs", ["IBMCLOUD_API_KEY"]),
+                              ("alibabacloud", ["ALIBABACLOUD_ACCESS_KEY_ID", "ALIBABACLOUD_ACCESS_KEY_SECRET"])):
             self.assertEqual(sorted(find(render(self, overlay), "Secret", "peer-pods-secret").get("data", {})),
                              keys)
 
@@ -200,7 +240,11 @@ class RenderTests(TestCase):
             objects = render(self, overlay)
             cm = find(objects, "ConfigMap", "peer-pods-cm")["data"]
             self.assertEqual({k for k, v in cm.items() if not v}, set(OPERATOR_SETTINGS.get(overlay, {})))
-            cm = {**cm, **OPERATOR_SETTINGS.get(overlay, {})}
+            secrets = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "peer-pods-secret"]
+            shipped = {k: base64.b64decode(v) for s in secrets for k, v in s.get("data", {}).items()}
+            self.assertEqual({k for k, v in shipped.items() if v}, set(), f"{overlay}: credentials committed")
+            self.assertLessEqual(set(OPERATOR_SECRETS.get(overlay, {})), set(shipped), overlay)
+            cm = {**cm, **OPERATOR_SETTINGS.get(overlay, {}), **OPERATOR_SECRETS.get(overlay, {})}
             for w in workloads(objects):
                 [container] = w["spec"]["template"]["spec"]["containers"]
                 self.assertEqual(container["command"], ["/usr/local/bin/entrypoint.sh"])
@@ -269,6 +313,7 @@ class RenderTests(TestCase):
         self.assertEqual({image for _, image in images}, {IMAGE})
 
     def test_privileges_per_daemon(self) -> None:
+        self.assertEqual(sorted(OVERLAY_PRIVILEGES), OVERLAYS)
         for overlay, changes in OVERLAY_PRIVILEGES.items():
             expected = {name: {**row, **changes.get(name, {})} for name, row in BASE_PRIVILEGES.items()}
             self.assertEqual(privileges(render(self, overlay)), expected, overlay)

@@ -143,6 +143,10 @@ class ImageTests(TestCase):
                 (["ibmcloud-powervs"], {}, "$IBMCLOUD_API_KEY is NOT set"),
                 (["azure"], {"AZURE_CLIENT_ID": "x"}, "$AZURE_TENANT_ID is NOT set"),
                 (["gcp"], {}, "$GCP_CREDENTIALS is NOT set"),
+                (["caa-adaptor"], {"CLOUD_PROVIDER": "byom"}, "$VM_POOL_IPS is NOT set"),
+                (["ibmcloud"], {}, "At least one of these must be SET: IBMCLOUD_API_KEY IBMCLOUD_IAM_PROFILE_ID"),
+                (["alibabacloud"], {},
+                 "At least one of these must be SET: ALIBABACLOUD_ACCESS_KEY_ID ALIBABA_CLOUD_ROLE_ARN"),
                 (["caa-adaptor"], {"CLOUD_PROVIDER": "vsphere"}, "Usage:")):
             r = self.run_in("/usr/local/bin/entrypoint.sh", *argv, env=env)
             self.assertEqual(r.returncode, 1, f"{argv} {env}: {r.stdout}{r.stderr}")

@@ -128,5 +128,10 @@ ibmcloud_powervs | ibmcloudpowervs) provider=ibmcloud-powervs ;;
 esac
 
 check_provider "$provider"
+# Upstream's alias: INSTANCE_TYPE names Alibaba Cloud's default instance type (a flag, so it beats
+# PODVM_INSTANCE_TYPE; flags given to the container still come later and win).
+if [ "$provider" = alibabacloud ] && [ -n "${INSTANCE_TYPE:-}" ]; then
+    set -- --instance-type "$INSTANCE_TYPE" "$@"
+fi
 export CLOUD_PROVIDER="$provider"
 daemon caa-adaptor --provider "$provider" "$@"
