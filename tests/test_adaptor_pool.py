@@ -11,11 +11,13 @@ import tempfile
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa import tls
 from caa.adaptor.adapters import AutoTLS
 from caa.adaptor.metrics import REGISTRY
+from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.pool import PoolConfig, PoolKey, PoolManager, initdata_digest
 from caa.podvm_api import claim as claim_format
 from caa.podvm_api import cloudconfig
@@ -228,3 +230,24 @@ class RestartTests(PoolTestBase):
         # the survivor keeps its age: recycled 100 s after it first became ready
         self.clock.advance(50)
         self.assertIn(vm.instance_id, self.deletes())
+
+
+class PoolOptionsTests(SynchronousTestCase):
+    def parse(self, argv: list[str], env: dict[str, str] | None = None) -> AdaptorOptions:
+        o = AdaptorOptions({"CLOUD_PROVIDER": "tests.fakes.provider:FakeProviderFactory", **(env or {})})
+        o.parseOptions(argv)
+        return o
+
+    def test_defaults_off_and_env(self) -> None:
+        o = self.parse([])
+        self.assertEqual((o["pool-size"], o["pool-ttl"]), (0, 3600.0))
+        o = self.parse([], {"POOL_SIZE": "5", "POOL_TTL": "10m"})
+        self.assertEqual((o["pool-size"], o["pool-ttl"]), (5, 600.0))
+        self.assertEqual(self.parse(["--pool-size", "2"], {"POOL_SIZE": "5"})["pool-size"], 2)
+
+    def test_refused(self) -> None:
+        for argv, words in ((["--pool-size", "-1"], "--pool-size"), (["--pool-ttl", "0s"], "--pool-ttl"),
+                            (["--pool-size", "1", "--disable-tls"], "auto CA"),
+                            (["--pool-size", "1", "--tls-skip-verify"], "auto CA")):
+            e = self.assertRaises(usage.UsageError, self.parse, argv)
+            self.assertIn(words, str(e))
