@@ -5,6 +5,8 @@ at StopVM and never returns to the pool, and a restart between claim and tunnel 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -15,9 +17,10 @@ from caa import tls
 from caa.adaptor.adapters import AutoTLS
 from caa.adaptor.claimer import Claimer, PodUserData
 from caa.adaptor.interfaces import SandboxState
-from caa.adaptor.pool import PoolConfig, PoolKey, PoolManager, PoolVM
+from caa.adaptor.pool import PoolConfig, PoolKey, PoolManager, PoolVM, initdata_digest
 from caa.adaptor.service import CloudService, ServiceConfig
 from caa.adaptor.store import SandboxStore
+from caa.forwarder import initdata
 from caa.forwarder.claim import ClaimGate, ClaimState
 from caa.podvm_api import cloudconfig
 from caa.podvm_api.apf import APFConfig
@@ -27,6 +30,8 @@ from tests.fakes.adaptor import FakeNetworking, FakeProxyFactory
 from tests.fakes.provider import FakeProvider
 
 SID = "5e1a" + "cd" * 30
+#: the adaptor's default key: no size, no image annotations, no initdata (the VM's default document)
+KEY = PoolKey(initdata_digest=initdata_digest(""))
 SID2 = "6f2b" + "cd" * 30
 
 
@@ -46,6 +51,7 @@ class GateClaimer(Claimer):
         self.gates: dict[str, ClaimGate] = {}
         self.claimed: dict[str, APFConfig] = {}
         self.hold: Deferred[None] | None = None
+        self.dirs: list[str] = []
 
     def gate(self, vm: PoolVM) -> ClaimGate:
         if vm.instance_id not in self.gates:
@@ -58,7 +64,14 @@ class GateClaimer(Claimer):
             async def relay(*args: Any) -> bytes:
                 return b""
 
-            self.gates[vm.instance_id] = ClaimGate(bootstrap, relay, on_claim, "/nonexistent",
+            # /run/peerpod as caa-process-user-data leaves it (initdata.digest of what the VM booted with)
+            peerpod = tempfile.mkdtemp(prefix=f"poolvm{os.getpid()}-")
+            self.dirs.append(peerpod)
+            if cloudconfig.INITDATA_PATH in files:
+                with open(os.path.join(peerpod, "initdata"), "w") as f:
+                    f.write(files[cloudconfig.INITDATA_PATH])
+            initdata.process(peerpod)
+            self.gates[vm.instance_id] = ClaimGate(bootstrap, relay, on_claim, peerpod,
                                                    lambda pod: tls.server_context_factory(
                                                        pod.tls_server_cert.encode(), pod.tls_server_key.encode()))
         return self.gates[vm.instance_id]
@@ -86,11 +99,16 @@ class PoolServiceTests(SynchronousTestCase):
         os.makedirs(base, exist_ok=True)
         open(self.netns, "w").close()
         self.claimer = GateClaimer(self.clock, self.provider, self.tls)
+        self.addCleanup(self.remove_dirs)
         self.svc, self.pool = self.make()
+
+    def remove_dirs(self) -> None:
+        for d in self.claimer.dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def make(self, size: int = 1) -> tuple[CloudService, PoolManager]:
         pool = PoolManager(self.clock, self.provider, self.tls, PoolConfig(size=size, pool_dir=self.pool_dir),
-                           [PoolKey()], lambda key: "")
+                           [KEY], lambda key: "")
         svc = CloudService(self.clock, self.provider, self.proxies, self.store, self.net, self.tls,
                            ServiceConfig(pods_dir=self.pods_dir), wallclock=self.clock.seconds, pool=pool,
                            claimer=self.claimer)
@@ -116,7 +134,7 @@ class PoolServiceTests(SynchronousTestCase):
 
     def test_hit_claims_the_pool_vm_with_the_pods_configuration(self) -> None:
         self.start_pool()
-        (vm,) = self.pool.ready(PoolKey())
+        (vm,) = self.pool.ready(KEY)
         self.create()
         self.successResultOf(self.start())
         rec = self.record()
@@ -133,12 +151,12 @@ class PoolServiceTests(SynchronousTestCase):
         self.assertEqual(proxy.started[1], vm.name)  # dials verifying the pod's certificate for the VM's name
         self.assertIn(SID, self.net.tunnels)
         # refilled; the claimed VM is not in the pool and is deleted at StopVM
-        self.assertEqual(len(self.pool.ready(PoolKey())), 1)
+        self.assertEqual(len(self.pool.ready(KEY)), 1)
         self.assertNotIn(vm.pool_id, self.pool.vms)
         self.assertFalse(os.path.exists(os.path.join(self.pool_dir, f"{vm.pool_id}.json")))
         self.successResultOf(Deferred.fromCoroutine(self.svc.stop_vm(SID)))
         self.assertNotIn(vm.instance_id, self.provider.instances)
-        self.assertNotIn(vm.pool_id, [v.pool_id for v in self.pool.ready(PoolKey())])
+        self.assertNotIn(vm.pool_id, [v.pool_id for v in self.pool.ready(KEY)])
 
     def test_miss_other_key_starts_a_fresh_vm(self) -> None:
         self.start_pool()
@@ -146,7 +164,7 @@ class PoolServiceTests(SynchronousTestCase):
         self.successResultOf(self.start())
         self.assertEqual(self.pod_creates(), [self.record().instance_name])
         self.assertEqual(self.record().server_name, self.record().instance_name)
-        self.assertEqual(len(self.pool.ready(PoolKey())), 1)  # untouched
+        self.assertEqual(len(self.pool.ready(KEY)), 1)  # untouched
 
     def test_empty_pool_misses(self) -> None:
         self.provider.hold_create = True
@@ -159,7 +177,7 @@ class PoolServiceTests(SynchronousTestCase):
 
     def test_failed_claim_deletes_the_pool_vm_and_starts_a_fresh_one(self) -> None:
         self.start_pool()
-        (vm,) = self.pool.ready(PoolKey())
+        (vm,) = self.pool.ready(KEY)
         gate = self.claimer.gate(vm)
         gate.state = ClaimState.FAILED  # as after a claim whose pod network could not be built
         self.create()
@@ -173,7 +191,7 @@ class PoolServiceTests(SynchronousTestCase):
 
     def test_restart_between_claim_and_tunnel_leaks_nothing_and_never_hands_out_twice(self) -> None:
         self.start_pool()
-        (vm,) = self.pool.ready(PoolKey())
+        (vm,) = self.pool.ready(KEY)
         self.claimer.hold = Deferred()
         self.create()
         self.start()  # claimed, then "killed": nothing after the claim runs
@@ -199,7 +217,7 @@ class PoolServiceTests(SynchronousTestCase):
         self.start_pool()
         self.provider.release_create()
         self.provider.hold_create = False
-        (vm,) = self.pool.ready(PoolKey())
+        (vm,) = self.pool.ready(KEY)
         self.provider.hold_create = True  # the refill stays booting
         self.create(SID)
         self.create(SID2, pod="db")

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from caa.adaptor.interfaces import IAgentTLS
 from caa.adaptor.metrics import REGISTRY
 from caa.adaptor.store import write_atomic
+from caa.forwarder.initdata import DUMMY_TOML as DEFAULT_INITDATA_TOML
 from caa.podvm_api import claim as claim_format
 from caa.podvm_api import cloudconfig
 from caa.podvm_api import initdata as initdata_format
@@ -58,10 +59,10 @@ POOL_IDLE_SECONDS = Counter("caa_pool_idle_vm_seconds",
 
 
 def initdata_digest(encoded: str) -> str:
-    """The digest of an encoded initdata (the annotation or --initdata form); empty for none."""
-    if not encoded:
-        return ""
-    return initdata_format.parse(initdata_format.decode(encoded)).digest
+    """The digest a pod VM computes at boot for an encoded initdata (the annotation or --initdata form): a VM
+    given none processes upstream's default document, so "none" has that document's digest."""
+    toml = initdata_format.decode(encoded) if encoded else DEFAULT_INITDATA_TOML
+    return initdata_format.parse(toml).digest
 
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
