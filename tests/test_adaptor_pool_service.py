@@ -84,7 +84,7 @@ class GateClaimer(Claimer):
         return resp
 
 
-class PoolServiceTests(SynchronousTestCase):
+class PoolServiceBase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.provider = FakeProvider(self.clock)
@@ -132,6 +132,8 @@ class PoolServiceTests(SynchronousTestCase):
     def pod_creates(self) -> list[str]:
         return [n for op, n in self.provider.calls if op == "create" and not n.startswith("podvm-pool-")]
 
+
+class PoolServiceTests(PoolServiceBase):
     def test_hit_claims_the_pool_vm_with_the_pods_configuration(self) -> None:
         self.start_pool()
         (vm,) = self.pool.ready(KEY)
@@ -231,3 +233,36 @@ class PoolServiceTests(SynchronousTestCase):
         self.assertEqual(len(ids), 2)
         self.assertEqual(len(self.pod_creates()), 1)
 
+
+
+class ConcurrentTests(PoolServiceBase):
+    def test_twenty_concurrent_starts_against_a_pool_of_five(self) -> None:
+        """5 hits and 15 correct cold starts; every pool VM claimed once; the refill does not serve this burst."""
+        self.svc, self.pool = self.make(size=5)
+        self.start_pool()
+        pooled = {vm.instance_id for vm in self.pool.ready(KEY)}
+        self.assertEqual(len(pooled), 5)
+        self.provider.hold_create = True  # cold creates and refills all in flight at once
+        sids = [f"{i:04x}" + "ef" * 30 for i in range(20)]
+        for i, sid in enumerate(sids):
+            self.create(sid, pod=f"p{i}")
+        starts = [self.start(sid) for sid in sids]
+        self.provider.hold_create = False
+        self.provider.release_create()
+        for d in starts:
+            self.successResultOf(d)
+        records = {sid: self.record(sid) for sid in sids}
+        self.assertTrue(all(r.state is SandboxState.RUNNING for r in records.values()))
+        hits = [r for r in records.values() if r.instance_id in pooled]
+        cold = [r for r in records.values() if r.instance_id not in pooled]
+        self.assertEqual(len(hits), 5)
+        self.assertEqual(len(cold), 15)
+        self.assertEqual(len({r.instance_id for r in records.values()}), 20)  # no VM shared
+        for r in cold:
+            self.assertEqual(r.instance_name, r.server_name)
+            self.assertFalse(r.instance_name.startswith("podvm-pool-"))
+        for r in hits:
+            self.assertEqual(self.claimer.gates[r.instance_id].state, ClaimState.CLAIMED)
+            self.assertEqual(self.claimer.claimed[r.instance_id].pod_name, r.pod_name)
+        self.assertEqual(len(self.pod_creates()), 15)
+        self.assertEqual(len(self.pool.ready(KEY)), 5)  # refilled
