@@ -55,7 +55,7 @@ def ready_pool_vms(adaptor: ps.Adaptor) -> int:
         "idle for its TTL")
 
 
-def wait_ready(adaptor: ps.Adaptor, timeout: float = 300) -> None:
+def wait_ready(adaptor: ps.Adaptor, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while ready_pool_vms(adaptor) < 1:
         if time.monotonic() > end:

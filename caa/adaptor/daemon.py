@@ -297,6 +297,10 @@ class AdaptorDaemon(MultiService):
         exited or was killed), an older version without the call, or no answer in time (it then goes passive when
         it sees its socket replaced)."""
         path = self.settings.socket_path
+        if self.hypervisor.socket.published:
+            # A path too short for a temporary name beside it was bound directly: the socket there is our own
+            # (asking it would hand everything over to ourselves and leave this adaptor passive).
+            return
         try:
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 return
