@@ -156,6 +156,19 @@ class TakeTests(PoolTestBase):
         self.assertNotIn(vm.instance_id, self.provider.instances)
 
 
+class StopTests(PoolTestBase):
+    def test_stop_cancels_a_create_in_flight_and_leaves_nothing_running(self) -> None:
+        self.provider.hold_create = True
+        m = self.manager(size=1)
+        self.start(m)
+        self.assertEqual(self.journal_states(), ["creating"])
+        self.successResultOf(Deferred.fromCoroutine(m.stop()))
+        self.assertEqual(self.journal_states(), [])  # looked up by name, nothing made, journal entry gone
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no retry, no TTL timer
+        m.refill()
+        self.assertEqual(len(self.creates()), 1)  # stopped: no refill
+
+
 class RefillTests(PoolTestBase):
     def test_failed_create_backs_off_doubling_then_recovers(self) -> None:
         self.provider.fail_create = TransientError("quota")

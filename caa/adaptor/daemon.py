@@ -325,7 +325,12 @@ class AdaptorDaemon(MultiService):
             self.passive = True
             self._log.warn("{successor} takes over {socket}: this adaptor is passive now; stop it when the newer "
                            "one is ready", successor=successor, socket=self.settings.socket_path)
-        return self.cloud.hand_over()
+        handed = self.cloud.hand_over()
+        if self.pool is None:
+            return handed
+        # The newer adaptor runs the pool from the same journal once we answer: no refill or recycling here.
+        pool_stopped: Deferred[None] = Deferred.fromCoroutine(self.pool.stop())
+        return pool_stopped.addCallback(lambda _: handed)
 
     def _check_socket(self) -> None:
         """The fallback of the hand-over call: our socket file replaced by someone who did not call us."""

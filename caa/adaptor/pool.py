@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import Counter, Gauge
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -237,8 +237,11 @@ class PoolManager:
                 timer.cancel()
         self._timers.clear()
         self._retry.clear()
-        for d in list(self._work):
+        work = list(self._work)
+        for d in work:
             d.cancel()
+        # a cancelled create still deletes what it made (or leaves it journalled): wait for that
+        await DeferredList(work, consumeErrors=True)
 
     async def drain(self) -> None:
         """Delete every pool VM (pools turned off, or tests)."""
