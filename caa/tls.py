@@ -50,6 +50,7 @@ __all__ = [
     "openssl_cipher_string",
     "server_context_factory",
     "ServerTLSOptions",
+    "SwitchableServerTLS",
     "X509_VERIFY_ERRORS",
     "x509_verify_error",
     "client_creator",
@@ -520,6 +521,22 @@ class ServerTLSOptions:
                     peer=self._peer(conn),
                     alert=_ALERTS.get(alert, str(alert)),
                 )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SwitchableServerTLS:
+    """Server TLS whose certificate can be replaced while the port keeps listening: connections accepted
+    after `switch` handshake with the new options (a claimed pool VM moves from its pool certificate to the
+    pod's); connections already up keep theirs."""
+
+    def __init__(self, options: IOpenSSLServerConnectionCreator) -> None:
+        self.current = options
+
+    def switch(self, options: IOpenSSLServerConnectionCreator) -> None:
+        self.current = options
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return self.current.serverConnectionForTLS(tlsProtocol)
 
 
 def server_context_factory(

@@ -40,7 +40,7 @@ APFS = st.builds(
     APFConfig, pod_network=st.one_of(st.none(), POD_NETWORKS), pod_namespace=TEXT, pod_name=TEXT,
     tls_server_key=TEXT, tls_server_cert=TEXT, tls_client_ca=TEXT, tls_min_version=TEXT,
     tls_cipher_suites=st.lists(TEXT, max_size=3).map(tuple), sc_pp_prv=st.binary(max_size=16),
-    sc_wn_pub=st.binary(max_size=16))
+    sc_wn_pub=st.binary(max_size=16), pool_vm_name=TEXT, claim_token_sha256=TEXT)
 
 
 class WriteTests(SynchronousTestCase):

@@ -17,6 +17,7 @@ from caa.proto import (
     health_pb2,
     hypervisor_pb2,
     oci_pb2,
+    podvm_pb2,
     podvminfo_pb2,
     ttrpc_pb2,
     types_pb2,
@@ -108,7 +109,8 @@ class GeneratedUpToDateTests(SynchronousTestCase):
     def test_every_proto_has_a_module(self) -> None:
         names = {p.stem for p in (ROOT / "protos").rglob("*.proto")}
         self.assertEqual(
-            names, {"ttrpc", "status", "hypervisor", "podvminfo", "agent", "health", "oci", "types", "csi", "admin"}
+            names, {"ttrpc", "status", "hypervisor", "podvminfo", "agent", "health", "oci", "types", "csi", "admin",
+                    "podvm"}
         )
 
     def test_imports_are_rewritten_into_caa_proto(self) -> None:
@@ -194,6 +196,20 @@ class WireNumberTests(SynchronousTestCase):
         assert created_type is not None
         self.assertEqual(created_type.full_name,
                          "google.protobuf.Timestamp")
+
+    def test_podvm_claim(self) -> None:
+        """caa's own pool VM service (issue 16): the adaptor and the pool VM's forwarder must agree on these."""
+        self.assertEqual(podvm_pb2.DESCRIPTOR.package, "caa.podvm.v1")
+        service = podvm_pb2.DESCRIPTOR.services_by_name["PodVM"]
+        self.assertEqual(service.full_name, "caa.podvm.v1.PodVM")
+        method = service.methods_by_name["Claim"]
+        self.assertEqual((method.input_type.name, method.output_type.name), ("ClaimRequest", "ClaimResponse"))
+        self.assertEqual(
+            _fields(podvm_pb2.ClaimRequest),
+            {"vm_name": (1, S), "token": (2, BY), "apf_json": (3, S), "auth_json": (4, S),
+             "initdata_digest": (5, S)},
+        )
+        self.assertEqual(_fields(podvm_pb2.ClaimResponse), {"initdata_digest": (1, S)})
 
     def test_health(self) -> None:
         self.assertEqual(health_pb2.DESCRIPTOR.package, "grpc")

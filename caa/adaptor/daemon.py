@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from caa.adaptor.adapters import AutoTLS, NodeNetworking, NullClusterDuties, NullNetworking
 from caa.adaptor.admin import HandOverCall, register_admin, request_hand_over
+from caa.adaptor.claimer import Claimer
 from caa.adaptor.interfaces import (
     IAgentProxyFactory,
     IAgentTLS,
@@ -39,6 +40,7 @@ from caa.adaptor.interfaces import (
 )
 from caa.adaptor.listeners import ListenError, ListeningService, UnixSocketService, listen_reuseport
 from caa.adaptor.options import AdaptorOptions
+from caa.adaptor.pool import PoolManager, initdata_digest
 from caa.adaptor.rpc import HypervisorHandlers
 from caa.adaptor.service import VERSION, CloudService, ServiceConfig
 from caa.adaptor.store import JOURNAL_THREADS, Runner, SandboxStore, threadpool_runner
@@ -161,8 +163,10 @@ class AdaptorDaemon(MultiService):
     def __init__(self, reactor: INodeReactor, settings: DaemonSettings, *, server: Server, cloud: CloudLifecycle,
                  provider: IProvider, store: ISandboxStore, network: IPodNetworking,
                  thread_pools: Sequence[ThreadPool] = (), on_fatal: Callable[[], None] = lambda: None,
-                 cluster: IClusterDuties | None = None, hand_over_call: HandOverCall | None = None) -> None:
+                 cluster: IClusterDuties | None = None, hand_over_call: HandOverCall | None = None,
+                 pool: PoolManager | None = None) -> None:
         super().__init__()
+        self.pool = pool
         self.reactor = reactor
         self.settings = settings
         self.server = server
@@ -264,6 +268,9 @@ class AdaptorDaemon(MultiService):
                 return
             self._log.info("serving {socket}", socket=self.settings.socket_path)
             await self.cloud.recover()
+            if self.pool is not None:
+                owned = {r.instance_id for r in self.cloud.records() if r.instance_id}
+                await self.pool.start(lambda iid: iid in owned)
             if isinstance(self.network, NodeNetworking):
                 records = self.cloud.records()
                 released = self.network.release_unowned([r.sandbox_id for r in records])
@@ -289,6 +296,10 @@ class AdaptorDaemon(MultiService):
         exited or was killed), an older version without the call, or no answer in time (it then goes passive when
         it sees its socket replaced)."""
         path = self.settings.socket_path
+        if self.hypervisor.socket.published:
+            # A path too short for a temporary name beside it was bound directly: the socket there is our own
+            # (asking it would hand everything over to ourselves and leave this adaptor passive).
+            return
         try:
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 return
@@ -313,7 +324,12 @@ class AdaptorDaemon(MultiService):
             self.passive = True
             self._log.warn("{successor} takes over {socket}: this adaptor is passive now; stop it when the newer "
                            "one is ready", successor=successor, socket=self.settings.socket_path)
-        return self.cloud.hand_over()
+        handed = self.cloud.hand_over()
+        if self.pool is None:
+            return handed
+        # The newer adaptor runs the pool from the same journal once we answer: no refill or recycling here.
+        pool_stopped: Deferred[None] = Deferred.fromCoroutine(self.pool.stop())
+        return pool_stopped.addCallback(lambda _: handed)
 
     def _check_socket(self) -> None:
         """The fallback of the hand-over call: our socket file replaced by someone who did not call us."""
@@ -347,6 +363,8 @@ class AdaptorDaemon(MultiService):
         else:
             self._log.info("shutting down: VMs, tunnels and the journal stay for the next start")
         await super().stopService()  # listeners and the sweeper
+        if self.pool is not None:
+            await self.pool.stop()  # no more refills; the ready pool VMs stay, journalled, for the next start
         await self.cloud.shutdown()  # passive: the agent proxies drain first
         await self.cluster.stop()  # background API work ends; the node's value is withdrawn if still ours
         await self.server.stop(timeout=1.0)
@@ -437,6 +455,27 @@ def _kube_client(reactor: INodeReactor, options: AdaptorOptions, pools: list[Thr
     return kube
 
 
+def _pool(reactor: INodeReactor, options: AdaptorOptions, provider: IProvider, issuer: IAgentTLS | None,
+          proxies: IAgentProxyFactory) -> tuple[PoolManager | None, Claimer | None]:
+    """The warm pool of --pool-size VMs for pods without size, image or initdata annotations (the key of the
+    adaptor's defaults); None when off. Journalled next to --pods-dir (`<parent>/pool`)."""
+    if options["pool-size"] <= 0 or issuer is None:
+        return None, None
+    from caa.adaptor.pool import PoolConfig, PoolKey
+    from caa.adaptor.proxy import AgentProxyFactory
+    from caa.adaptor.userdata import instance_spec
+
+    assert isinstance(proxies, AgentProxyFactory)
+    default_initdata = options["initdata"]
+    key = PoolKey.for_spec(instance_spec({}), initdata_digest(default_initdata))
+    pool_dir = os.path.join(os.path.dirname(os.path.abspath(options["pods-dir"])), "pool")
+    config = PoolConfig(size=options["pool-size"], ttl=options["pool-ttl"], pool_dir=pool_dir,
+                        tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites)
+    pool = PoolManager(reactor, provider, issuer, config, [key],
+                       lambda k: default_initdata if k.initdata_digest == key.initdata_digest else "")
+    return pool, Claimer(reactor, proxies.client_endpoint, options["forwarder-port"], issuer)
+
+
 def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Callable[[], None],
                  provider: IProvider | None = None, environ: Mapping[str, str] | None = None,
                  journal_runner: Runner | None = None) -> AdaptorDaemon:
@@ -476,6 +515,7 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
                 started=time.time()))
         else:
             AdaptorDaemon._log.warn("NODE_NAME is not set: no kata.peerpods.io/vm on the node, no PeerPods")
+    pool, claimer = _pool(reactor, options, provider, issuer, proxies)
     cloud = CloudService(
         reactor, provider, proxies, store, network, issuer,
         ServiceConfig(pods_dir=options["pods-dir"], forwarder_port=options["forwarder-port"],
@@ -485,12 +525,12 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
                       ext_network_via_podvm=bool(options["ext-network-via-podvm"]),
                       direct_volumes_dir=options["direct-volumes-dir"],
                       drain_timeout=options["drain-timeout"]),
-        auth_lookup=auth_lookup, cluster=cluster)
+        auth_lookup=auth_lookup, cluster=cluster, pool=pool, claimer=claimer)
     server = Server(clock=reactor, name="hypervisor")
     HypervisorHandlers(cloud).register(server)
     daemon = AdaptorDaemon(reactor, DaemonSettings.from_options(options), server=server, cloud=cloud,
                            provider=provider, store=store, network=network, thread_pools=pools, on_fatal=on_fatal,
-                           cluster=cluster)
+                           cluster=cluster, pool=pool)
     # caactl list asks the adaptor itself (its in-memory view), not a journal directory of its own; a newer
     # adaptor asks it to hand over.
     register_admin(server, cloud.records, daemon.hand_over)

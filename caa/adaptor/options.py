@@ -90,6 +90,10 @@ class AdaptorOptions(ProviderOptions):
         ["probe-port", None, 8000, "Startup probe port on 127.0.0.1 (0: off).", _port],
         ["metrics-port", None, 0, "Prometheus /metrics port (0: off).", _port],
         ["metrics-interface", None, "127.0.0.1", "Address the metrics port listens on."],
+        ["pool-size", None, 0, "Warm pool: pre-booted pod VMs kept ready for pods without size, image or "
+         "initdata annotations (0: off; not upstream). Needs TLS with the auto CA.", _int],
+        ["pool-ttl", None, 3600.0, "Warm pool: an idle pool VM is deleted and replaced after this long (Go "
+         "duration).", parse_duration],
         ["direct-volumes-dir", None, "/run/kata-containers/shared/direct-volumes",
          "Where CSI drivers leave the pods' direct volumes (mountInfo.json); not upstream: fixed there."],
     ]
@@ -124,6 +128,8 @@ class AdaptorOptions(ProviderOptions):
         "ext-network-via-podvm": "EXTERNAL_NETWORK_VIA_PODVM",
         "pod-subnet-cidrs": "POD_SUBNET_CIDRS",
         "probe-port": "PROBE_PORT",
+        "pool-size": "POOL_SIZE",
+        "pool-ttl": "POOL_TTL",
     }
     secretOptions: ClassVar[frozenset[str]] = frozenset({"initdata"})
 
@@ -216,6 +222,13 @@ class AdaptorOptions(ProviderOptions):
             raise usage.UsageError("--proxy-timeout must be positive")
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must not be negative")
+        if self["pool-size"] < 0:
+            raise usage.UsageError(f"--pool-size must be 0 or more, got {self['pool-size']}")
+        if self["pool-ttl"] <= 0:
+            raise usage.UsageError("--pool-ttl must be positive")
+        if self["pool-size"] and (self["disable-tls"] or self["ca-cert-file"] or self["tls-skip-verify"]):
+            raise usage.UsageError("--pool-size needs TLS with the auto CA (a pool VM proves its name with a "
+                                   "certificate from it): not with --disable-tls, --ca-cert-file or --tls-skip-verify")
         if self["initdata"]:
             from caa.adaptor.userdata import validate_initdata
 

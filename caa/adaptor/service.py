@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from caa.adaptor import metrics
 from caa.adaptor.adapters import NullClusterDuties
+from caa.adaptor.claimer import Claimer, PodUserData
 from caa.adaptor.directvolumes import DIRECT_VOLUMES_DIR, scan
 from caa.adaptor.errors import Fault, SandboxError, check_sandbox_id
 from caa.adaptor.interfaces import (
@@ -39,6 +40,7 @@ from caa.adaptor.interfaces import (
     ISandboxStore,
     SandboxRecord,
 )
+from caa.adaptor.pool import PoolKey, PoolManager
 from caa.adaptor.states import GOING, SandboxState, check_transition
 from caa.adaptor.userdata import ANN_POD_UID, AnnotationError, instance_spec, pod_identity, user_data
 from caa.network.interfaces import PodNetworkConfig
@@ -50,6 +52,8 @@ from caa.providers.interfaces import Instance, IProvider, ProviderError
 T = TypeVar("T")
 
 VERSION = "0.0.0"
+#: Bound of one Claim call (dial + answer) to a pool VM; past it StartVM falls back to a fresh VM.
+CLAIM_TIMEOUT = 10.0
 
 AuthLookup = Callable[[str, str], Awaitable[Mapping[str, str]]]
 
@@ -110,7 +114,8 @@ class CloudService:
     def __init__(self, clock: IReactorTime, provider: IProvider, proxies: IAgentProxyFactory,
                  store: ISandboxStore, network: IPodNetworking, tls: IAgentTLS | None,
                  config: ServiceConfig, auth_lookup: AuthLookup | None = None,
-                 wallclock: Callable[[], float] = time.time, cluster: IClusterDuties | None = None) -> None:
+                 wallclock: Callable[[], float] = time.time, cluster: IClusterDuties | None = None,
+                 pool: PoolManager | None = None, claimer: Claimer | None = None) -> None:
         self.clock = clock
         self.provider = provider
         self.proxies = proxies
@@ -123,6 +128,9 @@ class CloudService:
         # PeerPods in a cluster: told when an instance exists and when it is gone (never awaited).
         self.cluster: IClusterDuties = cluster if cluster is not None else NullClusterDuties()
         self.sandboxes: dict[str, _Sandbox] = {}
+        # Warm pools (--pool-size): StartVM claims a pre-booted VM when one matches (caa.adaptor.pool).
+        self.pool = pool
+        self.claimer = claimer
         # Fired whenever a sandbox gains an instance id (GetInfo with wait).
         self.instance_known: Notifier[None] = Notifier()
         # A newer adaptor manages the sandboxes now (rolling update): see `hand_over`.
@@ -338,15 +346,20 @@ class CloudService:
         self._stop_if_handed_over(sb)
         await self._put(sb, S.CREATE_INTENT, error="")
         try:
-            try:
-                instance: Instance = await self._provider_call(
-                    "create_instance", lambda: self.provider.create_instance(rec.pod_name, sid, data, rec.spec))
-            except ProviderError as e:
-                if e.instance_id:
-                    await self._put(sb, instance_id=e.instance_id)
-                raise SandboxError(e.kind, f"creating an instance : {e}") from e
+            pooled = await self._from_pool(sb, data, deadline)
+            rec = sb.record  # a pool VM brings its own instance and server name
+            if pooled is not None:
+                instance: Instance = pooled
+            else:
+                try:
+                    instance = await self._provider_call(
+                        "create_instance", lambda: self.provider.create_instance(rec.pod_name, sid, data, rec.spec))
+                except ProviderError as e:
+                    if e.instance_id:
+                        await self._put(sb, instance_id=e.instance_id)
+                    raise SandboxError(e.kind, f"creating an instance : {e}") from e
             t1 = self.clock.seconds()
-            metrics.START_PHASE_SECONDS.labels(phase="provider_create").observe(t1 - t0)
+            metrics.START_PHASE_SECONDS.labels(phase="pool_claim" if pooled else "provider_create").observe(t1 - t0)
             self._log.info("{sandbox_id}: created instance {instance_id} ({instance_name}) ips {ips} "
                            "in {elapsed:.1f}s", sandbox_id=sid, instance_id=instance.id,
                            instance_name=instance.name, ips=list(instance.ips), elapsed=t1 - t0)
@@ -402,6 +415,44 @@ class CloudService:
             if cancelled:
                 raise SandboxError(Fault.DEADLINE, f"starting VM for sandbox {sid}: {reason}") from e
             raise
+
+    async def _from_pool(self, sb: _Sandbox, data: bytes, deadline: float | None) -> Instance | None:
+        """A warm pool VM for the sandbox, claimed, or None (pools off, a miss, or a failed claim: the caller
+        creates a VM as without pools). The sandbox journals the VM's id before the claim, so a restart at any
+        point deletes it with the sandbox's rollback and the pool never hands it out again."""
+        if self.pool is None or self.claimer is None:
+            return None
+        rec = sb.record
+        if rec.spec.volumes or rec.spec.multi_nic:
+            return None  # disks and NICs are attached at creation: never pooled
+        try:
+            pod = PodUserData.parse(data)
+            key = PoolKey.for_spec(rec.spec, pod.initdata_digest)
+        except Exception as e:
+            self._log.warn("{sandbox_id}: no pool lookup ({error})", sandbox_id=rec.sandbox_id, error=str(e))
+            return None
+        vm = self.pool.take(key)
+        if vm is None:
+            return None
+        cold_name, cold_server_name = rec.instance_name, rec.server_name
+        await self._put(sb, instance_id=vm.instance_id, instance_name=vm.name, server_name=vm.name)
+        self.pool.handed_over(vm)
+        timeout = self.config.proxy_timeout if deadline is None else max(0.1, deadline - self.clock.seconds())
+        try:
+            await self.claimer.claim(vm, pod, min(timeout, CLAIM_TIMEOUT))
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._log.warn("{sandbox_id}: claiming pool VM {vm} failed ({error}): deleting it, starting a fresh VM",
+                           sandbox_id=rec.sandbox_id, vm=vm.name, error=str(e))
+            if not await self._delete_instance(sb, lookup=False):
+                raise SandboxError(Fault.UNAVAILABLE, f"pool VM {vm.name} could not be claimed nor deleted: {e}"
+                                   ) from e
+            await self._put(sb, instance_id="", instance_name=cold_name, server_name=cold_server_name)
+            return None
+        self._log.info("{sandbox_id}: claimed pool VM {vm} ({key})", sandbox_id=rec.sandbox_id, vm=vm.name,
+                       key=key.label())
+        return vm.instance()
 
     async def _start_proxy(self, sb: _Sandbox, deadline: float | None) -> None:
         rec = sb.record

@@ -20,10 +20,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from caa.forwarder.agent import AgentConnection
+from caa.forwarder.claim import ClaimGate
 from caa.forwarder.config import ForwarderConfig
 from caa.forwarder.interceptors import Interceptors
 from caa.notifier import Notifier
+from caa.podvm_api.claim import SERVICE as CLAIM_SERVICE
+from caa.podvm_api.claim import is_bootstrap
+from caa.podvm_api.cloudconfig import PEERPOD_DIR
 from caa.reactors import INodeReactor
+from caa.tls import SwitchableServerTLS
 from caa.ttrpc import Relay, Server
 
 __all__ = ["StartupError", "TLSSettings", "ForwarderService", "sd_notify", "build_server_tls"]
@@ -105,6 +110,7 @@ class ForwarderService(MultiService):
         on_fatal: Callable[[str], None] | None = None,
         environ: Any = os.environ,
         cdh_endpoint: Callable[[], Any] | None = None,
+        peerpod_dir: str = PEERPOD_DIR,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -124,7 +130,15 @@ class ForwarderService(MultiService):
         self.relay = Relay(self.agent.get, clock=reactor, interceptors=self.interceptors.table(),
                            name="forwarder")
         self.server = Server(clock=reactor, name="forwarder")
-        self.server.register_fallback(self.relay.handle)
+        # A pool VM's bootstrap apf.json: serve only Claim until claimed, then the pod's certificate.
+        self.claim_gate: ClaimGate | None = None
+        self._switchable_tls: SwitchableServerTLS | None = None
+        if is_bootstrap(config):
+            self.claim_gate = ClaimGate(config, self.relay.handle, self._claimed, peerpod_dir,
+                                        lambda pod: build_server_tls(TLSSettings(), self._pod_tls_config(pod)))
+            self.claim_gate.register(self.server)
+        else:
+            self.server.register_fallback(self.relay.handle)
         self.port: IListeningPort | None = None
         self._network_up = False
         self._ready: IListeningPort | Failure | None = None  # the listening port, or the startup Failure
@@ -137,23 +151,22 @@ class ForwarderService(MultiService):
         self._starting.addErrback(self._fatal)
 
     async def _start(self) -> None:
-        net = self.config.pod_network
-        if net is not None and self._pod_network is not None:
-            self._log.info("setting up the pod network in {netns} (VNI {vni})", netns=self._pod_netns,
-                           vni=net.vxlan_id)
-            try:
-                await self._pod_network.setup(net, self._pod_netns)
-            except Exception as e:
-                raise StartupError(f"failed to set up pod network: {e}") from e
-            self._network_up = True
-        elif net is None:
-            self._log.warn("apf.json has no pod-network: serving without a pod network")
+        if self.claim_gate is not None:
+            if self._tls_options is None:
+                raise StartupError("a pool VM (bootstrap apf.json) needs TLS: --disable-tls is refused")
+            self._log.info("pool VM {vm}: unclaimed, serving only {service}/Claim",
+                           vm=self.claim_gate.vm_name, service=CLAIM_SERVICE)
+        else:
+            await self._setup_network()
         try:
             factory: Any = self.server.factory()
             if self._tls_options is not None:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                factory = TLSMemoryBIOFactory(self._tls_options(), False, factory)
+                options = self._tls_options()
+                if self.claim_gate is not None:
+                    options = self._switchable_tls = SwitchableServerTLS(options)
+                factory = TLSMemoryBIOFactory(options, False, factory)
             self.port = await self._endpoint.listen(factory)
         except BaseException as e:
             await self._teardown_network()
@@ -168,6 +181,33 @@ class ForwarderService(MultiService):
         except OSError as e:
             self._log.warn("sd_notify READY=1 failed: {error}", error=str(e))
         self._set_ready(self.port)
+
+    def _pod_tls_config(self, pod: ForwarderConfig) -> ForwarderConfig:
+        """The pod's apf.json for its TLS options; the trusted client stays the bootstrap one unless given."""
+        if pod.tls_client_ca:
+            return pod
+        return attrs.evolve(pod, tls_client_ca=self.config.tls_client_ca)
+
+    async def _claimed(self, pod: ForwarderConfig, tls_options: Any) -> None:
+        """A Claim was accepted: the pod's network, then its certificate for every new connection."""
+        self.config = pod
+        await self._setup_network()
+        assert self._switchable_tls is not None
+        self._switchable_tls.switch(tls_options)
+        self._log.info("serving pod {ns}/{pod} with its own certificate", ns=pod.pod_namespace, pod=pod.pod_name)
+
+    async def _setup_network(self) -> None:
+        net = self.config.pod_network
+        if net is not None and self._pod_network is not None:
+            self._log.info("setting up the pod network in {netns} (VNI {vni})", netns=self._pod_netns,
+                           vni=net.vxlan_id)
+            try:
+                await self._pod_network.setup(net, self._pod_netns)
+            except Exception as e:
+                raise StartupError(f"failed to set up pod network: {e}") from e
+            self._network_up = True
+        elif net is None:
+            self._log.warn("apf.json has no pod-network: serving without a pod network")
 
     def _set_ready(self, result: IListeningPort | Failure) -> None:
         self._ready = result

@@ -8,6 +8,7 @@ exit 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -137,8 +138,10 @@ def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
     host, port = options["listen-address"]
     config = options["apf"]
     pod_netns = netns_path(options["pod-netns"])
+    from caa.podvm_api.claim import is_bootstrap
+
     pod_network = None
-    if config.pod_network is not None:
+    if config.pod_network is not None or is_bootstrap(config):  # a pool VM gets its pod network at the claim
         from caa.network.podvm import PodNetwork
 
         host_netns = netns_path(options["host-netns"]) if options["host-netns"] else None
@@ -159,6 +162,7 @@ def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
         run_blocking=run_blocking,
         on_fatal=on_fatal,
         cdh_endpoint=lambda: UNIXClientEndpoint(reactor, options["cdh-socket"], timeout=5),
+        peerpod_dir=os.path.dirname(os.path.abspath(options["config"])),  # auth.json, initdata.digest
     )
     service.agent.wait_timeout = options["agent-wait"]
     return service

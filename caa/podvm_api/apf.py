@@ -22,7 +22,10 @@ from caa.network.interfaces import ConfigError as PodNetworkError
 from caa.network.interfaces import PodNetworkConfig
 from caa.podvm_api import gojson
 
-__all__ = ["APFConfig", "APFError"]
+__all__ = ["APFConfig", "APFError", "POOL_VM_KEY", "CLAIM_TOKEN_KEY"]
+
+POOL_VM_KEY = "caa-pool-vm"
+CLAIM_TOKEN_KEY = "caa-claim-token-sha256"
 
 
 class APFError(ValueError):
@@ -53,6 +56,10 @@ class APFConfig:
     #: upstream's legacy "secure comms" keys: read and carried, never used, never written by CAA
     sc_pp_prv: bytes = b""
     sc_wn_pub: bytes = b""
+    #: caa's warm pools (not upstream): a pool VM's bootstrap apf.json names the VM and holds the SHA-256 of
+    #: its one-time claim token (hex); the forwarder then starts unclaimed (caa.forwarder.claim)
+    pool_vm_name: str = ""
+    claim_token_sha256: str = ""
 
     def __repr__(self) -> str:  # never show the key
         return (f"APFConfig(pod={self.pod_namespace}/{self.pod_name}, "
@@ -60,7 +67,8 @@ class APFConfig:
                 f"tls_server_cert={'yes' if self.tls_server_cert else 'no'}, "
                 f"tls_server_key={'<redacted>' if self.tls_server_key else 'no'}, "
                 f"tls_client_ca={'yes' if self.tls_client_ca else 'no'}, "
-                f"tls_min_version={self.tls_min_version!r})")
+                f"tls_min_version={self.tls_min_version!r}"
+                f"{', pool_vm=' + repr(self.pool_vm_name) if self.pool_vm_name else ''})")
 
     # -- writing (the adaptor) ---------------------------------------------------------------------------
 
@@ -77,6 +85,9 @@ class APFConfig:
                 d[key] = value
         if self.tls_cipher_suites:
             d["tls-cipher-suites"] = list(self.tls_cipher_suites)
+        for key, value in ((POOL_VM_KEY, self.pool_vm_name), (CLAIM_TOKEN_KEY, self.claim_token_sha256)):
+            if value:
+                d[key] = value
         for key, raw in (("sc-pp-prv", self.sc_pp_prv), ("sc-wn-pub", self.sc_wn_pub)):
             if raw:
                 d[key] = base64.b64encode(raw).decode("ascii")  # Go's []byte
@@ -113,6 +124,8 @@ class APFConfig:
             tls_cipher_suites=_strings(d, "tls-cipher-suites"),
             sc_pp_prv=_bytes(d, "sc-pp-prv"),
             sc_wn_pub=_bytes(d, "sc-wn-pub"),
+            pool_vm_name=_str(d, POOL_VM_KEY),
+            claim_token_sha256=_str(d, CLAIM_TOKEN_KEY),
         )
 
     @classmethod

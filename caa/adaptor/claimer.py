@@ -1,0 +1,79 @@
+"""Claiming a warm-pool VM: one `caa.podvm.v1.PodVM/Claim` call to its forwarder over mutual TLS.
+
+The request is built from what CreateVM already wrote for the pod (its user data: apf.json, auth.json,
+initdata), with a fresh server certificate for the pool VM's name in place of the one CreateVM issued, so
+the pod's secrets go only to the VM that proved its name with the adaptor's CA and accepted the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+
+from caa.adaptor.interfaces import IAgentTLS
+from caa.adaptor.pool import PoolVM, initdata_digest
+from caa.podvm_api import claim as claim_format
+from caa.podvm_api import cloudconfig
+from caa.podvm_api.apf import APFConfig
+from caa.podvm_api.cloudconfig import APF_PATH, AUTH_PATH, INITDATA_PATH
+from caa.proto import podvm_pb2
+from caa.ttrpc import connect
+
+__all__ = ["PodUserData", "Claimer"]
+
+EndpointFor = Callable[[str, int, str], IStreamClientEndpoint]
+
+
+@attrs.frozen(repr=False)
+class PodUserData:
+    """The pod's files from the user data CreateVM wrote (the one source of what a VM gets)."""
+
+    apf: APFConfig
+    auth_json: str
+    initdata: str
+
+    @classmethod
+    def parse(cls, user_data: bytes) -> PodUserData:
+        files = {f.path: f.content for f in cloudconfig.parse(user_data)}
+        return cls(APFConfig.from_json(files[APF_PATH]), files.get(AUTH_PATH, "").strip(),
+                   files.get(INITDATA_PATH, "").strip())
+
+    @property
+    def initdata_digest(self) -> str:
+        return initdata_digest(self.initdata)
+
+    def __repr__(self) -> str:
+        return f"PodUserData({self.apf!r}, auth={'yes' if self.auth_json else 'no'})"
+
+
+class Claimer:
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, endpoint_for: EndpointFor, port: int, tls: IAgentTLS) -> None:
+        self.clock = clock
+        self.endpoint_for = endpoint_for
+        self.port = port
+        self.tls = tls
+
+    def request(self, vm: PoolVM, pod: PodUserData) -> podvm_pb2.ClaimRequest:
+        cert, key = self.tls.server_credentials(vm.name)
+        apf = attrs.evolve(pod.apf, tls_server_cert=cert, tls_server_key=key)
+        return podvm_pb2.ClaimRequest(vm_name=vm.name, token=vm.token, apf_json=apf.to_json(),
+                                      auth_json=pod.auth_json, initdata_digest=pod.initdata_digest)
+
+    async def claim(self, vm: PoolVM, pod: PodUserData, timeout: float) -> podvm_pb2.ClaimResponse:
+        """Dial the VM (verifying its pool certificate for its name), claim it, hang up."""
+        if not vm.ips:
+            raise ValueError(f"pool VM {vm.name} has no address")
+        request = self.request(vm, pod)
+        endpoint = self.endpoint_for(vm.ips[0], self.port, vm.name)
+        client = await connect(endpoint, self.clock, name="claim")
+        try:
+            resp: podvm_pb2.ClaimResponse = await client.call(
+                claim_format.SERVICE, claim_format.METHOD, request, podvm_pb2.ClaimResponse, timeout=timeout)
+        finally:
+            client.close()
+        return resp

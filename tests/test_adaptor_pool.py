@@ -1,0 +1,266 @@
+"""The adaptor's warm-pool manager (caa.adaptor.pool) on a Clock, the in-memory FakeProvider and a real CA:
+fill, hit and miss, refill with back-off, TTL recycling, the journal across a restart, metrics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from caa import tls
+from caa.adaptor.adapters import AutoTLS
+from caa.adaptor.metrics import REGISTRY
+from caa.adaptor.options import AdaptorOptions
+from caa.adaptor.pool import PoolConfig, PoolKey, PoolManager, initdata_digest
+from caa.podvm_api import claim as claim_format
+from caa.podvm_api import cloudconfig
+from caa.podvm_api import initdata as initdata_format
+from caa.podvm_api.apf import APFConfig
+from caa.providers.interfaces import TransientError
+from tests.fakes.provider import FakeProvider
+
+INITDATA_TOML = 'algorithm = "sha256"\nversion = "0.1.0"\n\n[data]\n"aa.toml" = \'\'\'\n\'\'\'\n'
+_keys = itertools.count()
+
+
+def sample(name: str, key: PoolKey, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"key": key.label(), **labels}) or 0.0
+
+
+class PoolTestBase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.provider = FakeProvider(self.clock)
+        self.dir = tempfile.mkdtemp(prefix=f"pool{os.getpid()}-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.tls = AutoTLS(tls.CertificateAuthority.create(), tls.make_client_certificate().cert_pem)
+        # a key of its own per test: the process-wide counters are read as differences anyway
+        self.key = PoolKey(instance_type=f"t{os.getpid()}-{next(_keys)}")
+        self.initdata = ""
+
+    def manager(self, size: int = 2, ttl: float = 600.0) -> PoolManager:
+        m = PoolManager(self.clock, self.provider, self.tls, PoolConfig(size=size, ttl=ttl, pool_dir=self.dir),
+                        [self.key], lambda key: self.initdata)
+        self.addCleanup(lambda: Deferred.fromCoroutine(m.stop()))
+        return m
+
+    def start(self, m: PoolManager, owned: frozenset[str] = frozenset()) -> None:
+        self.successResultOf(Deferred.fromCoroutine(m.start(lambda iid: iid in owned)))
+
+    def creates(self) -> list[str]:
+        return [n for op, n in self.provider.calls if op == "create"]
+
+    def deletes(self) -> list[str]:
+        return [n for op, n in self.provider.calls if op == "delete"]
+
+    def journal_states(self) -> list[str]:
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            with open(os.path.join(self.dir, name)) as f:
+                out.append(json.load(f)["state"])
+        return sorted(out)
+
+
+class FillTests(PoolTestBase):
+    def test_fills_to_size_with_bootstrap_user_data_only(self) -> None:
+        m = self.manager(size=2)
+        self.start(m)
+        self.assertEqual(len(self.creates()), 2)
+        self.assertEqual(len(m.ready(self.key)), 2)
+        self.assertEqual(self.journal_states(), ["ready", "ready"])
+        self.assertEqual(sample("caa_pool_vms", self.key, state="ready"), 2)
+        for vm in m.ready(self.key):
+            data = self.provider.user_data[vm.instance_id]
+            files = {f.path: f.content for f in cloudconfig.parse(data)}
+            self.assertEqual(set(files), {cloudconfig.APF_PATH})  # no auth.json, no initdata, no pod
+            apf = APFConfig.from_json(files[cloudconfig.APF_PATH])
+            self.assertTrue(claim_format.is_bootstrap(apf))
+            self.assertEqual(apf.pool_vm_name, vm.name)
+            self.assertIsNone(apf.pod_network)
+            self.assertEqual(apf.pod_name, "")
+            self.assertTrue(claim_format.token_matches(vm.token, apf.claim_token_sha256))
+            self.assertNotIn(vm.token.hex().encode(), data)
+            self.assertTrue(vm.name.startswith("podvm-pool-"))
+
+    def test_initdata_of_the_key_is_in_the_boot_user_data(self) -> None:
+        self.initdata = initdata_format.encode(INITDATA_TOML)
+        self.key = PoolKey(instance_type=self.key.instance_type, initdata_digest=initdata_digest(self.initdata))
+        m = self.manager(size=1)
+        self.start(m)
+        (vm,) = m.ready(self.key)
+        files = {f.path: f.content for f in cloudconfig.parse(self.provider.user_data[vm.instance_id])}
+        self.assertEqual(files[cloudconfig.INITDATA_PATH].strip(), self.initdata)
+        self.assertEqual(len(self.key.initdata_digest), 64)
+
+    def test_size_zero_is_off(self) -> None:
+        m = self.manager(size=0)
+        self.start(m)
+        self.assertEqual(self.creates(), [])
+        before = sample("caa_pool_misses_total", self.key)
+        self.assertIsNone(m.take(self.key))
+        self.assertEqual(sample("caa_pool_misses_total", self.key), before + 1)
+
+    def test_bad_settings_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            self.manager(size=-1)
+        with self.assertRaises(ValueError):
+            self.manager(ttl=0)
+
+
+class TakeTests(PoolTestBase):
+    def test_hit_journals_taken_and_refills_miss_for_other_key(self) -> None:
+        m = self.manager(size=2)
+        self.start(m)
+        hits = sample("caa_pool_hits_total", self.key)
+        vm = m.take(self.key)
+        assert vm is not None
+        self.assertEqual(vm.state, "taken")
+        self.assertEqual(sample("caa_pool_hits_total", self.key), hits + 1)
+        self.assertEqual(len(self.creates()), 3)  # refilled at once
+        self.assertEqual(self.journal_states(), ["ready", "ready", "taken"])
+        # the same VM is never handed out twice
+        others = [m.take(self.key), m.take(self.key)]
+        self.assertNotIn(vm.pool_id, [o.pool_id for o in others if o is not None])
+        other = PoolKey(image="another-image")
+        misses = sample("caa_pool_misses_total", other)
+        self.assertIsNone(m.take(other))
+        self.assertEqual(sample("caa_pool_misses_total", other), misses + 1)
+        path = os.path.join(self.dir, f"{vm.pool_id}.json")
+        self.assertTrue(os.path.exists(path))
+        m.handed_over(vm)  # its sandbox journals it now
+        self.assertFalse(os.path.exists(path))
+        self.assertNotIn(vm.pool_id, m.vms)
+
+    def test_exhausted_pool_misses(self) -> None:
+        m = self.manager(size=1)
+        self.provider.hold_create = True
+        self.start(m)
+        self.assertIsNone(m.take(self.key))  # still booting: a miss, not a wait
+        self.provider.release_create()
+        self.assertIsNotNone(m.take(self.key))
+
+    def test_discard_deletes_the_vm(self) -> None:
+        m = self.manager(size=1)
+        self.start(m)
+        vm = m.take(self.key)
+        assert vm is not None
+        m.discard(vm)
+        self.assertIn(vm.instance_id, self.deletes())
+        self.assertNotIn(vm.instance_id, self.provider.instances)
+
+
+class StopTests(PoolTestBase):
+    def test_stop_cancels_a_create_in_flight_and_leaves_nothing_running(self) -> None:
+        self.provider.hold_create = True
+        m = self.manager(size=1)
+        self.start(m)
+        self.assertEqual(self.journal_states(), ["creating"])
+        self.successResultOf(Deferred.fromCoroutine(m.stop()))
+        self.assertEqual(self.journal_states(), [])  # looked up by name, nothing made, journal entry gone
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no retry, no TTL timer
+        m.refill()
+        self.assertEqual(len(self.creates()), 1)  # stopped: no refill
+
+
+class RefillTests(PoolTestBase):
+    def test_failed_create_backs_off_doubling_then_recovers(self) -> None:
+        self.provider.fail_create = TransientError("quota")
+        m = self.manager(size=1)
+        self.start(m)
+        self.assertEqual(len(self.creates()), 1)
+        self.assertEqual(m.vms, {})
+        self.clock.advance(0.9)
+        self.assertEqual(len(self.creates()), 1)
+        self.clock.advance(0.1)  # 1 s
+        self.assertEqual(len(self.creates()), 2)
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.creates()), 2)
+        self.clock.advance(0.1)  # then 2 s
+        self.assertEqual(len(self.creates()), 3)
+        self.provider.fail_create = None
+        self.clock.advance(4)
+        self.assertEqual(len(self.creates()), 4)
+        self.assertEqual(len(m.ready(self.key)), 1)
+        self.assertEqual(self.journal_states(), ["ready"])
+
+
+class TTLTests(PoolTestBase):
+    def test_idle_vm_recycled_at_ttl_and_idle_seconds_counted(self) -> None:
+        m = self.manager(size=1, ttl=100)
+        self.start(m)
+        (first,) = m.ready(self.key)
+        idle = sample("caa_pool_idle_vm_seconds_total", self.key)
+        self.clock.advance(99)
+        self.assertEqual(self.deletes(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.deletes(), [first.instance_id])
+        (second,) = m.ready(self.key)
+        self.assertNotEqual(second.pool_id, first.pool_id)
+        self.assertEqual(sample("caa_pool_idle_vm_seconds_total", self.key), idle + 100)
+        self.assertEqual(self.journal_states(), ["ready"])
+
+    def test_taken_vm_is_not_recycled(self) -> None:
+        m = self.manager(size=1, ttl=100)
+        self.start(m)
+        vm = m.take(self.key)
+        assert vm is not None
+        self.clock.advance(500)
+        self.assertNotIn(vm.instance_id, self.deletes())
+
+
+class RestartTests(PoolTestBase):
+    def test_ready_vms_survive_taken_and_creating_ones_are_deleted(self) -> None:
+        m = self.manager(size=3, ttl=100)
+        self.start(m)
+        taken = m.take(self.key)
+        owned = m.take(self.key)
+        assert taken is not None and owned is not None
+        self.successResultOf(Deferred.fromCoroutine(m.stop()))
+        # an interrupted create: journalled, the instance made, the adaptor gone before it was "ready"
+        vm = next(iter(m.ready(self.key)))
+        creating = vm.to_json() | {"pool_id": "c" * 64, "state": "creating", "instance_id": "", "name": "podvm-x"}
+        with open(os.path.join(self.dir, "c" * 64 + ".json"), "w") as f:
+            json.dump(creating, f)
+        self.provider.instances["i-podvm-x"] = type(vm.instance())("i-podvm-x", "podvm-x", ("192.0.2.200",))
+        self.clock.advance(50)
+        self.provider.calls.clear()
+        again = self.manager(size=3, ttl=100)
+        self.start(again, owned=frozenset({owned.instance_id}))
+        self.assertIn(taken.instance_id, self.deletes())  # never handed out twice, nothing leaked
+        self.assertIn("i-podvm-x", self.deletes())
+        self.assertNotIn(owned.instance_id, self.deletes())  # its sandbox owns it
+        ready = again.ready(self.key)
+        self.assertEqual(len(ready), 3)  # one survivor kept, two refilled
+        self.assertIn(vm.pool_id, [r.pool_id for r in ready])
+        self.assertEqual(self.journal_states(), ["ready", "ready", "ready"])
+        # the survivor keeps its age: recycled 100 s after it first became ready
+        self.clock.advance(50)
+        self.assertIn(vm.instance_id, self.deletes())
+
+
+class PoolOptionsTests(SynchronousTestCase):
+    def parse(self, argv: list[str], env: dict[str, str] | None = None) -> AdaptorOptions:
+        o = AdaptorOptions({"CLOUD_PROVIDER": "tests.fakes.provider:FakeProviderFactory", **(env or {})})
+        o.parseOptions(argv)
+        return o
+
+    def test_defaults_off_and_env(self) -> None:
+        o = self.parse([])
+        self.assertEqual((o["pool-size"], o["pool-ttl"]), (0, 3600.0))
+        o = self.parse([], {"POOL_SIZE": "5", "POOL_TTL": "10m"})
+        self.assertEqual((o["pool-size"], o["pool-ttl"]), (5, 600.0))
+        self.assertEqual(self.parse(["--pool-size", "2"], {"POOL_SIZE": "5"})["pool-size"], 2)
+
+    def test_refused(self) -> None:
+        for argv, words in ((["--pool-size", "-1"], "--pool-size"), (["--pool-ttl", "0s"], "--pool-ttl"),
+                            (["--pool-size", "1", "--disable-tls"], "auto CA"),
+                            (["--pool-size", "1", "--tls-skip-verify"], "auto CA")):
+            e = self.assertRaises(usage.UsageError, self.parse, argv)
+            self.assertIn(words, str(e))
