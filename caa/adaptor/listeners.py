@@ -171,11 +171,9 @@ class OwnedUnixSocket:
     def bind(self) -> None:
         """Bind and listen (on a temporary name beside `path`), accepting through the reactor. Raises OSError."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=self._dir_mode, exist_ok=True)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if stat.S_ISDIR(os.lstat(self.path).st_mode):
                 raise OSError(errno.EISDIR, f"{self.path} is a directory, not a socket")
-        except FileNotFoundError:
-            pass
         temp = _temporary_path(self.path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

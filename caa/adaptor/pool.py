@@ -20,6 +20,7 @@ for `ttl` seconds is deleted and replaced, so a pool never ages past its certifi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -178,10 +179,8 @@ class PoolManager:
         if timer is not None and timer.active():
             timer.cancel()
         if self.config.pool_dir:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(vm.pool_id))
-            except FileNotFoundError:
-                pass
         self._gauge()
 
     def _load(self) -> list[PoolVM]:

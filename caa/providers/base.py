@@ -7,6 +7,7 @@ connection pool a provider made for itself (`owned_pool`) at teardown.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 from twisted.internet.defer import Deferred
@@ -19,7 +20,7 @@ from caa.providers.interfaces import Instance, InstanceSpec, ProviderError
 __all__ = ["CoroutineProvider"]
 
 
-class CoroutineProvider:
+class CoroutineProvider(ABC):
     """Subclasses implement `_create(name, user_data, spec)`, `_delete(instance_id)`, `_find(name)` and
     `_verify()`; a subclass holding more than an HTTP pool extends `_teardown` (calling this one)."""
 
@@ -49,17 +50,21 @@ class CoroutineProvider:
     def teardown(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._teardown())
 
+    @abstractmethod
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
-        raise NotImplementedError
+        """Create and start the instance `name`; on failure or cancel, roll back what exists (`_roll_back`)."""
 
+    @abstractmethod
     async def _delete(self, instance_id: str) -> None:
-        raise NotImplementedError
+        """Delete the instance and what it owns; an instance already gone is a success."""
 
+    @abstractmethod
     async def _find(self, name: str) -> Instance | None:
-        raise NotImplementedError
+        """The live instance named `name`, None when there is none."""
 
+    @abstractmethod
     async def _verify(self) -> None:
-        raise NotImplementedError
+        """Check the configuration against the cloud (start-up, `--cloud-config-verify`)."""
 
     async def _roll_back(
         self, leftover: str, error: BaseException, delete: Callable[[], Awaitable[None]] | None = None

@@ -8,6 +8,7 @@ environment is not yet applied and every range expands to nothing (spec-provider
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -88,13 +89,10 @@ class ByomOptions(ProviderOptions):
 
 def default_namespace(environ: Mapping[str, str], sa_file: str = SA_NAMESPACE_FILE) -> str:
     """The service account's namespace, else POD_NAMESPACE, else confidential-containers-system."""
-    try:
-        with open(sa_file) as f:
-            namespace = f.read().strip()
+    with contextlib.suppress(OSError), open(sa_file) as f:
+        namespace = f.read().strip()
         if namespace:
             return namespace
-    except OSError:
-        pass
     return environ.get("POD_NAMESPACE") or DEFAULT_NAMESPACE
 
 
