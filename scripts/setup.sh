@@ -34,6 +34,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The deploy/ tests render the overlays with kubectl's kustomize (v4+: components, labels); Debian's
+# kubernetes-client is 1.20 (kustomize v2), so the machine's `kubectl` package is used, installed if missing.
+if ! kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([4-9]|[1-9][0-9])'; then
+  echo "setup: installing kubectl (kustomize v4+ for deploy/)"
+  apt-get install -y -qq --no-install-recommends kubectl >/dev/null \
+    || { echo "setup: no kubectl with kustomize v4+ available from apt; the deploy/ tests need one" >&2; exit 1; }
+fi
+
 # libvirtd expects these users/groups and directories (no systemd on these machines).
 getent group kvm >/dev/null || groupadd -r kvm
 getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu

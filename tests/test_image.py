@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from caa import __version__
 from tests.kubeapi import REPO
@@ -46,9 +46,7 @@ def built_image(testcase: TestCase) -> dict[str, Any]:
     if not _built:
         reason = _cannot_run()
         if reason:
-            if os.environ.get("CI"):
-                testcase.fail(f"{reason}: CI must build the image")
-            raise SkipTest(reason)
+            testcase.fail(f"{reason}: the image tests build it (run as root after scripts/setup.sh)")
         work = Path(tempfile.mkdtemp(prefix="caa-image-test-"))
         import atexit
 
