@@ -11,7 +11,6 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -85,10 +84,7 @@ class AlibabaContractTests(AliTestMixin, ProviderContractMixin, TestCase):
 
 
 class AlibabaBehaviourTests(AliTestMixin, TestCase):
-    def test_run_instances_parameters_and_annotation_does_not_stick(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._params())
-
-    async def _params(self) -> None:
+    async def test_run_instances_parameters_and_annotation_does_not_stick(self) -> None:
         fake = await self.start_fake()
         provider = self.ali(use_public_ip=True, tags=(("team", "caa"),), key_name="kp1", system_disk_size=60)
         instance = await provider.create_instance(*unique_pod("ali"), b"#cloud-config\n",
@@ -118,10 +114,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
             await provider.delete_instance(i.id)
         self.assertEqual(fake.instances, {})
 
-    def test_delete_waits_while_the_instance_refuses_and_is_idempotent(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._busy())
-
-    async def _busy(self) -> None:
+    async def test_delete_waits_while_the_instance_refuses_and_is_idempotent(self) -> None:
         fake = await self.start_fake()
         provider = self.ali()
         instance = await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec())
@@ -131,10 +124,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         self.assertGreaterEqual(fake.actions.count("DeleteInstance"), 7)
         await provider.delete_instance(instance.id)  # InvalidInstanceId.NotFound: a success
 
-    def test_second_nic_with_eip_created_and_all_released_on_delete(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._second_nic())
-
-    async def _second_nic(self) -> None:
+    async def test_second_nic_with_eip_created_and_all_released_on_delete(self) -> None:
         fake = await self.start_fake()
         fake.empty_enis = 2  # the documented "no id: call again" answer, twice
         provider = self.ali(use_public_ip=True)
@@ -157,10 +147,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
                                  "DeleteNetworkInterface", "DeleteInstance"])
         await provider.delete_instance(instance.id)  # idempotent: nothing left to find
 
-    def test_second_nic_without_public_ip_has_no_eip(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._no_eip())
-
-    async def _no_eip(self) -> None:
+    async def test_second_nic_without_public_ip_has_no_eip(self) -> None:
         fake = await self.start_fake()
         provider = self.ali()
         instance = await provider.create_instance(*unique_pod("ali"), b"", InstanceSpec(multi_nic=True))
@@ -170,10 +157,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertEqual((fake.instances, fake.enis), ({}, {}))
 
-    def test_a_fresh_provider_deletes_the_eni_and_eip_of_an_earlier_one(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._restart())
-
-    async def _restart(self) -> None:
+    async def test_a_fresh_provider_deletes_the_eni_and_eip_of_an_earlier_one(self) -> None:
         fake = await self.start_fake()
         instance = await self.ali(use_public_ip=True).create_instance(*unique_pod("ali"), b"",
                                                                         InstanceSpec(multi_nic=True))
@@ -182,10 +166,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         await restarted.delete_instance(instance.id)
         self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
 
-    def test_a_failure_midway_rolls_back_eip_eni_and_instance(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rollback())
-
-    async def _rollback(self) -> None:
+    async def test_a_failure_midway_rolls_back_eip_eni_and_instance(self) -> None:
         fake = await self.start_fake()
         # the EIP is allocated, then binding it is refused (a RAM policy without vpc:AssociateEipAddress)
         fake.fail["AssociateEipAddress"] = (403, "Forbidden.RAM", "User not authorized to operate on the "
@@ -198,10 +179,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         self.assertIn("AllocateEipAddress", fake.actions)
         self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
 
-    def test_a_refused_attach_rolls_back_eni_and_instance(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._attach_refused())
-
-    async def _attach_refused(self) -> None:
+    async def test_a_refused_attach_rolls_back_eni_and_instance(self) -> None:
         fake = await self.start_fake()
         fake.fail["AttachNetworkInterface"] = (403, "InvalidOperation.InvalidEcsState",
                                                "The instance status does not support this operation.")
@@ -213,10 +191,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         self.assertIn("DeleteNetworkInterface", fake.actions)
         self.assertEqual((fake.instances, fake.enis, fake.eips), ({}, {}, {}))
 
-    def test_throttling_is_retried_and_fresh_nonces_signed(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttled())
-
-    async def _throttled(self) -> None:
+    async def test_throttling_is_retried_and_fresh_nonces_signed(self) -> None:
         fake = await self.start_fake()
         provider = self.ali()
         await provider.verify_config()
@@ -232,10 +207,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
         else:
             self.fail("throttled past the retries, yet found")
 
-    def test_bad_credentials_are_invalid_config_without_the_secret(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad())
-
-    async def _bad(self) -> None:
+    async def test_bad_credentials_are_invalid_config_without_the_secret(self) -> None:
         fake = await self.start_fake()
         wrong = "wrongSecret-0123456789"
         try:
@@ -256,10 +228,7 @@ class AlibabaBehaviourTests(AliTestMixin, TestCase):
 
 
 class AlibabaRrsaTests(AliTestMixin, TestCase):
-    def test_rrsa_keys_from_the_projected_token(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rrsa())
-
-    async def _rrsa(self) -> None:
+    async def test_rrsa_keys_from_the_projected_token(self) -> None:
         fake = await self.start_fake()
         token_file = self.mktemp()
         with open(token_file, "w") as f:

@@ -66,10 +66,7 @@ class AwsContractTests(AwsTestMixin, ProviderContractMixin, TestCase):
 
 
 class AwsBehaviourTests(AwsTestMixin, TestCase):
-    def test_instance_type_from_describe_instance_types_tags_and_public_ip(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._types())
-
-    async def _types(self) -> None:
+    async def test_instance_type_from_describe_instance_types_tags_and_public_ip(self) -> None:
         provider = self.aws(use_public_ip=True)
         pod, sid = unique_pod("aws")
         instance = await provider.create_instance(pod, sid, b"#cloud-config\n", InstanceSpec(vcpus=3, memory_mib=9000))
@@ -90,10 +87,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         else:
             self.fail("a type outside --instance-types was created")
 
-    def test_launch_template_mode(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._launch_template())
-
-    async def _launch_template(self) -> None:
+    async def test_launch_template_mode(self) -> None:
         setup = self.aws()
         template = f"caa-lt-{os.getpid()}-{id(self)}"
         await setup.ec2.call("CreateLaunchTemplate", {
@@ -109,10 +103,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         self.assertEqual((item.findtext("instanceType"), item.findtext("imageId")), ("t3.small", MOTO_AMI))
         self.assertEqual(await provider.find_instance(instance.name), instance)
 
-    def test_unset_network_region_and_key_come_from_the_nodes_imds(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._imds())
-
-    async def _imds(self) -> None:
+    async def test_unset_network_region_and_key_come_from_the_nodes_imds(self) -> None:
         subnets = await self.aws().ec2.call("DescribeSubnets")
         subnet = subnets.findtext("subnetSet/item/subnetId", "")
         group = (await self.aws().ec2.call("DescribeSecurityGroups")).findtext("securityGroupInfo/item/groupId", "")
@@ -135,10 +126,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         self.assertIsNone(await given.find_instance("podvm-x-12345678"))
         self.assertEqual(given.config.subnet_id, "")
 
-    def test_verify_config_names_a_missing_ami(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._missing_ami())
-
-    async def _missing_ami(self) -> None:
+    async def test_verify_config_names_a_missing_ami(self) -> None:
         await self.aws().verify_config()
         # the root volume: the AMI's root device, never smaller than its snapshot (15 GiB for this AMI in moto)
         self.assertEqual(await self.aws(root_volume_size=1).root_volume(MOTO_AMI), ("/dev/sda1", 15))
@@ -151,10 +139,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         else:
             self.fail("verify_config accepted an unknown AMI")
 
-    def test_throttling_is_retried(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttled())
-
-    async def _throttled(self) -> None:
+    async def test_throttling_is_retried(self) -> None:
         proxy = ThrottlingProxy(moto_endpoint(), failures=2)
         url, port = await serve(proxy)
         self.addCleanup(port.stopListening)
@@ -167,10 +152,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         self.assertEqual(proxy.seen.count(b"RunInstances"), 1)
         self.assertIsNone(await provider.find_instance(instance.name))
 
-    def test_throttling_gives_up_as_transient(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttled_forever())
-
-    async def _throttled_forever(self) -> None:
+    async def test_throttling_gives_up_as_transient(self) -> None:
         proxy = ThrottlingProxy(moto_endpoint(), failures=100)
         url, port = await serve(proxy)
         self.addCleanup(port.stopListening)
@@ -184,10 +166,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
             self.fail("a throttled call succeeded")
         self.assertEqual(len(proxy.seen), FAST.attempts)
 
-    def test_bad_credentials(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad_credentials())
-
-    async def _bad_credentials(self) -> None:
+    async def test_bad_credentials(self) -> None:
         set_auth(True)
         self.addCleanup(set_auth, False)
         provider = self.aws()
@@ -200,10 +179,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         else:
             self.fail("moto accepted unknown credentials")
 
-    def test_wrong_endpoint_is_transient(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._wrong_endpoint())
-
-    async def _wrong_endpoint(self) -> None:
+    async def test_wrong_endpoint_is_transient(self) -> None:
         url, port = await serve(ThrottlingProxy("", 0))
         await maybeDeferred(port.stopListening)  # nobody listens there any more
         provider = self.aws(endpoint=url)
@@ -215,10 +191,7 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         else:
             self.fail("a closed port answered")
 
-    def test_cancelled_create_rolls_back(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._cancel())
-
-    async def _cancel(self) -> None:
+    async def test_cancelled_create_rolls_back(self) -> None:
         # DescribeInstances (the wait for "running") never answers; the create is cancelled there.
         proxy = ThrottlingProxy(moto_endpoint(), failures=0, hang=b"DescribeInstances")
         url, port = await serve(proxy)
@@ -256,10 +229,7 @@ class EbsVolumeTests(AwsTestMixin, TestCase):
 
         return parse_volumes(await provider.ec2.call("DescribeVolumes", query_params("VolumeId", ids)))
 
-    def test_attached_at_create_detached_not_deleted_at_delete(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._attach_detach())
-
-    async def _attach_detach(self) -> None:
+    async def test_attached_at_create_detached_not_deleted_at_delete(self) -> None:
         provider = self.aws(volume_poll_interval=0.1)
         ids = [await self.new_volume(provider) for _ in range(2)]
         pod, sid = unique_pod("ebs")
@@ -287,10 +257,7 @@ class EbsVolumeTests(AwsTestMixin, TestCase):
         await restarted.delete_instance(instance.id)  # again: idempotent
         self.assertEqual(set(await self.volumes(provider, ids)), set(ids))
 
-    def test_prevalidation(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._prevalidation())
-
-    async def _prevalidation(self) -> None:
+    async def test_prevalidation(self) -> None:
         provider = self.aws(volume_poll_interval=0.1)
         cases: list[tuple[tuple[str, ...], ErrorKind, str]] = [
             (("disk-1",), ErrorKind.INVALID_CONFIG, "invalid volume ids ['disk-1']"),
@@ -330,10 +297,7 @@ class CredentialChainTests(AwsTestMixin, TestCase):
         await provider.find_instance("podvm-x-12345678")
         return proxy.credentials[-1]
 
-    def test_shared_profile(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._profile())
-
-    async def _profile(self) -> None:
+    async def test_shared_profile(self) -> None:
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("[caa]\naws_access_key_id = AKIAPROFILEKEY000001\naws_secret_access_key = profile-secret\n")
@@ -351,10 +315,7 @@ class CredentialChainTests(AwsTestMixin, TestCase):
         else:
             self.fail("an unknown profile was accepted")
 
-    def test_web_identity_through_sts_off_the_reactor_thread(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._web_identity())
-
-    async def _web_identity(self) -> None:
+    async def test_web_identity_through_sts_off_the_reactor_thread(self) -> None:
         token = self.mktemp()
         with open(token, "w") as f:
             f.write("eyJhbGciOiJub25lIn0.eyJzdWIiOiJjYWEifQ.")

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import attrs
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -81,10 +81,7 @@ class AzureContractTests(AzureTestMixin, ProviderContractMixin, TestCase):
 
 
 class AzureBehaviourTests(AzureTestMixin, TestCase):
-    def test_vm_body_size_selection_and_tags(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._body())
-
-    async def _body(self) -> None:
+    async def test_vm_body_size_selection_and_tags(self) -> None:
         await self.start_fake()
         provider = self.azure(enable_secure_boot=True, root_volume_size=40, zone="2")
         pod, sid = unique_pod("az")
@@ -119,10 +116,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         else:
             self.fail("a size outside --instance-sizes was created")
 
-    def test_disable_cvm_public_ip_and_community_image(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._public())
-
-    async def _public(self) -> None:
+    async def test_disable_cvm_public_ip_and_community_image(self) -> None:
         await self.start_fake()
         provider = self.azure(disable_cvm=True, use_public_ip=True, security_group_id=azure_arm.NSG_ID)
         pod, sid = unique_pod("azp")
@@ -141,10 +135,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertEqual(self.leftover_names([instance.name]), [])  # VM, NIC, public IP and disk all gone
 
-    def test_failed_vm_create_removes_the_nic(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._failed())
-
-    async def _failed(self) -> None:
+    async def test_failed_vm_create_removes_the_nic(self) -> None:
         await self.start_fake()
         provider = self.azure()
         pod, sid = unique_pod("azf")
@@ -162,10 +153,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertIn(("PUT", provider.nic_path(name)), self.fake.requests)  # the NIC was made ...
         self.assertEqual(self.leftover_names([name]), [])  # ... and removed again
 
-    def test_missing_gallery_image_is_invalid_config(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._gallery())
-
-    async def _gallery(self) -> None:
+    async def test_missing_gallery_image_is_invalid_config(self) -> None:
         await self.start_fake()
         provider = self.azure()
         pod, sid = unique_pod("azg")
@@ -179,10 +167,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
             self.fail("a VM with a missing gallery image was created")
         self.assertEqual(self.leftover_names([provider.instance_name(pod, sid)]), [])
 
-    def test_ssh_key_file_checked_at_start_and_used(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._ssh_key())
-
-    async def _ssh_key(self) -> None:
+    async def test_ssh_key_file_checked_at_start_and_used(self) -> None:
         import os
 
         from cryptography.hazmat.primitives import serialization
@@ -216,10 +201,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         key = self.fake.bodies[instance.id.lower()]["properties"]["osProfile"]["linuxConfiguration"]["ssh"]
         self.assertEqual(key["publicKeys"][0]["keyData"], public)
 
-    def test_failed_allocation_is_quota_and_rolled_back(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._allocation())
-
-    async def _allocation(self) -> None:
+    async def test_failed_allocation_is_quota_and_rolled_back(self) -> None:
         await self.start_fake()
         provider = self.azure()
         pod, sid = unique_pod("aza")
@@ -236,10 +218,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertIn(("DELETE", provider.vm_path(name)), self.fake.requests)  # ARM kept the failed VM: deleted
         self.assertEqual(self.leftover_names([name]), [])
 
-    def test_cancelled_create_rolls_back(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._cancel())
-
-    async def _cancel(self) -> None:
+    async def test_cancelled_create_rolls_back(self) -> None:
         await self.start_fake()
         provider = self.azure()
         pod, sid = unique_pod("azc")
@@ -255,10 +234,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         self.assertIn(("DELETE", provider.nic_path(name)), self.fake.requests)  # rolled back
         self.assertEqual(self.leftover_names([name]), [])
 
-    def test_long_operations_and_expired_tokens(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._operations())
-
-    async def _operations(self) -> None:
+    async def test_long_operations_and_expired_tokens(self) -> None:
         await self.start_fake(operation_polls=3)
         provider = self.azure()
         instance = await provider.create_instance(*unique_pod("azo"), b"", InstanceSpec())
@@ -271,10 +247,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertIsNone(await provider.find_instance(instance.name))
 
-    def test_throttling_is_retried_after_retry_after(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttled())
-
-    async def _throttled(self) -> None:
+    async def test_throttling_is_retried_after_retry_after(self) -> None:
         await self.start_fake()
         provider = self.azure()
         await provider.verify_config()
@@ -291,10 +264,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         else:
             self.fail("a throttled call succeeded")
 
-    def test_bad_credentials_name_the_problem_and_never_the_secret(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad_credentials())
-
-    async def _bad_credentials(self) -> None:
+    async def test_bad_credentials_name_the_problem_and_never_the_secret(self) -> None:
         await self.start_fake()
         events: list[LogEvent] = []
         observer = cast(ILogObserver, events.append)  # a plain callable is a log observer
@@ -323,10 +293,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         else:
             self.fail("an unknown tenant was accepted")
 
-    def test_workload_identity_and_managed_identity(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._identities())
-
-    async def _identities(self) -> None:
+    async def test_workload_identity_and_managed_identity(self) -> None:
         await self.start_fake()
         path = self.mktemp()
         with open(path, "w") as f:
@@ -348,10 +315,7 @@ class AzureBehaviourTests(AzureTestMixin, TestCase):
         else:
             self.fail("a missing federated token file was accepted")
 
-    def test_delete_of_foreign_or_malformed_ids(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._foreign())
-
-    async def _foreign(self) -> None:
+    async def test_delete_of_foreign_or_malformed_ids(self) -> None:
         await self.start_fake()
         provider = self.azure()
         await provider.delete_instance("i-0123456789abcdef0")  # not a VM id: nothing to delete
@@ -370,10 +334,7 @@ class AzureFakeRejectsTests(AzureTestMixin, TestCase):
     retried): no api-version, an api-version the resource type does not have, no bearer token, a body that is not
     JSON."""
 
-    def test_rejections(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rejections())
-
-    async def _rejections(self) -> None:
+    async def test_rejections(self) -> None:
         from caa.providers.rest import RestRequest
 
         await self.start_fake()
@@ -400,10 +361,7 @@ class AzureFakeRejectsTests(AzureTestMixin, TestCase):
 
 
 class AzureFakeAdminNameTests(AzureTestMixin, TestCase):
-    def test_reserved_admin_name_is_refused_by_arm(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._admin())
-
-    async def _admin(self) -> None:
+    async def test_reserved_admin_name_is_refused_by_arm(self) -> None:
         """What the start-up check spares the user: ARM refuses the VM (the fake, as ARM does)."""
         from caa.providers.azure.provider import nic_body, vm_body
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -69,10 +68,7 @@ class AzureAdaptorProcessTests(TestCase):
         self.assertIn("--resourcegroup (AZURE_RESOURCE_GROUP) is required", r.stdout + r.stderr)
         self.assertNotIn(azure_arm.CLIENT_SECRET, r.stdout + r.stderr)
 
-    def test_start_vm_rolls_back_when_the_pod_vm_is_unreachable(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rollback())
-
-    async def _rollback(self) -> None:
+    async def test_start_vm_rolls_back_when_the_pod_vm_is_unreachable(self) -> None:
         fake = FakeAzure()
         url, port = await serve(fake)
         fake.base = url

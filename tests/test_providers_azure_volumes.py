@@ -5,7 +5,6 @@ anything is made."""
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from caa.providers.azure.arm import COMPUTE_API, NETWORK_API
@@ -27,10 +26,7 @@ class AzureVolumeTests(AzureTestMixin, TestCase):
             return e, provider.instance_name(pod, sid)
         self.fail(f"created a VM with {spec.volumes}")
 
-    def test_attached_in_order_and_kept_when_the_vm_goes(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._attached())
-
-    async def _attached(self) -> None:
+    async def test_attached_in_order_and_kept_when_the_vm_goes(self) -> None:
         await self.start_fake()
         # the CSI driver may keep its disks in another resource group (AKS: the node resource group)
         disks = [self.fake.add_disk("pvc-b"), self.fake.add_disk("pvc-a", group="mc-caa-nodes"),
@@ -62,10 +58,7 @@ class AzureVolumeTests(AzureTestMixin, TestCase):
         self.addCleanup(provider.delete_instance, again.id)
         self.assertEqual(self.fake.attachments[-1], (again.name, 0, disks[0]))
 
-    def test_missing_disk_is_a_config_error_and_nothing_is_made(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._missing())
-
-    async def _missing(self) -> None:
+    async def test_missing_disk_is_a_config_error_and_nothing_is_made(self) -> None:
         await self.start_fake()
         present = self.fake.add_disk("pvc-here")
         missing = present.replace("pvc-here", "pvc-gone")
@@ -78,10 +71,7 @@ class AzureVolumeTests(AzureTestMixin, TestCase):
         assert disk is not None
         self.assertEqual(disk["properties"]["diskState"], "Unattached")
 
-    def test_disk_held_by_another_vm_is_transient(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._held())
-
-    async def _held(self) -> None:
+    async def test_disk_held_by_another_vm_is_transient(self) -> None:
         await self.start_fake()
         disk_id = self.fake.add_disk("pvc-shared")
         provider = self.azure()
@@ -95,10 +85,7 @@ class AzureVolumeTests(AzureTestMixin, TestCase):
         assert disk is not None
         self.assertEqual(disk["managedBy"], first.id)  # untouched
 
-    def test_bad_ids_regions_and_counts_are_config_errors(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad())
-
-    async def _bad(self) -> None:
+    async def test_bad_ids_regions_and_counts_are_config_errors(self) -> None:
         await self.start_fake()
         cases = [
             (["vol-0123456789abcdef0"], "vol-0123456789abcdef0: not a managed disk id"),
@@ -137,10 +124,7 @@ class FakeDataDiskTests(AzureTestMixin, TestCase):
             return str(e)
         self.fail("ARM accepted the data disks")
 
-    def test_refusals_and_delete_options(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._fake())
-
-    async def _fake(self) -> None:
+    async def test_refusals_and_delete_options(self) -> None:
         await self.start_fake()
         kept, dropped = self.fake.add_disk("pvc-kept"), self.fake.add_disk("pvc-dropped")
         missing = kept.replace("pvc-kept", "pvc-none")

@@ -118,10 +118,7 @@ class ByomBehaviourTests(ByomTestMixin, TestCase):
     def setUp(self) -> None:
         self.kube_setup()
 
-    def test_two_allocators_never_share_an_ip(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._two_allocators())
-
-    async def _two_allocators(self) -> None:
+    async def test_two_allocators_never_share_an_ip(self) -> None:
         vms = [machine(self) for _ in range(2)]
         ips = [m.ip for m in vms]
         checker = self.provider(ips)  # its TCP readiness probe of port 22, shared by both pools
@@ -149,10 +146,7 @@ class ByomBehaviourTests(ByomTestMixin, TestCase):
         # Both read before either writes in most rounds: the losers' writes were refused and recomputed.
         self.assertGreater(a.conflicts + b.conflicts, 0)
 
-    def test_host_key_outside_the_allow_list_is_refused(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._allowlist())
-
-    async def _allowlist(self) -> None:
+    async def test_host_key_outside_the_allow_list_is_refused(self) -> None:
         vm = machine(self)
         other = Path(tempfile.mkdtemp(prefix="byom-allow-"))
         self.addCleanup(shutil.rmtree, other, True)
@@ -177,10 +171,7 @@ class ByomBehaviourTests(ByomTestMixin, TestCase):
         await trusted.delete_instance(instance.id)
         self.assertEqual(vm.pushed("reboot"), b"reboot")
 
-    def test_restart_keeps_allocations(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._restart())
-
-    async def _restart(self) -> None:
+    async def test_restart_keeps_allocations(self) -> None:
         vms = [machine(self) for _ in range(2)]
         ips = [m.ip for m in vms]
         first = self.provider(ips)
@@ -208,10 +199,7 @@ class ByomBehaviourTests(ByomTestMixin, TestCase):
             await again.delete_instance(o.id)
         self.assertEqual(self.stored().allocated, {})
 
-    def test_missing_keys_fail_verify_config_naming_the_file(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._missing_keys())
-
-    async def _missing_keys(self) -> None:
+    async def test_missing_keys_fail_verify_config_naming_the_file(self) -> None:
         provider = self.provider(["192.0.2.1"], ssh_pub_key="/nonexistent/id.pub")
         try:
             await provider.verify_config()
@@ -300,10 +288,7 @@ class ByomSFTPTests(TestCase):
 
     timeout = 60
 
-    def test_push_overwrites_and_refusals_name_the_step(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._push())
-
-    async def _push(self) -> None:
+    async def test_push_overwrites_and_refusals_name_the_step(self) -> None:
         vm = machine(self)
         public, private = client_key()
         identity = SSHIdentity.from_files("root", public, private)

@@ -81,10 +81,7 @@ class GcpContractTests(GcpTestMixin, ProviderContractMixin, TestCase):
 
 
 class GcpBehaviourTests(GcpTestMixin, TestCase):
-    def test_insert_body_machine_type_and_tags(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._body())
-
-    async def _body(self) -> None:
+    async def test_insert_body_machine_type_and_tags(self) -> None:
         await self.start_fake(operation_polls=2)
         provider = self.gcp(tags=(("env", "prod"),), root_volume_size=12)
         pod, sid = unique_pod("gcp")
@@ -125,10 +122,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("a machine type outside --machine-types was created")
 
-    def test_unknown_tag_aborts(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._unknown_tag())
-
-    async def _unknown_tag(self) -> None:
+    async def test_unknown_tag_aborts(self) -> None:
         await self.start_fake()
         try:
             await self.gcp(tags=(("env", "nope"),)).verify_config()
@@ -138,10 +132,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("an unknown tag value was accepted")
 
-    def test_public_ip_disable_cvm_and_image_annotation(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._public())
-
-    async def _public(self) -> None:
+    async def test_public_ip_disable_cvm_and_image_annotation(self) -> None:
         await self.start_fake()
         provider = self.gcp(use_public_ip=True, disable_cvm=True, subnetwork="", disk_type="pd-ssd")
         image = "projects/confidential-images/global/images/podvm-tdx"
@@ -156,10 +147,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 
-    def test_partial_urls_and_a_bare_image_annotation(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._partial())
-
-    async def _partial(self) -> None:
+    async def test_partial_urls_and_a_bare_image_annotation(self) -> None:
         await self.start_fake()
         provider = self.gcp(image_name=f"global/images/{gcp_compute.IMAGE}", network="global/networks/default",
                             subnetwork="regions/us-central1/subnetworks/pods")
@@ -182,10 +170,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("a bare network name was taken")
 
-    def test_rejected_insert_is_invalid_config_and_leaves_nothing(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rejected())
-
-    async def _rejected(self) -> None:
+    async def test_rejected_insert_is_invalid_config_and_leaves_nothing(self) -> None:
         await self.start_fake()
         provider = self.gcp(confidential_type="TDX")  # n2d machines cannot run TDX
         try:
@@ -212,10 +197,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await tdx.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 
-    def test_exhausted_zone_is_quota(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._exhausted())
-
-    async def _exhausted(self) -> None:
+    async def test_exhausted_zone_is_quota(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         pod, sid = unique_pod("gcpq")
@@ -230,10 +212,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
             self.fail("an exhausted zone created an instance")
         self.assertEqual(self.fake.instances, {})
 
-    def test_cancelled_create_rolls_back(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._cancel())
-
-    async def _cancel(self) -> None:
+    async def test_cancelled_create_rolls_back(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         pod, sid = unique_pod("gcpc")
@@ -249,10 +228,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertIn(("DELETE", f"/compute/v1/{provider.instance_path(name)}"), self.fake.requests)  # rolled back
         self.assertEqual(self.fake.instances, {})
 
-    def test_lost_insert_answer_is_retried_with_the_same_request_id(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._lost())
-
-    async def _lost(self) -> None:
+    async def test_lost_insert_answer_is_retried_with_the_same_request_id(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         pod, sid = unique_pod("gcpl")
@@ -266,10 +242,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         await provider.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 
-    def test_cancel_during_an_insert_that_was_carried_out_rolls_back(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._cancel_insert())
-
-    async def _cancel_insert(self) -> None:
+    async def test_cancel_during_an_insert_that_was_carried_out_rolls_back(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         pod, sid = unique_pod("gcpi")
@@ -284,10 +257,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertIsInstance(error, CancelledError)
         self.assertEqual(self.fake.instances, {})  # the instance the unanswered insert made is gone again
 
-    def test_throttling_429_and_503_are_retried(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttled())
-
-    async def _throttled(self) -> None:
+    async def test_throttling_429_and_503_are_retried(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         await provider.verify_config()
@@ -305,10 +275,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("a throttled call succeeded")
 
-    def test_token_is_cached_and_refreshed(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._tokens())
-
-    async def _tokens(self) -> None:
+    async def test_token_is_cached_and_refreshed(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         await provider.verify_config()
@@ -335,10 +302,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertEqual(len(self.fake.requests) - before, 2)
         self.assertEqual(len(self.fake.token_requests), 3)
 
-    def test_bad_key_names_the_problem_and_never_the_key(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad_key())
-
-    async def _bad_key(self) -> None:
+    async def test_bad_key_names_the_problem_and_never_the_key(self) -> None:
         await self.start_fake()
         events: list[LogEvent] = []
         observer = cast(ILogObserver, events.append)  # a plain callable is a log observer
@@ -371,10 +335,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
             else:
                 self.fail(f"credentials {text!r} were accepted")
 
-    def test_application_default_credentials(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._adc())
-
-    async def _adc(self) -> None:
+    async def test_application_default_credentials(self) -> None:
         await self.start_fake()
         path = self.mktemp()
         with open(path, "w") as f:
@@ -395,10 +356,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("a token came from a metadata server that does not exist")
 
-    def test_delete_of_unknown_or_malformed_names(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._unknown())
-
-    async def _unknown(self) -> None:
+    async def test_delete_of_unknown_or_malformed_names(self) -> None:
         await self.start_fake()
         provider = self.gcp()
         await provider.delete_instance("0b5e-not-a-name")
@@ -411,10 +369,7 @@ class GcpFakeRejectsTests(GcpTestMixin, TestCase):
     """The fake refuses what Compute refuses, with Google's reasons, and the client takes each as INVALID_CONFIG
     (never retried): no bearer token, an insert body that is not JSON, a bad instance name."""
 
-    def test_rejections(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rejections())
-
-    async def _rejections(self) -> None:
+    async def test_rejections(self) -> None:
         from caa.providers.rest import RestRequest
 
         await self.start_fake()

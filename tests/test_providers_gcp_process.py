@@ -13,7 +13,6 @@ import subprocess
 import sys
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -70,10 +69,7 @@ class GcpAdaptorProcessTests(TestCase):
         self.assertIn("--network (GCP_NETWORK) is required", r.stdout + r.stderr)
         self.assertNotIn(key_line(env), r.stdout + r.stderr)
 
-    def test_start_vm_rolls_back_when_the_pod_vm_is_unreachable(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rollback())
-
-    async def _rollback(self) -> None:
+    async def test_start_vm_rolls_back_when_the_pod_vm_is_unreachable(self) -> None:
         fake = FakeGcp()
         url, port = await serve(fake)
         fake.base = url

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from caa.providers.gcp.disks import disk_path
@@ -32,10 +31,7 @@ class GcpVolumeTests(GcpTestMixin, TestCase):
     def inserts(self) -> list[str]:
         return [p for m, p in self.fake.requests if m == "POST" and p.endswith("/instances")]
 
-    def test_attached_in_order_and_kept_when_the_instance_goes(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._attached())
-
-    async def _attached(self) -> None:
+    async def test_attached_in_order_and_kept_when_the_instance_goes(self) -> None:
         await self.start_fake()
         first, second = self.fake.add_disk("pvc-b"), self.fake.add_disk("pvc-a")
         # the PD CSI driver's volume handle, a Compute URL, a bare name in the zone: all the same kind of id
@@ -65,10 +61,7 @@ class GcpVolumeTests(GcpTestMixin, TestCase):
         self.addCleanup(provider.delete_instance, again.id)
         self.assertEqual(self.fake.attachments[-1], (again.name, "caa-lun-0", third))
 
-    def test_missing_disk_is_a_config_error_and_nothing_is_made(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._missing())
-
-    async def _missing(self) -> None:
+    async def test_missing_disk_is_a_config_error_and_nothing_is_made(self) -> None:
         await self.start_fake()
         present = self.fake.add_disk("pvc-here")
         missing = present.replace("pvc-here", "pvc-gone")
@@ -79,10 +72,7 @@ class GcpVolumeTests(GcpTestMixin, TestCase):
         self.assertNotIn(name, self.fake.instances)
         self.assertEqual(self.fake.disks[present]["users"], [])
 
-    def test_disk_used_by_another_instance_is_transient(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._used())
-
-    async def _used(self) -> None:
+    async def test_disk_used_by_another_instance_is_transient(self) -> None:
         await self.start_fake()
         path = self.fake.add_disk("pvc-shared")
         provider = self.gcp()
@@ -95,10 +85,7 @@ class GcpVolumeTests(GcpTestMixin, TestCase):
         self.assertEqual(len(self.inserts()), 1)
         self.assertNotIn(name, self.fake.instances)
 
-    def test_bad_ids_zones_and_states_are_config_errors(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad())
-
-    async def _bad(self) -> None:
+    async def test_bad_ids_zones_and_states_are_config_errors(self) -> None:
         await self.start_fake()
         twice = self.fake.add_disk("pvc-twice")
         cases = [
@@ -138,10 +125,7 @@ class FakeAttachedDiskTests(GcpTestMixin, TestCase):
             return str(e)
         self.fail("Compute accepted the disks")
 
-    def test_refusals_and_auto_delete(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._fake())
-
-    async def _fake(self) -> None:
+    async def test_refusals_and_auto_delete(self) -> None:
         await self.start_fake()
         kept, dropped = self.fake.add_disk("pvc-kept"), self.fake.add_disk("pvc-dropped")
         missing = kept.replace("pvc-kept", "pvc-none")

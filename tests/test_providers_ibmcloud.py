@@ -11,7 +11,6 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -80,10 +79,7 @@ class IbmCloudContractTests(IbmTestMixin, ProviderContractMixin, TestCase):
 
 
 class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
-    def test_prototype_cvm_profiles_images_nics_tags_and_host(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._prototype())
-
-    async def _prototype(self) -> None:
+    async def test_prototype_cvm_profiles_images_nics_tags_and_host(self) -> None:
         fake = await self.start_fake()
         provider = self.ibm(disable_cvm=False, cluster_id="c123", tags=("team:caa",), key_id="r006-key",
                             profile_list=("bx2-2x8", "bx2-4x16", "bz2-2x8"), secondary_subnet_id="0717-subnet-2",
@@ -116,10 +112,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
             await provider.delete_instance(i.id)
         self.assertEqual(fake.instances, {})
 
-    def test_cluster_without_its_security_group_fails_to_start(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._no_group())
-
-    async def _no_group(self) -> None:
+    async def test_cluster_without_its_security_group_fails_to_start(self) -> None:
         await self.start_fake()
         try:
             await self.ibm(cluster_id="c404").verify_config()
@@ -128,10 +121,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         else:
             self.fail("a cluster unknown to the Kubernetes Service was accepted")
 
-    def test_throttling_is_retried(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttled())
-
-    async def _throttled(self) -> None:
+    async def test_throttling_is_retried(self) -> None:
         fake = await self.start_fake()
         provider = self.ibm()
         await provider.verify_config()
@@ -149,10 +139,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         fake.throttle = 0
         await provider.delete_instance(instance.id)
 
-    def test_bad_api_key_is_invalid_config_without_the_key(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._bad_key())
-
-    async def _bad_key(self) -> None:
+    async def test_bad_api_key_is_invalid_config_without_the_key(self) -> None:
         await self.start_fake()
         wrong = "wrong-key-abcdefgh"
         provider = self.ibm(api_key=wrong)
@@ -166,10 +153,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
             self.fail("a wrong API key was accepted")
         self.assertEqual(self.fake.token_requests, 1)  # a 400 is not retried
 
-    def test_token_cached_and_refreshed_before_expiry(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._refresh())
-
-    async def _refresh(self) -> None:
+    async def test_token_cached_and_refreshed_before_expiry(self) -> None:
         clock = Clock()
         fake = await self.start_fake(clock=clock, token_lifetime=100)
         provider = self.ibm(token_clock=clock)
@@ -182,10 +166,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         await provider.find_instance("podvm-x-12345678")
         self.assertEqual((fake.token_requests, fake.rejected_tokens), (2, 0))
 
-    def test_trusted_profile_with_projected_token(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._profile())
-
-    async def _profile(self) -> None:
+    async def test_trusted_profile_with_projected_token(self) -> None:
         fake = await self.start_fake()
         path = self.mktemp()
         with open(path, "w") as f:
@@ -201,10 +182,7 @@ class IbmCloudBehaviourTests(IbmTestMixin, TestCase):
         else:
             self.fail("a missing projected token file was accepted")
 
-    def test_fake_rejects_calls_without_version(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._no_version())
-
-    async def _no_version(self) -> None:
+    async def test_fake_rejects_calls_without_version(self) -> None:
         import treq
 
         await self.start_fake()
@@ -265,10 +243,7 @@ class IbmCloudDiscoveryTests(IbmTestMixin, TestCase):
                                                       "metadata": {"name": self.node, "labels": labels}})
         self.addCleanup(self.server.request, "DELETE", f"/api/v1/nodes/{self.node}")
 
-    def test_discovered_from_node_labels_cluster_info_and_subnet(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._discovered())
-
-    async def _discovered(self) -> None:
+    async def test_discovered_from_node_labels_cluster_info_and_subnet(self) -> None:
         fake = await self.start_fake()
         self.add_node({"topology.kubernetes.io/region": "us-south", "topology.kubernetes.io/zone": "us-south-1",
                        "ibm-cloud.kubernetes.io/subnet-id": "0717-subnet-2"})
@@ -295,10 +270,7 @@ class IbmCloudDiscoveryTests(IbmTestMixin, TestCase):
         self.assertEqual(proto["primary_network_interface"]["security_groups"], [{"id": "r006-sg-kube-cl-iks-42"}])
         await provider.delete_instance(instance.id)
 
-    def test_zone_nowhere_is_upstreams_error(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._no_zone())
-
-    async def _no_zone(self) -> None:
+    async def test_zone_nowhere_is_upstreams_error(self) -> None:
         await self.start_fake()
         self.add_node({"topology.kubernetes.io/region": "us-south"})
         provider = IbmCloudProvider(as_node_reactor(global_reactor), IbmCloudConfig(

@@ -9,7 +9,6 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -69,10 +68,7 @@ class PowerVSContractTests(PowerVSTestMixin, ProviderContractMixin, TestCase):
 
 
 class PowerVSBehaviourTests(PowerVSTestMixin, TestCase):
-    def test_sizing_names_public_ip_and_dhcp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._sizing())
-
-    async def _sizing(self) -> None:
+    async def test_sizing_names_public_ip_and_dhcp(self) -> None:
         fake = await self.start_fake()
         provider = self.pvs(ssh_key="key1")
         pod, sid = "a-very-long-pod-name-that-goes-on-and-on-and-on", "0123456789abcdef" * 4
@@ -99,10 +95,7 @@ class PowerVSBehaviourTests(PowerVSTestMixin, TestCase):
             await provider.delete_instance(i.id)
         self.assertEqual(fake.pvm, {})
 
-    def test_error_and_build_timeout_roll_back(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._failures())
-
-    async def _failures(self) -> None:
+    async def test_error_and_build_timeout_roll_back(self) -> None:
         fake = await self.start_fake()
         provider = self.pvs()
         pod, sid = unique_pod("pvs")
@@ -124,10 +117,7 @@ class PowerVSBehaviourTests(PowerVSTestMixin, TestCase):
             self.fail("a VM still building was returned")
         self.assertEqual(fake.pvm, {})
 
-    def test_throttling_and_bad_key(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._throttle())
-
-    async def _throttle(self) -> None:
+    async def test_throttling_and_bad_key(self) -> None:
         fake = await self.start_fake()
         provider = self.pvs()
         await provider.verify_config()
