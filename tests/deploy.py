@@ -4,8 +4,8 @@
 rendering (libvirt's and byom's SSH key pairs; the webhook certificate of components/webhook-certs-from-files when asked
 for) and runs `kubectl kustomize` on the copy, so the repository is never written to. kubectl comes from the
 machine (the `kubectl` package of packages.cloud.google.com, kustomize v5 inside; Debian's kubernetes-client
-1.20 embeds kustomize 2.0, which knows neither components nor `labels`): missing, the tests skip outside CI
-and fail in CI.
+1.20 embeds kustomize 2.0, which knows neither components nor `labels`): scripts/setup.sh installs it when
+missing, and the tests fail (never skip) without it.
 
 `ResourcePaths` finds an object's REST path through the API server's discovery, so any kind the server
 serves (CRDs included) can be applied with `apply(server, obj, dry_run=...)` (server-side apply).

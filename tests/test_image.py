@@ -5,7 +5,7 @@ only the first build on a machine pays for it). No container engine exists here,
 unpacked and its entrypoint run under chroot, as the manifests run it: each daemon's `--help`, the non-root
 user for the webhook, and the entrypoint's provider checks with upstream's messages.
 
-It needs root (debootstrap, chroot) and debootstrap; without them it skips outside CI and fails in CI.
+It needs root (debootstrap, chroot) and debootstrap; without them it fails.
 """
 
 from __future__ import annotations
