@@ -456,7 +456,7 @@ def _kube_client(reactor: INodeReactor, options: AdaptorOptions, pools: list[Thr
 
 
 def _pool(reactor: INodeReactor, options: AdaptorOptions, provider: IProvider, issuer: IAgentTLS | None,
-          proxies: IAgentProxyFactory) -> tuple[PoolManager | None, Claimer | None]:
+          proxies: IAgentProxyFactory, run: Runner) -> tuple[PoolManager | None, Claimer | None]:
     """The warm pool of --pool-size VMs for pods without size, image or initdata annotations (the key of the
     adaptor's defaults); None when off. Journalled next to --pods-dir (`<parent>/pool`)."""
     if options["pool-size"] <= 0 or issuer is None:
@@ -472,7 +472,7 @@ def _pool(reactor: INodeReactor, options: AdaptorOptions, provider: IProvider, i
     config = PoolConfig(size=options["pool-size"], ttl=options["pool-ttl"], pool_dir=pool_dir,
                         tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites)
     pool = PoolManager(reactor, provider, issuer, config, [key],
-                       lambda k: default_initdata if k.initdata_digest == key.initdata_digest else "")
+                       lambda k: default_initdata if k.initdata_digest == key.initdata_digest else "", run)
     return pool, Claimer(reactor, proxies.client_endpoint, options["forwarder-port"], issuer)
 
 
@@ -515,7 +515,7 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
                 started=time.time()))
         else:
             AdaptorDaemon._log.warn("NODE_NAME is not set: no kata.peerpods.io/vm on the node, no PeerPods")
-    pool, claimer = _pool(reactor, options, provider, issuer, proxies)
+    pool, claimer = _pool(reactor, options, provider, issuer, proxies, journal_runner)
     cloud = CloudService(
         reactor, provider, proxies, store, network, issuer,
         ServiceConfig(pods_dir=options["pods-dir"], forwarder_port=options["forwarder-port"],

@@ -36,13 +36,13 @@ from twisted.python.failure import Failure
 
 from caa.adaptor.interfaces import IAgentTLS
 from caa.adaptor.metrics import REGISTRY
-from caa.adaptor.store import write_atomic
+from caa.adaptor.store import Runner, run_inline, write_atomic
 from caa.forwarder.initdata import DUMMY_TOML as DEFAULT_INITDATA_TOML
 from caa.podvm_api import claim as claim_format
 from caa.podvm_api import cloudconfig
 from caa.podvm_api import initdata as initdata_format
 from caa.podvm_api.cloudconfig import APF_PATH, INITDATA_PATH, WriteFile
-from caa.providers.interfaces import Instance, InstanceSpec, IProvider
+from caa.providers.interfaces import Instance, InstanceSpec, IProvider, string_tuple
 
 __all__ = ["PoolKey", "PoolVM", "PoolConfig", "PoolManager", "POOL_POD_NAME", "initdata_digest"]
 
@@ -64,10 +64,6 @@ def initdata_digest(encoded: str) -> str:
     given none processes upstream's default document, so "none" has that document's digest."""
     toml = initdata_format.decode(encoded) if encoded else DEFAULT_INITDATA_TOML
     return initdata_format.parse(toml).digest
-
-
-def _strings(values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(values)
 
 
 @attrs.frozen
@@ -105,7 +101,7 @@ class PoolVM:
     state: str = "creating"
     instance_id: str = ""
     name: str = ""
-    ips: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    ips: tuple[str, ...] = attrs.field(default=(), converter=string_tuple)
     created: float = 0.0  # clock time it became ready (for TTL and idle seconds)
 
     def __repr__(self) -> str:
@@ -141,7 +137,7 @@ class PoolManager:
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, provider: IProvider, tls: IAgentTLS, config: PoolConfig,
-                 keys: Iterable[PoolKey], initdata_for: Callable[[PoolKey], str]) -> None:
+                 keys: Iterable[PoolKey], initdata_for: Callable[[PoolKey], str], run: Runner = run_inline) -> None:
         if config.size < 0:
             raise ValueError(f"--pool-size must be 0 or more, got {config.size}")
         if config.ttl <= 0:
@@ -152,6 +148,7 @@ class PoolManager:
         self.config = config
         self.keys = list(dict.fromkeys(keys))
         self._initdata_for = initdata_for
+        self._run = run  # the journal's file I/O (write, fsync, rename, unlink, reads) leaves the reactor thread
         self.vms: dict[str, PoolVM] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self._backoff: dict[PoolKey, float] = {}
@@ -166,38 +163,41 @@ class PoolManager:
     def _path(self, pool_id: str) -> str:
         return os.path.join(self.config.pool_dir, f"{pool_id}.json")
 
-    def _put(self, vm: PoolVM) -> PoolVM:
+    async def _put(self, vm: PoolVM) -> PoolVM:
+        """The VM's new state: in memory at once (what a concurrent take sees), then durable."""
         self.vms[vm.pool_id] = vm
-        if self.config.pool_dir:
-            write_atomic(self._path(vm.pool_id), json.dumps(vm.to_json(), sort_keys=True).encode())
         self._gauge()
+        if self.config.pool_dir:
+            path, data = self._path(vm.pool_id), json.dumps(vm.to_json(), sort_keys=True).encode()
+            await self._run(lambda: write_atomic(path, data))
         return vm
 
-    def _forget(self, vm: PoolVM) -> None:
+    async def _forget(self, vm: PoolVM) -> None:
         self.vms.pop(vm.pool_id, None)
         timer = self._timers.pop(vm.pool_id, None)
         if timer is not None and timer.active():
             timer.cancel()
-        if self.config.pool_dir:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(vm.pool_id))
         self._gauge()
+        if self.config.pool_dir:
+            await self._run(lambda: _unlink(self._path(vm.pool_id)))
 
-    def _load(self) -> list[PoolVM]:
+    def _read_journal(self) -> tuple[list[PoolVM], list[tuple[str, str]]]:
+        """(In a journal thread.) The journalled VMs, and the unreadable files removed with their errors."""
+        vms: list[PoolVM] = []
+        removed: list[tuple[str, str]] = []
         if not self.config.pool_dir:
-            return []
-        out = []
+            return vms, removed
         for name in sorted(os.listdir(self.config.pool_dir)):
             if not name.endswith(".json"):
                 continue
             path = os.path.join(self.config.pool_dir, name)
             try:
                 with open(path, "rb") as f:
-                    out.append(PoolVM.from_json(json.loads(f.read())))
+                    vms.append(PoolVM.from_json(json.loads(f.read())))
             except (OSError, ValueError, KeyError, TypeError) as e:
-                self._log.error("pool journal {path} unreadable ({error}); removed", path=path, error=str(e))
-                os.unlink(path)
-        return out
+                removed.append((path, str(e)))
+                _unlink(path)
+        return vms, removed
 
     def _gauge(self) -> None:
         for key in {*self.keys, *(vm.key for vm in self.vms.values())}:
@@ -214,13 +214,16 @@ class PoolManager:
         """Recover the journal (see the module docstring), then fill the pools. `owned(instance_id)`: a
         sandbox journals that instance (a taken VM whose StartVM got as far as the sandbox's journal)."""
         self._running = True
-        for vm in self._load():
+        vms, removed = await self._run(self._read_journal)
+        for path, error in removed:
+            self._log.error("pool journal {path} unreadable ({error}); removed", path=path, error=error)
+        for vm in vms:
             self.vms[vm.pool_id] = vm
             if vm.state == "ready":
                 self._log.info("pool VM {name} recovered ({key})", name=vm.name, key=vm.key.label())
                 self._arm_ttl(vm)
             elif vm.state == "taken" and vm.instance_id and owned(vm.instance_id):
-                self._forget(vm)  # its sandbox's recovery rolls it back or re-adopts it
+                await self._forget(vm)  # its sandbox's recovery rolls it back or re-adopts it
             else:
                 self._log.info("pool VM {name} was {state} when the adaptor stopped: deleting it",
                                name=vm.name or vm.pool_id, state=vm.state)
@@ -282,7 +285,7 @@ class PoolManager:
     async def _create(self, key: PoolKey) -> None:
         pool_id = secrets.token_hex(32)  # a sandbox-id-shaped id: the provider names the VM from it
         name = self.provider.instance_name(POOL_POD_NAME, pool_id)
-        vm = self._put(PoolVM(pool_id=pool_id, key=key, token=claim_format.new_token(), name=name))
+        vm = await self._put(PoolVM(pool_id=pool_id, key=key, token=claim_format.new_token(), name=name))
         try:
             data = self._bootstrap_user_data(vm, name)
             instance = await self.provider.create_instance(POOL_POD_NAME, pool_id, data, key.spec())
@@ -299,7 +302,7 @@ class PoolManager:
         if vm.pool_id not in self.vms:  # drained meanwhile
             await self._delete(attrs.evolve(vm, instance_id=instance.id))
             return
-        vm = self._put(attrs.evolve(vm, state="ready", instance_id=instance.id, name=instance.name,
+        vm = await self._put(attrs.evolve(vm, state="ready", instance_id=instance.id, name=instance.name,
                                     ips=instance.ips, created=self.clock.seconds()))
         self._log.info("pool {key}: VM {name} ready ({n} ready)", key=key.label(), name=vm.name,
                        n=len(self.ready(key)))
@@ -345,11 +348,11 @@ class PoolManager:
                             error=str(e))
             self._gauge()
             return
-        self._forget(vm)
+        await self._forget(vm)
 
     # -- StartVM -----------------------------------------------------------------------------------------
 
-    def take(self, key: PoolKey) -> PoolVM | None:
+    async def take(self, key: PoolKey) -> PoolVM | None:
         """A ready VM for `key`, journalled `taken` (never handed out again), or None (a miss)."""
         ready = sorted(self.ready(key), key=lambda vm: vm.created)
         if not ready or self.config.size <= 0:
@@ -360,15 +363,20 @@ class PoolManager:
         if timer is not None and timer.active():
             timer.cancel()
         self._count_idle(vm)
-        vm = self._put(attrs.evolve(vm, state="taken"))
+        vm = await self._put(attrs.evolve(vm, state="taken"))
         POOL_HITS.labels(key=key.label()).inc()
         self.refill()
         return vm
 
-    def handed_over(self, vm: PoolVM) -> None:
+    async def handed_over(self, vm: PoolVM) -> None:
         """The sandbox journals the VM now (it deletes it at StopVM or rollback): drop it from the pool."""
-        self._forget(vm)
+        await self._forget(vm)
 
     def discard(self, vm: PoolVM) -> None:
         """A taken VM that could not be claimed: delete it (in the background)."""
         self._spawn(self._delete(vm))
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -431,12 +431,12 @@ class CloudService:
         except Exception as e:
             self._log.warn("{sandbox_id}: no pool lookup ({error})", sandbox_id=rec.sandbox_id, error=str(e))
             return None
-        vm = self.pool.take(key)
+        vm = await self.pool.take(key)
         if vm is None:
             return None
         cold_name, cold_server_name = rec.instance_name, rec.server_name
         await self._put(sb, instance_id=vm.instance_id, instance_name=vm.name, server_name=vm.name)
-        self.pool.handed_over(vm)
+        await self.pool.handed_over(vm)
         timeout = self.config.proxy_timeout if deadline is None else max(0.1, deadline - self.clock.seconds())
         try:
             await self.claimer.claim(vm, pod, min(timeout, CLAIM_TIMEOUT))

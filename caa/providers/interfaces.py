@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from twisted.python import usage
 
 
-def _strings(values: Iterable[str]) -> tuple[str, ...]:
+def string_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    """attrs converter: any iterable of strings as the tuple a frozen record keeps."""
     return tuple(values)
 
 
@@ -64,7 +65,7 @@ class InstanceSpec:
     gpus: int = 0
     image: str = ""
     multi_nic: bool = False
-    volumes: tuple[str, ...] = field(default=(), converter=_strings)
+    volumes: tuple[str, ...] = field(default=(), converter=string_tuple)
     arch: str = ""
 
 
@@ -82,7 +83,7 @@ class Instance:
 
     id: str
     name: str
-    ips: tuple[str, ...] = field(default=(), converter=_strings)
+    ips: tuple[str, ...] = field(default=(), converter=string_tuple)
 
 
 class ErrorKind(enum.Enum):

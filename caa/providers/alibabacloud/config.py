@@ -11,18 +11,9 @@ from attrs import field, frozen
 from twisted.python import usage
 
 from caa.providers.alibabacloud.rrsa import rrsa_settings
-from caa.providers.aws.config import parse_tags, split_list
 from caa.providers.interfaces import InvalidConfig
-from caa.providers.options import ProviderOptions, parse_bool, parse_uint
+from caa.providers.options import ProviderOptions, parse_bool, parse_tags, parse_uint, split_list, tags_option
 from caa.providers.redact import masked_fields
-
-
-def _tags(text: str) -> str:
-    parse_tags(text)  # check only; the option keeps its text
-    return text
-
-
-_tags.coerceDoc = "Comma-separated key=value pairs."  # type: ignore[attr-defined]
 
 
 class AlibabaCloudOptions(ProviderOptions):
@@ -41,7 +32,7 @@ class AlibabaCloudOptions(ProviderOptions):
         ["disable-cvm", None, False, "true: no TDX confidential computing mode.", parse_bool],
         ["vpc-id", None, "", "VPC (found from the vSwitch at start)."],
         ["security-group-ids", None, "", "Security group ids, comma-separated (required)."],
-        ["tags", None, "", "Extra instance tags, key=value pairs (comma-separated).", _tags],
+        ["tags", None, "", "Extra instance tags, key=value pairs (comma-separated).", tags_option],
     ]
     envVars = {
         "alibabacloud-access-key-id": "ALIBABACLOUD_ACCESS_KEY_ID",

@@ -192,15 +192,6 @@ class IPPool:
             self._log.info("byom: {ip} released by {allocation_id}", ip=ip, allocation_id=allocation_id)
         return ip
 
-    async def release_ip(self, ip: str) -> str | None:
-        """Release whatever allocation holds `ip`; its allocation id, or None when the IP was not allocated."""
-        state = await self.read()
-        holder = state.holder_of(ip) if state else None
-        if holder is None:
-            return None
-        await self.release(holder.allocation_id)
-        return holder.allocation_id
-
     async def recover(self) -> PoolState:
         """At start: keep every allocation (their cleanup is peerpod-ctrl's job) and make the free list the
         configured pool minus the allocated IPs (an IP removed from the configuration disappears, a new one

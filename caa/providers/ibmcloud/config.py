@@ -8,10 +8,9 @@ from typing import Any
 from attrs import field, frozen
 from twisted.python import usage
 
-from caa.providers.aws.config import split_list
 from caa.providers.ibmcloud.iam import DEFAULT_IAM_URL
 from caa.providers.interfaces import InvalidConfig
-from caa.providers.options import ProviderOptions, parse_bool
+from caa.providers.options import ProviderOptions, parse_bool, split_list
 from caa.providers.redact import masked_fields
 
 DEFAULT_CR_TOKEN_FILE = "/var/run/secrets/tokens/vault-token"
