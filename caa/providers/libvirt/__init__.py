@@ -1,7 +1,8 @@
 """
 libvirt provider (spec-providers §2): one persistent domain per pod, its root disk a copy-on-write qcow2
 overlay of the pod VM base volume in a storage pool, its user data on a NoCloud `cidata` ISO volume, its
-NIC on a libvirt network whose DHCP leases give the IP.
+NIC on a libvirt network whose DHCP gives the IP: reserved up front for the domain's MAC where the
+network lets us (--ip-reservation), else found in the leases.
 
 Options (default < env < flag), upstream's names plus a few marked "caa":
 
@@ -19,6 +20,7 @@ Options (default < env < flag), upstream's names plus a few marked "caa":
     --disable-cvm     DISABLECVM               true
     --domain-type     LIBVIRT_DOMAIN_TYPE      kvm (caa; "qemu" = software emulation, TCG)
     --ip-timeout      LIBVIRT_IP_TIMEOUT       180s (caa; deadline for the VM's IP)
+    --ip-reservation  LIBVIRT_IP_RESERVATION   true (caa; reserve the IP on the network's DHCP up front)
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ class LibvirtOptions(ProviderOptions):
         ["disable-cvm", None, True, "true: no launch security at all.", parse_bool],
         ["domain-type", None, "kvm", "Domain type: kvm, or qemu for software emulation (TCG)."],
         ["ip-timeout", None, 180.0, "Deadline for the VM to get an IP (Go duration).", parse_duration],
+        ["ip-reservation", None, True,
+         "true: reserve the VM's address on the network's DHCP up front and return without waiting for the lease.",
+         parse_bool],
     ]
     envVars = {
         "uri": "LIBVIRT_URI",
@@ -42,6 +45,7 @@ class LibvirtOptions(ProviderOptions):
         "disable-cvm": "DISABLECVM",
         "domain-type": "LIBVIRT_DOMAIN_TYPE",
         "ip-timeout": "LIBVIRT_IP_TIMEOUT",
+        "ip-reservation": "LIBVIRT_IP_RESERVATION",
     }
 
 
@@ -62,6 +66,7 @@ class LibvirtConfig:
     disable_cvm: bool = True
     domain_type: str = "kvm"
     ip_timeout: float = 180.0
+    ip_reservation: bool = True
 
     @classmethod
     def from_options(cls, options: usage.Options) -> LibvirtConfig:
@@ -80,6 +85,7 @@ class LibvirtConfig:
             disable_cvm=bool(options["disable-cvm"]),
             domain_type=options["domain-type"],
             ip_timeout=float(options["ip-timeout"]),
+            ip_reservation=bool(options["ip-reservation"]),
         )
 
     def check(self) -> None:

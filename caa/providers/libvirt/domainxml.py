@@ -160,6 +160,17 @@ class DomainParams:
     pod_name: str = ""
     sandbox_id: str = ""
     data_disks: tuple[DataDisk, ...] = ()
+    #: the NIC's MAC (None: libvirt generates one); set when a DHCP reservation holds the VM's address
+    mac: str | None = None
+
+
+def _interface(devices: ET.Element, params: DomainParams) -> ET.Element:
+    interface = ET.SubElement(devices, "interface", type="network")
+    if params.mac:
+        ET.SubElement(interface, "mac", address=params.mac)
+    ET.SubElement(interface, "source", network=params.network)
+    ET.SubElement(interface, "model", type="virtio")
+    return interface
 
 
 def _metadata(domain: ET.Element, params: DomainParams) -> None:
@@ -255,9 +266,7 @@ def _x86_64(params: DomainParams, caps: HostCapabilities) -> ET.Element:
         ET.SubElement(iso, "readonly")
         ET.SubElement(iso, "address", type="drive", controller="0", bus="0", target="0", unit="0")
     _data_disks(devices, params, "a", confidential)
-    interface = ET.SubElement(devices, "interface", type="network")
-    ET.SubElement(interface, "source", network=params.network)
-    ET.SubElement(interface, "model", type="virtio")
+    interface = _interface(devices, params)
     if confidential:
         ET.SubElement(interface, "driver", iommu="on")
         ET.SubElement(interface, "rom", enabled="no")
@@ -313,9 +322,7 @@ def _virtio_arch(params: DomainParams, caps: HostCapabilities, arch: str) -> ET.
         ET.SubElement(iso, "readonly")
         ET.SubElement(devices, "controller", type="scsi", model="virtio-scsi")
     _data_disks(devices, params, "c" if s390 else "b", True)
-    interface = ET.SubElement(devices, "interface", type="network")
-    ET.SubElement(interface, "source", network=params.network)
-    ET.SubElement(interface, "model", type="virtio")
+    interface = _interface(devices, params)
     ET.SubElement(interface, "driver", iommu="on")
     console = ET.SubElement(devices, "console", type="pty")
     ET.SubElement(console, "target", type="sclp" if s390 else "serial")

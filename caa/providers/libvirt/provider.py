@@ -8,6 +8,10 @@ Fixes over upstream (spec-providers §16.2 #2-#6, #26):
   sandbox) instead of a success without UUID or IPs;
 - a create that fails at any step, or is cancelled, removes what it made (volumes, ISO, domain);
   leftovers of an interrupted earlier create (same names) are removed before creating;
+- the VM's address is reserved on the network's DHCP (a `<host>` entry for a MAC we choose) before the domain
+  is defined, so create returns as soon as the domain is started and the adaptor dials while the guest boots;
+  where the network has no DHCP range or refuses the update (or --ip-reservation=false), the IP wait below;
+  the reservation goes with the domain (delete, rollback, leftover cleanup);
 - the IP wait polls the domain's lease addresses and the network's DHCP leases with a short back-off up
   to one deadline (--ip-timeout), and stops at once if the domain dies;
 - the ISO's disk path is the volume's path, not its key;
@@ -46,6 +50,7 @@ from caa.providers.interfaces import (
     TransientError,
 )
 from caa.providers.libvirt.config import LibvirtConfig
+from caa.providers.libvirt.dhcp import DhcpHost, choose_address, dhcp_scope, hosts_of, random_mac, reserved_ips
 from caa.providers.libvirt.domainxml import (
     METADATA_NS,
     DataDisk,
@@ -92,6 +97,8 @@ _CONFIG_ERRORS = {
     libvirt.VIR_ERR_NO_STORAGE_VOL,
 }
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+#: Addresses tried per create when other adaptors sharing the network take the chosen one first.
+_RESERVE_ATTEMPTS = 16
 _QUOTA_WORDS = ("cannot allocate memory", "no space left", "not enough free space", "out of memory", "insufficient")
 
 
@@ -123,6 +130,7 @@ class _Made:
 
     volumes: list[str] = field(factory=list)
     domain_defined: bool = False
+    reservation: DhcpHost | None = None
 
 
 class ConnectionRunner(Protocol):
@@ -294,6 +302,7 @@ class LibvirtProvider:
                 await self._owner.run(self._t_sev)
             data_disks = await self._owner.run(self._t_data_disks, spec.volumes)
             root_path, iso_path = await self._owner.run(self._t_volumes, name, image, user_data, made)
+            reservation = await self._reserve(name, made)
             params = DomainParams(
                 name=name,
                 vcpus=vcpus,
@@ -309,10 +318,14 @@ class LibvirtProvider:
                 pod_name=pod_name,
                 sandbox_id=sandbox_id,
                 data_disks=data_disks,
+                mac=reservation.mac if reservation is not None else None,
             )
             domain_xml = build_domain_xml(params, host)
             domain_uuid = await self._owner.run(self._t_define_and_start, domain_xml, vcpus, memory, made)
-            ips = await self._wait_for_ips(domain_uuid, deadline)
+            if reservation is not None:
+                ips = (reservation.ip,)  # dnsmasq hands it to the guest; the adaptor dials while it boots
+            else:
+                ips = await self._wait_for_ips(domain_uuid, deadline)
         except BaseException as e:
             await self._rollback(name, made, sandbox_id, e)
             if isinstance(e, (ProviderError, CancelledError)):
@@ -327,6 +340,15 @@ class LibvirtProvider:
             elapsed=self._reactor.seconds() - started,
         )
         return Instance(domain_uuid, name, ips)
+
+    async def _reserve(self, name: str, made: _Made) -> DhcpHost | None:
+        if not self.config.ip_reservation:
+            self._log.info(
+                "--ip-reservation is off; {name} waits for its DHCP lease on network {network}",
+                name=name, network=self.config.network_name,
+            )
+            return None
+        return await self._owner.run(self._t_reserve, name, made)
 
     async def _rollback(self, name: str, made: _Made, sandbox_id: str, cause: BaseException) -> None:
         self._log.warn(
@@ -509,6 +531,126 @@ class LibvirtProvider:
                 pass
             raise
 
+    def _network(self, conn: libvirt.virConnect) -> libvirt.virNetwork:
+        try:
+            return conn.networkLookupByName(self.config.network_name)
+        except libvirt.libvirtError as e:
+            raise map_libvirt_error(e, f'can\'t find network "{self.config.network_name}"') from None
+
+    @staticmethod
+    def _update_flags(network: libvirt.virNetwork) -> int:
+        flags = 0
+        if network.isActive():
+            flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+        if network.isPersistent():
+            flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+        return flags
+
+    @staticmethod
+    def _leased(network: libvirt.virNetwork) -> list[str]:
+        try:
+            leases = network.DHCPLeases() or []
+        except libvirt.libvirtError as e:
+            if _is_connection_error(e):
+                raise
+            return []  # a driver without lease reporting: the host entries still keep us apart
+        return [str(lease["ipaddr"]) for lease in leases
+                if lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 and lease.get("ipaddr")]
+
+    def _t_reserve(self, conn: libvirt.virConnect, name: str, made: _Made) -> DhcpHost | None:
+        """Choose a MAC and a free address of the network's DHCP range and add the `<host>` entry, retrying
+        with another address when another adaptor took it first. None: the network is not ours to change."""
+        network = self._network(conn)
+        network_name = self.config.network_name
+        # A reservation left by an interrupted create of the same name (its domain gone) would block ours.
+        errors = self._remove_reservations(conn, name, ())
+        if errors:
+            raise TransientError(f"removing the old DHCP reservation of {name}: " + "; ".join(errors))
+        scope = dhcp_scope(network.XMLDesc(0))
+        flags = self._update_flags(network)
+        tried: set[str] = set()
+        for _attempt in range(_RESERVE_ATTEMPTS):
+            if scope is None:
+                self._log.info(
+                    "network {network} has no DHCP range we can reserve in; waiting for the DHCP lease",
+                    network=network_name,
+                )
+                return None
+            ip = choose_address(scope, self._leased(network), tried)
+            if ip is None:
+                self._log.warn(
+                    "network {network} has no free address in its DHCP range; waiting for the DHCP lease",
+                    network=network_name,
+                )
+                return None
+            host = DhcpHost(random_mac(), name, ip)
+            try:
+                network.update(
+                    libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                    host.xml(), flags,
+                )
+            except libvirt.libvirtError as e:
+                if _is_connection_error(e):
+                    raise
+                if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID:
+                    self._log.info(
+                        "network {network} refuses DHCP host reservations ({error}); waiting for the DHCP lease",
+                        network=network_name, error=e.get_error_message() or str(e),
+                    )
+                    return None
+                # an entry with this address (or MAC) exists already: another adaptor was quicker
+                tried.add(ip)
+                scope = dhcp_scope(network.XMLDesc(0))
+                continue
+            made.reservation = host
+            self._log.info(
+                "reserved {ip} for {mac} on network {network}", ip=ip, mac=host.mac, network=network_name
+            )
+            return host
+        self._log.warn(
+            "network {network}: {count} addresses were taken while we reserved them; waiting for the DHCP lease",
+            network=network_name, count=_RESERVE_ATTEMPTS,
+        )
+        return None
+
+    def _remove_reservations(self, conn: libvirt.virConnect, name: str, macs: list[str]) -> list[str]:
+        """DELETE exactly the network's host entries named `name` or for one of `macs`, in the live and the
+        persistent definition. Returns errors."""
+        try:
+            network = conn.networkLookupByName(self.config.network_name)
+        except libvirt.libvirtError as e:
+            if _not_found(e, libvirt.VIR_ERR_NO_NETWORK):
+                return []
+            return [f"looking up network {self.config.network_name}: {e}"]
+        definitions: list[tuple[int, str]] = []
+        try:
+            if network.isActive():
+                definitions.append((libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE, network.XMLDesc(0)))
+            if network.isPersistent():
+                definitions.append(
+                    (libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG, network.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
+                )
+        except libvirt.libvirtError as e:
+            return [f"reading network {self.config.network_name}: {e}"]
+        errors = []
+        for flags, xml in definitions:
+            for host in hosts_of(xml, name, macs):
+                try:
+                    network.update(
+                        libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                        host.xml(), flags,
+                    )
+                except libvirt.libvirtError as e:
+                    errors.append(f"removing DHCP reservation {host.xml()} from network {self.config.network_name}: "
+                                  f"{e.get_error_message() or e}")
+                    continue
+                if flags == libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE or len(definitions) == 1:
+                    self._log.info(
+                        "removed the DHCP reservation of {ip} for {mac} ({name}) on network {network}",
+                        ip=host.ip, mac=host.mac, name=host.name, network=self.config.network_name,
+                    )
+        return errors
+
     def _t_define_and_start(
         self, conn: libvirt.virConnect, domain_xml: str, vcpus: int, memory: int, made: _Made
     ) -> str:
@@ -558,6 +700,12 @@ class LibvirtProvider:
                 if str(lease.get("mac", "")).lower() in macs and lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
                     if lease.get("ipaddr") and lease["ipaddr"] not in v4:
                         v4.append(lease["ipaddr"])
+            if not v4:
+                # no lease yet: the address reserved for the domain's MAC is the one it will get
+                try:
+                    v4 = reserved_ips(conn.networkLookupByName(self.config.network_name).XMLDesc(0), macs)
+                except libvirt.libvirtError:
+                    pass
         return tuple(v4 + v6)
 
     def _t_find(self, conn: libvirt.virConnect, name: str) -> Instance | None:
@@ -583,6 +731,10 @@ class LibvirtProvider:
     def _t_delete(self, conn: libvirt.virConnect, instance_id: str) -> bool:
         domain = self._lookup(conn, instance_id)
         if domain is None:
+            if not _UUID.match(instance_id):
+                errors = self._remove_reservations(conn, instance_id, [])
+                if errors:
+                    raise TransientError(f"deleting instance {instance_id}: " + "; ".join(errors))
             return False
         errors = self._remove_domain(conn, domain)
         if errors:
@@ -598,13 +750,15 @@ class LibvirtProvider:
                 raise
         else:
             errors = self._remove_domain(conn, domain)
+        errors += self._remove_reservations(conn, name, [])
         pool = self._pool(conn)
         errors += self._delete_volumes(pool, (f"{name}-root.qcow2", f"{name}-cloudinit.iso"))
         if errors:
             raise TransientError(f"removing {name}: " + "; ".join(errors))
 
     def _remove_domain(self, conn: libvirt.virConnect, domain: libvirt.virDomain) -> list[str]:
-        """Power off, delete the domain's own disks (`<name>-*` volumes), undefine. Returns errors."""
+        """Power off, delete the domain's own disks (`<name>-*` volumes), undefine, remove its DHCP reservation.
+        Returns errors."""
         name = domain.name()
         errors: list[str] = []
         if domain.isActive():
@@ -633,6 +787,7 @@ class LibvirtProvider:
         except libvirt.libvirtError as e:
             if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:
                 errors.append(f"undefining domain {name}: {e}")
+        errors += self._remove_reservations(conn, name, interface_macs(domain_xml))
         return errors
 
     def _delete_volumes(self, pool: libvirt.virStoragePool, names: tuple[str, ...]) -> list[str]:
