@@ -589,7 +589,7 @@ class TestDriverTests(_TestDriver, TestCase):
                 return ()
 
         async def run() -> None:
-            provider = self.provider(cls=NoLease, ip_timeout=0.5)
+            provider = self.provider(cls=NoLease, ip_timeout=0.5, ip_reservation=False)
             pod, sid = unique_pod("td")
             started = time.monotonic()
             with self.assertRaises(TransientError) as caught:
@@ -606,7 +606,7 @@ class TestDriverTests(_TestDriver, TestCase):
                 return ()
 
         async def run() -> None:
-            provider = self.provider(cls=NoLease, ip_timeout=60.0)
+            provider = self.provider(cls=NoLease, ip_timeout=60.0, ip_reservation=False)
             pod, sid = unique_pod("td")
             name = provider.instance_name(pod, sid)
             creating = provider.create_instance(pod, sid, b"", InstanceSpec())

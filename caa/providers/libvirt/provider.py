@@ -563,7 +563,7 @@ class LibvirtProvider:
         network = self._network(conn)
         network_name = self.config.network_name
         # A reservation left by an interrupted create of the same name (its domain gone) would block ours.
-        errors = self._remove_reservations(conn, name, ())
+        errors = self._remove_reservations(conn, name, [])
         if errors:
             raise TransientError(f"removing the old DHCP reservation of {name}: " + "; ".join(errors))
         scope = dhcp_scope(network.XMLDesc(0))
@@ -613,6 +613,24 @@ class LibvirtProvider:
         )
         return None
 
+    @staticmethod
+    def _definitions(network: libvirt.virNetwork) -> list[tuple[int, str]]:
+        """(update flags, XML) of the network's live and persistent definitions."""
+        live, config = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE, libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+        active, persistent = network.isActive(), network.isPersistent()
+        if not active:
+            return [(config, network.XMLDesc(0))] if persistent else []
+        live_xml = network.XMLDesc(0)
+        if not persistent:
+            return [(live, live_xml)]
+        try:
+            inactive_xml = network.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+        except libvirt.libvirtError as e:
+            if _is_connection_error(e):
+                raise
+            return [(live | config, live_xml)]  # a driver that cannot show them apart keeps them alike
+        return [(live, live_xml), (config, inactive_xml)]
+
     def _remove_reservations(self, conn: libvirt.virConnect, name: str, macs: list[str]) -> list[str]:
         """DELETE exactly the network's host entries named `name` or for one of `macs`, in the live and the
         persistent definition. Returns errors."""
@@ -622,14 +640,8 @@ class LibvirtProvider:
             if _not_found(e, libvirt.VIR_ERR_NO_NETWORK):
                 return []
             return [f"looking up network {self.config.network_name}: {e}"]
-        definitions: list[tuple[int, str]] = []
         try:
-            if network.isActive():
-                definitions.append((libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE, network.XMLDesc(0)))
-            if network.isPersistent():
-                definitions.append(
-                    (libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG, network.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
-                )
+            definitions = self._definitions(network)
         except libvirt.libvirtError as e:
             return [f"reading network {self.config.network_name}: {e}"]
         errors = []
@@ -644,7 +656,7 @@ class LibvirtProvider:
                     errors.append(f"removing DHCP reservation {host.xml()} from network {self.config.network_name}: "
                                   f"{e.get_error_message() or e}")
                     continue
-                if flags == libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE or len(definitions) == 1:
+                if flags & libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE or len(definitions) == 1:
                     self._log.info(
                         "removed the DHCP reservation of {ip} for {mac} ({name}) on network {network}",
                         ip=host.ip, mac=host.mac, name=host.name, network=self.config.network_name,
@@ -677,7 +689,14 @@ class LibvirtProvider:
         return self._addresses(conn, domain)
 
     def _addresses(self, conn: libvirt.virConnect, domain: libvirt.virDomain) -> tuple[str, ...]:
-        v4: list[str] = []
+        """The domain's IPv4 address (the one reserved for its MAC, else what the DHCP leases say), then IPv6."""
+        macs = interface_macs(domain.XMLDesc(0))
+        try:
+            network: libvirt.virNetwork | None = conn.networkLookupByName(self.config.network_name)
+        except libvirt.libvirtError:
+            network = None
+        # a reservation is what dnsmasq hands the guest: known before the lease, the same after it
+        v4: list[str] = reserved_ips(network.XMLDesc(0), macs) if network is not None else []
         v6: list[str] = []
         try:
             interfaces = domain.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0) or {}
@@ -685,27 +704,24 @@ class LibvirtProvider:
             if _code(e) == libvirt.VIR_ERR_OPERATION_INVALID:  # stopped meanwhile
                 return ()
             raise map_libvirt_error(e, "Internal error on getting domain IPs") from None
+        reserved = bool(v4)
         for interface in interfaces.values():
             for address in interface.get("addrs") or []:
-                target = v4 if address.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 else v6
+                ipv4 = address.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4
+                if ipv4 and reserved:
+                    continue
+                target = v4 if ipv4 else v6
                 if address.get("addr") and address["addr"] not in target:
                     target.append(address["addr"])
-        if not v4:
-            macs = interface_macs(domain.XMLDesc(0))
+        if not v4 and network is not None:
             try:
-                leases = conn.networkLookupByName(self.config.network_name).DHCPLeases()
+                leases = network.DHCPLeases()
             except libvirt.libvirtError:
                 leases = []
             for lease in leases:
                 if str(lease.get("mac", "")).lower() in macs and lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
                     if lease.get("ipaddr") and lease["ipaddr"] not in v4:
                         v4.append(lease["ipaddr"])
-            if not v4:
-                # no lease yet: the address reserved for the domain's MAC is the one it will get
-                try:
-                    v4 = reserved_ips(conn.networkLookupByName(self.config.network_name).XMLDesc(0), macs)
-                except libvirt.libvirtError:
-                    pass
         return tuple(v4 + v6)
 
     def _t_find(self, conn: libvirt.virConnect, name: str) -> Instance | None:
