@@ -31,6 +31,7 @@ from caa.providers.libvirt.provider import LibvirtProvider
 from caa.reactors import as_node_reactor
 from tests import libvirt_helpers as lh
 from tests.test_providers_contract import unique_pod
+from tests.test_providers_libvirt import _StreamlessLibvirtProvider, _TestDriver
 
 DHCP_FIRST = ipaddress.IPv4Address("192.168.150.100")
 DHCP_LAST = ipaddress.IPv4Address("192.168.150.250")
@@ -297,3 +298,73 @@ class ReservationTests(TestCase):
 
         self.addCleanup(deferToThread, remove)
         return name
+
+
+class _RacedProvider(_StreamlessLibvirtProvider):
+    """The provider with another adaptor (sharing the network) stepping in between our read of the network and our
+    ADD: at the first lease lookup it reserves the addresses we are about to choose from, and reports the last one
+    of the range as leased so our first choice is sure to collide."""
+
+    rival_hosts: list[DhcpHost]
+    lease_first: str
+
+    def _leased(self, network: Any) -> list[str]:
+        if self.rival_hosts:
+            for host in self.rival_hosts:
+                network.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                               -1, host.xml(), libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE)
+            self.rival_hosts = []
+            return [self.lease_first]
+        return []
+
+
+class TestDriverReservationTests(_TestDriver, TestCase):
+    """The reservation steps against libvirt's in-process test driver, which implements virNetworkUpdate with the
+    same collision checks as the network driver (but no lease list)."""
+
+    def setUp(self) -> None:
+        self.case = self
+        self.setup_test_driver()
+
+    def tiny_network(self, first: int, last: int) -> str:
+        name = f"caa-tiny-{os.getpid()}-{id(self)}"
+        net = self.conn.networkCreateXML(
+            f"<network><name>{name}</name><bridge name='tiny{id(self) % 100000}'/>"
+            f"<ip address='10.77.0.1' netmask='255.255.255.0'><dhcp><range start='10.77.0.{first}' "
+            f"end='10.77.0.{last}'/></dhcp></ip></network>")
+        self.addCleanup(net.destroy)
+        return name
+
+    async def test_address_taken_meanwhile_is_retried(self) -> None:
+        network = self.tiny_network(10, 12)
+        provider = self.provider(cls=_RacedProvider, network_name=network)
+        assert isinstance(provider, _RacedProvider)
+        provider.rival_hosts = [DhcpHost("52:54:00:ee:00:10", "rival-a", "10.77.0.10"),
+                                DhcpHost("52:54:00:ee:00:11", "rival-b", "10.77.0.11")]
+        provider.lease_first = "10.77.0.12"
+        pod, sid = unique_pod("race")
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec())
+        self.assertEqual(instance.ips, ("10.77.0.12",))
+        xml = self.conn.networkLookupByName(network).XMLDesc(0)
+        macs = interface_macs(self.conn.lookupByName(instance.name).XMLDesc(0))
+        self.assertIn(DhcpHost(macs[0], instance.name, "10.77.0.12"), dhcp_hosts(xml))
+        await provider.delete_instance(instance.id)
+        # exactly our entry went: the rival adaptor's stay
+        self.assertEqual([h.name for h in dhcp_hosts(self.conn.networkLookupByName(network).XMLDesc(0))],
+                         ["rival-a", "rival-b"])
+        self.assertEqual(self.left([instance.name]), [])
+
+    async def test_full_range_waits_for_the_lease(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        network = self.tiny_network(10, 10)
+        self.conn.networkLookupByName(network).update(
+            libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+            DhcpHost("52:54:00:ee:00:10", "rival-a", "10.77.0.10").xml(), libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE)
+        provider = self.provider(network_name=network)
+        pod, sid = unique_pod("full")
+        instance = await provider.create_instance(pod, sid, b"", InstanceSpec())  # the test driver "leases" one
+        self.addCleanup(provider.delete_instance, instance.id)
+        texts = [formatEvent(e) for e in observer if e.get("log_source") is provider]
+        self.assertIn(f"network {network} has no free address in its DHCP range; waiting for the DHCP lease", texts)
+        self.assertEqual(interface_macs(self.conn.lookupByName(instance.name).XMLDesc(0)), [],
+                         "no MAC of ours without a reservation: the domain XML is as before")

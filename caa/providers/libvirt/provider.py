@@ -546,8 +546,7 @@ class LibvirtProvider:
             flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
         return flags
 
-    @staticmethod
-    def _leased(network: libvirt.virNetwork) -> list[str]:
+    def _leased(self, network: libvirt.virNetwork) -> list[str]:
         try:
             leases = network.DHCPLeases() or []
         except libvirt.libvirtError as e:
