@@ -366,5 +366,5 @@ class TestDriverReservationTests(_TestDriver, TestCase):
         self.addCleanup(provider.delete_instance, instance.id)
         texts = [formatEvent(e) for e in observer if e.get("log_source") is provider]
         self.assertIn(f"network {network} has no free address in its DHCP range; waiting for the DHCP lease", texts)
-        self.assertEqual(interface_macs(self.conn.lookupByName(instance.name).XMLDesc(0)), [],
-                         "no MAC of ours without a reservation: the domain XML is as before")
+        hosts = dhcp_hosts(self.conn.networkLookupByName(network).XMLDesc(0))
+        self.assertEqual([h.name for h in hosts], ["rival-a"])
