@@ -3,7 +3,8 @@ The StartVM rollback contract on real libvirt, the adaptor as a real `twistd caa
 answers is deleted at the proxy timeout. The base volume is an empty qcow2 (SeaBIOS finds nothing to boot, so no
 forwarder ever listens); the libvirt provider reserves the VM's address and returns at once, the adaptor builds the
 VXLAN tunnel into a pod netns wired like a bridge CNI and dials until --proxy-timeout. StartVM must then fail with
-an error naming the timeout, and no domain, no volume of the VM, no DHCP reservation and no tunnel may be left.
+an error naming the proxy connection that never came, and no domain, no volume of the VM, no DHCP reservation
+and no tunnel may be left.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class NeverAnsweringVMTests(TestCase):
             await self._call(str(sock), "StartVM", pb.StartVMRequest(id=sid), pb.StartVMResponse, 240)
         elapsed = time.monotonic() - started
         message = str(caught.exception)
-        self.assertIn("timed out", message.lower(), f"StartVM error: {message}\n{adaptor_log()}")
+        # the error names what failed and where: upstream's wording, the VM's (reserved) address and port
+        self.assertIn("failed to establish agent proxy connection to 192.168.150.", message,
+                      f"StartVM error: {message}\n{adaptor_log()}")
         self.assertGreaterEqual(elapsed, PROXY_TIMEOUT - 1, message)
         log_text = log_path.read_text(errors="replace")
         # the provider took the reservation path: the address was known before the guest booted
