@@ -692,10 +692,12 @@ class RealLibvirtContractTests(ProviderContractMixin, TestCase):
         return await deferToThread(left)
 
     async def check_running(self, instance: Any, user_data: bytes) -> None:
-        """The guest serves its cidata CD-ROM over HTTP: the user data we passed came through."""
+        """The guest serves its cidata CD-ROM over HTTP on the address create returned: the user data we passed came
+        through, and the guest got the reserved address from DHCP. create returns before the guest boots (the
+        address is reserved up front), so the wait here covers the boot."""
 
         def fetch() -> bytes:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180
             while True:
                 try:
                     with urllib.request.urlopen(f"http://{instance.ips[0]}:15150/user-data", timeout=2) as r:
