@@ -29,6 +29,7 @@ from caa.providers.cidata import build_cidata_iso, read_cidata_iso
 from caa.providers.interfaces import ErrorKind, InstanceSpec, InvalidConfig, ProviderError, TransientError
 from caa.providers.libvirt import LibvirtProviderFactory
 from caa.providers.libvirt.config import LibvirtConfig, LibvirtOptions
+from caa.providers.libvirt.dhcp import dhcp_hosts
 from caa.providers.libvirt.domainxml import (
     GIB,
     METADATA_NS,
@@ -229,13 +230,14 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((config.cpu, config.memory, config.root_disk_size), (2, 8192, 10))
         self.assertEqual(config.firmware, "/usr/share/OVMF/OVMF_CODE_4M.fd")
         self.assertTrue(config.disable_cvm)
+        self.assertTrue(config.ip_reservation)
 
     def test_env_names(self) -> None:
         env = {
             "LIBVIRT_URI": "qemu:///system", "LIBVIRT_POOL": "p", "LIBVIRT_NET": "n", "LIBVIRT_VOL_NAME": "v",
             "LIBVIRT_LAUNCH_SECURITY": "s390-pv", "LIBVIRT_EFI_FIRMWARE": "", "LIBVIRT_CPU": "4",
             "LIBVIRT_MEMORY": "512", "LIBVIRT_CPUSET": "0-1", "LIBVIRT_ROOT_DISK_SIZE": "20", "DISABLECVM": "false",
-            "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_IP_TIMEOUT": "30s",
+            "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_IP_TIMEOUT": "30s", "LIBVIRT_IP_RESERVATION": "false",
         }
         options = LibvirtOptions(environ=env)
         options.parseOptions(["--memory", "1024", "--firmware="])
@@ -248,9 +250,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             (config.disable_cvm, config.domain_type, config.ip_timeout, config.firmware), (False, "qemu", 30.0, "")
         )
+        self.assertFalse(config.ip_reservation)
 
     def test_bad_values_fail_at_start(self) -> None:
-        for argv in (["--cpu=0"], ["--cpuset=x"], ["--launch-security=magic"], ["--pool-name="], ["--domain-type=xen"]):
+        for argv in (["--cpu=0"], ["--cpuset=x"], ["--launch-security=magic"], ["--pool-name="], ["--domain-type=xen"],
+                     ["--ip-reservation=maybe"]):
             self.assertRaises(usage.UsageError, LibvirtOptions(environ={}).parseOptions, argv)
 
     def test_redacted_uri(self) -> None:
@@ -378,7 +382,10 @@ class _TestDriver:
     def left(self, names: list[str]) -> list[str]:
         volumes = [v for v in self.pool.listVolumes() if any(v.startswith(n + "-") for n in names)]
         domains = [d.name() for d in self.conn.listAllDomains() if d.name() in names]
-        return volumes + domains
+        # the DHCP reservations (host entries named after the domain) of the network the VMs were on
+        hosts = [f"DHCP host {h.name} {h.ip}" for h in dhcp_hosts(self.conn.networkLookupByName("default").XMLDesc(0))
+                 if h.name in names]
+        return volumes + domains + hosts
 
 
 class TestDriverContractTests(ProviderContractMixin, _TestDriver, TestCase):

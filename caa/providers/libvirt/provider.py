@@ -130,7 +130,6 @@ class _Made:
 
     volumes: list[str] = field(factory=list)
     domain_defined: bool = False
-    reservation: DhcpHost | None = None
 
 
 class ConnectionRunner(Protocol):
@@ -302,7 +301,7 @@ class LibvirtProvider:
                 await self._owner.run(self._t_sev)
             data_disks = await self._owner.run(self._t_data_disks, spec.volumes)
             root_path, iso_path = await self._owner.run(self._t_volumes, name, image, user_data, made)
-            reservation = await self._reserve(name, made)
+            reservation = await self._reserve(name)
             params = DomainParams(
                 name=name,
                 vcpus=vcpus,
@@ -341,14 +340,15 @@ class LibvirtProvider:
         )
         return Instance(domain_uuid, name, ips)
 
-    async def _reserve(self, name: str, made: _Made) -> DhcpHost | None:
+    async def _reserve(self, name: str) -> DhcpHost | None:
         if not self.config.ip_reservation:
             self._log.info(
                 "--ip-reservation is off; {name} waits for its DHCP lease on network {network}",
                 name=name, network=self.config.network_name,
             )
             return None
-        return await self._owner.run(self._t_reserve, name, made)
+        # (a rollback removes the reservation by the domain's name, as the leftover cleanup does)
+        return await self._owner.run(self._t_reserve, name)
 
     async def _rollback(self, name: str, made: _Made, sandbox_id: str, cause: BaseException) -> None:
         self._log.warn(
@@ -556,7 +556,7 @@ class LibvirtProvider:
         return [str(lease["ipaddr"]) for lease in leases
                 if lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 and lease.get("ipaddr")]
 
-    def _t_reserve(self, conn: libvirt.virConnect, name: str, made: _Made) -> DhcpHost | None:
+    def _t_reserve(self, conn: libvirt.virConnect, name: str) -> DhcpHost | None:
         """Choose a MAC and a free address of the network's DHCP range and add the `<host>` entry, retrying
         with another address when another adaptor took it first. None: the network is not ours to change."""
         network = self._network(conn)
@@ -601,7 +601,6 @@ class LibvirtProvider:
                 tried.add(ip)
                 scope = dhcp_scope(network.XMLDesc(0))
                 continue
-            made.reservation = host
             self._log.info(
                 "reserved {ip} for {mac} on network {network}", ip=ip, mac=host.mac, network=network_name
             )
@@ -695,7 +694,13 @@ class LibvirtProvider:
         except libvirt.libvirtError:
             network = None
         # a reservation is what dnsmasq hands the guest: known before the lease, the same after it
-        v4: list[str] = reserved_ips(network.XMLDesc(0), macs) if network is not None else []
+        v4: list[str] = []
+        if network is not None and macs:
+            try:
+                v4 = reserved_ips(network.XMLDesc(0), macs)
+            except libvirt.libvirtError as e:
+                if _is_connection_error(e):
+                    raise
         v6: list[str] = []
         try:
             interfaces = domain.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0) or {}
