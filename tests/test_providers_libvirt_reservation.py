@@ -272,6 +272,22 @@ class ReservationTests(TestCase):
         self.assertEqual(await deferToThread(lh.domains_named, name), [])
         self.assertEqual(await self.volumes_of(name), [])
 
+    async def test_refused_update_waits_for_the_lease(self) -> None:
+        """libvirtd's read-only socket refuses every change (as a user without write access to the network would be
+        refused): the reservation step gives way to the lease wait, and nothing is added to the network. (Creating
+        the domain needs write access too, so the step is run alone on the provider's connection thread.)"""
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        provider = self.provider(uri="qemu:///system?socket=/var/run/libvirt/libvirt-sock-ro")
+        pod, sid = self.pod()
+        name = provider.instance_name(pod, sid)
+        self.assertIsNone(await provider._owner.run(provider._t_reserve, name))
+        texts = [formatEvent(e) for e in observer if e.get("log_source") is provider]
+        refused = [t for t in texts if t.startswith(f"network {self.network} refuses DHCP host reservations (")]
+        self.assertEqual(len(refused), 1, texts)
+        self.assertIn("read only access prevents virNetworkUpdate", refused[0])
+        self.assertTrue(refused[0].endswith("); waiting for the DHCP lease"), refused[0])
+        self.assertEqual(await self.hosts_named(name), [])
+
     def _network_without_dhcp(self) -> str:
         """A routed-nowhere network of this test (unique name, bridge and subnet), with an address and no DHCP."""
         name = lh.unique_name("caa-nodhcp")
