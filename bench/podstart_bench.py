@@ -38,7 +38,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from guest_console import ConsoleTap
 
@@ -106,6 +106,15 @@ def start_reactor() -> None:
     if not _reactor_started:
         threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
         _reactor_started = True
+
+
+def on_reactor(f: Any, *args: Any) -> Any:
+    """f(*args) on the reactor thread, its Deferred's result here."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import blockingCallFromThread
+
+    start_reactor()
+    return blockingCallFromThread(cast(Any, reactor), f, *args)
 
 
 def call(sock: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
@@ -396,9 +405,6 @@ class Floor:
 
 def run_floor(provider: Any, uri: str, i: int, timeout: float) -> Floor:
     """The floor VM through the same provider and domain XML: create, then TCP-probe :15150 every 20 ms."""
-    from twisted.internet import reactor
-    from twisted.internet.threads import blockingCallFromThread
-
     from caa.providers.interfaces import InstanceSpec
 
     sid = secrets.token_hex(32)
@@ -406,8 +412,7 @@ def run_floor(provider: Any, uri: str, i: int, timeout: float) -> Floor:
     tap = ConsoleTap(uri, provider.instance_name(pod, sid))
     floor = Floor()
     t0 = time.monotonic()
-    instance = blockingCallFromThread(reactor, provider.create_instance, pod, sid, b"#cloud-config\n",
-                                      InstanceSpec(image=FLOOR_VOLUME))
+    instance = on_reactor(provider.create_instance, pod, sid, b"#cloud-config\n", InstanceSpec(image=FLOOR_VOLUME))
     floor.returned_s = time.monotonic() - t0
     try:
         deadline = t0 + timeout
@@ -424,7 +429,7 @@ def run_floor(provider: Any, uri: str, i: int, timeout: float) -> Floor:
         time.sleep(0.5)  # the marker line follows the bind
         tap.stop()
         floor.markers = tap.markers()
-        blockingCallFromThread(reactor, provider.delete_instance, instance.id)
+        on_reactor(provider.delete_instance, instance.id)
     return floor
 
 
@@ -487,8 +492,7 @@ def bench_libvirt(n: int, floor: bool, baseline_tree: str, timeout: float) -> di
         for adaptor in adaptors.values():
             adaptor.stop()
         unwire(netns)
-        from twisted.internet.threads import blockingCallFromThread
-        blockingCallFromThread(reactor, provider.teardown)
+        on_reactor(provider.teardown)
         if not os.environ.get("KEEP"):
             shutil.rmtree(work, ignore_errors=True)
     out: dict[str, Any] = {"n": n, "image": str(env.image_dir)}

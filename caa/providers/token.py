@@ -25,7 +25,6 @@ from caa.providers.interfaces import InvalidConfig, ProviderError, TransientErro
 from caa.providers.redact import Redactor
 from caa.providers.rest import RestResponse
 
-
 T = TypeVar("T")
 
 

@@ -4,8 +4,8 @@ RRSA (RAM Roles for Service Accounts, ACK's OIDC federation): temporary Alibaba 
 (`ALIBABA_CLOUD_OIDC_TOKEN_FILE`, audience `sts.aliyuncs.com`) from STS `AssumeRoleWithOIDC` (`Version=2015-04-01`,
 an anonymous RPC call: no AccessKeyId, no signature) with `OIDCProviderArn`, `OIDCToken`, `RoleSessionName`.
 The answer's `Credentials` (`AccessKeyId`, `AccessKeySecret`, `SecurityToken`, `Expiration`) are cached
-(`caa.providers.token.TokenCache`) and fetched again once 80 % of their lifetime has passed; the token file is read at each fetch (the kubelet rotates
-it).
+(`caa.providers.token.TokenCache`) and fetched again once 80 % of their lifetime has passed; the token file is
+read at each fetch (the kubelet rotates it).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ profile (the compute-resource token is read from its file at each fetch: the kub
 `{"access_token", "refresh_token", "token_type": "Bearer", "expires_in", "expiration"}`.
 
 The token is cached (`caa.providers.token.TokenCache`) and fetched again once 80 % of its lifetime has passed (as
-IBM's SDKs do), so a call never goes out with a token about to expire; concurrent callers share one fetch. Tokens and the API key are added to the
-client's `Redactor`. Errors: IAM's `{"errorCode", "errorMessage"}` body; 400/401/403 (a wrong key, an unknown
-profile) are INVALID_CONFIG, 429 and 5xx TRANSIENT (retried by the REST layer).
+IBM's SDKs do), so a call never goes out with a token about to expire; concurrent callers share one fetch.
+Tokens and the API key are added to the client's `Redactor`. Errors: IAM's `{"errorCode", "errorMessage"}` body;
+400/401/403 (a wrong key, an unknown profile) are INVALID_CONFIG, 429 and 5xx TRANSIENT (retried by the REST
+layer).
 """
 
 from __future__ import annotations
