@@ -38,7 +38,9 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from guest_console import ConsoleTap
 
 from caa.adaptor.proxy import dial_backoff
 from caa.reactors import as_node_reactor
@@ -97,8 +99,25 @@ def unwire(names: list[str]) -> None:
 _reactor_started = False
 
 
-def call(sock: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
+def start_reactor() -> None:
     global _reactor_started
+    from twisted.internet import reactor
+
+    if not _reactor_started:
+        threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+        _reactor_started = True
+
+
+def on_reactor(f: Any, *args: Any) -> Any:
+    """f(*args) on the reactor thread, its Deferred's result here."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import blockingCallFromThread
+
+    start_reactor()
+    return blockingCallFromThread(cast(Any, reactor), f, *args)
+
+
+def call(sock: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
     from twisted.internet import reactor as global_reactor
 
     reactor = as_node_reactor(global_reactor)
@@ -108,9 +127,7 @@ def call(sock: str, method: str, request: Any, response_type: Any, timeout: floa
     from caa.ttrpc import connect
     from caa.ttrpc.endpoints import unix_client_endpoint
 
-    if not _reactor_started:
-        threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
-        _reactor_started = True
+    start_reactor()
 
     async def go() -> Any:
         client = await connect(unix_client_endpoint(reactor, sock), reactor)
@@ -125,13 +142,13 @@ def call(sock: str, method: str, request: Any, response_type: Any, timeout: floa
 # ---- the adaptor process
 
 class Adaptor:
-    def __init__(self, provider: str, work: str, extra: list[str]) -> None:
+    def __init__(self, provider: str, work: str, extra: list[str], venv_bin: str = VENV_BIN) -> None:
         self.work = work
         self.sock = os.path.join(work, "hv.sock")
         self.pods_dir = os.path.join(work, "pods")
         self.log_path = os.path.join(work, "adaptor.log")
         self.metrics_port = free_port()
-        argv = [os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}", "caa-adaptor",
+        argv = [os.path.join(venv_bin, "twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}", "caa-adaptor",
                 "--provider", provider, "--socket", self.sock, "--pods-dir", self.pods_dir,
                 "--tls-dir", os.path.join(work, "tls"), "--probe-port", "0",
                 "--metrics-port", str(self.metrics_port), "--proxy-timeout", "900s", *extra]
@@ -174,6 +191,7 @@ class Pod:
     start_call: float = 0.0  # monotonic instant StartVM was sent
     listening: float | None = None  # monotonic instant the forwarder first accepted TCP
     phases: dict[str, float] = field(default_factory=dict)
+    markers: dict[str, float] = field(default_factory=dict)  # guest phase -> guest uptime (libvirt only)
 
 
 def probe_forwarder(pods_dir: str, pod: Pod, done: threading.Event) -> None:
@@ -198,7 +216,10 @@ def probe_forwarder(pods_dir: str, pod: Pod, done: threading.Event) -> None:
             time.sleep(0.02)
 
 
-def run_pod(adaptor: Adaptor, netns: str, name: str, start_timeout: float, scrape: bool) -> Pod:
+def run_pod(adaptor: Adaptor, netns: str, name: str, start_timeout: float, scrape: bool,
+            console_uri: str = "") -> Pod:
+    """One pod's CreateVM, StartVM, StopVM; with `console_uri`, the VM's console markers (libvirt)."""
+    from caa.podvm_api.naming import instance_name
     from caa.proto import hypervisor_pb2
 
     pod = Pod(secrets.token_hex(32), netns)
@@ -211,6 +232,7 @@ def run_pod(adaptor: Adaptor, netns: str, name: str, start_timeout: float, scrap
     done = threading.Event()
     prober = threading.Thread(target=probe_forwarder, args=(adaptor.pods_dir, pod, done), daemon=True)
     prober.start()
+    tap = ConsoleTap(console_uri, instance_name(name, pod.sid, 63)) if console_uri else None
     before = adaptor.phases() if scrape else {}
     pod.start_call = time.monotonic()
     try:
@@ -223,6 +245,9 @@ def run_pod(adaptor: Adaptor, netns: str, name: str, start_timeout: float, scrap
     finally:
         done.set()
         prober.join()
+        if tap is not None:
+            tap.stop()
+            pod.markers = tap.markers()
         t = time.monotonic()
         call(adaptor.sock, "StopVM", hypervisor_pb2.StopVMRequest(id=pod.sid), hypervisor_pb2.StopVMResponse, 300)
         pod.stop_s = time.monotonic() - t
@@ -325,6 +350,181 @@ def bench_provider(provider: str, n_seq: int, n_conc: int, extra: list[str], tim
             shutil.rmtree(work, ignore_errors=True)
 
 
+# ---- libvirt: the floor VM, the pod VM of this tree and (optionally) of a baseline tree, interleaved
+
+FLOOR_VOLUME = "podvm-floor.qcow2"
+BASELINE_VOLUME = "podvm-baseline.qcow2"
+MARKER_PHASES = ("init-start", "dhcp-bound", "net-up", "cidata-mounted", "user-data-done", "agent-listening",
+                 "forwarder-start", "floor-listening")
+
+
+def copy_volume(source: str, pool_dir: str, volume: str, make: list[str] | None = None) -> None:
+    """Put `source` (or what `make` + [source, target] writes from it) into the pool as `volume`, once per source."""
+    mark = os.path.join(os.path.dirname(pool_dir), f".{os.path.basename(pool_dir)}-{volume}.source")
+    st = os.stat(source)
+    stamp = f"{source} {st.st_size} {st.st_mtime_ns} {make}"
+    target = os.path.join(pool_dir, volume)
+    if os.path.exists(target) and os.path.exists(mark) and open(mark).read() == stamp:
+        return
+    tmp = os.path.join(pool_dir, f".{volume}.tmp")
+    if make:
+        sh(*make, source, tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    with open(mark, "w") as f:
+        f.write(stamp)
+
+
+def refresh_pool(env: Any) -> None:
+    conn = env.open()
+    try:
+        conn.storagePoolLookupByName(env.pool).refresh(0)
+    finally:
+        conn.close()
+
+
+def build_baseline(tree: str) -> str:
+    """The BIOS disk of `tree`'s own podvm/build.sh (its own cache, so this tree's builds are never evicted)."""
+    environ = dict(os.environ, CAA_SRC=tree, CAA_PODVM_CACHE="/var/cache/caa-podvm-baseline",
+                   PODVM_PIP=os.path.join(tree, ".venv", "bin", "pip"))
+    r = subprocess.run([os.path.join(tree, "podvm", "build.sh")], capture_output=True, text=True, env=environ)
+    if r.returncode != 0:
+        raise RuntimeError(f"baseline podvm/build.sh failed: {r.stderr[-2000:]}")
+    out = r.stdout.strip().splitlines()[-1]
+    with open(os.path.join(out, "manifest.json")) as f:
+        return os.path.join(out, json.load(f)["qcow2"])
+
+
+@dataclass
+class Floor:
+    returned_s: float = 0.0  # create_instance returned (IP known)
+    listening_s: float = 0.0  # first TCP accept on <ip>:15150: the floor's "StartVM"
+    markers: dict[str, float] = field(default_factory=dict)
+
+
+def run_floor(provider: Any, uri: str, i: int, timeout: float) -> Floor:
+    """The floor VM through the same provider and domain XML: create, then TCP-probe :15150 every 20 ms."""
+    from caa.providers.interfaces import InstanceSpec
+
+    sid = secrets.token_hex(32)
+    pod = f"floor-{i}"
+    tap = ConsoleTap(uri, provider.instance_name(pod, sid))
+    floor = Floor()
+    t0 = time.monotonic()
+    instance = on_reactor(provider.create_instance, pod, sid, b"#cloud-config\n", InstanceSpec(image=FLOOR_VOLUME))
+    floor.returned_s = time.monotonic() - t0
+    try:
+        deadline = t0 + timeout
+        while True:
+            try:
+                with socket.create_connection((instance.ips[0], FORWARDER_PORT), timeout=0.2):
+                    floor.listening_s = time.monotonic() - t0
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"floor VM {instance.name} never listened on {FORWARDER_PORT}") from None
+                time.sleep(0.02)
+    finally:
+        time.sleep(0.5)  # the marker line follows the bind
+        tap.stop()
+        floor.markers = tap.markers()
+        on_reactor(provider.delete_instance, instance.id)
+    return floor
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 50), "p99": pct(values, 99), "mean": statistics.fmean(values)} if values else {}
+
+
+def marker_stats(markers: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(m[k] for m in markers if k in m)
+            for k in MARKER_PHASES if any(k in m for m in markers)}
+
+
+def bench_libvirt(n: int, floor: bool, baseline_tree: str, timeout: float) -> dict[str, Any]:
+    from twisted.internet import reactor
+
+    from caa.devtools import libvirt_env
+    from caa.providers.libvirt.config import LibvirtConfig
+    from caa.providers.libvirt.provider import LibvirtProvider
+
+    env = libvirt_env.prepare()
+    manifest = json.loads((env.image_dir / "manifest.json").read_text())
+    bios = str(env.image_dir / manifest["qcow2"])
+    pool_dir = str(libvirt_env.POOL_DIR)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if floor:
+        copy_volume(bios, pool_dir, FLOOR_VOLUME, [os.path.join(here, "podvm", "make-floor-disk.sh")])
+    if baseline_tree:
+        copy_volume(build_baseline(baseline_tree), pool_dir, BASELINE_VOLUME)
+    refresh_pool(env)
+    start_reactor()
+    provider = LibvirtProvider(as_node_reactor(reactor), LibvirtConfig(
+        uri=env.uri, pool_name=env.pool, network_name=env.network, vol_name=FLOOR_VOLUME, firmware="",
+        domain_type="qemu", cpu=1, memory=1024, root_disk_size=1, ip_timeout=600.0))
+    work = f"/run/{TAG}-libvirt"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work, mode=0o700)
+    netns = wire(1)
+    adaptors: dict[str, Adaptor] = {}
+    floors: list[Floor] = []
+    pods: dict[str, list[Pod]] = {"pod": [], "baseline": []}
+    try:
+        adaptors["pod"] = Adaptor("libvirt", os.path.join(work, "new"), env.adaptor_args())
+        if baseline_tree:
+            args = env.adaptor_args()
+            args[args.index("--vol-name") + 1] = BASELINE_VOLUME
+            adaptors["baseline"] = Adaptor("libvirt", os.path.join(work, "baseline"), args,
+                                           os.path.join(baseline_tree, ".venv", "bin"))
+        for i in range(n):
+            if floor:
+                f = run_floor(provider, env.uri, i, timeout)
+                floors.append(f)
+                print(f"  floor {i}: listening {f.listening_s:.2f}s (create returned {f.returned_s:.2f}s) "
+                      f"markers {f.markers}", flush=True)
+            for series, adaptor in adaptors.items():
+                pod = run_pod(adaptor, netns[0], f"{series}-{i}", timeout, True, env.uri)
+                pods[series].append(pod)
+                print(f"  {series} {i}: StartVM {pod.start_s:.2f}s phases "
+                      f"{ {k: round(v, 3) for k, v in pod.phases.items()} } markers {pod.markers}", flush=True)
+    finally:
+        for adaptor in adaptors.values():
+            adaptor.stop()
+        unwire(netns)
+        on_reactor(provider.teardown)
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    out: dict[str, Any] = {"n": n, "image": str(env.image_dir)}
+    if floors:
+        out["floor"] = {"listening": stats([f.listening_s for f in floors]),
+                        "returned": stats([f.returned_s for f in floors]),
+                        "markers": marker_stats([f.markers for f in floors])}
+    for series, series_pods in pods.items():
+        if series_pods:
+            out[series] = analyse(series_pods)
+            out[series]["markers"] = marker_stats([p.markers for p in series_pods])
+            if floors:
+                out[series]["ratio_p50_to_floor"] = out[series]["start"]["p50"] / out["floor"]["listening"]["p50"]
+    return out
+
+
+def report_libvirt(r: dict[str, Any]) -> None:
+    print(f"\nlibvirt (QEMU/TCG), {r['n']} of each, interleaved; p50 / p99 seconds")
+    if "floor" in r:
+        f = r["floor"]
+        print(f"  floor VM: listening {fmt(f['listening'])}  (create returned {fmt(f['returned'])})  "
+              f"guest markers {f['markers']}")
+    for series in ("pod", "baseline"):
+        if series in r:
+            s = r[series]
+            ratio = f"  = {s['ratio_p50_to_floor']:.2f}x the floor" if "ratio_p50_to_floor" in s else ""
+            print(f"  {series}: StartVM {fmt(s['start'])}{ratio}; provider_create {fmt(s['provider_create'])}, "
+                  f"tunnel {fmt(s['tunnel'])}, vm_boot {fmt(s['vm_boot'])}, boot wait {fmt(s['boot_wait'])}, "
+                  f"proxy connect {fmt(s['proxy_connect'])}")
+            print(f"    guest markers (median uptime) {s['markers']}")
+
+
 def fmt(d: dict[str, float]) -> str:
     return f"{d['p50']:.3f} / {d['p99']:.3f}"
 
@@ -351,6 +551,10 @@ def main() -> int:
     ap.add_argument("--pods", type=int, default=10, help="sequential pods, local provider")
     ap.add_argument("--concurrent", type=int, default=10, help="concurrent pods, local provider (0: none)")
     ap.add_argument("--libvirt-pods", type=int, default=0, help="sequential pods on libvirt/TCG (0: skip)")
+    ap.add_argument("--no-floor", action="store_true", help="libvirt: no floor VMs between the pods")
+    ap.add_argument("--baseline-tree", default="",
+                    help="libvirt: also run this checkout's adaptor and image (its .venv, its podvm/build.sh), "
+                         "interleaved, e.g. a worktree of the previous release")
     ap.add_argument("--json", default="", help="write all figures to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -369,11 +573,8 @@ def main() -> int:
             shutil.rmtree(state, ignore_errors=True)
         report("local", results["local"])
     if args.libvirt_pods:
-        from caa.devtools import libvirt_env
-
-        env = libvirt_env.prepare()
-        results["libvirt"] = bench_provider("libvirt", args.libvirt_pods, 0, env.adaptor_args(), 900)
-        report("libvirt (QEMU/TCG)", results["libvirt"])
+        results["libvirt"] = bench_libvirt(args.libvirt_pods, not args.no_floor, args.baseline_tree, 900)
+        report_libvirt(results["libvirt"])
     print(f"\nload average before {load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -431,6 +431,35 @@ class TokenCacheTests(TestCase):
         Deferred.fromCoroutine(cache.token())
         self.assertEqual(len(pending), 3)
 
+    def test_refresh_fraction_and_structured_tokens(self) -> None:
+        """IBM IAM and Alibaba RRSA refresh once 80 % of the lifetime has passed since the fetch began; a token that
+        is not a string (RRSA's key triple) is returned as it is and redacted by its own fetch."""
+        from twisted.internet.task import Clock
+
+        from caa.providers.redact import Redactor
+        from caa.providers.token import TokenCache
+
+        clock = Clock()
+        pending: list[Deferred[tuple[tuple[str, str], float]]] = []
+
+        def fetch() -> Deferred[tuple[tuple[str, str], float]]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        redactor = Redactor()
+        cache = TokenCache(clock, fetch, redactor, refresh_fraction=0.8)
+        first = Deferred.fromCoroutine(cache.token())
+        clock.advance(10)  # the fetch takes 10 s: the lifetime still counts from its start
+        pending[0].callback((("AK", "secret"), 1000.0))
+        self.assertEqual(self.successResultOf(first), ("AK", "secret"))
+        self.assertEqual(redactor.redact("secret"), "secret")  # not a string token: the fetch redacts it
+        clock.advance(789)  # 799 s after the fetch began
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(cache.token())), ("AK", "secret"))
+        self.assertEqual(len(pending), 1)
+        clock.advance(1)  # 800 s = 80 %
+        Deferred.fromCoroutine(cache.token())
+        self.assertEqual(len(pending), 2)
+
 
 class GcpOptionsTests(TestCase):
     def environ(self) -> dict[str, str]:

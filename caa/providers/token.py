@@ -1,8 +1,11 @@
 """
-OAuth2 bearer tokens for the REST clouds (Azure, GCP): `TokenCache` holds the current token, fetches a new one
-(through the cloud's `fetch` coroutine, on `caa.providers.rest`) when there is none or it expires within
-`margin` seconds, and lets concurrent callers share one fetch. Every token fetched is added to the client's
-`Redactor`, so an access token never reaches a log line or an error text.
+Short-lived credentials of the REST clouds: `TokenCache` holds the current one (an OAuth2 bearer token of Azure,
+GCP or IBM IAM; Alibaba's temporary RRSA keys), fetches a new one (through the cloud's `fetch` coroutine, on
+`caa.providers.rest`) when there is none or it is due for refresh, and lets concurrent callers share one fetch.
+Due means: `margin` seconds before it expires (Azure, GCP), or once `refresh_fraction` of its lifetime has passed
+since the fetch began (IBM's and Alibaba's SDKs refresh at 80 %). A token that is a string is added to the
+client's `Redactor`, so an access token never reaches a log line or an error text (a fetch that returns a
+structure redacts its secrets itself).
 
 `token_response(response, what)` reads the standard OAuth2 token answer (RFC 6749 §5.1: `access_token`,
 `expires_in`; Azure's IMDS sends `expires_in` as a string) and maps the standard error answer (§5.2: `error`,
@@ -12,6 +15,7 @@ OAuth2 bearer tokens for the REST clouds (Azure, GCP): `TokenCache` holds the cu
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import DeferredLock
@@ -21,49 +25,60 @@ from caa.providers.interfaces import InvalidConfig, ProviderError, TransientErro
 from caa.providers.redact import Redactor
 from caa.providers.rest import RestResponse
 
+T = TypeVar("T")
+
 
 @frozen
-class BearerToken:
-    value: str
-    refresh_at: float  # on the cache's clock: `margin` before it expires
+class BearerToken(Generic[T]):
+    value: T
+    refresh_at: float  # on the cache's clock
 
 
-class TokenCache:
-    """The current token of one identity; `token()` refreshes `margin` seconds before expiry."""
+class TokenCache(Generic[T]):
+    """The current token of one identity; `token()` refreshes it when it is due (see the module docstring)."""
 
     def __init__(
         self,
         clock: IReactorTime,
-        fetch: Callable[[], Awaitable[tuple[str, float]]],
+        fetch: Callable[[], Awaitable[tuple[T, float]]],
         redactor: Redactor,
         margin: float = 300.0,
+        refresh_fraction: float | None = None,
     ) -> None:
         self._clock = clock
-        self._fetch = fetch  # -> (access token, lifetime in seconds)
+        self._fetch = fetch  # -> (token, lifetime in seconds)
         self._redactor = redactor
         self._margin = margin
-        self._token: BearerToken | None = None
+        self._fraction = refresh_fraction
+        self._token: BearerToken[T] | None = None
         self._lock = DeferredLock()
         self.fetches = 0
 
-    def _fresh(self) -> BearerToken | None:
+    def _refresh_at(self, started: float, lifetime: float) -> float:
+        if self._fraction is not None:
+            return started + self._fraction * lifetime
+        # A lifetime shorter than twice the margin is used for half of it, not refetched at every call.
+        return self._clock.seconds() + lifetime - min(self._margin, lifetime / 2)
+
+    def _fresh(self) -> BearerToken[T] | None:
         token = self._token
         if token is not None and self._clock.seconds() < token.refresh_at:
             return token
         return None
 
-    async def token(self) -> str:
+    async def token(self) -> T:
         token = self._fresh()
         if token is None:
             await self._lock.acquire()
             try:
                 token = self._fresh()
                 if token is None:
+                    started = self._clock.seconds()
                     value, lifetime = await self._fetch()
                     self.fetches += 1
-                    self._redactor.add(value)
-                    # A lifetime shorter than twice the margin is used for half of it, not refetched at every call.
-                    token = BearerToken(value, self._clock.seconds() + lifetime - min(self._margin, lifetime / 2))
+                    if isinstance(value, str):
+                        self._redactor.add(value)
+                    token = BearerToken(value, self._refresh_at(started, lifetime))
                     self._token = token
             finally:
                 self._lock.release()

@@ -7,10 +7,10 @@ import json
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caa.once import Once
 from caa.providers.alibabacloud.config import AlibabaCloudConfig
 from caa.providers.alibabacloud.rpc import ECS_VERSION, VPC_VERSION, Credentials, RpcClient
 from caa.providers.alibabacloud.rrsa import OidcRoleCredentials
@@ -84,9 +84,8 @@ class AlibabaCloudProvider(CoroutineProvider):
                                                           config.oidc_token_file, config.role_session_name,
                                                           config.sts_endpoint)
         self.rpc = RpcClient(reactor, rest, credentials)
-        self._types: list[InstanceTypeInfo] | None = None
+        self._types = Once(self._load)
         self._vpc_id = config.vpc_id
-        self._lock = DeferredLock()
         self.nic = SecondaryNic(reactor, config, self.ecs, self.vpc_call)
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -101,25 +100,18 @@ class AlibabaCloudProvider(CoroutineProvider):
 
     async def _prepare(self) -> list[InstanceTypeInfo]:
         """Once: the VPC of the vSwitch (DescribeVSwitchAttributes) and the sizes of the allowed types."""
-        if self._types is not None:
-            return self._types
-        await self._lock.acquire()
-        try:
-            if self._types is None:
-                self.config.check()
-                vswitch = await self.rpc.call(self.config.vpc, VPC_VERSION, "DescribeVSwitchAttributes",
-                                              {"RegionId": self.config.region, "VSwitchId": self.config.vswitch_id})
-                self._vpc_id = str(vswitch.get("VpcId") or self._vpc_id)
-                names = list(dict.fromkeys((self.config.instance_type, *self.config.instance_types)))
-                answer = await self.ecs("DescribeInstanceTypes",
-                                        {f"InstanceTypes.{i}": n for i, n in enumerate(names, 1)})
-                self._types = [
-                    InstanceTypeInfo(str(t["InstanceTypeId"]), int(t.get("CpuCoreCount") or 0),
-                                     int(float(t.get("MemorySize") or 0) * 1024), int(t.get("GPUAmount") or 0))
-                    for t in (answer.get("InstanceTypes") or {}).get("InstanceType") or []]
-        finally:
-            self._lock.release()
-        return self._types
+        return await self._types.get()
+
+    async def _load(self) -> list[InstanceTypeInfo]:
+        self.config.check()
+        vswitch = await self.rpc.call(self.config.vpc, VPC_VERSION, "DescribeVSwitchAttributes",
+                                      {"RegionId": self.config.region, "VSwitchId": self.config.vswitch_id})
+        self._vpc_id = str(vswitch.get("VpcId") or self._vpc_id)
+        names = list(dict.fromkeys((self.config.instance_type, *self.config.instance_types)))
+        answer = await self.ecs("DescribeInstanceTypes", {f"InstanceTypes.{i}": n for i, n in enumerate(names, 1)})
+        return [InstanceTypeInfo(str(t["InstanceTypeId"]), int(t.get("CpuCoreCount") or 0),
+                                 int(float(t.get("MemorySize") or 0) * 1024), int(t.get("GPUAmount") or 0))
+                for t in (answer.get("InstanceTypes") or {}).get("InstanceType") or []]
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
         if spec.volumes:

@@ -3,9 +3,9 @@ RRSA (RAM Roles for Service Accounts, ACK's OIDC federation): temporary Alibaba 
 `ALIBABA_CLOUD_ROLE_ARN`, obtained with the pod's projected service-account token
 (`ALIBABA_CLOUD_OIDC_TOKEN_FILE`, audience `sts.aliyuncs.com`) from STS `AssumeRoleWithOIDC` (`Version=2015-04-01`,
 an anonymous RPC call: no AccessKeyId, no signature) with `OIDCProviderArn`, `OIDCToken`, `RoleSessionName`.
-The answer's `Credentials` (`AccessKeyId`, `AccessKeySecret`, `SecurityToken`, `Expiration`) are cached and
-fetched again once 80 % of their lifetime has passed; the token file is read at each fetch (the kubelet rotates
-it).
+The answer's `Credentials` (`AccessKeyId`, `AccessKeySecret`, `SecurityToken`, `Expiration`) are cached
+(`caa.providers.token.TokenCache`) and fetched again once 80 % of their lifetime has passed; the token file is
+read at each fetch (the kubelet rotates it).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import uuid
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
-from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from caa.providers.alibabacloud.rpc import Credentials, rpc_error, timestamp
 from caa.providers.interfaces import InvalidConfig, TransientError
 from caa.providers.rest import RestClient, RestRequest
+from caa.providers.token import TokenCache
 
 STS_VERSION = "2015-04-01"
 DEFAULT_STS_ENDPOINT = "https://sts.aliyuncs.com"
@@ -53,24 +53,16 @@ class OidcRoleCredentials:
         self.token_file = token_file
         self.session_name = session_name
         self.endpoint = endpoint
-        self._current: Credentials | None = None
-        self._refresh_at = 0.0
-        self._lock = DeferredLock()
-        self.fetches = 0
+        self._cache = TokenCache(clock, self._fetch, rest.redactor, refresh_fraction=REFRESH_FRACTION)
+
+    @property
+    def fetches(self) -> int:
+        return self._cache.fetches
 
     async def __call__(self) -> Credentials:
-        if self._current is not None and self.clock.seconds() < self._refresh_at:
-            return self._current
-        await self._lock.acquire()
-        try:
-            if self._current is None or self.clock.seconds() >= self._refresh_at:
-                await self._fetch()
-            assert self._current is not None
-            return self._current
-        finally:
-            self._lock.release()
+        return await self._cache.token()
 
-    async def _fetch(self) -> None:
+    async def _fetch(self) -> tuple[Credentials, float]:
         try:
             with open(self.token_file) as f:
                 token = f.read().strip()
@@ -96,8 +88,6 @@ class OidcRoleCredentials:
             raise TransientError("AssumeRoleWithOIDC: the answer has no usable Credentials") from None
         for secret in (credentials.access_key_secret, credentials.security_token):
             self.rest.redactor.add(secret)
-        self._current = credentials
-        self._refresh_at = now + REFRESH_FRACTION * max(0.0, expires - now)
-        self.fetches += 1
         self._log.info("alibabacloud: RRSA keys for {role} until {expiration}", role=self.role_arn,
                        expiration=found["Expiration"])
+        return credentials, max(0.0, expires - now)

@@ -20,10 +20,10 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.session import Session
-from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from caa.once import Once
 from caa.providers.aws.config import DEFAULT_ENDPOINT
 from caa.providers.interfaces import ErrorKind, InvalidConfig, ProviderError, QuotaExceeded, TransientError
 from caa.providers.rest import RestClient, RestRequest, RestResponse
@@ -140,21 +140,16 @@ class Ec2Client:
         self.resolve = resolve
         self._prepare = prepare  # runs once before the first resolve (the provider's IMDS fill-in)
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
-        self._target: AwsTarget | None = None
-        self._lock = DeferredLock()
+        self._target = Once(self._resolve_target)
 
     async def target(self) -> AwsTarget:
-        if self._target is None:
-            await self._lock.acquire()
-            try:
-                if self._target is None:
-                    if self._prepare is not None:
-                        await self._prepare()
-                        self._prepare = None
-                    self._target = await deferToThreadPool(self._reactor, self._threadpool, self.resolve)
-            finally:
-                self._lock.release()
-        return self._target
+        return await self._target.get()
+
+    async def _resolve_target(self) -> AwsTarget:
+        if self._prepare is not None:
+            await self._prepare()
+            self._prepare = None
+        return await deferToThreadPool(self._reactor, self._threadpool, self.resolve)
 
     async def _frozen(self, credentials: Credentials) -> ReadOnlyCredentials:
         if isinstance(credentials, RefreshableCredentials):  # a refresh may call STS: off the reactor thread

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from xml.etree import ElementTree
 
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caa.once import Once
 from caa.providers.aws.config import AwsConfig
 from caa.providers.aws.ec2 import Ec2Client, query_params, resolve_target
 from caa.providers.aws.imds import fill_from_metadata
@@ -135,9 +135,8 @@ class AwsProvider(CoroutineProvider):
             reactor, RestClient(reactor, http, policy, self.redactor),
             lambda: resolve_target(self.config.region, self.config.profile, self.config.endpoint, static),
             prepare=self._fill_in)
-        self._types: list[InstanceTypeInfo] | None = None
+        self._types = Once(self._describe_instance_types)
         self._root_devices: dict[str, tuple[str, int]] = {}
-        self._lock = DeferredLock()
 
     # -- internals ----------------------------------------------------------------------------------
     async def _fill_in(self) -> None:
@@ -152,16 +151,12 @@ class AwsProvider(CoroutineProvider):
 
     async def _instance_types(self) -> list[InstanceTypeInfo]:
         """vCPUs, memory and GPUs of the allowed types (and the default), from DescribeInstanceTypes, once."""
-        if self._types is None:
-            await self._lock.acquire()
-            try:
-                if self._types is None:
-                    names = sorted({self.config.instance_type, *self.config.instance_types})
-                    root = await self.ec2.call("DescribeInstanceTypes", query_params("InstanceType", names))
-                    self._types = [type_info(item) for item in root.findall("instanceTypeSet/item")]
-            finally:
-                self._lock.release()
-        return self._types
+        return await self._types.get()
+
+    async def _describe_instance_types(self) -> list[InstanceTypeInfo]:
+        names = sorted({self.config.instance_type, *self.config.instance_types})
+        root = await self.ec2.call("DescribeInstanceTypes", query_params("InstanceType", names))
+        return [type_info(item) for item in root.findall("instanceTypeSet/item")]
 
     async def root_volume(self, image_id: str) -> tuple[str, int]:
         """The AMI's root device name and the root volume size to ask for: --root-volume-size, raised to the

@@ -14,11 +14,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caa.once import Once
 from caa.providers.azure.arm import COMPUTE_API, DISK_API, NETWORK_API, ArmClient
 from caa.providers.azure.config import MAX_USER_DATA, AzureConfig
 from caa.providers.azure.disks import DISK_ID, MAX_LUNS, data_disks, disk_problem
@@ -174,10 +174,9 @@ class AzureProvider(CoroutineProvider):
         self.tokens = TokenCache(reactor, lambda: fetch_token(reactor, token_rest, config), self.redactor)
         self.arm = ArmClient(reactor, RestClient(reactor, http, policy, self.redactor), config.arm_endpoint,
                              self.tokens, config.poll_interval)
-        self._sizes: list[InstanceTypeInfo] | None = None
+        self._sizes = Once(self._list_vm_sizes)
         self._max_data_disks: dict[str, int] = {}  # size -> maxDataDiskCount, from the same size list
-        self._ssh_key = ""
-        self._lock = DeferredLock()
+        self._ssh_key = Once(self._load_public_key)
 
     # -- paths --------------------------------------------------------------------------------------
     def _group(self) -> str:
@@ -212,38 +211,34 @@ class AzureProvider(CoroutineProvider):
 
     async def _vm_sizes(self) -> list[InstanceTypeInfo]:
         """Cores and memory of the allowed sizes (and the default), from the region's size list, once."""
-        if self._sizes is None:
-            await self._lock.acquire()
-            try:
-                if self._sizes is None:
-                    wanted = {self.config.instance_size, *self.config.instance_sizes}
-                    path = (f"/subscriptions/{self.config.subscription_id}/providers/Microsoft.Compute/locations/"
-                            f"{self.config.region}/vmSizes")
-                    # VirtualMachineSizeListResult: one answer, `value` only (the list is not paged)
-                    listed = await self.arm.get(path, COMPUTE_API, "list VM sizes")
-                    sizes: list[InstanceTypeInfo] = []
-                    for s in listed.get("value", []):
-                        if s.get("name") in wanted:
-                            sizes.append(InstanceTypeInfo(str(s["name"]), int(s.get("numberOfCores") or 0),
-                                                          int(s.get("memoryInMB") or 0)))
-                            self._max_data_disks[str(s["name"])] = int(s.get("maxDataDiskCount") or 0)
-                    self._sizes = sizes
-            finally:
-                self._lock.release()
-        return self._sizes
+        return await self._sizes.get()
+
+    async def _list_vm_sizes(self) -> list[InstanceTypeInfo]:
+        wanted = {self.config.instance_size, *self.config.instance_sizes}
+        path = (f"/subscriptions/{self.config.subscription_id}/providers/Microsoft.Compute/locations/"
+                f"{self.config.region}/vmSizes")
+        # VirtualMachineSizeListResult: one answer, `value` only (the list is not paged)
+        listed = await self.arm.get(path, COMPUTE_API, "list VM sizes")
+        sizes: list[InstanceTypeInfo] = []
+        for s in listed.get("value", []):
+            if s.get("name") in wanted:
+                sizes.append(InstanceTypeInfo(str(s["name"]), int(s.get("numberOfCores") or 0),
+                                              int(s.get("memoryInMB") or 0)))
+                self._max_data_disks[str(s["name"])] = int(s.get("maxDataDiskCount") or 0)
+        return sizes
 
     async def _public_key(self) -> str:
-        if not self._ssh_key:
-            pool = self._reactor.getThreadPool()
-            if self.config.ssh_key_path:
-                try:
-                    self._ssh_key = await deferToThreadPool(self._reactor, pool, _read_ssh_key,
-                                                            self.config.ssh_key_path)
-                except OSError as e:
-                    raise InvalidConfig(f"azure: --ssh-key-path: {e.strerror}: {self.config.ssh_key_path}") from None
-            else:
-                self._ssh_key = await deferToThreadPool(self._reactor, pool, _generated_ssh_key)
-        return self._ssh_key
+        """The VM's SSH key: --ssh-key-path's, or one generated once (concurrent first creates share it)."""
+        return await self._ssh_key.get()
+
+    async def _load_public_key(self) -> str:
+        pool = self._reactor.getThreadPool()
+        if self.config.ssh_key_path:
+            try:
+                return await deferToThreadPool(self._reactor, pool, _read_ssh_key, self.config.ssh_key_path)
+            except OSError as e:
+                raise InvalidConfig(f"azure: --ssh-key-path: {e.strerror}: {self.config.ssh_key_path}") from None
+        return await deferToThreadPool(self._reactor, pool, _generated_ssh_key)
 
     async def _create(self, name: str, user_data: bytes, spec: InstanceSpec) -> Instance:
         config = self.config

@@ -12,6 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -72,11 +73,15 @@ class ByomProvider:
 
     # -- set-up -------------------------------------------------------------------------------------------
     def _load(self) -> IPPool:
-        """Keys, host-key allow-list, Kubernetes client and pool, once; InvalidConfig naming what is wrong."""
-        if self._pool is not None:
-            return self._pool
+        """The pool (after `_start()`)."""
+        if self._pool is None:
+            raise TransientError("byom: the provider is not ready (its set-up failed; see the log)")
+        return self._pool
+
+    def _read_setup(self) -> None:
+        """On a worker thread: the key files, the host-key allow-list directory and the kubeconfig (file reads
+        stay off the reactor); InvalidConfig naming what is wrong."""
         config = self.config
-        config.check()
         if self._identity is None:
             try:
                 self._identity = SSHIdentity.from_files(config.ssh_username, config.ssh_pub_key, config.ssh_priv_key)
@@ -94,9 +99,6 @@ class ByomProvider:
                 self._kube = connect(self._reactor, self._threadpool, config.kubeconfig or None)
             except KubeError as e:
                 raise InvalidConfig(f"byom: the pool ConfigMap needs the Kubernetes API: {e}") from None
-        self._pool = IPPool(self._reactor, self._kube, config.pool_namespace, config.pool_configmap_name,
-                            config.pool_ips, config.node_name, self.check_ready, timeout=config.allocate_timeout)
-        return self._pool
 
     async def _start(self) -> None:
         """Load everything and recover the pool state (once; later calls wait for the first)."""
@@ -111,8 +113,14 @@ class ByomProvider:
             raise
 
     async def _recover(self) -> None:
-        pool = self._load()
-        await pool.recover()
+        if self._pool is None:
+            config = self.config
+            config.check()
+            await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._read_setup)
+            assert self._kube is not None
+            self._pool = IPPool(self._reactor, self._kube, config.pool_namespace, config.pool_configmap_name,
+                                config.pool_ips, config.node_name, self.check_ready, timeout=config.allocate_timeout)
+        await self._pool.recover()
 
     async def _teardown(self) -> None:
         if self._threadpool is not None:

@@ -11,11 +11,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caa.once import Once
 from caa.providers.base import CoroutineProvider
 from caa.providers.gcp.auth import ServiceAccountKey, metadata_token, parse_key, service_account_token
 from caa.providers.gcp.compute import ComputeClient, resource_path
@@ -115,10 +115,9 @@ class GcpProvider(CoroutineProvider):
         self.tokens = TokenCache(reactor, self._fetch_token, self.redactor)
         self.compute = ComputeClient(reactor, RestClient(reactor, http, policy, self.redactor),
                                      config.compute_endpoint, self.tokens, config.poll_interval)
-        self._types: list[InstanceTypeInfo] | None = None
+        self._types = Once(self._load_machine_types)
         self._tag_values: dict[str, str] | None = None
         self._disk_sizes: dict[str, int] = {}
-        self._lock = DeferredLock()
 
     # -- credentials --------------------------------------------------------------------------------
     async def _fetch_token(self) -> tuple[str, float]:
@@ -154,27 +153,22 @@ class GcpProvider(CoroutineProvider):
 
     async def _machine_types(self) -> list[InstanceTypeInfo]:
         """vCPUs, memory and GPUs of the allowed machine types (and the default), once."""
-        if self._types is None:
-            await self._lock.acquire()
+        return await self._types.get()
+
+    async def _load_machine_types(self) -> list[InstanceTypeInfo]:
+        types = []
+        for name in sorted({self.config.machine_type, *self.config.machine_types}):
             try:
-                if self._types is None:
-                    types = []
-                    for name in sorted({self.config.machine_type, *self.config.machine_types}):
-                        try:
-                            found = await self.compute.call("GET", f"{self._zone()}/machineTypes/{name}",
-                                                            what=f"machine type {name}")
-                        except ProviderError as e:
-                            if e.kind is not ErrorKind.NOT_FOUND:
-                                raise
-                            raise InvalidConfig(f"gcp: machine type {name} does not exist in "
-                                                f"{self.config.zone}") from None
-                        gpus = sum(int(a.get("guestAcceleratorCount") or 0) for a in found.get("accelerators", []))
-                        types.append(InstanceTypeInfo(name, int(found.get("guestCpus") or 0),
-                                                      int(found.get("memoryMb") or 0), gpus))
-                    self._types = types
-            finally:
-                self._lock.release()
-        return self._types
+                found = await self.compute.call("GET", f"{self._zone()}/machineTypes/{name}",
+                                                what=f"machine type {name}")
+            except ProviderError as e:
+                if e.kind is not ErrorKind.NOT_FOUND:
+                    raise
+                raise InvalidConfig(f"gcp: machine type {name} does not exist in {self.config.zone}") from None
+            gpus = sum(int(a.get("guestAcceleratorCount") or 0) for a in found.get("accelerators", []))
+            types.append(InstanceTypeInfo(name, int(found.get("guestCpus") or 0), int(found.get("memoryMb") or 0),
+                                          gpus))
+        return types
 
     async def _image_disk_size(self, image: str) -> int:
         """The image's disk size in GB (the boot disk is never smaller); InvalidConfig when it does not exist."""

@@ -5,10 +5,11 @@ with a form body, `grant_type=urn:ibm:params:oauth:grant-type:apikey&apikey=...`
 profile (the compute-resource token is read from its file at each fetch: the kubelet rotates it). The answer is
 `{"access_token", "refresh_token", "token_type": "Bearer", "expires_in", "expiration"}`.
 
-The token is cached and fetched again once 80 % of its lifetime has passed (as IBM's SDKs do), so a call never
-goes out with a token about to expire; concurrent callers share one fetch. Tokens and the API key are added to the
-client's `Redactor`. Errors: IAM's `{"errorCode", "errorMessage"}` body; 400/401/403 (a wrong key, an unknown
-profile) are INVALID_CONFIG, 429 and 5xx TRANSIENT (retried by the REST layer).
+The token is cached (`caa.providers.token.TokenCache`) and fetched again once 80 % of its lifetime has passed (as
+IBM's SDKs do), so a call never goes out with a token about to expire; concurrent callers share one fetch.
+Tokens and the API key are added to the client's `Redactor`. Errors: IAM's `{"errorCode", "errorMessage"}` body;
+400/401/403 (a wrong key, an unknown profile) are INVALID_CONFIG, 429 and 5xx TRANSIENT (retried by the REST
+layer).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from __future__ import annotations
 import json
 from urllib.parse import urlencode
 
-from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from caa.providers.interfaces import InvalidConfig, ProviderError, TransientError
 from caa.providers.rest import RestClient, RestRequest, RestResponse
+from caa.providers.token import TokenCache
 
 DEFAULT_IAM_URL = "https://iam.cloud.ibm.com/identity/token"
 APIKEY_GRANT = "urn:ibm:params:oauth:grant-type:apikey"
@@ -59,10 +60,7 @@ class IamTokenSource:
         self.api_key = api_key
         self.profile_id = profile_id
         self.cr_token_file = cr_token_file
-        self._token = ""
-        self._refresh_at = 0.0
-        self._lock = DeferredLock()
-        self.fetches = 0
+        self._cache = TokenCache(clock, self._fetch, rest.redactor, refresh_fraction=REFRESH_FRACTION)
         if api_key:
             rest.redactor.add(api_key)
 
@@ -78,21 +76,16 @@ class IamTokenSource:
         self.rest.redactor.add(cr_token)
         return {"grant_type": CR_TOKEN_GRANT, "cr_token": cr_token, "profile_id": self.profile_id}
 
-    async def token(self) -> str:
-        if self._token and self.clock.seconds() < self._refresh_at:
-            return self._token
-        await self._lock.acquire()
-        try:
-            if not self._token or self.clock.seconds() >= self._refresh_at:
-                await self._fetch()
-            return self._token
-        finally:
-            self._lock.release()
+    @property
+    def fetches(self) -> int:
+        return self._cache.fetches
 
-    async def _fetch(self) -> None:
+    async def token(self) -> str:
+        return await self._cache.token()
+
+    async def _fetch(self) -> tuple[str, float]:
         request = RestRequest("POST", self.url, {"Content-Type": "application/x-www-form-urlencoded",
                                                  "Accept": "application/json"}, urlencode(self._form()).encode())
-        started = self.clock.seconds()
         response = await self.rest.call(request, iam_error, what="IAM token")
         try:
             body = json.loads(response.body)
@@ -102,11 +95,8 @@ class IamTokenSource:
             raise TransientError("IAM token: the answer has no access_token") from None
         if not token or lifetime <= 0:
             raise TransientError("IAM token: the answer has no usable access_token / expires_in")
-        self.rest.redactor.add(token)
-        self._token = token
-        self._refresh_at = started + REFRESH_FRACTION * lifetime
-        self.fetches += 1
         self._log.debug("IAM token fetched, valid {lifetime:.0f}s", lifetime=lifetime)
+        return token, lifetime
 
     async def sign(self, request: RestRequest) -> RestRequest:
         return request.with_headers({"Authorization": f"Bearer {await self.token()}"})

@@ -13,7 +13,6 @@ from urllib.parse import quote, urlencode
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -22,6 +21,7 @@ from zope.interface import implementer
 from caa.k8s.client import connect
 from caa.k8s.config import cluster_configured
 from caa.k8s.errors import KubeError
+from caa.once import Once
 from caa.providers.base import CoroutineProvider
 from caa.providers.ibmcloud.config import VPC_API_VERSION, IbmCloudConfig
 from caa.providers.ibmcloud.discovery import discover
@@ -131,10 +131,9 @@ class IbmCloudProvider(CoroutineProvider):
         self.rest = RestClient(reactor, http, policy, Redactor(config.secrets()))
         self.iam = IamTokenSource(token_clock or reactor, self.rest, config.iam_url, config.api_key,
                                   config.iam_profile_id, config.cr_token_file)
-        self._types: list[InstanceTypeInfo] | None = None
+        self._types = Once(self._load)
         self._image_arch: dict[str, str] = {}
         self._placement: tuple[str, str] | None = None  # (dedicated host id, host group id) in our zone
-        self._lock = DeferredLock()
 
     # -- the API --------------------------------------------------------------------------------------------
     async def vpc(self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None) -> Any:
@@ -191,41 +190,36 @@ class IbmCloudProvider(CoroutineProvider):
 
     async def _prepare(self) -> list[InstanceTypeInfo]:
         """Once: the profiles' sizes, the images' architectures, the dedicated host (group) of our zone."""
-        if self._types is not None:
-            return self._types
-        await self._lock.acquire()
-        try:
-            if self._types is None:
-                self.config.check()
-                await self._discover()
-                types = []
-                for name in dict.fromkeys((self.config.profile_name, *self.config.profile_list)):
-                    try:
-                        profile = await self.vpc("GET", f"/instance/profiles/{quote(name, safe='')}")
-                    except ProviderError as e:
-                        if e.retryable:
-                            raise
-                        raise InvalidConfig(f"ibmcloud: instance profile {name}: {e}") from None
-                    types.append(InstanceTypeInfo(
-                        name, int(profile["vcpu_count"]["value"]), int(profile["memory"]["value"]) * 1024,
-                        arch=str((profile.get("vcpu_architecture") or {}).get("value") or "")))
-                for image_id in self.config.image_ids:
-                    try:
-                        image = await self.vpc("GET", f"/images/{quote(image_id, safe='')}")
-                    except ProviderError as e:
-                        if e.retryable:
-                            raise
-                        self._log.warn("ibmcloud: image {id} skipped: {error}", id=image_id, error=e)
-                        continue
-                    self._image_arch[image_id] = str((image.get("operating_system") or {}).get("architecture") or "")
-                if not self._image_arch:
-                    raise InvalidConfig("ibmcloud: no images valid images found")
-                self._placement = (await self._in_zone("/dedicated_hosts", self.config.dedicated_host_ids),
-                                   await self._in_zone("/dedicated_host/groups", self.config.dedicated_host_group_ids))
-                self._types = types
-        finally:
-            self._lock.release()
-        return self._types
+        return await self._types.get()
+
+    async def _load(self) -> list[InstanceTypeInfo]:
+        self.config.check()
+        await self._discover()
+        types = []
+        for name in dict.fromkeys((self.config.profile_name, *self.config.profile_list)):
+            try:
+                profile = await self.vpc("GET", f"/instance/profiles/{quote(name, safe='')}")
+            except ProviderError as e:
+                if e.retryable:
+                    raise
+                raise InvalidConfig(f"ibmcloud: instance profile {name}: {e}") from None
+            types.append(InstanceTypeInfo(
+                name, int(profile["vcpu_count"]["value"]), int(profile["memory"]["value"]) * 1024,
+                arch=str((profile.get("vcpu_architecture") or {}).get("value") or "")))
+        for image_id in self.config.image_ids:
+            try:
+                image = await self.vpc("GET", f"/images/{quote(image_id, safe='')}")
+            except ProviderError as e:
+                if e.retryable:
+                    raise
+                self._log.warn("ibmcloud: image {id} skipped: {error}", id=image_id, error=e)
+                continue
+            self._image_arch[image_id] = str((image.get("operating_system") or {}).get("architecture") or "")
+        if not self._image_arch:
+            raise InvalidConfig("ibmcloud: no images valid images found")
+        self._placement = (await self._in_zone("/dedicated_hosts", self.config.dedicated_host_ids),
+                           await self._in_zone("/dedicated_host/groups", self.config.dedicated_host_group_ids))
+        return types
 
     async def _cluster_security_group(self, config: IbmCloudConfig) -> str:
         """The id of the cluster's security group `kube-<cluster id>` (the Kubernetes Service API), which upstream
