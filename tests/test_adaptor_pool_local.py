@@ -291,3 +291,21 @@ class PoolLocalTests(RolloutTestCase):
         for name in first:
             self.assertIn(f"pool VM {name} idle for its TTL", n.text("a"))
         self.assertIn(self.term("a"), (0, -signal.SIGTERM))
+
+    def test_pools_off_deletes_the_journalled_pool_vms(self) -> None:
+        """Ready pool VMs outlive the adaptor; restarted without pools, it deletes every one of them."""
+        n = self.node
+        n.launch("a", POOL_SIZE="2", POOL_TTL="1h")
+        n.ready("a")
+        n.wait_for(lambda: len(self.ready_pool_vms()) == 2, "2 ready pool VMs", timeout=180)
+        pooled = self.ready_pool_vms()
+        self.assertIn(self.term("a"), (0, -signal.SIGTERM))
+        self.assertEqual(self.local_vms(), pooled)  # kept (journalled) for the next adaptor
+        n.launch("b")  # --pool-size 0
+        n.ready("b")
+        n.wait_for(lambda: not self.local_vms(), "the pool VMs deleted", timeout=120)
+        n.wait_for(lambda: not self.pool_journal(), "the pool journal emptied")
+        self.assertEqual(pooled & netns_names(), set())
+        for name in pooled:
+            self.assertIn(f"pool VM {name} is of a pool no longer configured", n.text("b"))
+        self.assertIn(self.term("b"), (0, -signal.SIGTERM))
