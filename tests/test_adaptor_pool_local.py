@@ -200,6 +200,11 @@ class PoolLocalTests(RolloutTestCase):
         self.assertIn(self.term("a"), (0, -signal.SIGTERM))
         self.assertTrue(pids)
 
+    @staticmethod
+    def resume(pid: int) -> None:
+        if running(pid):
+            os.kill(pid, signal.SIGCONT)
+
     def remove_cold_vms(self, sids: list[str]) -> None:
         live = netns_names()
         for sid in sids:
@@ -308,4 +313,41 @@ class PoolLocalTests(RolloutTestCase):
         self.assertEqual(pooled & netns_names(), set())
         for name in pooled:
             self.assertIn(f"pool VM {name} is of a pool no longer configured", n.text("b"))
+        self.assertIn(self.term("b"), (0, -signal.SIGTERM))
+
+    def test_kill_while_the_claim_is_in_flight(self) -> None:
+        """SIGKILL while the claim waits for the pool VM (its forwarder paused with SIGSTOP once the sandbox
+        journals the VM): the restarted adaptor deletes that VM and never hands it out again."""
+        n = self.node
+        n.launch("a", POOL_SIZE="1", POOL_TTL="1h")
+        n.ready("a")
+        n.wait_for(lambda: len(self.ready_pool_vms()) == 1, "a ready pool VM", timeout=120)
+        (claimed,) = self.ready_pool_vms()
+        with open(os.path.join(n.env["LOCAL_STATE_DIR"], claimed, "instance.json")) as f:
+            agent_pid, forwarder_pid = json.load(f)["pids"]
+        os.kill(forwarder_pid, signal.SIGSTOP)  # the claim's TLS handshake gets no answer
+        self.addCleanup(self.resume, forwarder_pid)
+        self.agent_path = n.create(self.sid, "web")
+        starting = n.ctl_bg("start", "--id", self.sid)
+        self.addCleanup(starting.kill)
+        n.wait_for(lambda: (n.record(self.sid) or {}).get("instance_name") == claimed, "the sandbox journals the VM")
+        self.assertEqual(self.record()["state"], "create-intent")
+        # handed over: the pool's journal no longer has it (only the refill it started)
+        self.assertNotIn(claimed, {e["name"] for e in self.pool_journal().values()})
+        n.kill("a")
+        os.kill(forwarder_pid, signal.SIGCONT)
+        starting.wait(60)
+        n.launch("b", POOL_SIZE="1", POOL_TTL="1h")
+        n.ready("b")
+        n.wait_for(lambda: (n.record(self.sid) or {}).get("state") == "created", "the start rolled back")
+        self.assertNotIn(claimed, self.local_vms())
+        self.assertFalse(running(forwarder_pid) or running(agent_pid))
+        n.wait_for(lambda: len(self.ready_pool_vms()) == 1, "the pool refilled", timeout=120)
+        (fresh,) = self.ready_pool_vms()
+        r = n.ctl("start", "--id", self.sid, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr + n.text("b")[-3000:])
+        self.assertEqual(self.record()["instance_name"], fresh)
+        self.assertNotEqual(fresh, claimed)
+        r = n.ctl("stop", "--id", self.sid, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn(self.term("b"), (0, -signal.SIGTERM))
