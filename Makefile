@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TRIAL_JOBS ?= 2
 TESTS ?= tests
 
-.PHONY: setup test demo demo-vm lint typecheck protos podvm bench clean
+.PHONY: setup test demo demo-pool demo-vm lint typecheck protos podvm bench clean
 
 setup:
 	scripts/setup.sh
@@ -16,6 +16,9 @@ test: setup
 
 demo: setup
 	$(PY) -m caa.devtools.demo
+
+demo-pool: setup
+	$(PY) -m caa.devtools.demo --pool
 
 demo-vm: setup
 	$(PY) -m caa.devtools.demo --provider libvirt

@@ -19,6 +19,7 @@ from caa.adaptor.adapters import AutoTLS
 from caa.adaptor.metrics import REGISTRY
 from caa.adaptor.options import AdaptorOptions
 from caa.adaptor.pool import PoolConfig, PoolKey, PoolManager, PoolVM, initdata_digest
+from caa.adaptor.poolspec import PoolEntry, PoolSize, PoolSpecError, parse_pools
 from caa.podvm_api import claim as claim_format
 from caa.podvm_api import cloudconfig
 from caa.podvm_api import initdata as initdata_format
@@ -45,9 +46,10 @@ class PoolTestBase(SynchronousTestCase):
         self.key = PoolKey(instance_type=f"t{os.getpid()}-{next(_keys)}")
         self.initdata = ""
 
-    def manager(self, size: int = 2, ttl: float = 600.0) -> PoolManager:
+    def manager(self, size: int = 2, ttl: float = 600.0, sizes: dict[PoolKey, PoolSize] | None = None) -> PoolManager:
+        keys = [self.key] if sizes is None else []
         m = PoolManager(self.clock, self.provider, self.tls, PoolConfig(size=size, ttl=ttl, pool_dir=self.dir),
-                        [self.key], lambda key: self.initdata)
+                        keys, lambda key: self.initdata, sizes=sizes)
         self.addCleanup(lambda: Deferred.fromCoroutine(m.stop()))
         return m
 
@@ -269,3 +271,110 @@ class PoolOptionsTests(SynchronousTestCase):
                             (["--pool-size", "1", "--tls-skip-verify"], "auto CA")):
             e = self.assertRaises(usage.UsageError, self.parse, argv)
             self.assertIn(words, str(e))
+
+
+class MinMaxTests(PoolTestBase):
+    def test_min_kept_misses_grow_to_max_ttl_shrinks_to_min(self) -> None:
+        m = self.manager(ttl=100, sizes={self.key: PoolSize(1, 3)})
+        self.start(m)
+        self.assertEqual((len(self.creates()), m.target(self.key)), (1, 1))  # min booted at start
+        self.assertIsNotNone(self.take(m, self.key))  # a hit: refilled to the target, not grown
+        self.assertEqual((len(self.creates()), m.alive(self.key)), (2, 1))
+        self.provider.hold_create = True
+        self.assertIsNotNone(self.take(m, self.key))
+        self.assertIsNone(self.take(m, self.key))  # the refill is still booting: a miss grows the pool
+        self.assertEqual((m.target(self.key), m.alive(self.key)), (2, 2))
+        self.assertIsNone(self.take(m, self.key))
+        self.assertIsNone(self.take(m, self.key))  # never past max
+        self.assertEqual((m.target(self.key), m.alive(self.key)), (3, 3))
+        self.provider.hold_create = False
+        self.provider.release_create()
+        self.assertEqual(len(m.ready(self.key)), 3)
+        self.assertEqual(self.journal_states(), ["ready", "ready", "ready", "taken", "taken"])
+        # idle: each VM recycled at its TTL shrinks the target by one, down to min
+        self.clock.advance(100)
+        self.assertEqual((m.target(self.key), m.alive(self.key)), (1, 1))
+        self.clock.advance(100)
+        self.assertEqual((m.target(self.key), m.alive(self.key)), (1, 1))  # min stays, recycled
+
+    def test_min_zero_boots_nothing_until_a_miss(self) -> None:
+        m = self.manager(sizes={self.key: PoolSize(0, 1)})
+        self.start(m)
+        self.assertEqual(self.creates(), [])
+        self.assertIsNone(self.take(m, self.key))
+        self.assertEqual(len(m.ready(self.key)), 1)
+        self.assertIsNotNone(self.take(m, self.key))
+        self.assertEqual((len(self.creates()), m.alive(self.key)), (2, 1))  # refilled to the target, max 1
+
+    def test_restart_deletes_what_is_no_longer_configured_or_over_max(self) -> None:
+        other = PoolKey(image=f"img-{self.key.instance_type}")
+        m = self.manager(sizes={self.key: PoolSize(3, 3), other: PoolSize(1, 1)})
+        self.start(m)
+        self.successResultOf(Deferred.fromCoroutine(m.stop()))
+        kept = {vm.instance_id for vm in m.ready(self.key)}
+        (dropped,) = [vm.instance_id for vm in m.ready(other)]
+        self.provider.calls.clear()
+        again = self.manager(sizes={self.key: PoolSize(1, 2)})  # `other` dropped, self.key at most 2
+        self.start(again)
+        self.assertIn(dropped, self.deletes())
+        self.assertEqual(len(self.deletes()), 2)  # `other`'s VM and the oldest of self.key's three
+        self.assertEqual(self.creates(), [])
+        self.assertEqual({vm.instance_id for vm in again.ready(self.key)}, kept - set(self.deletes()))
+        self.assertEqual(self.journal_states(), ["ready", "ready"])
+
+    def test_pools_off_deletes_every_journalled_vm(self) -> None:
+        m = self.manager(size=2)
+        self.start(m)
+        self.successResultOf(Deferred.fromCoroutine(m.stop()))
+        ids = {vm.instance_id for vm in m.ready(self.key)}
+        off = PoolManager(self.clock, self.provider, None, PoolConfig(pool_dir=self.dir), [], lambda key: "")
+        self.start(off)
+        self.assertEqual(set(self.deletes()), ids)
+        self.assertEqual(self.journal_states(), [])
+        self.assertEqual(len(self.creates()), 2)
+        self.assertIsNone(self.take(off, self.key))
+
+    def test_keys_without_tls_refused(self) -> None:
+        e = self.assertRaises(ValueError, PoolManager, self.clock, self.provider, None,
+                              PoolConfig(size=1, pool_dir=self.dir), [self.key], lambda key: "")
+        self.assertIn("auto CA", str(e))
+
+
+class PoolSpecTests(SynchronousTestCase):
+    def test_entries(self) -> None:
+        self.assertEqual(parse_pools(""), [])
+        self.assertEqual(parse_pools(" min=1,max=4 ; min=0, max=2, instance-type=t3.large;"), [
+            PoolEntry(PoolSize(1, 4)), PoolEntry(PoolSize(0, 2), instance_type="t3.large")])
+        self.assertEqual(parse_pools("min=2,max=2,vcpus=4,memory=8192,image=projects/p/global/images/i"),
+                         [PoolEntry(PoolSize(2, 2), vcpus=4, memory_mib=8192, image="projects/p/global/images/i")])
+        self.assertEqual(parse_pools("min=1,max=1,image=ami-1", pool_size=3),
+                         [PoolEntry(PoolSize(1, 1), image="ami-1"), PoolEntry(PoolSize(3, 3))])
+
+    def test_bad_input_named(self) -> None:
+        for text, words in (("min=1", "max= is required"), ("max=1", "min= is required"),
+                            ("min=2,max=1", "max (1) must be at least min (2)"),
+                            ("min=-1,max=1", "min='-1' must be 0 or more"), ("min=x,max=1", "is not a whole number"),
+                            ("min=1,max=1,size=3", "unknown field 'size'"), ("min=1,max=1,min=2", "min given twice"),
+                            ("min=1,max=1,t3.large", "'t3.large' is not name=value"),
+                            ("min=1,max=1;min=0,max=2", "the default key is configured twice"),
+                            ("min=1,max=1,vcpus=two", "vcpus='two'")):
+            e = self.assertRaises(PoolSpecError, parse_pools, text)
+            self.assertIn(words, str(e), text)
+        e = self.assertRaises(PoolSpecError, parse_pools, "min=0,max=1", 2)
+        self.assertIn("--pool-size", str(e))
+
+
+class PoolsOptionTests(SynchronousTestCase):
+    def test_pools_flag_env_and_errors(self) -> None:
+        env = {"CLOUD_PROVIDER": "tests.fakes.provider:FakeProviderFactory"}
+        o = AdaptorOptions({**env, "POOLS": "min=1,max=2"})
+        o.parseOptions([])
+        self.assertEqual(o["pools"], "min=1,max=2")
+        o = AdaptorOptions(env)
+        e = self.assertRaises(usage.UsageError, o.parseOptions, ["--pools", "min=3,max=2"])
+        self.assertIn("--pools: pool 'min=3,max=2': max (2) must be at least min (3)", str(e))
+        o = AdaptorOptions(env)
+        e = self.assertRaises(usage.UsageError, o.parseOptions, ["--pools", "min=0,max=1", "--disable-tls"])
+        self.assertIn("auto CA", str(e))
+        o = AdaptorOptions(env)
+        o.parseOptions(["--pools", "min=0,max=0", "--disable-tls"])  # no pool at all: TLS does not matter

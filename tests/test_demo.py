@@ -32,3 +32,18 @@ class DemoTests(TestCase):
         self.assertIn("answered 'from pod VM: hello'", out)
         self.assertIn("no pod directory, VM namespace, tunnel device, qdisc or journal entry left", out)
         self.assertIn("the peer pod lived and left nothing behind", out)
+
+    def test_demo_pool_walks_a_hit_beside_a_cold_start(self) -> None:
+        workdir = tempfile.mkdtemp(prefix="caademo-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        proc = subprocess.run([sys.executable, "-m", "caa.devtools.demo", "--pool", "--workdir", workdir,
+                               "--vxlan-min-id", "5100100"],
+                              capture_output=True, text=True, timeout=220)
+        out = proc.stdout + proc.stderr
+        self.assertEqual(proc.returncode, 0, out)
+        self.assertRegex(out, r"pool hit \(claimed podvm-pool-[0-9a-f]{8}\) in \d+\.\d\ds")
+        self.assertRegex(out, r"cold StartVM \(created podvm-demo-cold-[0-9a-f]{8}\) in \d+\.\d\ds; the pool hit "
+                              r"took \d+\.\d\ds")
+        self.assertIn("grpc.Health/Check through the proxy: SERVING", out)
+        self.assertIn("restarted without --pool-size: deleted the idle pool VMs", out)
+        self.assertIn("the peer pod lived and left nothing behind", out)

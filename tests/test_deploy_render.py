@@ -82,7 +82,8 @@ OTHER_NAMESPACES = {("ibmcloud", "Role", "caa-ibmcloud-cluster-info"): "kube-sys
                     ("ibmcloud", "RoleBinding", "caa-ibmcloud-cluster-info"): "kube-system"}
 
 ADAPTOR_RULES = [
-    "cluster confidentialcontainers.org/peerpods create", "cluster confidentialcontainers.org/peerpods patch",
+    "cluster confidentialcontainers.org/peerpods create", "cluster confidentialcontainers.org/peerpods delete",
+    "cluster confidentialcontainers.org/peerpods patch",
     "cluster core/nodes get", "cluster core/nodes patch", "cluster core/nodes/status patch",
     "cluster core/pods get", "cluster core/pods list", "cluster core/secrets get",
     "cluster core/serviceaccounts get",

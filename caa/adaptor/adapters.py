@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from caa.adaptor.interfaces import IAgentTLS, IClusterDuties, IPodNetworking, SandboxRecord
+from caa.adaptor.interfaces import IAgentTLS, IClusterDuties, IPodNetworking, IPoolPeerPods, SandboxRecord
 from caa.network.interfaces import INodeNetwork, PodNetworkConfig
 from caa.tls import CertificateAuthority
 
@@ -108,7 +108,7 @@ class AutoTLS:
         return "" if self.ca is None else self.client_cert_pem.decode()
 
 
-@implementer(IClusterDuties)
+@implementer(IClusterDuties, IPoolPeerPods)
 class NullClusterDuties:
     """Outside a cluster (no API server, or no NODE_NAME): no node value, no PeerPods, nothing to probe."""
 
@@ -129,3 +129,9 @@ class NullClusterDuties:
 
     def startup_ready(self) -> Deferred[bool]:
         return succeed(True)
+
+    def pool_vm_created(self, name: str, instance_id: str, pool: str) -> None:
+        pass
+
+    def pool_vm_released(self, name: str) -> None:
+        pass

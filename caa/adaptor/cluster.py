@@ -5,6 +5,11 @@
   a newer one (rolling update) wrote.
 - One PeerPod per instance, created right after the instance exists, its finalizer released after the
   instance is deleted; peerpod-ctrl deletes the instance of a PeerPod whose finalizer was never released.
+- One PeerPod per warm-pool VM (not upstream), in the adaptor's namespace (POD_NAMESPACE) and owned by its
+  Node: a pool VM has no pod yet. A PeerPod is namespaced and its owner must be cluster-scoped or in its
+  namespace, so it cannot be re-owned by the claiming pod: at the claim the pool PeerPod is released
+  (finalizer, then the object) and the sandbox creates the pod's as for any instance. A leaked pool VM (its
+  node deleted, the adaptor gone) is deleted by peerpod-ctrl when the garbage collector deletes its PeerPod.
 - The startup probe's check that the node's peer pods came back Ready after this adaptor started.
 
 Nothing here blocks the sandbox service on the API server: every write is a background task retried with
@@ -26,7 +31,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from caa.adaptor.interfaces import IClusterDuties, SandboxRecord
+from caa.adaptor.interfaces import IClusterDuties, IPoolPeerPods, SandboxRecord
 from caa.k8s.errors import Conflict, Forbidden, Invalid, KubeError, NotFound
 from caa.k8s.interfaces import IKubeClient
 from caa.k8s.objects import (
@@ -35,6 +40,7 @@ from caa.k8s.objects import (
     extended_resource_patch,
     extended_resource_removal,
     new_peerpod,
+    new_pool_peerpod,
     owner_annotation_patch,
     peerpod_name,
 )
@@ -46,7 +52,8 @@ __all__ = ["ClusterDuties", "ClusterSettings", "pods_restarted"]
 class ClusterSettings:
     """node_name: NODE_NAME; pod_uid: POD_UID (the owner annotation's value, "" = no owner check);
     limit: --peerpods-limit-per-node (< 0: not advertised); provider: the PeerPods' spec.cloudProvider;
-    runtime_class: RUNTIMECLASS_NAME (which pods the startup probe waits for); started: wall-clock start."""
+    runtime_class: RUNTIMECLASS_NAME (which pods the startup probe waits for); started: wall-clock start;
+    namespace: POD_NAMESPACE, the adaptor's own (where pool VMs' PeerPods live)."""
 
     node_name: str
     provider: str
@@ -54,6 +61,7 @@ class ClusterSettings:
     pod_uid: str = ""
     runtime_class: str = "kata-remote"
     started: float = 0.0
+    namespace: str = "confidential-containers-system"
 
 
 class _GiveUp(Exception):
@@ -146,7 +154,7 @@ def pods_restarted(pods: JSONObject, runtime_class: str, started: float) -> str:
     return ""
 
 
-@implementer(IClusterDuties)
+@implementer(IClusterDuties, IPoolPeerPods)
 class ClusterDuties:
     """The duties over one `IKubeClient` (see the module docstring)."""
 
@@ -279,6 +287,67 @@ class ClusterDuties:
             raise _GiveUp(str(e)) from e
         self._log.info("{sandbox_id}: PeerPod {namespace}/{name}: finalizer released",
                        sandbox_id=record.sandbox_id, namespace=record.pod_namespace, name=record.peerpod)
+
+    # -- warm-pool VMs' PeerPods (not upstream) ---------------------------------------------------------------
+
+    def _pool_key(self, name: str) -> str:
+        return f"{self.settings.namespace}/{name}"
+
+    def pool_vm_created(self, name: str, instance_id: str, pool: str) -> None:
+        key = self._pool_key(name)
+        task = self._task(f"creating PeerPod {key} of pool VM {instance_id}",
+                          lambda: self._create_pool(name, instance_id, pool))
+        if not task.done.called:
+            self.creating[key] = task
+            task.done.addBoth(lambda _: self._forget(self.creating, key, task))
+
+    async def _create_pool(self, name: str, instance_id: str, pool: str) -> None:
+        s = self.settings
+        try:
+            node = await self.client.get_node(s.node_name)  # its uid, for the owner reference
+            await self.client.create_peerpod(s.namespace, new_pool_peerpod(node, s.namespace, name, s.provider,
+                                                                           instance_id, pool))
+        except Conflict:
+            pass  # ours already (a retried create whose first answer was lost)
+        except (NotFound, Forbidden, Invalid) as e:
+            raise _GiveUp(str(e)) from e
+        self._log.info("PeerPod {namespace}/{name} created for pool VM {instance_id}", namespace=s.namespace,
+                       name=name, instance_id=instance_id)
+
+    def pool_vm_released(self, name: str) -> None:
+        key = self._pool_key(name)
+        creating = self.creating.pop(key, None)
+        if creating is not None:
+            creating.cancel()
+        before = creating.wait() if creating is not None else succeed(None)
+
+        async def release() -> None:
+            await before
+            await self._release_pool(name)
+
+        task = self._task(f"releasing PeerPod {key} of a pool VM", release)
+        if not task.done.called:
+            self.releasing[key] = task
+            task.done.addBoth(lambda _: self._forget(self.releasing, key, task))
+
+    async def _release_pool(self, name: str) -> None:
+        ns = self.settings.namespace
+        try:
+            # the finalizer first: deleting the object with it would have peerpod-ctrl delete the VM
+            await self.client.remove_peerpod_finalizers(ns, name)
+        except NotFound:
+            return
+        except Invalid:
+            pass  # no finalizer left
+        except Forbidden as e:
+            raise _GiveUp(str(e)) from e
+        try:
+            await self.client.delete_peerpod(ns, name)
+        except NotFound:
+            pass
+        except Forbidden as e:
+            raise _GiveUp(str(e)) from e
+        self._log.info("PeerPod {namespace}/{name} of a pool VM released and deleted", namespace=ns, name=name)
 
     @staticmethod
     def _forget(tasks: dict[str, _Task], key: str, task: _Task) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Protocol
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -34,6 +34,7 @@ from caa.adaptor.interfaces import (
     IAgentTLS,
     IClusterDuties,
     IPodNetworking,
+    IPoolPeerPods,
     ISandboxStore,
     ProxyTLS,
     SandboxRecord,
@@ -456,23 +457,35 @@ def _kube_client(reactor: INodeReactor, options: AdaptorOptions, pools: list[Thr
 
 
 def _pool(reactor: INodeReactor, options: AdaptorOptions, provider: IProvider, issuer: IAgentTLS | None,
-          proxies: IAgentProxyFactory, run: Runner) -> tuple[PoolManager | None, Claimer | None]:
-    """The warm pool of --pool-size VMs for pods without size, image or initdata annotations (the key of the
-    adaptor's defaults); None when off. Journalled next to --pods-dir (`<parent>/pool`)."""
-    if options["pool-size"] <= 0 or issuer is None:
-        return None, None
+          proxies: IAgentProxyFactory, run: Runner, peerpods: IPoolPeerPods | None = None
+          ) -> tuple[PoolManager | None, Claimer | None]:
+    """The warm pools of --pools and --pool-size (the adaptor's default key: pods without size, image or
+    initdata annotations), all with the adaptor's --initdata; journalled next to --pods-dir (`<parent>/pool`).
+    With no pool configured: a manager without keys when the journal holds pool VMs (it deletes them at
+    start: pools were turned off), else None."""
     from caa.adaptor.pool import PoolConfig, PoolKey
-    from caa.adaptor.proxy import AgentProxyFactory
+    from caa.adaptor.poolspec import parse_pools
     from caa.adaptor.userdata import instance_spec
+
+    entries = [e for e in parse_pools(options["pools"], options["pool-size"]) if e.size.max > 0]
+    pool_dir = os.path.join(os.path.dirname(os.path.abspath(options["pods-dir"])), "pool")
+    if not entries or issuer is None:
+        if not any(name.endswith(".json") for name in (os.listdir(pool_dir) if os.path.isdir(pool_dir) else [])):
+            return None, None
+        cleanup = PoolManager(reactor, provider, None, PoolConfig(ttl=options["pool-ttl"], pool_dir=pool_dir), [],
+                              lambda _key: "", run, peerpods=peerpods)
+        return cleanup, None
+    from caa.adaptor.proxy import AgentProxyFactory
 
     assert isinstance(proxies, AgentProxyFactory)
     default_initdata = options["initdata"]
-    key = PoolKey.for_spec(instance_spec({}), initdata_digest(default_initdata))
-    pool_dir = os.path.join(os.path.dirname(os.path.abspath(options["pods-dir"])), "pool")
-    config = PoolConfig(size=options["pool-size"], ttl=options["pool-ttl"], pool_dir=pool_dir,
-                        tls_min_version=options["tls-min-version"], tls_cipher_suites=options.cipher_suites)
-    pool = PoolManager(reactor, provider, issuer, config, [key],
-                       lambda k: default_initdata if k.initdata_digest == key.initdata_digest else "", run)
+    digest = initdata_digest(default_initdata)
+    sizes = {PoolKey.for_spec(evolve(instance_spec({}), instance_type=e.instance_type, vcpus=e.vcpus,
+                                     memory_mib=e.memory_mib, image=e.image), digest): e.size for e in entries}
+    config = PoolConfig(ttl=options["pool-ttl"], pool_dir=pool_dir, tls_min_version=options["tls-min-version"],
+                        tls_cipher_suites=options.cipher_suites)
+    pool = PoolManager(reactor, provider, issuer, config, [], lambda _key: default_initdata, run, sizes=sizes,
+                       peerpods=peerpods)
     return pool, Claimer(reactor, proxies.client_endpoint, options["forwarder-port"], issuer)
 
 
@@ -512,10 +525,10 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
             cluster = ClusterDuties(reactor, kube, ClusterSettings(
                 node_name=env["NODE_NAME"], provider=str(factory_name), limit=options["peerpods-limit-per-node"],
                 pod_uid=env.get("POD_UID", ""), runtime_class=env.get("RUNTIMECLASS_NAME") or "kata-remote",
-                started=time.time()))
+                started=time.time(), namespace=env.get("POD_NAMESPACE") or "confidential-containers-system"))
         else:
             AdaptorDaemon._log.warn("NODE_NAME is not set: no kata.peerpods.io/vm on the node, no PeerPods")
-    pool, claimer = _pool(reactor, options, provider, issuer, proxies, journal_runner)
+    pool, claimer = _pool(reactor, options, provider, issuer, proxies, journal_runner, IPoolPeerPods(cluster, None))
     cloud = CloudService(
         reactor, provider, proxies, store, network, issuer,
         ServiceConfig(pods_dir=options["pods-dir"], forwarder_port=options["forwarder-port"],

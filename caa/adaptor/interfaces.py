@@ -209,6 +209,19 @@ class IClusterDuties(Interface):
         this adaptor started (checked until it once succeeds). Never errbacks."""
 
 
+class IPoolPeerPods(Interface):
+    """PeerPods for warm-pool VMs (caa/adaptor/cluster.py; nothing outside a cluster): a pool VM has no pod, so
+    its PeerPod lives in the adaptor's namespace, owned by the adaptor's Node. Background work, like
+    IClusterDuties'; names are the VMs' names, so a restarted adaptor finds them again."""
+
+    def pool_vm_created(name: str, instance_id: str, pool: str) -> None:
+        """Pool VM `name` exists: create its PeerPod (finalizer set, labelled `caa.peerpods.io/pool=<pool>`)."""
+
+    def pool_vm_released(name: str) -> None:
+        """Pool VM `name` is deleted or handed to a sandbox (whose own PeerPod takes over): release the
+        PeerPod's finalizer, then delete the object (a missing PeerPod counts as released)."""
+
+
 @attrs.frozen(repr=False)
 class ProxyTLS:
     """TLS client settings of every agent proxy (None = --disable-tls).

@@ -92,6 +92,8 @@ class AdaptorOptions(ProviderOptions):
         ["metrics-interface", None, "127.0.0.1", "Address the metrics port listens on."],
         ["pool-size", None, 0, "Warm pool: pre-booted pod VMs kept ready for pods without size, image or "
          "initdata annotations (0: off; not upstream). Needs TLS with the auto CA.", _int],
+        ["pools", None, "", "Warm pools per key with a min and a max: ';'-separated entries of ','-separated "
+         "min=N,max=N[,instance-type=T][,vcpus=N][,memory=MiB][,image=I] (not upstream; docs/configuration.md)."],
         ["pool-ttl", None, 3600.0, "Warm pool: an idle pool VM is deleted and replaced after this long (Go "
          "duration).", parse_duration],
         ["direct-volumes-dir", None, "/run/kata-containers/shared/direct-volumes",
@@ -130,6 +132,7 @@ class AdaptorOptions(ProviderOptions):
         "probe-port": "PROBE_PORT",
         "pool-size": "POOL_SIZE",
         "pool-ttl": "POOL_TTL",
+        "pools": "POOLS",
     }
     secretOptions: ClassVar[frozenset[str]] = frozenset({"initdata"})
 
@@ -226,9 +229,16 @@ class AdaptorOptions(ProviderOptions):
             raise usage.UsageError(f"--pool-size must be 0 or more, got {self['pool-size']}")
         if self["pool-ttl"] <= 0:
             raise usage.UsageError("--pool-ttl must be positive")
-        if self["pool-size"] and (self["disable-tls"] or self["ca-cert-file"] or self["tls-skip-verify"]):
-            raise usage.UsageError("--pool-size needs TLS with the auto CA (a pool VM proves its name with a "
-                                   "certificate from it): not with --disable-tls, --ca-cert-file or --tls-skip-verify")
+        from caa.adaptor.poolspec import PoolSpecError, parse_pools
+
+        try:
+            pools = parse_pools(self["pools"], self["pool-size"])
+        except PoolSpecError as e:
+            raise usage.UsageError(f"--pools: {e}") from e
+        if any(e.size.max for e in pools) and (self["disable-tls"] or self["ca-cert-file"] or self["tls-skip-verify"]):
+            raise usage.UsageError("--pool-size and --pools need TLS with the auto CA (a pool VM proves its name "
+                                   "with a certificate from it): not with --disable-tls, --ca-cert-file or "
+                                   "--tls-skip-verify")
         if self["initdata"]:
             from caa.adaptor.userdata import validate_initdata
 

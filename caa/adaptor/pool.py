@@ -14,17 +14,22 @@ The pool is journalled, one JSON file per VM in `pool_dir` (`write_atomic`, like
 - `taken`: handed to a StartVM, written before the claim so a restart never hands it out twice; recovery
   deletes it unless a sandbox journals its instance id (that sandbox's own recovery then owns it).
 
-Refill runs after every change; a failed create backs off (doubling, up to `max_backoff`). A ready VM idle
-for `ttl` seconds is deleted and replaced, so a pool never ages past its certificates or image.
+Each key has a size (`caa.adaptor.poolspec.PoolSize`): `min` VMs are kept booted (creating or ready); a miss
+grows the key's target by one, up to `max`; a VM recycled at its TTL shrinks it by one, down to `min`. Refill
+runs after every change; a failed create backs off (doubling, up to `max_backoff`). A ready VM idle for `ttl`
+seconds is deleted (and replaced while the target wants it), so a pool never ages past its certificates or
+image. At start, journalled VMs of a key no longer configured (pools turned off, or the key dropped) and those
+beyond their key's `max` are deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -34,8 +39,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from caa.adaptor.interfaces import IAgentTLS
+from caa.adaptor.interfaces import IAgentTLS, IPoolPeerPods
 from caa.adaptor.metrics import REGISTRY
+from caa.adaptor.poolspec import PoolSize
 from caa.adaptor.store import Runner, run_inline, write_atomic
 from caa.forwarder.initdata import DUMMY_TOML as DEFAULT_INITDATA_TOML
 from caa.podvm_api import claim as claim_format
@@ -90,6 +96,10 @@ class PoolKey:
                                       else "default")
         return f"{size}/{self.image or 'default'}/{self.initdata_digest[:12] or 'none'}"
 
+    def short_hash(self) -> str:
+        """16 hex digits naming the key where a label value must be short (its PeerPods' pool label)."""
+        return hashlib.sha256(json.dumps(attrs.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
 
 @attrs.frozen(repr=False)
 class PoolVM:
@@ -124,7 +134,7 @@ class PoolVM:
 
 @attrs.frozen
 class PoolConfig:
-    size: int = 0                 # ready VMs kept per key; 0 = pools off
+    size: int = 0                 # min and max of the keys given without sizes; 0 = pools off
     ttl: float = 3600.0           # seconds a ready VM may idle before it is recycled
     pool_dir: str = ""
     min_backoff: float = 1.0
@@ -136,8 +146,12 @@ class PoolConfig:
 class PoolManager:
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, provider: IProvider, tls: IAgentTLS, config: PoolConfig,
-                 keys: Iterable[PoolKey], initdata_for: Callable[[PoolKey], str], run: Runner = run_inline) -> None:
+    def __init__(self, clock: IReactorTime, provider: IProvider, tls: IAgentTLS | None, config: PoolConfig,
+                 keys: Iterable[PoolKey], initdata_for: Callable[[PoolKey], str], run: Runner = run_inline,
+                 sizes: Mapping[PoolKey, PoolSize] | None = None, peerpods: IPoolPeerPods | None = None) -> None:
+        """`keys` get `config.size` as min and max, `sizes` their own; no key at all only cleans up the
+        journal (pools off). `tls` None: no key may be configured (the bootstrap needs the auto CA).
+        `peerpods`: in a cluster, each pool VM gets a PeerPod while it is the pool's (caa.adaptor.cluster)."""
         if config.size < 0:
             raise ValueError(f"--pool-size must be 0 or more, got {config.size}")
         if config.ttl <= 0:
@@ -146,7 +160,14 @@ class PoolManager:
         self.provider = provider
         self.tls = tls
         self.config = config
-        self.keys = list(dict.fromkeys(keys))
+        self.sizes: dict[PoolKey, PoolSize] = {k: PoolSize(config.size, config.size) for k in keys
+                                               if config.size > 0}
+        self.sizes.update({k: v for k, v in (sizes or {}).items() if v.max > 0})
+        if self.sizes and tls is None:
+            raise ValueError("warm pools need mutual TLS with the auto CA")
+        self.keys = list(self.sizes)
+        self._target: dict[PoolKey, int] = {k: v.min for k, v in self.sizes.items()}
+        self._peerpods = peerpods
         self._initdata_for = initdata_for
         self._run = run  # the journal's file I/O (write, fsync, rename, unlink, reads) leaves the reactor thread
         self.vms: dict[str, PoolVM] = {}
@@ -217,19 +238,34 @@ class PoolManager:
         vms, removed = await self._run(self._read_journal)
         for path, error in removed:
             self._log.error("pool journal {path} unreadable ({error}); removed", path=path, error=error)
+        keep = self._kept(vms)
         for vm in vms:
             self.vms[vm.pool_id] = vm
-            if vm.state == "ready":
+            if vm.state == "ready" and vm.pool_id not in keep:
+                why = ("beyond its pool's max" if vm.key in self.sizes
+                       else "of a pool no longer configured (pools off, or its key dropped)")
+                self._log.info("pool VM {name} is {why}: deleting it", name=vm.name, why=why)
+                self._spawn(self._delete(vm))
+            elif vm.state == "ready":
                 self._log.info("pool VM {name} recovered ({key})", name=vm.name, key=vm.key.label())
+                self._peerpod_created(vm)  # again: a kill may have cut its creation short (an existing one is kept)
                 self._arm_ttl(vm)
             elif vm.state == "taken" and vm.instance_id and owned(vm.instance_id):
-                await self._forget(vm)  # its sandbox's recovery rolls it back or re-adopts it
+                await self.handed_over(vm)  # its sandbox's recovery rolls it back or re-adopts it
             else:
                 self._log.info("pool VM {name} was {state} when the adaptor stopped: deleting it",
                                name=vm.name or vm.pool_id, state=vm.state)
                 self._spawn(self._delete(vm))
         self._gauge()
         self.refill()
+
+    def _kept(self, vms: list[PoolVM]) -> set[str]:
+        """The recovered ready VMs that stay: per configured key, the newest up to its max."""
+        keep: set[str] = set()
+        for key, size in self.sizes.items():
+            ready = sorted((vm for vm in vms if vm.key == key and vm.state == "ready"), key=lambda vm: -vm.created)
+            keep.update(vm.pool_id for vm in ready[:size.max])
+        return keep
 
     async def stop(self) -> None:
         """Stop refilling and recycling; pool VMs stay (journalled) for the next adaptor."""
@@ -262,17 +298,25 @@ class PoolManager:
 
         d.addBoth(done)
 
+    def alive(self, key: PoolKey) -> int:
+        """The key's pool VMs booting or ready (a taken VM is its sandbox's, not the pool's)."""
+        return sum(1 for vm in self.vms.values() if vm.key == key and vm.state in ("creating", "ready"))
+
+    def target(self, key: PoolKey) -> int:
+        """How many VMs the key's pool wants now: min, grown by misses, never over max (0: not configured)."""
+        return self._target.get(key, 0)
+
     def refill(self) -> None:
-        if not self._running or self.config.size <= 0:
+        if not self._running:
             return
         for key in self.keys:
             if key in self._retry:
                 continue
-            have = sum(1 for vm in self.vms.values() if vm.key == key and vm.state in ("creating", "ready"))
-            for _ in range(self.config.size - have):
+            for _ in range(self.target(key) - self.alive(key)):
                 self._spawn(self._create(key))
 
     def _bootstrap_user_data(self, vm: PoolVM, name: str) -> bytes:
+        assert self.tls is not None  # checked in __init__: keys are configured only with TLS
         cert, key = self.tls.server_credentials(name)
         apf = claim_format.bootstrap_apf(name, cert, key, self.tls.client_ca_pem(), vm.token,
                                          self.config.tls_min_version, self.config.tls_cipher_suites)
@@ -306,7 +350,16 @@ class PoolManager:
                                     ips=instance.ips, created=self.clock.seconds()))
         self._log.info("pool {key}: VM {name} ready ({n} ready)", key=key.label(), name=vm.name,
                        n=len(self.ready(key)))
+        self._peerpod_created(vm)
         self._arm_ttl(vm)
+
+    def _peerpod_created(self, vm: PoolVM) -> None:
+        if self._peerpods is not None and vm.instance_id:
+            self._peerpods.pool_vm_created(vm.name, vm.instance_id, vm.key.short_hash())
+
+    def _peerpod_released(self, vm: PoolVM) -> None:
+        if self._peerpods is not None and vm.name:
+            self._peerpods.pool_vm_released(vm.name)
 
     def _retry_key(self, key: PoolKey) -> None:
         self._retry.pop(key, None)
@@ -326,6 +379,9 @@ class PoolManager:
         self._log.info("pool VM {name} idle for its TTL ({ttl:.0f}s): recycling it", name=vm.name,
                        ttl=self.config.ttl)
         self._count_idle(vm)
+        size = self.sizes.get(vm.key)
+        if size is not None:  # an idle VM: the pool is larger than the demand
+            self._target[vm.key] = max(size.min, self.target(vm.key) - 1)
         self._spawn(self._delete(vm))
         self.refill()
 
@@ -348,6 +404,7 @@ class PoolManager:
                             error=str(e))
             self._gauge()
             return
+        self._peerpod_released(vm)
         await self._forget(vm)
 
     # -- StartVM -----------------------------------------------------------------------------------------
@@ -355,8 +412,14 @@ class PoolManager:
     async def take(self, key: PoolKey) -> PoolVM | None:
         """A ready VM for `key`, journalled `taken` (never handed out again), or None (a miss)."""
         ready = sorted(self.ready(key), key=lambda vm: vm.created)
-        if not ready or self.config.size <= 0:
+        if not ready or key not in self.sizes:
             POOL_MISSES.labels(key=key.label()).inc()
+            size = self.sizes.get(key)
+            if size is not None and self.target(key) < size.max:  # demand above the pool: grow it by one
+                self._target[key] = self.target(key) + 1
+                self._log.info("pool {key}: a miss; growing the pool to {n} VMs (max {max})", key=key.label(),
+                               n=self._target[key], max=size.max)
+                self.refill()
             return None
         vm = ready[0]
         timer = self._timers.pop(vm.pool_id, None)
@@ -369,7 +432,9 @@ class PoolManager:
         return vm
 
     async def handed_over(self, vm: PoolVM) -> None:
-        """The sandbox journals the VM now (it deletes it at StopVM or rollback): drop it from the pool."""
+        """The sandbox journals the VM now (it deletes it at StopVM or rollback, and creates the pod's own
+        PeerPod for it): drop it from the pool, and its pool PeerPod."""
+        self._peerpod_released(vm)
         await self._forget(vm)
 
     def discard(self, vm: PoolVM) -> None:

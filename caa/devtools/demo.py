@@ -4,6 +4,10 @@ The adaptor runs as a real `twistd caa-adaptor --provider local` process; the "p
 with its own forwarder and the development agent (caa/devtools/agent.py, not kata-agent). This script plays the
 shim over ttrpc: CreateVM, StartVM, an agent call through the proxy socket, StopVM; in between it proves that the
 pod IP answers through the VXLAN tunnel from another pod on the node, and at the end that nothing is left.
+
+`--pool` walks a warm pool instead: the adaptor keeps one pre-booted pod VM (`--pool-size 1`); the pod's StartVM
+claims it (a pool hit) and its time is shown next to a cold StartVM of a pod of another size (never pooled);
+at the end the adaptor is restarted without pools and deletes the idle pool VM.
 """
 
 from __future__ import annotations
@@ -129,6 +133,20 @@ def libvirt_leftovers(env: Any, domain_prefix: str) -> list[str]:
     return left
 
 
+def pool_journal(pool_dir: str) -> list[dict[str, Any]]:
+    """The adaptor's pool journal (`<pods-dir>/../pool/*.json`, caa.adaptor.pool)."""
+    names = sorted(os.listdir(pool_dir)) if os.path.isdir(pool_dir) else []
+    return [e for e in (_read_json(os.path.join(pool_dir, n)) for n in names if n.endswith(".json")) if e]
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise DemoError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
 def _read_json(path: str) -> Any:
     try:
         with open(path) as f:
@@ -183,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the demo network and logs in place")
     parser.add_argument("--vxlan-min-id", type=int, default=555000,
                         help="first VNI of the demo adaptor (tests pick one no other suite uses)")
+    parser.add_argument("--pool", action="store_true",
+                        help="walk a warm pool: a pool hit next to a cold start (local provider)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces)", file=sys.stderr)
@@ -197,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     hv_sock = os.path.join(work, "hypervisor.sock")
     pods_dir = os.path.join(work, "pods")
     log_path = os.path.join(work, "adaptor.log")
+    pool_dir = os.path.join(work, "pool")  # the adaptor journals its pool next to --pods-dir
     sid = secrets.token_hex(32)
+    cold_sid = secrets.token_hex(32)
+    pool_args = ["--pool-size", "1"] if args.pool else []
+    pooled: set[str] = set()
     libvirt_env: Any = None
     adaptor: subprocess.Popen[bytes] | None = None
     echo: subprocess.Popen[bytes] | None = None
@@ -229,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(netns_dir, exist_ok=True)
             cmd = [twistd, "-n", "--pidfile=", f"--logfile={log_path}", "caa-adaptor",
                    "--provider", args.provider, "--socket", hv_sock, "--pods-dir", pods_dir,
-                   "--netns-dir", netns_dir, "--vxlan-min-id", str(args.vxlan_min_id), *extra_args]
+                   "--tls-dir", os.path.join(work, "tls"), "--netns-dir", netns_dir,
+                   "--vxlan-min-id", str(args.vxlan_min_id), *extra_args, *pool_args]
             print(f"    $ {' '.join(a or repr(a) for a in cmd)}")
             adaptor = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 30
@@ -245,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
 
         steps.run(f"start twistd caa-adaptor --provider {args.provider}", start_adaptor)
 
+        def pool_ready() -> None:
+            wait_until(lambda: any(e.get("state") == "ready" for e in pool_journal(pool_dir)),
+                       "the pool VM ready", 600 if args.provider == "libvirt" else 120)
+            pooled.update(e["name"] for e in pool_journal(pool_dir))
+            print(f"    pool VM {', '.join(sorted(pooled))} ready: bootstrap user data only, its forwarder "
+                  "serving nothing but Claim")
+
+        if args.pool:
+            steps.run("wait until the warm pool VM is booted (--pool-size 1)", pool_ready)
+
         def create() -> str:
             req = hypervisor_pb2.CreateVMRequest(id=sid, networkNamespacePath=f"/var/run/netns/{POD_NS}")
             req.annotations["io.kubernetes.cri.sandbox-name"] = "demo-pod"
@@ -256,9 +291,22 @@ def main(argv: list[str] | None = None) -> int:
         agent_sock = steps.run("CreateVM (inspect the pod netns, plan the VM, journal the sandbox)", create)
 
         timeout = 600 if args.provider == "libvirt" else 60
-        steps.run("StartVM (pod VM up, tunnel, forwarder serving mTLS, agent proxy connected)",
-                  lambda: shim.call(hv_sock, "hypervisor.Hypervisor", "StartVM",
-                                    hypervisor_pb2.StartVMRequest(id=sid), hypervisor_pb2.StartVMResponse, timeout))
+        hit_seconds = 0.0
+
+        def start_vm() -> None:
+            nonlocal hit_seconds
+            t0 = time.monotonic()
+            shim.call(hv_sock, "hypervisor.Hypervisor", "StartVM", hypervisor_pb2.StartVMRequest(id=sid),
+                      hypervisor_pb2.StartVMResponse, timeout)
+            if args.pool:
+                hit_seconds = time.monotonic() - t0
+                name = _read_json(os.path.join(pods_dir, sid, "sandbox.json")).get("instance_name", "")
+                if name not in pooled:
+                    raise DemoError(f"StartVM started {name or 'no VM'}, not the pool VM {sorted(pooled)}")
+                print(f"    pool hit (claimed {name}) in {hit_seconds:.2f}s")
+
+        steps.run("StartVM (a warm pool VM claimed, tunnel, agent proxy connected)" if args.pool else
+                  "StartVM (pod VM up, tunnel, forwarder serving mTLS, agent proxy connected)", start_vm)
 
         def agent_call() -> None:
             check = shim.call(agent_sock, "grpc.Health", "Check", health_pb2.CheckRequest(),
@@ -304,18 +352,56 @@ def main(argv: list[str] | None = None) -> int:
             echo.kill()
             echo.wait()
 
+        def cold_start() -> None:
+            # A pod of another size: never pooled, so a cold start whatever the pool's refill is doing. The
+            # other pod's netns is free now (its echo client is done).
+            req = hypervisor_pb2.CreateVMRequest(id=cold_sid, networkNamespacePath=f"/var/run/netns/{CLIENT_NS}")
+            req.annotations["io.kubernetes.cri.sandbox-name"] = "demo-cold"
+            req.annotations["io.kubernetes.cri.sandbox-namespace"] = "default"
+            req.annotations["io.katacontainers.config.hypervisor.default_vcpus"] = "1"
+            shim.call(hv_sock, "hypervisor.Hypervisor", "CreateVM", req, hypervisor_pb2.CreateVMResponse, 30)
+            t0 = time.monotonic()
+            shim.call(hv_sock, "hypervisor.Hypervisor", "StartVM", hypervisor_pb2.StartVMRequest(id=cold_sid),
+                      hypervisor_pb2.StartVMResponse, timeout)
+            cold_seconds = time.monotonic() - t0
+            name = _read_json(os.path.join(pods_dir, cold_sid, "sandbox.json")).get("instance_name", "")
+            print(f"    cold StartVM (created {name}) in {cold_seconds:.2f}s; the pool hit took {hit_seconds:.2f}s")
+            shim.call(hv_sock, "hypervisor.Hypervisor", "StopVM", hypervisor_pb2.StopVMRequest(id=cold_sid),
+                      hypervisor_pb2.StopVMResponse, 300)
+
+        if args.pool:
+            steps.run("a cold StartVM beside it (a pod of another size: no pool), then its StopVM", cold_start)
+
         vnis_used = {int(v) for v in _read_json(os.path.join(pods_dir, "vni.json"))}
         print(f"    (the sandbox holds VNI {sorted(vnis_used)})")
         steps.run("StopVM (proxy down, VM deleted, tunnel down, journal entry gone)",
                   lambda: shim.call(hv_sock, "hypervisor.Hypervisor", "StopVM",
                                     hypervisor_pb2.StopVMRequest(id=sid), hypervisor_pb2.StopVMResponse, 300))
 
+        def pools_off() -> None:
+            nonlocal adaptor
+            assert adaptor is not None
+            idle = {e["name"] for e in pool_journal(pool_dir)}  # the refill
+            pooled.update(idle)
+            adaptor.send_signal(signal.SIGTERM)
+            adaptor.wait(60)
+            pool_args.clear()
+            start_adaptor()
+            wait_until(lambda: not pool_journal(pool_dir) and not (idle & netns_list()),
+                       "the idle pool VMs deleted", 120)
+            print(f"    restarted without --pool-size: deleted the idle pool VMs {sorted(idle)}")
+
+        if args.pool:
+            steps.run("restart the adaptor with pools off: it deletes the idle pool VMs", pools_off)
+
         def nothing_left() -> None:
             left = []
             if os.path.exists(os.path.join(pods_dir, sid)):
                 left.append(f"pod directory {os.path.join(pods_dir, sid)}")
             # only this pod's VM namespaces (<instance name>, <instance name>-pod): other suites may make theirs
-            new_ns = {ns for ns in netns_list() - ns_before if ns.startswith(f"podvm-demo-pod-{sid[:8]}")}
+            new_ns = {ns for ns in netns_list() - ns_before
+                      if ns.startswith((f"podvm-demo-pod-{sid[:8]}", f"podvm-demo-cold-{cold_sid[:8]}"))
+                      or ns.split("-pod")[0] in pooled}
             if new_ns:
                 left.append(f"namespaces {sorted(new_ns)}")
             links = json.loads(sh("ip", "-n", POD_NS, "-j", "link").stdout)

@@ -56,6 +56,30 @@ def new_peerpod(pod: JSONObject, cloud_provider: str, instance_id: str, name: st
     }
 
 
+#: The label of a warm-pool VM's PeerPod (not upstream): the pool key's short hash.
+POOL_LABEL = "caa.peerpods.io/pool"
+
+
+def new_pool_peerpod(node: JSONObject, namespace: str, name: str, cloud_provider: str, instance_id: str,
+                     pool: str) -> JSONObject:
+    """The PeerPod of a warm-pool VM (not upstream): no Pod exists yet, so it lives in the adaptor's namespace,
+    owned by the adaptor's Node (a Node object with metadata name/uid): deleting the Node has the garbage
+    collector delete it, and peerpod-ctrl then deletes the VM; finalizer and spec as for a pod's."""
+    meta = node["metadata"]
+    return {
+        "apiVersion": PEERPOD_API_VERSION,
+        "kind": PEERPOD_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {POOL_LABEL: pool},
+            "finalizers": [PEERPOD_FINALIZER],
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": meta["name"], "uid": meta["uid"]}],
+        },
+        "spec": {"cloudProvider": cloud_provider, "instanceID": instance_id},
+    }
+
+
 def extended_resource_patch(limit: int) -> JSONObject:
     """Merge patch for a Node's status: `kata.peerpods.io/vm` = limit in capacity and allocatable."""
     value = str(limit)
