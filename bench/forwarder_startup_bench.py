@@ -8,7 +8,8 @@
 3. The guest's critical path from user data to a listening forwarder (mTLS, user data read from a file):
    - two processes: `caa-process-user-data provision-files`, then `twistd caa-forwarder` (what the pod VM ran
      before `--provision-user-data`);
-   - one process: `twistd caa-forwarder --provision-user-data` (only when this tree's forwarder has the flag).
+   - one process: `twistd caa-forwarder --provision-user-data`, and the same with `python -m caa.forwarder`
+     (only when this tree's forwarder has the flag).
    Each as exec -> the listening socket accepts (median and min of `--runs`), plus the modules imported and
    their cumulative import time in the forwarder process by then (min of `--runs`).
 No pod network (it needs root and a netns); with one, pyroute2 adds its imports to both variants alike.
@@ -119,12 +120,18 @@ def has_flag() -> bool:
     return "--provision-user-data" in r.stdout
 
 
-def one_start(d: str, user_data: str, one_process: bool) -> tuple[float, int, float]:
+LAUNCHERS = {
+    "twistd": [TWISTD, "--nodaemon", "--pidfile=", "--logfile=/dev/null", "caa-forwarder"],
+    "python -m": ["-m", "caa.forwarder"],
+}
+
+
+def one_start(d: str, user_data: str, one_process: bool, launcher: str) -> tuple[float, int, float]:
     """exec -> listening for one variant; and the forwarder's (modules, import ms) at that moment."""
     out = os.path.join(d, f"out-{time.monotonic_ns()}")
     os.makedirs(out)
     port = free_port()
-    fwd = [PY, "-X", "importtime", TWISTD, "--nodaemon", "--pidfile=", "--logfile=/dev/null", "caa-forwarder",
+    fwd = [PY, "-X", "importtime", *LAUNCHERS[launcher],
            "--config", os.path.join(out, "apf.json"), "--listen", f"127.0.0.1:{port}",
            "--kata-agent-socket", os.path.join(d, "agent.sock"), "--pod-netns", "bench"]
     err_path = os.path.join(out, "importtime")
@@ -135,6 +142,7 @@ def one_start(d: str, user_data: str, one_process: bool) -> tuple[float, int, fl
         subprocess.run([os.path.join(BIN, "caa-process-user-data"), "provision-files", "--user-data-file",
                         user_data, "--output-dir", out], cwd=ROOT, env=ENV, capture_output=True, check=True)
     with open(err_path, "wb") as err:
+        # python -m logs to stdout, twistd to --logfile; stderr has only the import times
         proc = subprocess.Popen(fwd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
         try:
             elapsed = wait_listening(port, proc) - t0
@@ -152,11 +160,13 @@ def main() -> None:
     results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     results["import_tap_modules"], results["import_tap_ms"] = measure_import(args.runs, "import caa.forwarder.tap")
     results["twistd_help_s"], results["twistd_help_modules"] = measure_twistd_help(args.runs)
-    variants = [("two_processes", False)] + ([("one_process", True)] if has_flag() else [])
+    variants = [("two_processes", False, "twistd")]
+    if has_flag():
+        variants += [("one_process", True, "twistd"), ("one_process_m", True, "python -m")]
     with tempfile.TemporaryDirectory(prefix="fwdstart-") as d:
         user_data = write_user_data(d)
-        for name, one in variants:
-            runs = [one_start(d, user_data, one) for _ in range(args.runs)]
+        for name, one, launcher in variants:
+            runs = [one_start(d, user_data, one, launcher) for _ in range(args.runs)]
             results[f"{name}_exec_to_listening_s"] = statistics.median(r[0] for r in runs)
             results[f"{name}_exec_to_listening_min_s"] = min(r[0] for r in runs)
             results[f"{name}_forwarder_modules"] = runs[0][1]

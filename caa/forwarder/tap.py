@@ -20,8 +20,6 @@ from twisted.internet.defer import Deferred
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from caa.forwarder.userdata import CIDATA_DIR
-from caa.forwarder.userdata import DEFAULT_TIMEOUT as USER_DATA_TIMEOUT
 from caa.reactors import INodeReactor
 
 if TYPE_CHECKING:
@@ -85,9 +83,11 @@ class Options(usage.Options):
         ["agent-wait", None, 150.0, "Seconds a call waits for the agent socket.", float],
         ["user-data-file", None, "", "With --provision-user-data: read the user data from this file instead of "
          "the cidata volume or the cloud's metadata service."],
-        ["cidata-dir", None, CIDATA_DIR, "With --provision-user-data: mount point of the NoCloud cidata volume."],
-        ["user-data-fetch-timeout", None, USER_DATA_TIMEOUT,
-         "With --provision-user-data: seconds to get the user data.", float],
+        # these two default to caa.forwarder.userdata's (/media/cidata, 180 s), read only when provisioning
+        ["cidata-dir", None, None, "With --provision-user-data: mount point of the NoCloud cidata volume "
+         "(default: caa-process-user-data's)."],
+        ["user-data-fetch-timeout", None, None,
+         "With --provision-user-data: seconds to get the user data (default: caa-process-user-data's).", float],
     ]
     optFlags = [
         ["provision-user-data", None, "First write the files of the user data into --config's directory, as "
@@ -124,14 +124,14 @@ class Options(usage.Options):
         self["apf"] = self["tls"] = None
         if not self["provision-user-data"]:
             for name in ("user-data-file", "cidata-dir", "user-data-fetch-timeout"):
-                if self[name] != self.defaults[name]:
+                if self[name]:
                     raise usage.UsageError(f"--{name} needs --provision-user-data")
             load_apf(self)
             return
         if os.path.basename(self["config"]) != "apf.json":
             raise usage.UsageError(f"--provision-user-data writes apf.json: --config must name a file apf.json, "
                                    f"not {self['config']!r}")
-        if self["user-data-fetch-timeout"] <= 0:
+        if self["user-data-fetch-timeout"] is not None and self["user-data-fetch-timeout"] <= 0:
             raise usage.UsageError("--user-data-fetch-timeout must be positive")
 
 
@@ -161,15 +161,15 @@ def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
     `on_fatal(message)` ends the process when start-up fails."""
     if not options["provision-user-data"]:
         return build_forwarder(reactor, options, threads, on_fatal)
+    from caa.forwarder import userdata
     from caa.forwarder.provision import ProvisioningService
-    from caa.forwarder.userdata import provision_files
 
     output_dir = os.path.dirname(os.path.abspath(options["config"]))
 
     def provision() -> Deferred[list[str]]:
-        return Deferred.fromCoroutine(provision_files(
-            reactor, output_dir, options["user-data-file"] or None, options["cidata-dir"],
-            timeout=options["user-data-fetch-timeout"]))
+        return Deferred.fromCoroutine(userdata.provision_files(
+            reactor, output_dir, options["user-data-file"] or None, options["cidata-dir"] or userdata.CIDATA_DIR,
+            timeout=options["user-data-fetch-timeout"] or userdata.DEFAULT_TIMEOUT))
 
     def forwarder() -> ForwarderService:
         try:
