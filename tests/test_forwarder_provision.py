@@ -22,8 +22,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.forwarder import tap
-from caa.forwarder.daemon import ForwarderService, StartupError
-from caa.forwarder.provision import PROVISIONED, PROVISIONED_PATH, ProvisioningService
+from caa.forwarder.daemon import ForwarderService
+from caa.forwarder.provision import PROVISIONED, PROVISIONED_PATH, ProvisioningService, StartError
 from caa.forwarder.userdata import UserDataError
 from caa.podvm_api.cloudconfig import APF_PATH, AUTH_PATH, PEERPOD_DIR, WriteFile, render
 from caa.proto import health_pb2
@@ -104,7 +104,7 @@ class ProvisioningServiceTests(SynchronousTestCase):
                                       "Permission denied"])
 
     def test_bad_apf_json_after_provisioning_is_fatal(self) -> None:
-        self.build_error = StartupError("failed to decode a Agent Protocol Forwarder config file file: x")
+        self.build_error = StartError("failed to decode a Agent Protocol Forwarder config file file: x")
         svc = self.service()
         svc.startService()
         self.provisioning.callback(["apf.json"])
@@ -254,33 +254,39 @@ class ImportTests(SynchronousTestCase):
 
     NEVER = ("kubernetes", "hypothesis", "treq", "twisted.web.client", "caa.adaptor", "caa.providers", "caa.k8s")
 
-    def imported(self, code: str) -> set[str]:
-        """The modules loaded when `code` has run, even if it ends the interpreter (task.react does)."""
+    def imported(self, code: str) -> tuple[set[str], str]:
+        """The modules loaded when `code` has run (even if it ends the interpreter, as task.react does), and what
+        it printed."""
         hook = "import atexit, sys\natexit.register(lambda: print('MODULES', ' '.join(sys.modules)))\n"
         r = subprocess.run([sys.executable, "-c", hook + code], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
-        line = r.stdout.splitlines()[-1]
+        *printed, line = r.stdout.splitlines()
         self.assertTrue(line.startswith("MODULES "), r.stdout)
-        return set(line.split()[1:])
+        return set(line.split()[1:]), "\n".join(printed)
 
     def test_tap_imports_nothing_lazy(self) -> None:
-        modules = self.imported("import caa.forwarder.tap")
+        modules, _ = self.imported("import caa.forwarder.tap")
         self.assertIn("caa.forwarder.tap", modules)
         lazy = (*self.NEVER, "caa.forwarder.userdata", "caa.forwarder.daemon", "yaml", "pyroute2")
         self.assertEqual([name for name in lazy if name in modules], [])
 
-    def test_provisioning_from_cidata_needs_no_http_client(self) -> None:
-        """The whole one-process start path from a cidata directory, up to the forwarder's service."""
+    def test_one_process_start_from_cidata(self) -> None:
+        """The whole one-process start from a cidata directory, up to the forwarder listening: no HTTP client, and
+        none of the forwarder's own modules before the marker (kata-agent starts while they are imported)."""
         d = Path(tempfile.mkdtemp(prefix="fwdprov"))
         self.addCleanup(shutil.rmtree, d)
         (d / "user-data").write_text(user_data({"pod-name": "p"}))
         code = f"""
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 from caa.forwarder import tap
-from caa.forwarder.provision import ProvisioningService
 from caa.reactors import as_node_reactor
+def at_marker(event):
+    if event.get("log_format", "").startswith("provisioned "):
+        print("AT_MARKER", " ".join(m for m in sys.modules if m.startswith(("caa.", "google.protobuf"))))
+globalLogPublisher.addObserver(at_marker)
 options = tap.Options()
 options.parseOptions(["--provision-user-data", "--cidata-dir", {str(d)!r}, "--config", {str(d / "o" / "apf.json")!r},
                       "--disable-tls", "--listen", "127.0.0.1:0", "--kata-agent-socket", {str(d / "a.sock")!r}])
@@ -292,8 +298,12 @@ async def run(reactor):
     await svc.stopService()
 task.react(lambda r: Deferred.fromCoroutine(run(as_node_reactor(r))))
 """
-        modules = self.imported(code)
+        modules, printed = self.imported(code)
         self.assertTrue((d / "o" / PROVISIONED).exists())
         self.assertIn("caa.forwarder.daemon", modules)
         self.assertIn("yaml", modules)
         self.assertEqual([name for name in self.NEVER if name in modules], [])
+        at_marker = printed.split("AT_MARKER")[1].split()
+        self.assertIn("caa.forwarder.userdata", at_marker)
+        forwarder = ("caa.forwarder.daemon", "caa.ttrpc", "caa.tls", "caa.forwarder.interceptors", "google.protobuf")
+        self.assertEqual([name for name in forwarder if name in at_marker], [])

@@ -20,26 +20,29 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from caa.forwarder.daemon import StartupError
 from caa.forwarder.initdata import write_file
 from caa.forwarder.userdata import UserDataError
 from caa.notifier import Notifier
 from caa.podvm_api.cloudconfig import PEERPOD_DIR
 
-__all__ = ["PROVISIONED", "PROVISIONED_PATH", "ProvisioningError", "ProvisioningService"]
+__all__ = ["PROVISIONED", "PROVISIONED_PATH", "StartError", "ProvisioningService"]
 
 #: The marker's name in the output directory, and its path in the pod VM (the init waits for it).
 PROVISIONED = "provisioned"
 PROVISIONED_PATH = f"{PEERPOD_DIR}/{PROVISIONED}"
 
 
-class ProvisioningError(Exception):
-    """The user data could not be provisioned; the message is the one line printed before the process ends."""
+class StartError(Exception):
+    """Provisioning, or building the forwarder after it, failed; the message is the one line printed before the
+    process ends."""
 
 
 class ProvisioningService(MultiService):
     """Runs `provision()` when started, writes `<output_dir>/provisioned`, then starts `build()`'s service as
-    its child. `build` may raise an exception whose message is the one line `on_fatal` gets (a bad apf.json)."""
+    its child. `build` raises StartError for what it refuses (a bad apf.json).
+
+    Nothing of the forwarder itself (caa.forwarder.daemon: ttrpc, protobuf, the TLS and network modules) is
+    imported before the marker is written, so kata-agent starts while this process still imports them."""
 
     _log = Logger()
 
@@ -72,14 +75,14 @@ class ProvisioningService(MultiService):
         try:
             written = await self._provision()
         except UserDataError as e:
-            raise ProvisioningError(f"provisioning the user data failed: {e}") from None
+            raise StartError(f"provisioning the user data failed: {e}") from None
         except OSError as e:
-            raise ProvisioningError(f"provisioning the user data failed: cannot write {e.filename}: "
+            raise StartError(f"provisioning the user data failed: cannot write {e.filename}: "
                                     f"{e.strerror}") from None
         try:
             write_file(self.marker, b"")
         except OSError as e:
-            raise ProvisioningError(f"cannot write {self.marker}: {e.strerror}") from None
+            raise StartError(f"cannot write {self.marker}: {e.strerror}") from None
         self._log.info("provisioned {files} in {elapsed:.3f}s; wrote {marker}", files=",".join(written),
                        elapsed=self._clock() - began, marker=str(self.marker))
         child = self._build()
@@ -96,7 +99,7 @@ class ProvisioningService(MultiService):
     def _fatal(self, f: Failure) -> None:
         if f.check(CancelledError) and not self.running:
             return  # stopped while provisioning
-        expected = f.check(ProvisioningError, StartupError) is not None
+        expected = f.check(StartError) is not None
         message = f.getErrorMessage() if expected else f"forwarder start failed: {f.getErrorMessage()}"
         if not expected:
             self._log.failure("forwarder start failed", f)

@@ -161,8 +161,9 @@ def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
     `on_fatal(message)` ends the process when start-up fails."""
     if not options["provision-user-data"]:
         return build_forwarder(reactor, options, threads, on_fatal)
+    # caa.forwarder.daemon is imported only after the marker (ProvisioningService)
     from caa.forwarder import userdata
-    from caa.forwarder.provision import ProvisioningService
+    from caa.forwarder.provision import ProvisioningService, StartError
 
     output_dir = os.path.dirname(os.path.abspath(options["config"]))
 
@@ -175,9 +176,7 @@ def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
         try:
             load_apf(options)
         except usage.UsageError as e:
-            from caa.forwarder.daemon import StartupError
-
-            raise StartupError(str(e)) from None
+            raise StartError(str(e)) from None
         return build_forwarder(reactor, options, threads, on_fatal)
 
     return ProvisioningService(provision, output_dir, forwarder, on_fatal)
