@@ -10,8 +10,9 @@
      before `--provision-user-data`);
    - one process: `twistd caa-forwarder --provision-user-data`, and the same with `python -m caa.forwarder`
      (only when this tree's forwarder has the flag).
-   Each as exec -> the listening socket accepts (median and min of `--runs`), plus the modules imported and
-   their cumulative import time in the forwarder process by then (min of `--runs`).
+   Each as exec -> the listening socket accepts (median and min of `--runs`), exec -> the files are there (the
+   moment an init may start kata-agent: caa-process-user-data's exit, or the `provisioned` marker), plus the
+   modules imported and their cumulative import time in the forwarder process by then (min of `--runs`).
 No pod network (it needs root and a netns); with one, pyroute2 adds its imports to both variants alike.
 """
 
@@ -75,14 +76,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], limit: float = 60.0) -> float:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], marker: str = "",
+                   limit: float = 60.0) -> tuple[float, float]:
+    """When the socket accepts, and when `marker` first existed (polled alike; 0 when not asked)."""
     start = time.monotonic()
+    marked = 0.0
     while time.monotonic() - start < limit:
         if proc.poll() is not None:
             raise RuntimeError(f"forwarder exited with {proc.returncode}")
+        if marker and not marked and os.path.exists(marker):
+            marked = time.monotonic()
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.05):
-                return time.monotonic()
+                return time.monotonic(), marked
         except OSError:
             time.sleep(0.002)
     raise RuntimeError("forwarder did not listen")
@@ -126,8 +132,8 @@ LAUNCHERS = {
 }
 
 
-def one_start(d: str, user_data: str, one_process: bool, launcher: str) -> tuple[float, int, float]:
-    """exec -> listening for one variant; and the forwarder's (modules, import ms) at that moment."""
+def one_start(d: str, user_data: str, one_process: bool, launcher: str) -> tuple[float, int, float, float]:
+    """exec -> listening for one variant; the forwarder's (modules, import ms) at that moment; exec -> files."""
     out = os.path.join(d, f"out-{time.monotonic_ns()}")
     os.makedirs(out)
     port = free_port()
@@ -136,21 +142,23 @@ def one_start(d: str, user_data: str, one_process: bool, launcher: str) -> tuple
            "--kata-agent-socket", os.path.join(d, "agent.sock"), "--pod-netns", "bench"]
     err_path = os.path.join(out, "importtime")
     t0 = time.monotonic()
+    files = 0.0
     if one_process:
         fwd += ["--provision-user-data", "--user-data-file", user_data]
     else:
         subprocess.run([os.path.join(BIN, "caa-process-user-data"), "provision-files", "--user-data-file",
                         user_data, "--output-dir", out], cwd=ROOT, env=ENV, capture_output=True, check=True)
+        files = time.monotonic() - t0
     with open(err_path, "wb") as err:
         # python -m logs to stdout, twistd to --logfile; stderr has only the import times
         proc = subprocess.Popen(fwd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            elapsed = wait_listening(port, proc) - t0
+            listening, marked = wait_listening(port, proc, os.path.join(out, "provisioned") if one_process else "")
             with open(err_path) as f:
                 modules, ms = importtime_totals(f.read())
         finally:
             stop(proc)
-    return elapsed, modules, ms
+    return listening - t0, modules, ms, (marked - t0 if one_process else files)
 
 
 def main() -> None:
@@ -171,6 +179,7 @@ def main() -> None:
             results[f"{name}_exec_to_listening_min_s"] = min(r[0] for r in runs)
             results[f"{name}_forwarder_modules"] = runs[0][1]
             results[f"{name}_forwarder_import_ms"] = min(r[2] for r in runs)
+            results[f"{name}_exec_to_files_s"] = statistics.median(r[3] for r in runs)
     results["load_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
 
