@@ -77,8 +77,7 @@ class ProvisioningService(MultiService):
         except UserDataError as e:
             raise StartError(f"provisioning the user data failed: {e}") from None
         except OSError as e:
-            raise StartError(f"provisioning the user data failed: cannot write {e.filename}: "
-                                    f"{e.strerror}") from None
+            raise StartError(f"provisioning the user data failed: cannot write {e.filename}: {e.strerror}") from None
         try:
             write_file(self.marker, b"")
         except OSError as e:
