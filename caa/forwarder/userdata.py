@@ -361,7 +361,7 @@ async def provision_files(
 
 def make_http_client(reactor: INodeReactor) -> HTTPClient:
     """A treq client without persistent connections (a one-shot program leaves nothing open)."""
-    # Imported here: treq and twisted.web's client cost the guest's start-up about 100 ms (docs/benchmarks.md,
+    # Imported here: treq and twisted.web's client cost the guest's start-up about 50 ms (docs/benchmarks.md,
     # Forwarder start-up imports) and only a VM without a cidata volume asks a metadata service.
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
