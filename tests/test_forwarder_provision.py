@@ -18,6 +18,9 @@ from twisted.application.service import IService, Service
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -50,6 +53,7 @@ class ProvisioningServiceTests(SynchronousTestCase):
         self.fatal: list[str] = []
         self.built: list[Service] = []
         self.build_error: Exception | None = None
+        self.clock = Clock()
 
     def build(self) -> IService:
         if self.build_error is not None:
@@ -60,7 +64,8 @@ class ProvisioningServiceTests(SynchronousTestCase):
         return child
 
     def service(self) -> ProvisioningService:
-        return ProvisioningService(lambda: self.provisioning, str(self.dir), self.build, self.fatal.append)
+        return ProvisioningService(lambda: self.provisioning, str(self.dir), self.build, self.fatal.append,
+                                   self.clock)
 
     def test_marker_after_the_files_then_the_forwarder(self) -> None:
         svc = self.service()
@@ -69,7 +74,12 @@ class ProvisioningServiceTests(SynchronousTestCase):
         self.assertFalse((self.dir / PROVISIONED).exists())
         self.assertEqual(self.built, [])
         self.assertNoResult(started)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.clock.advance(2.5)
         self.provisioning.callback(["apf.json", "aa.toml", "initdata.digest"])
+        done = [e for e in events if e["log_format"].startswith("provisioned ")]
+        self.assertEqual([(e["files"], e["elapsed"], e["marker"]) for e in done],
+                         [("apf.json,aa.toml,initdata.digest", 2.5, str(self.dir / PROVISIONED))])
         marker = self.dir / PROVISIONED
         self.assertEqual(marker.read_bytes(), b"")
         self.assertEqual(oct(marker.stat().st_mode & 0o777), oct(0o644))

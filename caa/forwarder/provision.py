@@ -10,13 +10,13 @@ process through `on_fatal`; nothing is marked provisioned then.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -52,7 +52,7 @@ class ProvisioningService(MultiService):
         output_dir: str,
         build: Callable[[], IService],
         on_fatal: Callable[[str], None],
-        clock: Callable[[], float] = time.monotonic,
+        clock: IReactorTime,
     ) -> None:
         super().__init__()
         self._provision = provision
@@ -71,7 +71,7 @@ class ProvisioningService(MultiService):
         self._starting.addErrback(self._fatal)
 
     async def _start(self) -> None:
-        began = self._clock()
+        began = self._clock.seconds()
         try:
             written = await self._provision()
         except UserDataError as e:
@@ -83,7 +83,7 @@ class ProvisioningService(MultiService):
         except OSError as e:
             raise StartError(f"cannot write {self.marker}: {e.strerror}") from None
         self._log.info("provisioned {files} in {elapsed:.3f}s; wrote {marker}", files=",".join(written),
-                       elapsed=self._clock() - began, marker=str(self.marker))
+                       elapsed=self._clock.seconds() - began, marker=str(self.marker))
         child = self._build()
         self.child = child
         child.setServiceParent(self)  # starts it: this parent is running

@@ -179,7 +179,7 @@ def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
             raise StartError(str(e)) from None
         return build_forwarder(reactor, options, threads, on_fatal)
 
-    return ProvisioningService(provision, output_dir, forwarder, on_fatal)
+    return ProvisioningService(provision, output_dir, forwarder, on_fatal, reactor)
 
 
 def build_forwarder(reactor: INodeReactor, options: Options, threads: ThreadPool,
