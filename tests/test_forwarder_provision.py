@@ -74,7 +74,9 @@ class ProvisioningServiceTests(SynchronousTestCase):
         self.assertFalse((self.dir / PROVISIONED).exists())
         self.assertEqual(self.built, [])
         self.assertNoResult(started)
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
         self.clock.advance(2.5)
         self.provisioning.callback(["apf.json", "aa.toml", "initdata.digest"])
         done = [e for e in events if e["log_format"].startswith("provisioned ")]
