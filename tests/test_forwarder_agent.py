@@ -58,7 +58,7 @@ class AgentConnectionTests(SynchronousTestCase):
             times.append(self.clock.seconds())
             self.ep.refuse("agent not there yet")
             self.clock.advance(min(c.getTime() for c in self.clock.getDelayedCalls()) - self.clock.seconds())
-        self.assertEqual([round(t, 3) for t in times], [0.0, 0.1, 0.3, 0.7, 1.5, 3.1])  # 0.1 doubling, cap 2
+        self.assertEqual([round(t, 3) for t in times], [0.0, 0.1, 0.3, 0.7, 1.2, 1.7])  # 0.1 doubling, cap 0.5
         self.assertNoResult(d)
         self.connected()
         self.successResultOf(d)

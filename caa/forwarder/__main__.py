@@ -3,7 +3,8 @@
 Same options (caa.forwarder.tap.Options) and service (build_service); it skips twistd's application and plugin
 machinery, which saves start time and memory on a small pod VM (docs/benchmarks.md, Forwarder). Logs go to
 stdout (the journal under systemd); a bad option or apf.json prints one line and exits 1, and so does a start
-that fails later (pod network, listen): the reactor stops, the service stops, then the process exits 1.
+that fails later (--provision-user-data, pod network, listen): the reactor stops, the service stops, then the
+process exits 1.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The forwarder's one upstream connection to kata-agent's unix socket, healed when the agent restarts.
 
 A `caa.dialer.Link` (the `ClientService` the agent proxy uses too) keeps (re)dialling with back-off (0.1 s
-doubling to 2 s); `get()` hands out the live client or waits for the next one, at most `wait_timeout` seconds
+doubling to 0.5 s: with `--provision-user-data` the init starts kata-agent at the same time as the forwarder, so
+the first dials find no socket; a refused unix dial costs next to nothing, and the agent is found at most 0.5 s
+after it listens); `get()` hands out the live client or waits for the next one, at most `wait_timeout` seconds
 and only as long as the caller (a relay call cancelled at its deadline stops waiting). Upstream dials once and
 is useless after one failure.
 """
@@ -16,8 +18,10 @@ from twisted.python.failure import Failure
 from caa.dialer import Link, LinkStopped, dial_backoff
 from caa.ttrpc import Code, TTRPCClient, TTRPCError
 
-__all__ = ["AgentConnection", "DEFAULT_WAIT"]
+__all__ = ["AgentConnection", "AGENT_DIAL_CAP", "DEFAULT_WAIT"]
 
+#: The longest pause between two dials of the agent socket.
+AGENT_DIAL_CAP = 0.5
 #: How long a call waits for the agent socket before failing UNAVAILABLE (upstream: 150 s dial bound).
 DEFAULT_WAIT = 150.0
 
@@ -30,7 +34,7 @@ class AgentConnection(Link[TTRPCClient]):
         name: str = "kata-agent",
     ) -> None:
         super().__init__(endpoint, lambda dialled_at: TTRPCClient(clock, name), clock,
-                         dial_backoff(initial=0.1, cap=2.0, jitter=lambda: 0.0),
+                         dial_backoff(initial=0.1, cap=AGENT_DIAL_CAP, jitter=lambda: 0.0),
                          on_link=self._connected, on_drop=self._lost)
         self.wait_timeout = wait_timeout
 

@@ -3,7 +3,9 @@
 Flags follow upstream's agent-protocol-forwarder (spec-podvm §1.1) with `--` spelling; `--pod-netns` (alias
 `--pod-namespace`) takes a netns name or path so several forwarders can share one development host.
 apf.json and the TLS material are checked here, before anything is touched: a bad file is one line and
-exit 1.
+exit 1. With `--provision-user-data` the forwarder first writes apf.json and the other /run/peerpod files from
+the user data itself (what `caa-process-user-data provision-files` does, in this process: one Python start in
+the guest), so those checks run once the files exist, and a failure there ends the process with one line.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["Options", "makeService", "build_service", "report_fatal", "DEFAULT_CONFIG", "DEFAULT_LISTEN",
-           "DEFAULT_AGENT_SOCKET", "DEFAULT_POD_NETNS"]
+__all__ = ["Options", "makeService", "build_service", "build_forwarder", "load_apf", "report_fatal",
+           "DEFAULT_CONFIG", "DEFAULT_LISTEN", "DEFAULT_AGENT_SOCKET", "DEFAULT_POD_NETNS"]
 
 DEFAULT_CONFIG = "/run/peerpod/apf.json"
 DEFAULT_LISTEN = "0.0.0.0:15150"
@@ -79,8 +81,17 @@ class Options(usage.Options):
         ["cdh-socket", None, "/run/confidential-containers/cdh.sock",
          "confidential-data-hub's socket (SecureMount of encrypted cloud volumes)."],
         ["agent-wait", None, 150.0, "Seconds a call waits for the agent socket.", float],
+        ["user-data-file", None, "", "With --provision-user-data: read the user data from this file instead of "
+         "the cidata volume or the cloud's metadata service."],
+        # these two default to caa.forwarder.userdata's (/media/cidata, 180 s), read only when provisioning
+        ["cidata-dir", None, None, "With --provision-user-data: mount point of the NoCloud cidata volume "
+         "(default: caa-process-user-data's)."],
+        ["user-data-fetch-timeout", None, None,
+         "With --provision-user-data: seconds to get the user data (default: caa-process-user-data's).", float],
     ]
     optFlags = [
+        ["provision-user-data", None, "First write the files of the user data into --config's directory, as "
+         "`caa-process-user-data provision-files` does, then the empty file 'provisioned' there, then start."],
         ["disable-tls", None, "Plain TCP (the adaptor must use --disable-tls too)."],
         ["tls-skip-verify", None, "Testing only: do not verify client certificates (refused with a CA)."],
         ["version", None, "Print the version and exit."],
@@ -107,29 +118,73 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        from caa.forwarder.config import ConfigError, load_config
-        from caa.forwarder.daemon import StartupError, TLSSettings, build_server_tls
-
         self["listen-address"] = parse_listen(self["listen"])
         if self["agent-wait"] <= 0:
             raise usage.UsageError("--agent-wait must be positive")
+        self["apf"] = self["tls"] = None
+        if not self["provision-user-data"]:
+            for name in ("user-data-file", "cidata-dir", "user-data-fetch-timeout"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} needs --provision-user-data")
+            load_apf(self)
+            return
+        if os.path.basename(self["config"]) != "apf.json":
+            raise usage.UsageError(f"--provision-user-data writes apf.json: --config must name a file apf.json, "
+                                   f"not {self['config']!r}")
+        if self["user-data-fetch-timeout"] is not None and self["user-data-fetch-timeout"] <= 0:
+            raise usage.UsageError("--user-data-fetch-timeout must be positive")
+
+
+def load_apf(options: Options) -> None:
+    """Read apf.json and build the server TLS options into `options` ("apf", "tls"); UsageError when either
+    is unusable. At option parsing, or after --provision-user-data wrote the file."""
+    from caa.forwarder.config import ConfigError, load_config
+    from caa.forwarder.daemon import StartupError, TLSSettings, build_server_tls
+
+    try:
+        options["apf"] = load_config(options["config"])
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    options["tls"] = None
+    if not options["disable-tls"]:
+        settings = TLSSettings(options["cert-file"], options["cert-key"], options["ca-cert-file"],
+                               bool(options["tls-skip-verify"]))
         try:
-            self["apf"] = load_config(self["config"])
-        except ConfigError as e:
+            options["tls"] = build_server_tls(settings, options["apf"])
+        except StartupError as e:
             raise usage.UsageError(str(e)) from None
-        self["tls"] = None
-        if not self["disable-tls"]:
-            settings = TLSSettings(self["cert-file"], self["cert-key"], self["ca-cert-file"],
-                                   bool(self["tls-skip-verify"]))
-            try:
-                self["tls"] = build_server_tls(settings, self["apf"])
-            except StartupError as e:
-                raise usage.UsageError(str(e)) from None
 
 
 def build_service(reactor: INodeReactor, options: Options, threads: ThreadPool,
-                  on_fatal: Callable[[str], None]) -> ForwarderService:
-    """The forwarder for parsed options; `on_fatal(message)` ends the process when start-up fails."""
+                  on_fatal: Callable[[str], None]) -> IService:
+    """The daemon for parsed options: the forwarder, after the user data's files with --provision-user-data.
+    `on_fatal(message)` ends the process when start-up fails."""
+    if not options["provision-user-data"]:
+        return build_forwarder(reactor, options, threads, on_fatal)
+    # caa.forwarder.daemon is imported only after the marker (ProvisioningService)
+    from caa.forwarder import userdata
+    from caa.forwarder.provision import ProvisioningService, StartError
+
+    output_dir = os.path.dirname(os.path.abspath(options["config"]))
+
+    def provision() -> Deferred[list[str]]:
+        return Deferred.fromCoroutine(userdata.provision_files(
+            reactor, output_dir, options["user-data-file"] or None, options["cidata-dir"] or userdata.CIDATA_DIR,
+            timeout=options["user-data-fetch-timeout"] or userdata.DEFAULT_TIMEOUT))
+
+    def forwarder() -> ForwarderService:
+        try:
+            load_apf(options)
+        except usage.UsageError as e:
+            raise StartError(str(e)) from None
+        return build_forwarder(reactor, options, threads, on_fatal)
+
+    return ProvisioningService(provision, output_dir, forwarder, on_fatal, reactor)
+
+
+def build_forwarder(reactor: INodeReactor, options: Options, threads: ThreadPool,
+                    on_fatal: Callable[[str], None]) -> ForwarderService:
+    """The forwarder for parsed options whose apf.json is loaded (`load_apf`)."""
     from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXClientEndpoint
     from twisted.internet.threads import deferToThreadPool
 

@@ -23,19 +23,22 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from caa.forwarder import initdata
 from caa.podvm_api.cloudconfig import PEERPOD_DIR, PEERPOD_FILES, CloudConfigError, WriteFile
 from caa.podvm_api.cloudconfig import parse as parse_cloud_config
 from caa.reactors import INodeReactor, as_node_reactor
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient
 
 __all__ = [
     "UserDataError",
@@ -46,9 +49,11 @@ __all__ = [
     "AWSSource",
     "GCPSource",
     "AlibabaSource",
+    "cidata_source",
     "detect_source",
     "retrieve_cloud_config",
     "provision",
+    "provision_files",
     "make_http_client",
     "main",
 ]
@@ -242,6 +247,18 @@ def _mount_cidata(cidata_dir: str, device: str = CIDATA_DEVICE) -> None:
                   err=r.stderr.strip())
 
 
+def cidata_source(cidata_dir: str = CIDATA_DIR) -> FileSource | None:
+    """The NoCloud volume's `user-data`, when present (the first source in upstream's order)."""
+    user_data = os.path.join(cidata_dir, "user-data")
+    try:
+        os.stat(user_data)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # like upstream: a stat error other than not-exist counts
+    return FileSource(user_data)
+
+
 async def detect_source(
     http: Any,
     cidata_dir: str = CIDATA_DIR,
@@ -250,14 +267,9 @@ async def detect_source(
 ) -> Source | None:
     """Pick the user-data source, in upstream's order. `urls` overrides base URLs (tests, development)."""
     urls = urls or {}
-    user_data = os.path.join(cidata_dir, "user-data")
-    try:
-        os.stat(user_data)
-        return FileSource(user_data)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return FileSource(user_data)  # like upstream: a stat error other than not-exist counts
+    cidata = cidata_source(cidata_dir)
+    if cidata is not None:
+        return cidata
     vendor = _dmi_vendor(dmi_dir)
     if vendor.startswith("Microsoft"):
         return AzureSource(http, urls.get("azure", AZURE_URL))
@@ -324,8 +336,34 @@ async def provision(
     return written
 
 
+async def provision_files(
+    reactor: INodeReactor,
+    output_dir: str = PEERPOD_DIR,
+    user_data_file: str | None = None,
+    cidata_dir: str = CIDATA_DIR,
+    mount_cidata: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    delay: float = RETRY_DELAY,
+) -> list[str]:
+    """`provision-files` with its sources picked from the command line; `caa-process-user-data` and
+    `caa-forwarder --provision-user-data` both run this. The cidata volume is mounted (off the reactor) only
+    at its real mount point, and an HTTP client is made only when there is no cidata to read."""
+    if user_data_file is not None:
+        source: Source | None = FileSource(user_data_file)
+    else:
+        if mount_cidata and cidata_dir == CIDATA_DIR:
+            await deferToThreadPool(reactor, reactor.getThreadPool(), _mount_cidata, cidata_dir)
+        source = cidata_source(cidata_dir)
+    http = make_http_client(reactor) if source is None else None
+    return await provision(reactor, output_dir, source=source, http=http, cidata_dir=cidata_dir,
+                           timeout=timeout, delay=delay)
+
+
 def make_http_client(reactor: INodeReactor) -> HTTPClient:
     """A treq client without persistent connections (a one-shot program leaves nothing open)."""
+    # Imported here: treq and twisted.web's client cost the guest's start-up about 50 ms (docs/benchmarks.md,
+    # Forwarder start-up imports) and only a VM without a cidata volume asks a metadata service.
+    from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
     return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
@@ -359,15 +397,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    if args.user_data_file is None and not args.no_mount_cidata and args.cidata_dir == CIDATA_DIR:
-        _mount_cidata(args.cidata_dir)
 
     async def run(reactor: INodeReactor) -> None:
-        source = FileSource(args.user_data_file) if args.user_data_file else None
-        http = None if source is not None else make_http_client(reactor)
         try:
-            await provision(reactor, args.output_dir, source=source, http=http, cidata_dir=args.cidata_dir,
-                            timeout=args.user_data_fetch_timeout, delay=args.retry_delay)
+            await provision_files(reactor, args.output_dir, args.user_data_file or None, args.cidata_dir,
+                                  not args.no_mount_cidata, args.user_data_fetch_timeout, args.retry_delay)
         except UserDataError as e:
             print(f"caa-process-user-data: {e}", file=sys.stderr)
             raise SystemExit(1) from None
