@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--forwarder", nargs=2, metavar=("PORT", "TLS_DIR"))
     ap.add_argument("--skip-dial", action="store_true")
     ap.add_argument("--skip-startvm", action="store_true", help="only the dial-policy part")
+    ap.add_argument("--dial-pods", type=int, default=0, help="VMs of the dial-policy part (default: --pods)")
     ap.add_argument("--boot-window", type=float, default=120.0, help="the new policy's boot window (s)")
     ap.add_argument("--boot-period", type=float, default=0.05, help="the new policy's period (s)")
     ap.add_argument("--no-fsync", action="store_true",
@@ -249,6 +250,7 @@ def main() -> None:
 
     async def part2() -> None:
         rng = random.Random(4242)
+        dial_pods = args.dial_pods or args.pods
         policies = {
             "old": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0)),
             "new": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
@@ -296,7 +298,7 @@ def main() -> None:
 
             await gatherResults([Deferred.fromCoroutine(dial(kind, f)) for kind, f in policies.items()])
 
-        await gatherResults([Deferred.fromCoroutine(pod(i)) for i in range(args.pods)])
+        await gatherResults([Deferred.fromCoroutine(pod(i)) for i in range(dial_pods)])
         results["lags"] = lags
         results["rates"] = rates
         results["dial_cpu"] = time.process_time() - cpu0
@@ -306,12 +308,33 @@ def main() -> None:
         for s in servers:
             s.abort()
 
+    async def part3() -> None:
+        """The node's cost of the new policy alone: N links dial a port that refuses (a booted guest whose
+        forwarder is not up yet) for 3 s; CPU time of this process per attempt."""
+        hold = socket.socket()
+        hold.bind(("127.0.0.1", 0))
+        port = int(hold.getsockname()[1])
+        n = args.dial_pods or args.pods
+        factory = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
+                                    boot_window=BootWindow(length=args.boot_window, period=args.boot_period))
+        proxies = [factory.new(f"cost{i}", os.path.join(work, "cost", f"{i}", "agent.ttrpc")) for i in range(n)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for p in proxies:
+            p.start(("127.0.0.1", port), "vm", r.seconds() + 60).addErrback(lambda _: None)
+        await deferLater(r, 3.0)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+        attempts = sum(p.link.attempts for p in proxies if isinstance(p, AgentProxy) and p.link is not None)
+        await gatherResults([p.stop() for p in proxies])
+        hold.close()
+        results["cost"] = (n, attempts, wall, cpu)
+
     async def run() -> None:
         try:
             if not args.skip_startvm:
                 await part1()
             if not args.skip_dial:
                 await part2()
+                await part3()
         except BaseException as e:
             print(f"bench failed: {e!r}", file=sys.stderr)
             raise
@@ -355,6 +378,10 @@ def main() -> None:
             print(f"dial lag after VM boot, {kind}: mean {statistics.mean(xs) * ms:.0f} ms, p50 {pct(xs, 50) * ms:.0f} "
                   f"ms, p99 {pct(xs, 99) * ms:.0f} ms, max {max(xs) * ms:.0f} ms; attempts per VM per second "
                   f"mean {statistics.mean(rate):.2f}, max {max(rate):.2f}")
+        n, attempts, wall, cpu = results["cost"]
+        print(f"new policy alone, {n} links against a refusing port for {wall:.1f} s: {attempts} attempts = "
+              f"{attempts / n / wall:.1f} per link per second; process CPU {cpu:.2f} s = "
+              f"{cpu / attempts * ms:.3f} ms per attempt ({cpu / wall * 100:.0f}% of a core)")
         lg = results["lags"]
         for kind in ("old", "upstream"):
             print(f"gain ({kind} / new): mean {statistics.mean(lg[kind]) / statistics.mean(lg['new']):.1f}x, "

@@ -44,9 +44,9 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from caa.notifier import Notifier
 from caa.ttrpc import TTRPCClient
@@ -139,6 +139,18 @@ class _ReadyGate:
         return Deferred.fromCoroutine(self._link._attempt(protocolFactory))
 
 
+@provider(ILogObserver)
+def _quiet_in_boot_window(event: LogEvent) -> None:
+    """The observer of `Link`'s logger (which `ClientService` logs through too): `ClientService` logs each
+    scheduled retry; while a boot window retries every 50 ms those lines are dropped (the link's owner reports
+    retries through `on_retry`, e.g. the agent proxy's throttled "Retrying failed agent proxy connection")."""
+    source = event.get("log_source")
+    if (isinstance(source, Link) and source.in_boot_window()
+            and str(event.get("log_format", "")).startswith("Scheduling retry")):
+        return
+    globalLogPublisher(event)
+
+
 class Link(ClientService, Generic[C]):
     """Keeps one client link up (see the module docstring).
 
@@ -150,7 +162,7 @@ class Link(ClientService, Generic[C]):
     on the fast dialling of the module docstring. `attempts` counts the dial attempts started.
     """
 
-    _log = Logger()
+    _log = Logger(observer=_quiet_in_boot_window)
 
     def __init__(
         self,
@@ -283,7 +295,9 @@ class Link(ClientService, Generic[C]):
             made.append(self._make_client(dialled_at))
             return made[-1]
 
-        connecting = self._endpoint.connect(Factory.forProtocol(build))
+        factory = Factory.forProtocol(build)
+        factory.noisy = False  # no "Starting factory"/"Stopping factory" lines for every attempt
+        connecting = self._endpoint.connect(factory)
         window = self._boot_window if self.in_boot_window() else None
         if window is not None:
             connecting.addTimeout(window.connect_timeout, self._clock)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.dialer import BootWindow, Link, LinkStopped, dial_backoff
@@ -97,10 +98,8 @@ class BootWindowTests(SynchronousTestCase):
 
     def _refuse_until(self, until: float) -> None:
         """Refuse every attempt up to clock time `until`, recording when each was made."""
-        seen = 0
         while True:
-            if len(self.ep.pending) > seen:
-                seen = len(self.ep.pending)
+            if len(self.ep.pending) > len(self.instants):
                 self.instants.append(round(self.clock.seconds() - 10.0, 3))
                 self.ep.refuse()
                 continue
@@ -174,3 +173,17 @@ class BootWindowTests(SynchronousTestCase):
         self.assertEqual(self.link.attempts, 3)
         self.ep.refuse()
         self.assertEqual(self.retries[-1][2], 0.1)  # and then the back-off, not the window's period
+
+    def test_retry_lines_dropped_during_the_window_only(self) -> None:
+        events: list[LogEvent] = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self._refuse_until(10.93)
+        self.assertEqual(self.link.attempts, 19)  # at 0.00, 0.05, ... 0.90
+        mine = [e for e in events if e.get("log_source") is self.link]
+        self.assertEqual(mine, [])  # ClientService's "Scheduling retry" line of each attempt: dropped
+        self._refuse_until(11.5)
+        lines = [formatEvent(e) for e in events if e.get("log_source") is self.link]
+        self.assertTrue(lines and all(line.startswith("Scheduling retry") for line in lines), lines)
+        self.assertEqual(len(lines), 3)  # the failures at 1.0, 1.1 and 1.3 (the window ended at 1.0)
