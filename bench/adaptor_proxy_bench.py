@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--dial-pods", type=int, default=0, help="VMs of the dial-policy part (default: --pods)")
     ap.add_argument("--boot-window", type=float, default=120.0, help="the new policy's boot window (s)")
     ap.add_argument("--boot-period", type=float, default=0.05, help="the new policy's period (s)")
+    ap.add_argument("--boot-rate", type=float, default=200.0, help="the new policy's node-wide attempts/s")
     ap.add_argument("--no-fsync", action="store_true",
                     help="make os.fsync a no-op in this process (separates the journal's cost from the proxy's)")
     args = ap.parse_args()
@@ -254,7 +255,8 @@ def main() -> None:
         policies = {
             "old": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0)),
             "new": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
-                                     boot_window=BootWindow(length=args.boot_window, period=args.boot_period)),
+                                     boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
+                                                            max_rate=args.boot_rate)),
             "upstream": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 5.0), attempt_timeout=300.0),
         }
         lags: dict[str, list[float]] = {kind: [] for kind in policies}
@@ -316,7 +318,8 @@ def main() -> None:
         port = int(hold.getsockname()[1])
         n = args.dial_pods or args.pods
         factory = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
-                                    boot_window=BootWindow(length=args.boot_window, period=args.boot_period))
+                                    boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
+                                                           max_rate=args.boot_rate))
         proxies = [factory.new(f"cost{i}", os.path.join(work, "cost", f"{i}", "agent.ttrpc")) for i in range(n)]
         cpu0, t0 = time.process_time(), time.perf_counter()
         for p in proxies:
@@ -370,8 +373,10 @@ def main() -> None:
         print(f"RSS idle {idle / 1024:.1f} MiB; with {len(con)} running sandboxes {full / 1024:.1f} MiB; "
               f"per sandbox {(full - idle) / len(con):.1f} KiB")
     if "lags" in results:
-        print(f"dial policy: {args.pods} VMs booting {args.boot_min:g}-{args.boot_max:g} s after the provider "
-              f"returned; new = boot window {args.boot_window:g} s, period {args.boot_period * ms:.0f} ms; "
+        print(f"dial policy: {args.dial_pods or args.pods} VMs booting {args.boot_min:g}-{args.boot_max:g} s "
+              f"after the provider returned; new = boot window {args.boot_window:g} s, "
+              f"period {args.boot_period * ms:.0f} ms, "
+              f"rate {args.boot_rate:g}/s; "
               f"process CPU during the part {results['dial_cpu']:.2f} s")
         for kind, xs in results["lags"].items():
             rate = results["rates"][kind]

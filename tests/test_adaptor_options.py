@@ -41,6 +41,9 @@ class OptionTests(SynchronousTestCase):
         self.assertIn("--dial-boot-period must be at least 10ms", str(e))
         e = self.assertRaises(usage.UsageError, parse, ["--dial-boot-window", "-5s"])
         self.assertIn("--dial-boot-window must not be negative", str(e))
+        self.assertEqual(parse(["--dial-boot-rate", "50"]).boot_window, BootWindow(max_rate=50.0))
+        e = self.assertRaises(usage.UsageError, parse, ["--dial-boot-rate", "0"])
+        self.assertIn("--dial-boot-rate must be positive", str(e))
 
     def test_precedence(self) -> None:
         env = {"PROXY_TIMEOUT": "90s", "PODS_DIR": "/env", "REMOTE_HYPERVISOR_ENDPOINT": "/env.sock",

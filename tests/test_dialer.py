@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import provider
 
-from caa.dialer import BootWindow, Link, LinkStopped, dial_backoff
+from caa.dialer import BootPacer, BootWindow, Link, LinkStopped, dial_backoff
 from caa.ttrpc import TTRPCClient
 from tests.fakes.dialing import PendingEndpoint
 
@@ -176,7 +179,11 @@ class BootWindowTests(SynchronousTestCase):
 
     def test_retry_lines_dropped_during_the_window_only(self) -> None:
         events: list[LogEvent] = []
-        observer = events.append
+
+        @provider(ILogObserver)
+        def observer(event: LogEvent) -> None:
+            events.append(event)
+
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self._refuse_until(10.93)
@@ -187,3 +194,35 @@ class BootWindowTests(SynchronousTestCase):
         lines = [formatEvent(e) for e in events if e.get("log_source") is self.link]
         self.assertTrue(lines and all(line.startswith("Scheduling retry") for line in lines), lines)
         self.assertEqual(len(lines), 3)  # the failures at 1.0, 1.1 and 1.3 (the window ended at 1.0)
+
+
+class BootPacerTests(SynchronousTestCase):
+    """Links booting together share the window's rate: each one's period grows with their number."""
+
+    def test_period_shared_while_booting(self) -> None:
+        clock = Clock()
+        pacer = BootPacer(max_rate=20.0)
+        window = BootWindow(length=60.0, period=0.05, max_rate=20.0)
+        eps = [PendingEndpoint() for _ in range(3)]
+        delays: list[list[float]] = [[], [], []]
+
+        def recorder(i: int) -> Callable[[str, int, float], None]:
+            return lambda error, failures, delay: delays[i].append(delay)
+
+        links: list[Link[TTRPCClient]] = [
+            Link(ep, lambda at: TTRPCClient(clock), clock, dial_backoff(jitter=lambda: 0.0), attempt_timeout=2.0,
+                 on_retry=recorder(i), boot_window=window, boot_pacer=pacer) for i, ep in enumerate(eps)]
+        for link in links:
+            link.startService()
+        eps[0].refuse()
+        self.assertEqual(delays[0], [0.15])  # 3 booting links / 20 per second
+        eps[1].accept()  # up: no longer booting
+        links[2].stopService()  # gone: no longer booting
+        self.assertEqual(pacer.booting, {links[0]})
+        clock.advance(0.15)
+        eps[0].refuse()
+        self.assertEqual(delays[0], [0.15, 0.05])  # alone: the window's own period
+        for link in links[:2]:
+            self.successResultOf(link.stopService())
+        self.assertEqual(pacer.booting, set())
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -83,6 +83,8 @@ class AdaptorOptions(ProviderOptions):
          parse_duration],
         ["dial-boot-period", None, 0.05, "Retry period of the first dial during --dial-boot-window (Go "
          "duration, at least 10ms).", parse_duration],
+        ["dial-boot-rate", None, 200.0, "Dial attempts per second all first dials in their boot window may make "
+         "together; more booting VMs than rate x period lengthen each one's period.", float],
         ["drain-timeout", None, 20.0, "After a rolling update handed the sandboxes to a newer adaptor: how long "
          "agent connections already open keep relaying once this one is stopped (Go duration; 0: none).",
          parse_duration],
@@ -232,6 +234,8 @@ class AdaptorOptions(ProviderOptions):
             raise usage.UsageError("--dial-boot-window must not be negative")
         if self["dial-boot-period"] < MIN_BOOT_PERIOD:
             raise usage.UsageError(f"--dial-boot-period must be at least 10ms, got {self['dial-boot-period']:g}s")
+        if not self["dial-boot-rate"] > 0:
+            raise usage.UsageError(f"--dial-boot-rate must be positive, got {self['dial-boot-rate']:g}")
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must not be negative")
         if self["pool-size"] < 0:
@@ -258,7 +262,8 @@ class AdaptorOptions(ProviderOptions):
         """The agent proxy's boot window (`caa.dialer.BootWindow`), None when --dial-boot-window is 0."""
         if not self["dial-boot-window"]:
             return None
-        return BootWindow(length=self["dial-boot-window"], period=self["dial-boot-period"])
+        return BootWindow(length=self["dial-boot-window"], period=self["dial-boot-period"],
+                          max_rate=self["dial-boot-rate"])
 
     @property
     def pod_subnet_cidrs(self) -> tuple[str, ...]:
