@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--skip-dial", action="store_true")
     ap.add_argument("--skip-startvm", action="store_true", help="only the dial-policy part")
     ap.add_argument("--dial-pods", type=int, default=0, help="VMs of the dial-policy part (default: --pods)")
+    ap.add_argument("--dial-rounds", type=int, default=1, help="rounds of the dial part (boot times drawn anew)")
     ap.add_argument("--boot-window", type=float, default=120.0, help="the new policy's boot window (s)")
     ap.add_argument("--boot-period", type=float, default=0.05, help="the new policy's period (s)")
     ap.add_argument("--boot-rate", type=float, default=200.0, help="the new policy's node-wide attempts/s")
@@ -249,8 +250,8 @@ def main() -> None:
         results["rss_full"] = rss_kib()
         await gatherResults([Deferred.fromCoroutine(svc.stop_vm(s)) for s in sids])
 
-    async def part2() -> None:
-        rng = random.Random(4242)
+    async def part2(rnd: int) -> None:
+        rng = random.Random(4242 + rnd)
         dial_pods = args.dial_pods or args.pods
         policies = {
             "old": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0)),
@@ -259,8 +260,8 @@ def main() -> None:
                                                             max_rate=args.boot_rate)),
             "upstream": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 5.0), attempt_timeout=300.0),
         }
-        lags: dict[str, list[float]] = {kind: [] for kind in policies}
-        rates: dict[str, list[float]] = {kind: [] for kind in policies}
+        lags: dict[str, list[float]] = results.setdefault("lags", {kind: [] for kind in policies})
+        rates: dict[str, list[float]] = results.setdefault("rates", {kind: [] for kind in policies})
         cpu0 = time.process_time()
         ports: list[Any] = []
         servers: list[Server] = []
@@ -288,7 +289,7 @@ def main() -> None:
             r.callLater(boot, boot_vm)
 
             async def dial(kind: str, factory: AgentProxyFactory) -> None:
-                p = factory.new(f"{kind}{i}", os.path.join(work, "dial", f"{kind}{i}", "agent.ttrpc"))
+                p = factory.new(f"{kind}{rnd}-{i}", os.path.join(work, "dial", f"{kind}{rnd}-{i}", "agent.ttrpc"))
                 assert isinstance(p, AgentProxy)
                 proxies.append(p)
                 t0 = time.perf_counter()
@@ -301,9 +302,7 @@ def main() -> None:
             await gatherResults([Deferred.fromCoroutine(dial(kind, f)) for kind, f in policies.items()])
 
         await gatherResults([Deferred.fromCoroutine(pod(i)) for i in range(dial_pods)])
-        results["lags"] = lags
-        results["rates"] = rates
-        results["dial_cpu"] = time.process_time() - cpu0
+        results["dial_cpu"] = results.get("dial_cpu", 0.0) + time.process_time() - cpu0
         await gatherResults([p.stop() for p in proxies])
         for d in ports:
             d.addCallback(lambda port: port.stopListening())
@@ -336,7 +335,8 @@ def main() -> None:
             if not args.skip_startvm:
                 await part1()
             if not args.skip_dial:
-                await part2()
+                for rnd in range(args.dial_rounds):
+                    await part2(rnd)
                 await part3()
         except BaseException as e:
             print(f"bench failed: {e!r}", file=sys.stderr)
@@ -373,7 +373,8 @@ def main() -> None:
         print(f"RSS idle {idle / 1024:.1f} MiB; with {len(con)} running sandboxes {full / 1024:.1f} MiB; "
               f"per sandbox {(full - idle) / len(con):.1f} KiB")
     if "lags" in results:
-        print(f"dial policy: {args.dial_pods or args.pods} VMs booting {args.boot_min:g}-{args.boot_max:g} s "
+        print(f"dial policy: {args.dial_rounds} x {args.dial_pods or args.pods} VMs booting "
+              f"{args.boot_min:g}-{args.boot_max:g} s "
               f"after the provider returned; new = boot window {args.boot_window:g} s, "
               f"period {args.boot_period * ms:.0f} ms, "
               f"rate {args.boot_rate:g}/s; "
