@@ -73,6 +73,11 @@ def write_tls_material(tls_dir: str) -> None:
             f.write(data)
 
 
+def read_pem(tls_dir: str, name: str) -> bytes:
+    with open(os.path.join(tls_dir, name), "rb") as f:
+        return f.read()
+
+
 def forwarder_main(port: int, tls_dir: str) -> None:
     """Child process: the forwarder stand-in (echo for any method) on 127.0.0.1:port with mTLS."""
     from twisted.internet import reactor as global_reactor
@@ -108,6 +113,7 @@ def main() -> None:
     ap.add_argument("--skip-dial", action="store_true")
     ap.add_argument("--skip-startvm", action="store_true", help="only the dial-policy part")
     ap.add_argument("--dial-pods", type=int, default=0, help="VMs of the dial-policy part (default: --pods)")
+    ap.add_argument("--dial-tls", action="store_true", help="the dial part with mutual TLS (default plain TCP)")
     ap.add_argument("--dial-rounds", type=int, default=1, help="rounds of the dial part (boot times drawn anew)")
     ap.add_argument("--boot-window", type=float, default=120.0, help="the new policy's boot window (s)")
     ap.add_argument("--boot-period", type=float, default=0.05, help="the new policy's period (s)")
@@ -137,7 +143,7 @@ def main() -> None:
     from caa.dialer import BootWindow, dial_backoff
     from caa.providers.interfaces import Instance
     from caa.ttrpc import CallContext, Server
-    from caa.ttrpc.endpoints import tcp_server_endpoint
+    from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint
     from tests.fakes.provider import FakeProvider
 
     r: Any = reactor
@@ -253,12 +259,20 @@ def main() -> None:
     async def part2(rnd: int) -> None:
         rng = random.Random(4242 + rnd)
         dial_pods = args.dial_pods or args.pods
+        client_tls: ProxyTLS | None = None
+        server_ctx: Any = None
+        if args.dial_tls:  # mutual TLS as in part 1: the lag then includes the handshake and the TLS 1.3 settle
+            client_tls = ProxyTLS(ca_pem=read_pem(tls_dir, "ca.crt"), cert_pem=read_pem(tls_dir, "client.crt"),
+                                  key_pem=read_pem(tls_dir, "client.key"), server_name_override=tls.MANUAL_SERVER_NAME)
+            server_ctx = tls.server_context_factory(read_pem(tls_dir, "server.crt"), read_pem(tls_dir, "server.key"),
+                                                    read_pem(tls_dir, "client.crt"))
         policies = {
-            "old": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0)),
-            "new": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
+            "old": AgentProxyFactory(r, client_tls, retry_policy=dial_backoff(0.1, 1.0)),
+            "new": AgentProxyFactory(r, client_tls, retry_policy=dial_backoff(0.1, 1.0),
                                      boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
                                                             max_rate=args.boot_rate)),
-            "upstream": AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 5.0), attempt_timeout=300.0),
+            "upstream": AgentProxyFactory(r, client_tls, retry_policy=dial_backoff(0.1, 5.0),
+                                          attempt_timeout=300.0),
         }
         lags: dict[str, list[float]] = results.setdefault("lags", {kind: [] for kind in policies})
         rates: dict[str, list[float]] = results.setdefault("rates", {kind: [] for kind in policies})
@@ -283,7 +297,9 @@ def main() -> None:
                 srv = Server(clock=r, name=f"vm{i}")
                 srv.register_fallback(echo)
                 servers.append(srv)
-                ports.append(tcp_server_endpoint(r, port, "127.0.0.1").listen(srv.factory()))
+                endpoint = (tcp_server_endpoint(r, port, "127.0.0.1") if server_ctx is None
+                            else tls_server_endpoint(r, port, "127.0.0.1", server_ctx))
+                ports.append(endpoint.listen(srv.factory()))
                 up.append(time.perf_counter())
 
             r.callLater(boot, boot_vm)
@@ -373,7 +389,8 @@ def main() -> None:
         print(f"RSS idle {idle / 1024:.1f} MiB; with {len(con)} running sandboxes {full / 1024:.1f} MiB; "
               f"per sandbox {(full - idle) / len(con):.1f} KiB")
     if "lags" in results:
-        print(f"dial policy: {args.dial_rounds} x {args.dial_pods or args.pods} VMs booting "
+        transport = "mTLS" if args.dial_tls else "plain TCP"
+        print(f"dial policy ({transport}): {args.dial_rounds} x {args.dial_pods or args.pods} VMs booting "
               f"{args.boot_min:g}-{args.boot_max:g} s "
               f"after the provider returned; new = boot window {args.boot_window:g} s, "
               f"period {args.boot_period * ms:.0f} ms, "
