@@ -131,7 +131,9 @@ def main() -> None:
 
     reactor = as_node_reactor(global_reactor)
     from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.interfaces import IStreamClientEndpoint
     from twisted.internet.task import deferLater
+    from zope.interface import implementer
 
     from caa import tls
     from caa.adaptor.adapters import NullNetworking
@@ -266,16 +268,37 @@ def main() -> None:
                                   key_pem=read_pem(tls_dir, "client.key"), server_name_override=tls.MANUAL_SERVER_NAME)
             server_ctx = tls.server_context_factory(read_pem(tls_dir, "server.crt"), read_pem(tls_dir, "server.key"),
                                                     read_pem(tls_dir, "client.crt"))
+        tcp_up: dict[tuple[str, int], float] = {}  # (policy, port) -> when its last TCP connect succeeded
+
+        @implementer(IStreamClientEndpoint)
+        class TimedEndpoint:
+            """The proxy's real endpoint, noting when a TCP connect succeeds (TLS: before the handshake)."""
+
+            def __init__(self, inner: IStreamClientEndpoint, key: tuple[str, int]) -> None:
+                self.inner, self.key = inner, key
+
+            def connect(self, factory: Any) -> Any:
+                def note(proto: Any) -> Any:
+                    tcp_up[self.key] = time.perf_counter()
+                    return proto
+
+                return self.inner.connect(factory).addCallback(note)
+
+        def proxies_of(kind: str, attempt_timeout: float, **kw: Any) -> AgentProxyFactory:
+            base = AgentProxyFactory(r, client_tls, attempt_timeout=attempt_timeout)
+            return AgentProxyFactory(r, client_tls, attempt_timeout=attempt_timeout, make_endpoint=lambda h, p, n: (
+                TimedEndpoint(base.client_endpoint(h, p, n), (kind, p))), **kw)
+
         policies = {
-            "old": AgentProxyFactory(r, client_tls, retry_policy=dial_backoff(0.1, 1.0)),
-            "new": AgentProxyFactory(r, client_tls, retry_policy=dial_backoff(0.1, 1.0),
-                                     boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
-                                                            max_rate=args.boot_rate)),
-            "upstream": AgentProxyFactory(r, client_tls, retry_policy=dial_backoff(0.1, 5.0),
-                                          attempt_timeout=300.0),
+            "old": proxies_of("old", 2.0, retry_policy=dial_backoff(0.1, 1.0)),
+            "new": proxies_of("new", 2.0, retry_policy=dial_backoff(0.1, 1.0),
+                              boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
+                                                     max_rate=args.boot_rate)),
+            "upstream": proxies_of("upstream", 300.0, retry_policy=dial_backoff(0.1, 5.0)),
         }
         lags: dict[str, list[float]] = results.setdefault("lags", {kind: [] for kind in policies})
         rates: dict[str, list[float]] = results.setdefault("rates", {kind: [] for kind in policies})
+        tcp_lags: dict[str, list[float]] = results.setdefault("tcp_lags", {kind: [] for kind in policies})
         cpu0 = time.process_time()
         ports: list[Any] = []
         servers: list[Server] = []
@@ -312,6 +335,7 @@ def main() -> None:
                 await p.start(("127.0.0.1", port), "vm", r.seconds() + 120)
                 t1 = time.perf_counter()
                 lags[kind].append(t1 - up[0])
+                tcp_lags[kind].append(tcp_up[(kind, port)] - up[0])
                 assert p.link is not None
                 rates[kind].append(p.link.attempts / (t1 - t0))
 
@@ -401,6 +425,9 @@ def main() -> None:
             print(f"dial lag after VM boot, {kind}: mean {statistics.mean(xs) * ms:.0f} ms, p50 {pct(xs, 50) * ms:.0f} "
                   f"ms, p99 {pct(xs, 99) * ms:.0f} ms, max {max(xs) * ms:.0f} ms; attempts per VM per second "
                   f"mean {statistics.mean(rate):.2f}, max {max(rate):.2f}")
+            tcp = results["tcp_lags"][kind]
+            print(f"  of which TCP connect after VM boot: mean {statistics.mean(tcp) * ms:.0f} ms, p50 "
+                  f"{pct(tcp, 50) * ms:.0f} ms, p99 {pct(tcp, 99) * ms:.0f} ms, max {max(tcp) * ms:.0f} ms")
         n, attempts, wall, cpu = results["cost"]
         print(f"new policy alone, {n} links against a refusing port for {wall:.1f} s: {attempts} attempts = "
               f"{attempts / n / wall:.1f} per link per second; process CPU {cpu:.2f} s = "
