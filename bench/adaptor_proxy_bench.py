@@ -8,8 +8,11 @@ latency - provider delay, sequentially and for N concurrent pods. RSS of this pr
 lifecycle) and with N running sandboxes (each: a unix listener, a journal entry, one mTLS upstream link).
 
 Part 2, dial policy: N pods whose VM "boots" (forwarder starts listening) a random 2-20 s after the provider
-returned; for each pod two proxies dial at once, ours (100 ms doubling, cap 1 s) and upstream's (100 ms doubling
-plus up to 100 ms jitter, cap 5 s). Lag = connected - forwarder listening. Both in one run, so the ratio is fair.
+returned; for each pod three proxies dial at once: the old policy (100 ms doubling plus up to 100 ms jitter, cap
+1 s), the new one (the same after a boot window: every 50 ms, connect bounded by 250 ms, for --boot-window s)
+and upstream's (100 ms doubling plus up to 100 ms jitter, cap 5 s). Lag = connected - forwarder listening;
+attempts per VM per second = dial attempts / (connected - dial start). All in one run, so the ratios are fair.
+Plain TCP (no TLS) and refused connects on loopback: the cost of an attempt here is the node's, not a network's.
 
     .venv/bin/python bench/adaptor_proxy_bench.py [--delay 0.5] [--pods 100] [--seq 20] [--boot-max 20]
 """
@@ -70,6 +73,11 @@ def write_tls_material(tls_dir: str) -> None:
             f.write(data)
 
 
+def read_pem(tls_dir: str, name: str) -> bytes:
+    with open(os.path.join(tls_dir, name), "rb") as f:
+        return f.read()
+
+
 def forwarder_main(port: int, tls_dir: str) -> None:
     """Child process: the forwarder stand-in (echo for any method) on 127.0.0.1:port with mTLS."""
     from twisted.internet import reactor as global_reactor
@@ -103,6 +111,13 @@ def main() -> None:
     ap.add_argument("--boot-max", type=float, default=20.0)
     ap.add_argument("--forwarder", nargs=2, metavar=("PORT", "TLS_DIR"))
     ap.add_argument("--skip-dial", action="store_true")
+    ap.add_argument("--skip-startvm", action="store_true", help="only the dial-policy part")
+    ap.add_argument("--dial-pods", type=int, default=0, help="VMs of the dial-policy part (default: --pods)")
+    ap.add_argument("--dial-tls", action="store_true", help="the dial part with mutual TLS (default plain TCP)")
+    ap.add_argument("--dial-rounds", type=int, default=1, help="rounds of the dial part (boot times drawn anew)")
+    ap.add_argument("--boot-window", type=float, default=120.0, help="the new policy's boot window (s)")
+    ap.add_argument("--boot-period", type=float, default=0.05, help="the new policy's period (s)")
+    ap.add_argument("--boot-rate", type=float, default=200.0, help="the new policy's node-wide attempts/s")
     ap.add_argument("--no-fsync", action="store_true",
                     help="make os.fsync a no-op in this process (separates the journal's cost from the proxy's)")
     args = ap.parse_args()
@@ -116,7 +131,9 @@ def main() -> None:
 
     reactor = as_node_reactor(global_reactor)
     from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.interfaces import IStreamClientEndpoint
     from twisted.internet.task import deferLater
+    from zope.interface import implementer
 
     from caa import tls
     from caa.adaptor.adapters import NullNetworking
@@ -125,10 +142,10 @@ def main() -> None:
     from caa.adaptor.service import CloudService, ServiceConfig
     from caa.adaptor.store import SandboxStore
     from caa.adaptor.userdata import ANN_POD_NAME, ANN_POD_NAMESPACE
-    from caa.dialer import dial_backoff
+    from caa.dialer import BootWindow, dial_backoff
     from caa.providers.interfaces import Instance
     from caa.ttrpc import CallContext, Server
-    from caa.ttrpc.endpoints import tcp_server_endpoint
+    from caa.ttrpc.endpoints import tcp_server_endpoint, tls_server_endpoint
     from tests.fakes.provider import FakeProvider
 
     r: Any = reactor
@@ -241,11 +258,48 @@ def main() -> None:
         results["rss_full"] = rss_kib()
         await gatherResults([Deferred.fromCoroutine(svc.stop_vm(s)) for s in sids])
 
-    async def part2() -> None:
-        rng = random.Random(4242)
-        ours_f = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0))
-        theirs_f = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 5.0), attempt_timeout=30.0)
-        lags: dict[str, list[float]] = {"ours": [], "upstream": []}
+    async def part2(rnd: int) -> None:
+        rng = random.Random(4242 + rnd)
+        dial_pods = args.dial_pods or args.pods
+        client_tls: ProxyTLS | None = None
+        server_ctx: Any = None
+        if args.dial_tls:  # mutual TLS as in part 1: the lag then includes the handshake and the TLS 1.3 settle
+            client_tls = ProxyTLS(ca_pem=read_pem(tls_dir, "ca.crt"), cert_pem=read_pem(tls_dir, "client.crt"),
+                                  key_pem=read_pem(tls_dir, "client.key"), server_name_override=tls.MANUAL_SERVER_NAME)
+            server_ctx = tls.server_context_factory(read_pem(tls_dir, "server.crt"), read_pem(tls_dir, "server.key"),
+                                                    read_pem(tls_dir, "client.crt"))
+        tcp_up: dict[tuple[str, int], float] = {}  # (policy, port) -> when its last TCP connect succeeded
+
+        @implementer(IStreamClientEndpoint)
+        class TimedEndpoint:
+            """The proxy's real endpoint, noting when a TCP connect succeeds (TLS: before the handshake)."""
+
+            def __init__(self, inner: IStreamClientEndpoint, key: tuple[str, int]) -> None:
+                self.inner, self.key = inner, key
+
+            def connect(self, factory: Any) -> Any:
+                def note(proto: Any) -> Any:
+                    tcp_up[self.key] = time.perf_counter()
+                    return proto
+
+                return self.inner.connect(factory).addCallback(note)
+
+        def proxies_of(kind: str, attempt_timeout: float, **kw: Any) -> AgentProxyFactory:
+            base = AgentProxyFactory(r, client_tls, attempt_timeout=attempt_timeout)
+            return AgentProxyFactory(r, client_tls, attempt_timeout=attempt_timeout, make_endpoint=lambda h, p, n: (
+                TimedEndpoint(base.client_endpoint(h, p, n), (kind, p))), **kw)
+
+        policies = {
+            "old": proxies_of("old", 2.0, retry_policy=dial_backoff(0.1, 1.0)),
+            "new": proxies_of("new", 2.0, retry_policy=dial_backoff(0.1, 1.0),
+                              boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
+                                                     max_rate=args.boot_rate)),
+            "upstream": proxies_of("upstream", 300.0, retry_policy=dial_backoff(0.1, 5.0)),
+        }
+        lags: dict[str, list[float]] = results.setdefault("lags", {kind: [] for kind in policies})
+        rates: dict[str, list[float]] = results.setdefault("rates", {kind: [] for kind in policies})
+        tcp_lags: dict[str, list[float]] = results.setdefault("tcp_lags", {kind: [] for kind in policies})
+        cpu0 = time.process_time()
         ports: list[Any] = []
         servers: list[Server] = []
         proxies: list[AgentProxy] = []
@@ -266,34 +320,64 @@ def main() -> None:
                 srv = Server(clock=r, name=f"vm{i}")
                 srv.register_fallback(echo)
                 servers.append(srv)
-                ports.append(tcp_server_endpoint(r, port, "127.0.0.1").listen(srv.factory()))
+                endpoint = (tcp_server_endpoint(r, port, "127.0.0.1") if server_ctx is None
+                            else tls_server_endpoint(r, port, "127.0.0.1", server_ctx))
+                ports.append(endpoint.listen(srv.factory()))
                 up.append(time.perf_counter())
 
             r.callLater(boot, boot_vm)
 
             async def dial(kind: str, factory: AgentProxyFactory) -> None:
-                p = factory.new(f"{kind}{i}", os.path.join(work, "dial", f"{kind}{i}", "agent.ttrpc"))
+                p = factory.new(f"{kind}{rnd}-{i}", os.path.join(work, "dial", f"{kind}{rnd}-{i}", "agent.ttrpc"))
                 assert isinstance(p, AgentProxy)
                 proxies.append(p)
+                t0 = time.perf_counter()
                 await p.start(("127.0.0.1", port), "vm", r.seconds() + 120)
-                lags[kind].append(time.perf_counter() - up[0])
+                t1 = time.perf_counter()
+                lags[kind].append(t1 - up[0])
+                tcp_lags[kind].append(tcp_up[(kind, port)] - up[0])
+                assert p.link is not None
+                rates[kind].append(p.link.attempts / (t1 - t0))
 
-            await gatherResults([Deferred.fromCoroutine(dial("ours", ours_f)),
-                                 Deferred.fromCoroutine(dial("upstream", theirs_f))])
+            await gatherResults([Deferred.fromCoroutine(dial(kind, f)) for kind, f in policies.items()])
 
-        await gatherResults([Deferred.fromCoroutine(pod(i)) for i in range(args.pods)])
-        results["lags"] = lags
+        await gatherResults([Deferred.fromCoroutine(pod(i)) for i in range(dial_pods)])
+        results["dial_cpu"] = results.get("dial_cpu", 0.0) + time.process_time() - cpu0
         await gatherResults([p.stop() for p in proxies])
         for d in ports:
             d.addCallback(lambda port: port.stopListening())
         for s in servers:
             s.abort()
 
+    async def part3() -> None:
+        """The node's cost of the new policy alone: N links dial a port that refuses (a booted guest whose
+        forwarder is not up yet) for 3 s; CPU time of this process per attempt."""
+        hold = socket.socket()
+        hold.bind(("127.0.0.1", 0))
+        port = int(hold.getsockname()[1])
+        n = args.dial_pods or args.pods
+        factory = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
+                                    boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
+                                                           max_rate=args.boot_rate))
+        proxies = [factory.new(f"cost{i}", os.path.join(work, "cost", f"{i}", "agent.ttrpc")) for i in range(n)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for p in proxies:
+            p.start(("127.0.0.1", port), "vm", r.seconds() + 60).addErrback(lambda _: None)
+        await deferLater(r, 3.0)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+        attempts = sum(p.link.attempts for p in proxies if isinstance(p, AgentProxy) and p.link is not None)
+        await gatherResults([p.stop() for p in proxies])
+        hold.close()
+        results["cost"] = (n, attempts, wall, cpu)
+
     async def run() -> None:
         try:
-            await part1()
+            if not args.skip_startvm:
+                await part1()
             if not args.skip_dial:
-                await part2()
+                for rnd in range(args.dial_rounds):
+                    await part2(rnd)
+                await part3()
         except BaseException as e:
             print(f"bench failed: {e!r}", file=sys.stderr)
             raise
@@ -311,26 +395,48 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
     ms = 1000.0
-    seq, con = results["seq"], results["con"]
-    print(f"provider delay {args.delay * ms:.0f} ms; mTLS to a forwarder stand-in on loopback (child process)")
-    print(f"StartVM overhead, sequential x{len(seq)}: p50 {pct(seq, 50) * ms:.1f} ms, p99 {pct(seq, 99) * ms:.1f} ms")
-    print(f"StartVM overhead, {len(con)} concurrent: p50 {pct(con, 50) * ms:.1f} ms, p99 {pct(con, 99) * ms:.1f} ms;"
-          f" all done {results['con_total']:.3f} s (delay + {results['con_total'] - args.delay:.3f} s)")
-    sp, cp = results["seq_proxy"], results["con_proxy"]
-    print(f"  of which proxy.start (listen + mTLS dial): sequential p50 {pct(sp, 50) * ms:.1f} ms, "
-          f"p99 {pct(sp, 99) * ms:.1f} ms; concurrent p50 {pct(cp, 50) * ms:.1f} ms, p99 {pct(cp, 99) * ms:.1f} ms")
-    print(f"  journal write (store.put, fsync) mean {results['seq_journal'] * ms:.1f} ms each, in the journal's "
-          "thread pool")
-    idle, full = results["rss_idle"], results["rss_full"]
-    print(f"RSS idle {idle / 1024:.1f} MiB; with {len(con)} running sandboxes {full / 1024:.1f} MiB; "
-          f"per sandbox {(full - idle) / len(con):.1f} KiB")
+    if "seq" in results:
+        seq, con = results["seq"], results["con"]
+        print(f"provider delay {args.delay * ms:.0f} ms; mTLS to a forwarder stand-in on loopback (child process)")
+        print(f"StartVM overhead, sequential x{len(seq)}: p50 {pct(seq, 50) * ms:.1f} ms, "
+              f"p99 {pct(seq, 99) * ms:.1f} ms")
+        print(f"StartVM overhead, {len(con)} concurrent: p50 {pct(con, 50) * ms:.1f} ms, "
+              f"p99 {pct(con, 99) * ms:.1f} ms; all done {results['con_total']:.3f} s "
+              f"(delay + {results['con_total'] - args.delay:.3f} s)")
+        sp, cp = results["seq_proxy"], results["con_proxy"]
+        print(f"  of which proxy.start (listen + mTLS dial): sequential p50 {pct(sp, 50) * ms:.1f} ms, "
+              f"p99 {pct(sp, 99) * ms:.1f} ms; concurrent p50 {pct(cp, 50) * ms:.1f} ms, "
+              f"p99 {pct(cp, 99) * ms:.1f} ms")
+        print(f"  journal write (store.put, fsync) mean {results['seq_journal'] * ms:.1f} ms each, in the journal's "
+              "thread pool")
+        idle, full = results["rss_idle"], results["rss_full"]
+        print(f"RSS idle {idle / 1024:.1f} MiB; with {len(con)} running sandboxes {full / 1024:.1f} MiB; "
+              f"per sandbox {(full - idle) / len(con):.1f} KiB")
     if "lags" in results:
+        transport = "mTLS" if args.dial_tls else "plain TCP"
+        print(f"dial policy ({transport}): {args.dial_rounds} x {args.dial_pods or args.pods} VMs booting "
+              f"{args.boot_min:g}-{args.boot_max:g} s "
+              f"after the provider returned; new = boot window {args.boot_window:g} s, "
+              f"period {args.boot_period * ms:.0f} ms, "
+              f"rate {args.boot_rate:g}/s; "
+              f"process CPU during the part {results['dial_cpu']:.2f} s")
         for kind, xs in results["lags"].items():
-            print(f"dial lag after VM boot, {kind}: p50 {pct(xs, 50) * ms:.0f} ms, p99 {pct(xs, 99) * ms:.0f} ms, "
-                  f"mean {statistics.mean(xs) * ms:.0f} ms, max {max(xs) * ms:.0f} ms")
-        o, u = results["lags"]["ours"], results["lags"]["upstream"]
-        print(f"gain (upstream / ours): mean {statistics.mean(u) / statistics.mean(o):.1f}x, "
-              f"p50 {pct(u, 50) / pct(o, 50):.1f}x, p99 {pct(u, 99) / pct(o, 99):.1f}x")
+            rate = results["rates"][kind]
+            print(f"dial lag after VM boot, {kind}: mean {statistics.mean(xs) * ms:.0f} ms, p50 {pct(xs, 50) * ms:.0f} "
+                  f"ms, p99 {pct(xs, 99) * ms:.0f} ms, max {max(xs) * ms:.0f} ms; attempts per VM per second "
+                  f"mean {statistics.mean(rate):.2f}, max {max(rate):.2f}")
+            tcp = results["tcp_lags"][kind]
+            print(f"  of which TCP connect after VM boot: mean {statistics.mean(tcp) * ms:.0f} ms, p50 "
+                  f"{pct(tcp, 50) * ms:.0f} ms, p99 {pct(tcp, 99) * ms:.0f} ms, max {max(tcp) * ms:.0f} ms")
+        n, attempts, wall, cpu = results["cost"]
+        print(f"new policy alone, {n} links against a refusing port for {wall:.1f} s: {attempts} attempts = "
+              f"{attempts / n / wall:.1f} per link per second; process CPU {cpu:.2f} s = "
+              f"{cpu / attempts * ms:.3f} ms per attempt ({cpu / wall * 100:.0f}% of a core)")
+        lg = results["lags"]
+        for kind in ("old", "upstream"):
+            print(f"gain ({kind} / new): mean {statistics.mean(lg[kind]) / statistics.mean(lg['new']):.1f}x, "
+                  f"p50 {pct(lg[kind], 50) / pct(lg['new'], 50):.1f}x, "
+                  f"p99 {pct(lg[kind], 99) / pct(lg['new'], 99):.1f}x")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from caa.adaptor.options import AdaptorOptions
+from caa.dialer import BootWindow
 from caa.providers.options import ProviderOptions
 
 FAKE = "tests.fakes.provider:FakeProviderFactory"
@@ -30,6 +31,19 @@ class OptionTests(SynchronousTestCase):
                          ("/run/peerpod/hypervisor.sock", "/run/peerpod/pods", 15150, 300.0, 4789, 555000, 0o600,
                           8000, 0))
         self.assertFalse(o["disable-tls"])
+
+    def test_dial_boot_window(self) -> None:
+        self.assertEqual(parse([]).boot_window, BootWindow(length=120.0, period=0.05))
+        self.assertEqual(parse(["--dial-boot-window", "3m", "--dial-boot-period", "100ms"]).boot_window,
+                         BootWindow(length=180.0, period=0.1))
+        self.assertIsNone(parse(["--dial-boot-window", "0"]).boot_window)  # back-off only, as before
+        e = self.assertRaises(usage.UsageError, parse, ["--dial-boot-period", "1ms"])
+        self.assertIn("--dial-boot-period must be at least 10ms", str(e))
+        e = self.assertRaises(usage.UsageError, parse, ["--dial-boot-window", "-5s"])
+        self.assertIn("--dial-boot-window must not be negative", str(e))
+        self.assertEqual(parse(["--dial-boot-rate", "50"]).boot_window, BootWindow(max_rate=50.0))
+        e = self.assertRaises(usage.UsageError, parse, ["--dial-boot-rate", "0"])
+        self.assertIn("--dial-boot-rate must be positive", str(e))
 
     def test_precedence(self) -> None:
         env = {"PROXY_TIMEOUT": "90s", "PODS_DIR": "/env", "REMOTE_HYPERVISOR_ENDPOINT": "/env.sock",

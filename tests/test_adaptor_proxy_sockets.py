@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -12,13 +13,15 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from caa import tls
 from caa.adaptor.interfaces import ProxyTLS
 from caa.adaptor.proxy import AgentProxy, AgentProxyFactory, _tcp_socket, _Upstream
-from caa.dialer import dial_backoff
+from caa.dialer import BootWindow, dial_backoff
 from caa.proto import agent_pb2, oci_pb2
 from caa.reactors import as_node_reactor
 from caa.ttrpc import CallContext, Code, Server, TTRPCClient, TTRPCError, connect
@@ -270,6 +273,61 @@ class ProxySocketTests(TestCase):
     def test_start_waits_for_late_forwarder(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._late_forwarder())
 
+    async def _boot_window_finds_late_forwarder(self) -> None:
+        """A real port that refuses (bound, not listening: the guest's stack is up, the forwarder not yet) and
+        then listens after the third refused attempt: with a boot window the very next attempt, one period
+        later, connects. Asserted on the attempts and the scheduled delays, not on wall time."""
+        hold = socket.socket()
+        hold.bind(("127.0.0.1", 0))
+        self.addCleanup(hold.close)
+        port = int(hold.getsockname()[1])
+        window = BootWindow(length=60.0, period=0.05)
+        connects: list[float] = []
+        listening: list[float] = []
+        fwd = ForwarderStandIn()
+        self.addCleanup(lambda: Deferred.fromCoroutine(fwd.close()))
+
+        def boot_after_third_refusal(failure: Any) -> Any:
+            if len(connects) == 3 and not listening:
+                hold.close()
+                listening.append(reactor.seconds())
+                # a TCP endpoint listens at once (its Deferred has fired when listen() returns)
+                tcp_server_endpoint(reactor, port, "127.0.0.1").listen(fwd.server.factory()).addCallback(
+                    lambda listening_port: setattr(fwd, "port", listening_port))
+                self.assertIsNotNone(fwd.port)
+            return failure
+
+        @implementer(IStreamClientEndpoint)
+        class Watched:
+            def __init__(self, inner: IStreamClientEndpoint) -> None:
+                self.inner = inner
+
+            def connect(self, factory: Any) -> Deferred[Any]:
+                connects.append(reactor.seconds())
+                return self.inner.connect(factory).addErrback(boot_after_third_refusal)
+
+        backoff_asked: list[int] = []  # the back-off is never asked while the window lasts
+
+        def backoff(failures: int) -> float:
+            backoff_asked.append(failures)
+            return 1.0
+
+        base = AgentProxyFactory(reactor, None)
+        proxy = self._proxy(boot_window=window, retry_policy=backoff,
+                            make_endpoint=lambda h, p, n: Watched(base.client_endpoint(h, p, n)))
+        await proxy.start(("127.0.0.1", port), "vm-sb1", reactor.seconds() + 20)
+        link = proxy.link
+        assert link is not None
+        self.assertEqual(len(listening), 1)
+        self.assertEqual(link.attempts, 4)  # three refused, then the first attempt after the listen
+        self.assertEqual(len(connects), 4)
+        self.assertGreater(connects[3], listening[0])
+        self.assertEqual(link.connections, 1)
+        self.assertEqual(backoff_asked, [])  # every retry was one period after the refusal
+
+    def test_boot_window_finds_late_forwarder(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._boot_window_finds_late_forwarder())
+
     async def _tls_refused(self) -> None:
         self._use_tls()
         # the forwarder trusts another client certificate: every attempt fails, start errbacks at the deadline
@@ -315,3 +373,59 @@ class ProxySocketTests(TestCase):
 
     def test_tls13_client_certificate_refused(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._tls13_client_refused())
+
+
+class NeverAnsweringVMTests(TestCase):
+    """StartVM's rollback contract with the real agent proxy: a VM whose forwarder never comes up (its port
+    refuses every connect) is deleted when the proxy gives up at --proxy-timeout, and nothing is left."""
+
+    timeout = 30
+
+    async def test_instance_deleted_at_proxy_timeout(self) -> None:
+        from caa.adaptor.adapters import NullNetworking
+        from caa.adaptor.service import CloudService, ServiceConfig
+        from caa.adaptor.store import SandboxStore
+        from caa.adaptor.userdata import ANN_POD_NAME, ANN_POD_NAMESPACE
+        from caa.providers.interfaces import Instance
+        from tests.fakes.provider import FakeProvider
+
+        hold = socket.socket()  # bound, never listening: every connect is refused
+        hold.bind(("127.0.0.1", 0))
+        self.addCleanup(hold.close)
+        port = int(hold.getsockname()[1])
+
+        class LoopbackProvider(FakeProvider):
+            """The in-memory fake provider with its VMs at 127.0.0.1 (where nothing will listen)."""
+
+            def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes, spec: Any) -> Any:
+                d = super().create_instance(pod_name, sandbox_id, user_data, spec)
+
+                def at_loopback(i: Instance) -> Instance:
+                    inst = Instance(id=i.id, name=i.name, ips=("127.0.0.1",))
+                    self.instances[i.id] = inst
+                    return inst
+
+                return d.addCallback(at_loopback)
+
+        pods_dir = tempfile.mkdtemp(prefix=f"caa-nv-{os.getpid()}-")  # short: a unix socket path is < 108 bytes
+        self.addCleanup(shutil.rmtree, pods_dir, True)
+        provider = LoopbackProvider(reactor)
+        proxies = AgentProxyFactory(reactor, None, volumes_dir=os.path.join(pods_dir, "dv"),
+                                    boot_window=BootWindow(length=60.0, period=0.05))
+        svc = CloudService(reactor, provider, proxies, SandboxStore(pods_dir), NullNetworking(), None,
+                           ServiceConfig(pods_dir=pods_dir, forwarder_port=port, proxy_timeout=0.4,
+                                         disable_tls=True))
+        sid = "a" * 64
+        await svc.create_vm(sid, {ANN_POD_NAME: "pod", ANN_POD_NAMESPACE: "default"}, "")
+        try:
+            await svc.start_vm(sid, None)
+        except TTRPCError as e:  # the proxy's status, handed to the shim as is
+            self.assertEqual(e.code, Code.DEADLINE_EXCEEDED)
+            self.assertIn(f"failed to establish agent proxy connection to 127.0.0.1:{port}", e.message)
+        else:
+            self.fail("StartVM succeeded against a VM that never answers")
+        [(_, name)] = [c for c in provider.calls if c[0] == "create"]
+        self.assertEqual([c for c in provider.calls if c[0] == "delete"], [("delete", f"i-{name}")])
+        self.assertEqual(provider.instances, {})
+        self.assertFalse(os.path.exists(os.path.join(pods_dir, sid, "agent.ttrpc")))
+        await svc.stop_vm(sid)  # trial fails the test if a dial is left scheduled

@@ -13,15 +13,16 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import implementer, provider
 from zope.interface.verify import verifyObject
 
 from caa.adaptor import metrics
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory
 from caa.adaptor.proxy import AgentProxy, AgentProxyFactory
-from caa.dialer import dial_backoff
+from caa.dialer import BootWindow, dial_backoff
 from caa.ttrpc import CallContext, Code, TTRPCError
 from tests.reactors import NodeMemoryReactor
 
@@ -127,6 +128,38 @@ class ProxyDialTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(10)
         self.assertEqual(len(self.ep.attempts), 8)
+
+    def test_boot_window_schedule_and_one_retry_line_per_five_seconds(self) -> None:
+        d = tempfile.mkdtemp(prefix=f"caa-proxyunit-{os.getpid()}-")
+        self.addCleanup(shutil.rmtree, d, True)
+        factory = AgentProxyFactory(self.clock, None, volumes_dir=d, retry_policy=dial_backoff(jitter=lambda: 0.0),
+                                    make_endpoint=lambda host, port, name: self.ep,
+                                    boot_window=BootWindow(length=5.98, period=0.05))  # off the 50 ms grid
+        proxy = factory.new("sb2", os.path.join(d, "sb2", "agent.ttrpc"))
+        assert isinstance(proxy, AgentProxy)
+        self.proxy = proxy
+        lines: list[str] = []
+
+        @provider(ILogObserver)
+        def observer(event: LogEvent) -> None:
+            if event.get("log_source") is proxy:
+                lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        started = proxy.start(("10.0.0.9", 15150), "vm", 300.0)
+        self.advance_to(6.5)
+        attempts = [round(t, 3) for t in self.ep.attempts]
+        self.assertEqual([t for t in attempts if t < 6.0], [round(0.05 * n, 3) for n in range(120)])  # every 50 ms
+        self.assertEqual([t for t in attempts if t >= 6.0], [6.0, 6.1, 6.3])  # then the back-off
+        retries = [line for line in lines if "Retrying failed agent proxy connection" in line]
+        # in the window: the first failure and one 5 s later; after it every retry is logged again
+        self.assertEqual(len(retries), 2 + 3, retries)
+        self.assertIn("next in 0.05s", retries[0])
+        self.ep.mode = "accept"
+        self.advance_to(7.0)
+        self.successResultOf(started)
+        self.successResultOf(proxy.stop())
 
     def test_stop_cancels_the_wait(self) -> None:
         d = self.proxy.start(("10.0.0.9", 15150), "vm", 300.0)

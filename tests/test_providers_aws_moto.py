@@ -191,12 +191,39 @@ class AwsBehaviourTests(AwsTestMixin, TestCase):
         else:
             self.fail("a closed port answered")
 
-    async def test_cancelled_create_rolls_back(self) -> None:
-        # DescribeInstances (the wait for "running") never answers; the create is cancelled there.
+    async def test_private_ip_returned_while_pending_without_waiting(self) -> None:
         proxy = ThrottlingProxy(moto_endpoint(), failures=0, hang=b"DescribeInstances")
         url, port = await serve(proxy)
         self.addCleanup(port.stopListening)
         provider = self.aws(endpoint=url)
+        pod, sid = unique_pod("early")
+        # DescribeInstances never answers: the create returns on RunInstances' answer alone
+        instance = await provider.create_instance(pod, sid, b"#cloud-config\n", InstanceSpec())
+        self.addCleanup(lambda: self.aws().delete_instance(instance.id))
+        self.assertNotIn(b"DescribeInstances", proxy.seen)
+        self.assertEqual(proxy.seen[-1], b"RunInstances")
+        item = await self.described(self.aws(), instance.id)
+        self.assertEqual(instance.ips, (item.findtext("privateIpAddress"),))
+        self.assertEqual(instance.name, provider.instance_name(pod, sid))
+
+    async def test_public_ip_still_waits_for_running(self) -> None:
+        proxy = ThrottlingProxy(moto_endpoint(), failures=0)
+        url, port = await serve(proxy)
+        self.addCleanup(port.stopListening)
+        provider = self.aws(endpoint=url, use_public_ip=True)
+        instance = await provider.create_instance(*unique_pod("pub"), b"", InstanceSpec())
+        self.addCleanup(provider.delete_instance, instance.id)
+        self.assertIn(b"DescribeInstances", proxy.seen[proxy.seen.index(b"RunInstances"):])
+        item = await self.described(provider, instance.id)
+        self.assertEqual(instance.ips, (item.findtext("ipAddress"),))
+
+    async def test_cancelled_create_rolls_back(self) -> None:
+        # DescribeInstances (the wait for "running", kept for a public IP) never answers; the create is
+        # cancelled there.
+        proxy = ThrottlingProxy(moto_endpoint(), failures=0, hang=b"DescribeInstances")
+        url, port = await serve(proxy)
+        self.addCleanup(port.stopListening)
+        provider = self.aws(endpoint=url, use_public_ip=True)
         pod, sid = unique_pod("cancel")
         name = provider.instance_name(pod, sid)
         hung = proxy.hung.wait()

@@ -73,7 +73,8 @@ class GcpContractTests(GcpTestMixin, ProviderContractMixin, TestCase):
 
     async def check_running(self, instance: Any, user_data: bytes) -> None:
         found = self.fake.instances[instance.id]
-        self.assertEqual(found["status"], "RUNNING")
+        # the internal IP is known once the insert is done: create returns while the instance still boots
+        self.assertIn(found["status"], ("STAGING", "RUNNING"))
         self.assertEqual(found["networkInterfaces"][0]["networkIP"], instance.ips[0])
         items = {i["key"]: i["value"] for i in found["metadata"]["items"]}
         self.assertEqual(items["user-data-encoding"], "base64")
@@ -122,6 +123,17 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         else:
             self.fail("a machine type outside --machine-types was created")
 
+    async def test_internal_ip_returned_while_staging(self) -> None:
+        await self.start_fake()
+        provider = self.gcp()
+        instance = await provider.create_instance(*unique_pod("gcpe"), b"", InstanceSpec())
+        self.addCleanup(provider.delete_instance, instance.id)
+        found = self.fake.instances[instance.name]
+        self.assertEqual(found["status"], "STAGING")  # not waited for RUNNING
+        self.assertEqual(instance.ips, (found["networkInterfaces"][0]["networkIP"],))
+        gets = [p for m, p in self.fake.requests if m == "GET" and p.endswith(f"/instances/{instance.name}")]
+        self.assertEqual(len(gets), 1)
+
     async def test_unknown_tag_aborts(self) -> None:
         await self.start_fake()
         try:
@@ -144,6 +156,7 @@ class GcpBehaviourTests(GcpTestMixin, TestCase):
         self.assertEqual(body["networkInterfaces"][0]["accessConfigs"],
                          [{"name": "External NAT", "type": "ONE_TO_ONE_NAT", "networkTier": "STANDARD"}])
         self.assertTrue(instance.ips[0].startswith("34.0.0."), instance.ips)  # the NAT IP
+        self.assertEqual(self.fake.instances[instance.name]["status"], "RUNNING")  # a NAT IP waits for RUNNING
         await provider.delete_instance(instance.id)
         self.assertEqual(self.fake.instances, {})
 

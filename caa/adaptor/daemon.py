@@ -502,7 +502,8 @@ def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Ca
     proxy_tls, issuer = build_tls(options)
     from caa.adaptor.proxy import AgentProxyFactory
 
-    proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls, options["direct-volumes-dir"])
+    proxies: IAgentProxyFactory = AgentProxyFactory(reactor, proxy_tls, options["direct-volumes-dir"],
+                                                    boot_window=options.boot_window)
     pools: list[ThreadPool] = []
     # Journal writes (write, fsync, rename, dir fsync) leave the reactor thread; the store keeps them in
     # order per sandbox, and the service waits for each intent to be durable before its side effect.

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from caa.dialer import BootWindow
 from caa.providers.interfaces import IProviderFactory
 from caa.providers.options import ProviderOptions, parse_duration
 from caa.providers.registry import UnknownProvider, get_factory, provider_names
@@ -42,6 +43,8 @@ def _mode(value: str) -> int:
 _mode.coerceDoc = "An octal file mode such as 0600."  # type: ignore[attr-defined]
 
 TLS_VERSIONS = ("", "VersionTLS12", "VersionTLS13")
+#: A shorter --dial-boot-period would flood a booting VM (and the node's reactor) with connects.
+MIN_BOOT_PERIOD = 0.01
 
 
 def load_provider_factory(name: str) -> IProviderFactory:
@@ -75,6 +78,13 @@ class AdaptorOptions(ProviderOptions):
         ["tls-min-version", None, "", "VersionTLS12 or VersionTLS13 (default TLS 1.2)."],
         ["tls-cipher-suites", None, "", "Comma-separated IANA cipher suite names (TLS 1.2 only)."],
         ["proxy-timeout", None, 300.0, "Max time to reach the forwarder (Go duration).", parse_duration],
+        ["dial-boot-window", None, 120.0, "How long after the provider returned the agent proxy's first dial "
+         "retries every --dial-boot-period (the VM is booting; 0: off, back-off only; not upstream).",
+         parse_duration],
+        ["dial-boot-period", None, 0.05, "Retry period of the first dial during --dial-boot-window (Go "
+         "duration, at least 10ms).", parse_duration],
+        ["dial-boot-rate", None, 200.0, "Dial attempts per second all first dials in their boot window may make "
+         "together; more booting VMs than rate x period lengthen each one's period.", float],
         ["drain-timeout", None, 20.0, "After a rolling update handed the sandboxes to a newer adaptor: how long "
          "agent connections already open keep relaying once this one is stopped (Go duration; 0: none).",
          parse_duration],
@@ -223,6 +233,12 @@ class AdaptorOptions(ProviderOptions):
             raise usage.UsageError("--cert-file and --cert-key must be given together")
         if self["proxy-timeout"] <= 0:
             raise usage.UsageError("--proxy-timeout must be positive")
+        if self["dial-boot-window"] < 0:
+            raise usage.UsageError("--dial-boot-window must not be negative")
+        if self["dial-boot-period"] < MIN_BOOT_PERIOD:
+            raise usage.UsageError(f"--dial-boot-period must be at least 10ms, got {self['dial-boot-period']:g}s")
+        if not self["dial-boot-rate"] > 0:
+            raise usage.UsageError(f"--dial-boot-rate must be positive, got {self['dial-boot-rate']:g}")
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must not be negative")
         if self["pool-size"] < 0:
@@ -250,6 +266,14 @@ class AdaptorOptions(ProviderOptions):
     @property
     def cipher_suites(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in str(self["tls-cipher-suites"]).split(",") if s.strip())
+
+    @property
+    def boot_window(self) -> BootWindow | None:
+        """The agent proxy's boot window (`caa.dialer.BootWindow`), None when --dial-boot-window is 0."""
+        if not self["dial-boot-window"]:
+            return None
+        return BootWindow(length=self["dial-boot-window"], period=self["dial-boot-period"],
+                          max_rate=self["dial-boot-rate"])
 
     @property
     def pod_subnet_cidrs(self) -> tuple[str, ...]:

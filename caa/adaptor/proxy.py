@@ -9,6 +9,12 @@ Where we differ from upstream (the Go weak points, §3.3/§3.4):
 
 - dial back-off starts at 100 ms, doubles and is capped at 1 s (upstream: capped at 5 s), each attempt bounded
   by `attempt_timeout` (TCP connect plus TLS handshake); StartVM returns the moment the first link is up;
+- with a boot window (`caa.dialer.BootWindow`, the adaptor's `--dial-boot-window`/`--dial-boot-period`/
+  `--dial-boot-rate`), the first dial retries every 50 ms while the VM is expected to be booting, each TCP
+  connect bounded by 250 ms (the TLS handshake keeps the rest of `attempt_timeout`), so the link is up within
+  ~50 ms of the forwarder listening; all proxies of the adaptor share one rate (`caa.dialer.BootPacer`), so
+  many VMs booting at once slow each one's period instead of flooding the node; the retries of the window are
+  logged once every `RETRY_LOG_EVERY` seconds, not each;
 - the dial is cancellable: `stop()` or a cancelled `start()` ends it at once, nothing is left scheduled;
 - the link heals: when it drops, only the calls in flight fail (Unavailable) and the proxy dials again; calls
   that arrive meanwhile wait for the new link within their own deadline;
@@ -53,7 +59,7 @@ from caa.adaptor.interceptors import (
 )
 from caa.adaptor.interfaces import IAgentProxy, IAgentProxyFactory, ProxyTLS
 from caa.adaptor.listeners import OwnedUnixSocket
-from caa.dialer import Link, LinkStopped, dial_backoff
+from caa.dialer import BootPacer, BootWindow, Link, LinkStopped, dial_backoff
 from caa.notifier import Notifier
 from caa.reactors import INodeReactor
 from caa.ttrpc import CallContext, Code, Relay, Server, TTRPCClient, TTRPCError
@@ -66,6 +72,8 @@ AGENT_SERVICE = "grpc.AgentService"
 KEEPALIVE_IDLE = 15
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
+#: While a boot window retries every 50 ms, one "Retrying" line per this many seconds (or on a new error).
+RETRY_LOG_EVERY = 5.0
 
 EndpointMaker = Callable[[str, int, str], IStreamClientEndpoint]
 
@@ -167,6 +175,8 @@ class AgentProxy:
         retry_policy: Callable[[int], float],
         attempt_timeout: float,
         interceptors: dict[tuple[str, str], Interceptor],
+        boot_window: BootWindow | None = None,
+        boot_pacer: BootPacer | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.sandbox_id = sandbox_id
@@ -176,6 +186,9 @@ class AgentProxy:
         self._tls = tls
         self._policy = retry_policy
         self._attempt_timeout = attempt_timeout
+        self._boot_window = boot_window
+        self._boot_pacer = boot_pacer
+        self._retry_logged: tuple[str, float] | None = None  # (error, when) of the last "Retrying" line
         self._server = Server(clock=reactor, name=f"agent-proxy {sandbox_id}")
         self._relay = Relay(self._get_client, clock=reactor, interceptors=interceptors,
                             observer=self._observe, name=f"agent-proxy {sandbox_id}")
@@ -231,7 +244,8 @@ class AgentProxy:
         link: Link[_Upstream] = Link(
             self._make_endpoint(host, port, server_name), self._new_upstream, self._clock, self._policy,
             attempt_timeout=self._attempt_timeout, client_ready=lambda client: client.ready,
-            on_link=self._linked, on_drop=self._dropped, on_retry=self._retrying)
+            on_link=self._linked, on_drop=self._dropped, on_retry=self._retrying, boot_window=self._boot_window,
+            boot_pacer=self._boot_pacer)
         self.link = link
         link.startService()
         t0 = self._clock.seconds()
@@ -267,6 +281,13 @@ class AgentProxy:
                        reason=client.close_reason or client.lost_reason or "closed")
 
     def _retrying(self, error: str, attempt: int, delay: float) -> None:
+        now = self._clock.seconds()
+        last = self._retry_logged
+        link = self.link
+        if (link is not None and link.in_boot_window() and last is not None and last[0] == error
+                and now - last[1] < RETRY_LOG_EVERY):
+            return
+        self._retry_logged = (error, now)
         self._log.info("{sandbox_id}: Retrying failed agent proxy connection: {error} (attempt {attempt}, "
                        "next in {delay:.2f}s)", sandbox_id=self.sandbox_id, error=error, attempt=attempt,
                        delay=delay, address=self._address)
@@ -361,8 +382,12 @@ class AgentProxyFactory:
         retry_policy: Callable[[int], float] | None = None,
         attempt_timeout: float = 2.0,
         make_endpoint: EndpointMaker | None = None,
+        boot_window: BootWindow | None = None,
     ) -> None:
         self._reactor = reactor
+        self._boot_window = boot_window
+        # one per adaptor: the links booting together share the window's rate
+        self._boot_pacer = None if boot_window is None else BootPacer(boot_window.max_rate)
         self._tls = tls
         self._policy = retry_policy or dial_backoff()
         self._attempt_timeout = attempt_timeout
@@ -394,4 +419,5 @@ class AgentProxyFactory:
 
     def new(self, sandbox_id: str, socket_path: str) -> IAgentProxy:
         return AgentProxy(self._reactor, sandbox_id, socket_path, self._make_endpoint, self._tls is not None,
-                          self._policy, self._attempt_timeout, self._interceptors)
+                          self._policy, self._attempt_timeout, self._interceptors, self._boot_window,
+                          self._boot_pacer)

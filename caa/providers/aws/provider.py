@@ -200,10 +200,20 @@ class AwsProvider(CoroutineProvider):
         params = run_instances_params(config, name, user_data, instance_type, image_id, root_device, root_size,
                                       f"{name}-{uuid.uuid4().hex}"[:64])
         root = await self.ec2.call("RunInstances", params)
-        instance_id = root.findtext("instancesSet/item/instanceId", "")
-        if not instance_id:
+        item = root.find("instancesSet/item")
+        instance_id = "" if item is None else item.findtext("instanceId", "")
+        if item is None or not instance_id:
             raise TransientError("RunInstances: the answer names no instance")
         self._log.info("created instance {id} ({name}, {type})", id=instance_id, name=name, type=instance_type)
+        # A pending instance already has its private IP (RunInstances answers with it): return at once and let
+        # the agent proxy dial while it boots. Wait for "running" only when something needs it: EBS attachment
+        # (AttachVolume wants a running instance) or the public IP (assigned later).
+        if not volumes and not config.use_public_ip:
+            early, _ = _instance_of(item, public=False)
+            if early.ips:
+                self._log.info("instance {id} has private IP {ip} while pending: not waiting for it to run",
+                               id=instance_id, ip=early.ips[0])
+                return Instance(instance_id, name, early.ips)
         try:
             instance = await self._wait_running(instance_id, name)
             if volumes:

@@ -266,11 +266,19 @@ class GcpProvider(CoroutineProvider):
         return paths
 
     async def _wait_running(self, name: str) -> Instance:
+        # The internal IP (networkIP) is assigned by the insert: once it is done, a PROVISIONING or STAGING
+        # instance is returned at once so the agent proxy dials while it boots. An external IP (natIP) waits
+        # for RUNNING.
+        early = not self.config.use_public_ip
+
         async def probe() -> Instance | None:
             found = await self.compute.call("GET", self.instance_path(name), what=f"get {name}")
             status = found.get("status")
             instance = self._instance_of(found)
-            if status == "RUNNING" and instance.ips:
+            if instance.ips and (status == "RUNNING" or (early and status in ("PROVISIONING", "STAGING"))):
+                if status != "RUNNING":
+                    self._log.info("instance {name} has internal IP {ip} while {status}: not waiting for it to run",
+                                   name=name, ip=instance.ips[0], status=status)
                 return instance
             if status in ("STOPPING", "STOPPED", "SUSPENDED", "TERMINATED"):
                 raise TransientError(f"instance {name} did not start: {status}")
