@@ -103,13 +103,14 @@ class UnitOrderTests(SynchronousTestCase):
         provisions the user data; the agent only once /run/peerpod/provisioned is there."""
         text = _tiny_init()
         steps = ["busybox udhcpc", "mount -t iso9660", "ip netns add podns",
-                 "/usr/local/lib/caa/run-forwarder --provision-user-data", "[ ! -e /run/peerpod/provisioned ]",
-                 "mark user-data-done", "kata-agent --config", "mark agent-listening"]
+                 "/usr/local/lib/caa/run-forwarder --provision-user-data",
+                 "wait-for -e /run/peerpod/provisioned", "mark user-data-done", "kata-agent --config",
+                 "wait-for -S /run/kata-containers/agent.sock", "mark agent-listening"]
         positions = [_position(text, s) for s in steps]
         self.assertEqual(positions, sorted(positions), steps)
         # the forwarder loop runs in the background: the init goes on to wait for provisioning, then the agent
         code = _code(text)
-        loop = code[_position(text, "ip netns add podns"):_position(text, "[ ! -e /run/peerpod/provisioned ]")]
+        loop = code[_position(text, "ip netns add podns"):_position(text, "wait-for -e /run/peerpod/provisioned")]
         self.assertIn("\n(\n  while true; do\n", loop)
         self.assertIn("\n  done\n) &\n", loop)
         # the separate provisioning program is not on the tiny init's path any more (systemd keeps it)
@@ -119,7 +120,7 @@ class UnitOrderTests(SynchronousTestCase):
 
     def test_provisioning_wait_is_bounded_and_polls_fast(self) -> None:
         text = _code(_tiny_init())
-        self.assertRegex(text, r'while \[ ! -e /run/peerpod/provisioned \] && \[ "\$i" -lt \d+ \]; do sleep 0\.02;')
+        self.assertIn("/usr/local/lib/caa/wait-for -e /run/peerpod/provisioned 190 0.02", text)
         # a restarted forwarder does not provision again; it is restarted after 5 s like Restart=on-failure
         loop = text[text.index("while true; do\n    mark forwarder-start"):]
         self.assertIn("if [ -e /run/peerpod/provisioned ]; then\n      /usr/local/lib/caa/run-forwarder\n", loop)
@@ -186,7 +187,8 @@ class UnitOrderTests(SynchronousTestCase):
         self.assertIn("exec nice -n 10 /opt/caa/bin/python -m caa.devtools.agent", build)
 
     def test_executables_are_shipped(self) -> None:
-        for rel in ("usr/local/sbin/caa-init", "usr/local/lib/caa/udhcpc-hook", "usr/local/lib/caa/run-forwarder"):
+        for rel in ("usr/local/sbin/caa-init", "usr/local/lib/caa/udhcpc-hook", "usr/local/lib/caa/run-forwarder",
+                    "usr/local/lib/caa/wait-for"):
             path = PODVM / "files" / rel
             self.assertTrue(os.access(path, os.X_OK), rel)
         for script in ("build.sh", "stage1-init", "disk-cmdline.sh", "make-floor-disk.sh"):
@@ -205,6 +207,46 @@ class UnitOrderTests(SynchronousTestCase):
         cfg.read(REPO / "setup.cfg")
         scripts = cfg["options.entry_points"]["console_scripts"]
         self.assertIn("caa-process-user-data", scripts)  # linked into /usr/local/bin by build.sh
+
+
+class WaitForTests(SynchronousTestCase):
+    """podvm/files/usr/local/lib/caa/wait-for, the tiny init's poll, run for real on real files."""
+
+    WAIT_FOR = PODVM / "files" / "usr" / "local" / "lib" / "caa" / "wait-for"
+
+    def _wait_for(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.WAIT_FOR), *args], capture_output=True, text=True, timeout=60)
+
+    def test_present_file(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text("")
+        self.assertEqual(self._wait_for("-e", str(path), "5").returncode, 0)
+
+    def test_file_that_never_appears_ends_at_the_bound(self) -> None:
+        r = self._wait_for("-e", str(Path(self.mktemp())), "0", "0.02")
+        self.assertEqual(r.returncode, 1, r.stderr)
+
+    def test_file_that_appears_later(self) -> None:
+        path = Path(self.mktemp())
+        proc = subprocess.Popen([str(self.WAIT_FOR), "-e", str(path), "50", "0.02"])
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.assertIsNone(proc.poll())  # still waiting (the file is not there)
+        path.write_text("")
+        self.assertEqual(proc.wait(timeout=50), 0)
+
+    def test_socket_test_is_not_satisfied_by_a_file(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text("")
+        self.assertEqual(self._wait_for("-S", str(path), "0", "0.02").returncode, 1)
+
+    def test_bad_arguments(self) -> None:
+        for args, message in ((("-x", "/a", "1"), "unsupported test -x"),
+                              (("-e", "/a", "soon"), "must be numbers"),
+                              (("-e", "/a"), "usage: wait-for")):
+            r = self._wait_for(*args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertIn(message, r.stderr)
 
 
 class ByomVariantTests(SynchronousTestCase):
