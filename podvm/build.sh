@@ -55,6 +55,11 @@ fi
 OUT=$CACHE/podvm-$VARIANT-$key
 if [ "$PRINT_ONLY" = 1 ]; then echo "$OUT"; exit 0; fi
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+# host tools of the BIOS disk (Debian packages fdisk, syslinux, syslinux-common, mtools, dosfstools)
+for tool in sfdisk syslinux mcopy mkfs.vfat; do
+  command -v "$tool" >/dev/null || { log "missing host tool $tool (scripts/setup.sh installs it)"; exit 1; }
+done
+[ -f "$SYSLINUX_MBR" ] || { log "missing $SYSLINUX_MBR (Debian package syslinux-common)"; exit 1; }
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
