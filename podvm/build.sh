@@ -4,13 +4,14 @@
 #   podvm/build.sh [--kata-agent PATH] [--print-dir]
 #
 # Outputs, in $CAA_PODVM_CACHE/podvm-<variant>-<key>/ (default cache /var/cache/caa-podvm):
-#   caa-podvm[-dev].qcow2       BIOS-bootable disk (FAT + syslinux: kernel + the whole root as initramfs),
-#                               for libvirt's firmware boot (the provider's domain XML) and BIOS clouds
+#   caa-podvm[-dev].qcow2       BIOS-bootable disk: MBR with syslinux; partition 1 FAT (syslinux, kernel, the
+#                               stage-1 initramfs), partition 2 the ext4 root; for libvirt's firmware boot (the
+#                               provider's domain XML, virtio vda) and BIOS clouds
 #   caa-podvm[-dev]-root.qcow2  ext4 root filesystem (systemd + units + the tiny init), read-only at run time
 #   vmlinuz, initrd.img         the guest kernel (Debian cloud kernel) and the stage-1 initramfs that mounts
-#                               the -root.qcow2 disk read-only and runs the tiny init (or systemd): the fast
-#                               direct-kernel boot the tests use
-#   manifest.json          names, sizes, build time, kernel version, variant
+#                               root= (default /dev/vda) read-only and runs the tiny init (or systemd): with
+#                               -root.qcow2 as vda, the fast direct-kernel boot the tests use
+#   manifest.json          names, sizes, build time, kernel version, variant, root UUID, boot partition offset
 # <key> hashes this recipe, caa's sources and the kata-agent binary, so an unchanged input is
 # never built twice; a second caller waits on the lock and reuses the result.
 # Without --kata-agent (or $KATA_AGENT) the image is a *development* image: its kata-agent is
@@ -54,6 +55,11 @@ fi
 OUT=$CACHE/podvm-$VARIANT-$key
 if [ "$PRINT_ONLY" = 1 ]; then echo "$OUT"; exit 0; fi
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+# host tools of the BIOS disk (Debian packages fdisk, syslinux, syslinux-common, mtools, dosfstools)
+for tool in sfdisk syslinux mcopy mkfs.vfat; do
+  command -v "$tool" >/dev/null || { log "missing host tool $tool (scripts/setup.sh installs it)"; exit 1; }
+done
+[ -f "$SYSLINUX_MBR" ] || { log "missing $SYSLINUX_MBR (Debian package syslinux-common)"; exit 1; }
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -189,8 +195,11 @@ echo "caa development pod VM $(hostname): hello from the pod network namespace" 
 # (`ip netns exec` gives it one of its own)
 mount --bind /run/caa-dev-workload /run/caa-dev-workload && mount --make-shared /run/caa-dev-workload
 ip netns exec podns busybox httpd -p 8080 -h /run/caa-dev-workload || echo "caa: dev workload not started" >&2
-exec /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock --pod-netns podns \
-  --workload-dir /run/caa-dev-workload
+# nice: on a one-vCPU VM this Python stand-in competes with the forwarder's start, which is the critical path
+# (the adaptor waits for port 15150; the forwarder's agent link reconnects until this socket is there). The real
+# kata-agent is a native binary that is up in milliseconds, so the stand-in must not delay the forwarder.
+exec nice -n 10 /opt/caa/bin/python -m caa.devtools.agent --socket /run/kata-containers/agent.sock \
+  --pod-netns podns --workload-dir /run/caa-dev-workload
 AGENT
   chmod 755 "$R/usr/local/bin/kata-agent"
   IMAGE_NAME="caa DEVELOPMENT pod VM image (kata-agent is caa's stand-in, caa/devtools/agent.py; not for production)"
@@ -205,7 +214,9 @@ echo "caa-podvm" > "$R/etc/hostname"
 
 # no machine id baked in: systemd makes one per boot; each VM gets its own DHCP identity
 : > "$R/etc/machine-id"; rm -f "$R/var/lib/dbus/machine-id"
-printf '/dev/vda / ext4 ro 0 1\n' > "$R/etc/fstab"
+# the root by its filesystem UUID: /dev/vda in the fast boot, partition 2 of the BIOS disk
+ROOT_UUID=$(cat /proc/sys/kernel/random/uuid)
+printf 'UUID=%s / ext4 ro 0 1\n' "$ROOT_UUID" > "$R/etc/fstab"
 
 # kernel modules with their dependencies, and a modules.dep for the guest's modprobe
 KM=$R/lib/modules/$KVER
@@ -227,26 +238,10 @@ rm -rf "$R/usr/lib/udev/hwdb.d" "$R/usr/lib/udev/hwdb.bin" "$R/etc/udev/hwdb.bin
 # ---- outputs
 STAGE=$WORK/out; mkdir -p "$STAGE"
 ROOT_MB=$(du -sm "$R" | cut -f1)
-mkfs.ext4 -q -F -L caa-podvm -d "$R" "$WORK/root.raw" "$PODVM_ROOT_SIZE" >/dev/null
+mkfs.ext4 -q -F -L caa-podvm -U "$ROOT_UUID" -d "$R" "$WORK/root.raw" "$PODVM_ROOT_SIZE" >/dev/null
 qemu-img convert -O qcow2 "$WORK/root.raw" "$STAGE/caa-podvm$SUFFIX-root.qcow2"
-rm -f "$WORK/root.raw"
-# the BIOS-bootable disk: FAT + syslinux with the kernel and the whole root as a zstd initramfs (the cloud
-# kernel has no AHCI driver, so it could not read a SATA root disk; SeaBIOS can, and loads both files)
-install -m755 "$HERE/initramfs-init" "$R/init"
-(cd "$R" && find . -print0 | cpio --null -o -H newc --quiet) | zstd -q -3 -T0 > "$WORK/root.cpio.zst"
-rm -f "$R/init"
-fat_mb=$(( ( $(stat -c %s "$WORK/root.cpio.zst") + $(stat -c %s "$KDIR/kx/boot/vmlinuz-$KVER") ) / 1048576 + 8 ))
-truncate -s "${fat_mb}M" "$WORK/boot.img"
-mkfs.vfat -n CAAPODVM "$WORK/boot.img" >/dev/null
-printf 'DEFAULT caa\nPROMPT 0\nTIMEOUT 0\nLABEL caa\n  KERNEL vmlinuz\n  INITRD root.zst\n  APPEND %s\n' \
-  "console=ttyS0 quiet panic=-1" > "$WORK/syslinux.cfg"
-mcopy -i "$WORK/boot.img" "$KDIR/kx/boot/vmlinuz-$KVER" ::vmlinuz
-mcopy -i "$WORK/boot.img" "$WORK/root.cpio.zst" ::root.zst
-mcopy -i "$WORK/boot.img" "$WORK/syslinux.cfg" ::syslinux.cfg
-syslinux --install "$WORK/boot.img"
-qemu-img convert -O qcow2 "$WORK/boot.img" "$STAGE/caa-podvm$SUFFIX.qcow2"
-rm -f "$WORK/boot.img" "$WORK/root.cpio.zst"
 cp "$KDIR/kx/boot/vmlinuz-$KVER" "$STAGE/vmlinuz"
+# the stage-1 initramfs: static busybox + the virtio disk driver; mounts root= (default /dev/vda) read-only
 S=$WORK/stage1; mkdir -p "$S/bin" "$S/mods" "$S/proc" "$S/sys" "$S/dev" "$S/newroot"
 cp "$KDIR/busybox" "$S/bin/busybox"
 for m in "${PODVM_STAGE1_MODULES[@]}"; do modprobe -d "$KDIR/kx" -S "$KVER" --show-depends "$m"; done |
@@ -254,6 +249,38 @@ for m in "${PODVM_STAGE1_MODULES[@]}"; do modprobe -d "$KDIR/kx" -S "$KVER" --sh
   > "$S/modules.list"
 install -m755 "$HERE/stage1-init" "$S/init"
 (cd "$S" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$STAGE/initrd.img"
+
+# the BIOS-bootable disk: MBR (syslinux's mbr.bin + the partition table), partition 1 a small FAT (bootable)
+# holding syslinux, the kernel and the stage-1 initramfs, partition 2 the ext4 root (the same filesystem as
+# -root.qcow2). SeaBIOS reads the disk (virtio-blk, vda: the cloud kernel has no AHCI driver) only for
+# syslinux; the guest kernel reads the root itself, like the fast boot does.
+SECTOR=512
+BOOT_START=2048                                                   # 1 MiB alignment
+BOOT_SECTORS=$(( PODVM_BOOT_PART_MB * 1048576 / SECTOR ))
+ROOT_START=$(( BOOT_START + BOOT_SECTORS ))
+ROOT_SECTORS=$(( $(stat -c %s "$WORK/root.raw") / SECTOR ))
+DISK=$WORK/disk.raw
+truncate -s $(( (ROOT_START + ROOT_SECTORS) * SECTOR )) "$DISK"
+printf 'label: dos\nunit: sectors\n%s\n%s\n' \
+  "start=$BOOT_START, size=$BOOT_SECTORS, type=c, bootable" "start=$ROOT_START, size=$ROOT_SECTORS, type=83" \
+  | sfdisk -q --no-reread --no-tell-kernel "$DISK"
+dd if="$SYSLINUX_MBR" of="$DISK" bs=440 count=1 conv=notrunc status=none
+# the FAT is made in its own file (mkfs.vfat has no offset) with the partition's start as its hidden
+# sectors, then copied into place; syslinux and mtools work on the partition inside the image file
+truncate -s $(( BOOT_SECTORS * SECTOR )) "$WORK/boot.img"
+mkfs.vfat -n CAAPODVM -h "$BOOT_START" "$WORK/boot.img" >/dev/null
+dd if="$WORK/boot.img" of="$DISK" bs=1M seek=$(( BOOT_START * SECTOR / 1048576 )) conv=notrunc status=none
+dd if="$WORK/root.raw" of="$DISK" bs=1M seek=$(( ROOT_START * SECTOR / 1048576 )) conv=notrunc,sparse status=none
+rm -f "$WORK/boot.img" "$WORK/root.raw"
+BOOT_FAT="$DISK@@$(( BOOT_START * SECTOR ))"
+printf 'DEFAULT caa\nPROMPT 0\nTIMEOUT 0\nLABEL caa\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND %s\n' \
+  "$PODVM_KERNEL_CMDLINE root=UUID=$ROOT_UUID" > "$WORK/syslinux.cfg"
+mcopy -i "$BOOT_FAT" "$STAGE/vmlinuz" ::vmlinuz
+mcopy -i "$BOOT_FAT" "$STAGE/initrd.img" ::initrd.img
+mcopy -i "$BOOT_FAT" "$WORK/syslinux.cfg" ::syslinux.cfg
+syslinux --install --offset $(( BOOT_START * SECTOR )) "$DISK"
+qemu-img convert -O qcow2 "$DISK" "$STAGE/caa-podvm$SUFFIX.qcow2"
+rm -f "$DISK"
 BUILD_S=$(elapsed)
 size() { stat -c %s "$STAGE/$1"; }
 cat > "$STAGE/manifest.json" <<JSON
@@ -265,7 +292,9 @@ cat > "$STAGE/manifest.json" <<JSON
   "root_qcow2": "caa-podvm$SUFFIX-root.qcow2",
   "kernel": "vmlinuz",
   "initrd": "initrd.img",
-  "kernel_cmdline": "console=ttyS0 quiet panic=-1 ro",
+  "kernel_cmdline": "$PODVM_KERNEL_CMDLINE",
+  "root_uuid": "$ROOT_UUID",
+  "boot_partition_offset": $(( BOOT_START * SECTOR )),
   "sizes": {"qcow2": $(size "caa-podvm$SUFFIX.qcow2"), "root_qcow2": $(size "caa-podvm$SUFFIX-root.qcow2"), "kernel": $(size vmlinuz), "initrd": $(size initrd.img), "rootfs_mb": $ROOT_MB},
   "build_seconds": $BUILD_S,
   "wheels": [$(cd "$WORK/wheels" && ls ./*.whl | sed 's|^\./||; s/.*/"&"/' | paste -sd, -)]

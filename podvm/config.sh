@@ -43,3 +43,11 @@ PODVM_PIP_EXCLUDE=(kubernetes)
 
 # Size of the ext4 root filesystem (sparse; the qcow2 holds only what is used).
 PODVM_ROOT_SIZE=640M
+
+# Kernel command line of both boots (the BIOS disk's syslinux.cfg adds root=UUID=<the root filesystem's>).
+PODVM_KERNEL_CMDLINE="console=ttyS0 quiet panic=-1 ro"
+
+# The BIOS disk: size of its FAT boot partition (kernel ~14 MiB + stage-1 initramfs ~1.2 MiB + syslinux),
+# and the MBR boot code that chain-loads the active partition (Debian's syslinux package).
+PODVM_BOOT_PART_MB=32
+SYSLINUX_MBR=/usr/lib/syslinux/mbr/mbr.bin

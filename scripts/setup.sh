@@ -18,7 +18,7 @@ APT_PACKAGES=(
   # tiny BIOS-bootable test VM disk of the libvirt provider tests (tests/vmimage.py)
   syslinux syslinux-common mtools dosfstools
   # pod VM image recipe
-  debootstrap busybox-static e2fsprogs xorriso cpio kmod zstd
+  debootstrap busybox-static e2fsprogs xorriso cpio kmod zstd fdisk
   # BYOM provider tests: a real sshd per "machine" (tests/sshd_machines.py)
   openssh-server
 )

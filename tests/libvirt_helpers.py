@@ -33,6 +33,7 @@ TEST_NETWORK_GATEWAY = "192.168.150.1"
 TEST_NETWORK_PREFIX = 24
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "podvm" / "build.sh"
+DISK_CMDLINE_SCRIPT = REPO / "podvm" / "disk-cmdline.sh"
 
 _counter = itertools.count(1)
 
@@ -116,7 +117,7 @@ class PodVMImage:
 
     directory: Path
     root_disk: Path  # ext4 root, booted with kernel + initrd (the fast boot)
-    bios_disk: Path  # BIOS-bootable disk (syslinux + kernel + whole-root initramfs), for firmware boot
+    bios_disk: Path  # BIOS-bootable disk (MBR + syslinux/kernel/stage-1 partition + ext4 root partition)
     kernel: Path
     initrd: Path
     cmdline: str
@@ -180,6 +181,42 @@ def domain_xml(name: str, image: PodVMImage, disk: Path, cidata: Path, serial_lo
   </devices>
 </domain>
 """
+
+
+def firmware_domain_xml(name: str, disk: Path, cidata: Path, serial_log: Path, network: str = TEST_NETWORK,
+                        memory_mib: int = 256) -> str:
+    """
+    The libvirt provider's own x86_64 domain XML (BIOS: no firmware path, domain type qemu) for a BIOS disk
+    overlay, with one change for tests: the serial console goes to a file instead of a pty, so the test reads
+    the guest's markers. A panicking or powered-off guest ends its domain.
+    """
+    import xml.etree.ElementTree as ET
+
+    from caa.providers.libvirt.domainxml import DomainParams, HostCapabilities, build_domain_xml
+
+    params = DomainParams(name=name, vcpus=1, memory_mib=memory_mib, root_path=str(disk), iso_path=str(cidata),
+                          network=network, domain_type="qemu")
+    domain = ET.fromstring(build_domain_xml(params, HostCapabilities(arch="x86_64", machines={}, emulators={})))
+    devices = domain.find("devices")
+    assert devices is not None
+    for console in devices.findall("console"):
+        devices.remove(console)
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path=str(serial_log))
+    ET.SubElement(serial, "target", port="0")
+    for event in ("on_poweroff", "on_crash"):
+        ET.SubElement(domain, event).text = "destroy"
+    reboot = domain.find("on_reboot")
+    if reboot is not None:
+        reboot.text = "destroy"
+    return ET.tostring(domain, encoding="unicode")
+
+
+def bios_disk_with_cmdline(disk: Path, out: Path, *args: str) -> Path:
+    """A copy of a BIOS disk whose kernel command line has `args` appended (podvm/disk-cmdline.sh)."""
+    subprocess.run([str(DISK_CMDLINE_SCRIPT), str(disk), str(out), *args], check=True, capture_output=True,
+                   timeout=300)
+    return out
 
 
 @dataclass
@@ -297,18 +334,30 @@ class PodVM:
 
 
 def boot_podvm(image: PodVMImage, user_data: bytes, workdir: Path, name: str | None = None,
-               network: str = TEST_NETWORK, extra_cmdline: str = "", memory_mib: int = 256) -> PodVM:
-    """Create the overlay and cidata ISO, define and start the domain. The caller must `destroy()` it."""
+               network: str = TEST_NETWORK, extra_cmdline: str = "", memory_mib: int = 256,
+               bios_disk: Path | None = None) -> PodVM:
+    """
+    Create the overlay and cidata ISO, define and start the domain. The caller must `destroy()` it.
+    Without `bios_disk`: the fast boot (kernel + initrd + overlay of the root disk, `extra_cmdline` added).
+    With it: a firmware (SeaBIOS) boot of an overlay of that disk through the provider's domain XML; its kernel
+    command line is the disk's own (`bios_disk_with_cmdline` makes a copy with more).
+    """
+    if bios_disk is not None and extra_cmdline:
+        raise ValueError("a BIOS disk boots with its own command line; use bios_disk_with_cmdline")
     from caa.providers.cidata import build_cidata_iso
 
     name = name or unique_name()
     workdir.mkdir(parents=True, exist_ok=True)
     vm = PodVM(name, workdir, workdir / f"{name}-root.qcow2", workdir / f"{name}-cidata.iso",
                workdir / f"{name}-serial.log")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.root_disk),
-                    str(vm.disk)], check=True, timeout=60)
+    base = image.root_disk if bios_disk is None else bios_disk
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(vm.disk)],
+                   check=True, timeout=60)
     vm.cidata.write_bytes(build_cidata_iso(user_data, name))
-    xml = domain_xml(name, image, vm.disk, vm.cidata, vm.serial_log, network, memory_mib, extra_cmdline)
+    if bios_disk is None:
+        xml = domain_xml(name, image, vm.disk, vm.cidata, vm.serial_log, network, memory_mib, extra_cmdline)
+    else:
+        xml = firmware_domain_xml(name, vm.disk, vm.cidata, vm.serial_log, network, memory_mib)
     conn = open_connection()
     try:
         dom = conn.defineXML(xml)

@@ -95,7 +95,10 @@ class DomainXMLTests(SynchronousTestCase):
         self.assertEqual(root.findtext("os/loader"), "/usr/share/OVMF/OVMF_CODE_4M.fd")
         self.assertEqual(root.find("cpu").get("mode"), "host-model")  # type: ignore[union-attr]
         disks = root.findall("devices/disk")
-        self.assertEqual([d.find("target").get("dev") for d in disks], ["sda", "sdb"])  # type: ignore[union-attr]
+        self.assertEqual([d.find("target").get("dev") for d in disks], ["vda", "sdb"])  # type: ignore[union-attr]
+        # the root disk is virtio: the pod VM image's cloud kernel has no AHCI driver for a SATA root
+        self.assertEqual(disks[0].find("target").get("bus"), "virtio")  # type: ignore[union-attr]
+        self.assertIsNone(disks[0].find("driver").get("iommu"))  # type: ignore[union-attr]
         self.assertEqual(disks[1].get("device"), "cdrom")
         self.assertEqual(disks[1].find("target").get("bus"), "sata")  # type: ignore[union-attr]
         self.assertEqual(disks[0].find("boot").get("order"), "1")  # type: ignore[union-attr]
@@ -114,13 +117,15 @@ class DomainXMLTests(SynchronousTestCase):
         self.assertIsNone(root.find("os/loader"))
         self.assertIsNone(root.find("cpu"))
         self.assertEqual(root.find("vcpu").get("cpuset"), "0-1,3")  # type: ignore[union-attr]
-        cdrom = root.findall("devices/disk")[1]
+        disk, cdrom = root.findall("devices/disk")
+        self.assertEqual((disk.find("target").get("dev"), disk.find("target").get("bus")), ("vda", "virtio"))  # type: ignore[union-attr]
+        self.assertEqual(disk.find("boot").get("order"), "1")  # type: ignore[union-attr]
         self.assertEqual((cdrom.find("target").get("dev"), cdrom.find("target").get("bus")), ("hda", "ide"))  # type: ignore[union-attr]
 
     def test_csi_data_disks(self) -> None:
         disks = (DataDisk("/pool/pv-a.img", "caa-lun-0"), DataDisk("/dev/vg/pv-b", "caa-lun-1", "block", "raw"),
                  DataDisk("/pool/pv-c.qcow2", "caa-lun-2", "file", "qcow2"))
-        for arch, first in (("x86_64", "vda"), ("aarch64", "vdb"), ("s390x", "vdc")):
+        for arch, first in (("x86_64", "vdb"), ("aarch64", "vdb"), ("s390x", "vdc")):
             xml = build_domain_xml(_params(data_disks=disks), _caps(arch))
             data = [d for d in ET.fromstring(xml).findall("devices/disk") if d.find("serial") is not None]
             self.assertEqual([d.findtext("serial") for d in data], ["caa-lun-0", "caa-lun-1", "caa-lun-2"], arch)
@@ -137,7 +142,7 @@ class DomainXMLTests(SynchronousTestCase):
         xml = build_domain_xml(_params(data_disks=many), _caps())
         targets = [d.find("target").get("dev") for d in ET.fromstring(xml).findall("devices/disk")  # type: ignore[union-attr]
                    if d.find("serial") is not None]
-        self.assertEqual(targets[24:], ["vdy", "vdz", "vdaa", "vdab"])
+        self.assertEqual(targets[23:], ["vdy", "vdz", "vdaa", "vdab", "vdac"])
 
     def test_bad_cpuset(self) -> None:
         self.assertRaises(InvalidConfig, build_domain_xml, _params(cpuset="1,,2"), _caps())
@@ -192,6 +197,9 @@ class DomainXMLTests(SynchronousTestCase):
             self.assertEqual(root.find("os/type").get("machine"), "q35")  # type: ignore[union-attr]
             self.assertEqual(root.find("os/loader").get("stateless"), "yes")  # type: ignore[union-attr]
             self.assertEqual(root.find("devices/interface/driver").get("iommu"), "on")  # type: ignore[union-attr]
+            # a confidential guest's virtio root disk goes through the IOMMU (bounce buffers) like its NIC
+            self.assertEqual(root.find("devices/disk/driver").get("iommu"), "on")  # type: ignore[union-attr]
+            self.assertEqual(root.find("devices/disk/target").get("bus"), "virtio")  # type: ignore[union-attr]
             self.assertIsNotNone(root.find("memoryBacking/locked"))
         root = ET.fromstring(build_domain_xml(_params(launch_security=LaunchSecurity.TDX), _caps()))
         self.assertEqual(root.find("launchSecurity").get("type"), "tdx")  # type: ignore[union-attr]

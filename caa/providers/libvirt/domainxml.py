@@ -254,9 +254,14 @@ def _x86_64(params: DomainParams, caps: HostCapabilities) -> ET.Element:
     if confidential:
         ET.SubElement(ET.SubElement(domain, "memoryBacking"), "locked")
     devices = ET.SubElement(domain, "devices")
-    root = _disk(devices, "disk", {"name": "qemu", "type": "qcow2"}, params.root_path, {"dev": "sda", "bus": "sata"})
+    # The root disk is virtio (upstream: SATA sda). The pod VM image's kernel (Debian's cloud kernel) has no
+    # AHCI driver, so it could not read a SATA root; SeaBIOS and OVMF boot virtio-blk. Listed first, so it
+    # gets the lowest PCI slot and is the guest's vda (the image also finds its root by filesystem UUID).
+    root_driver = {"name": "qemu", "type": "qcow2"}
+    if confidential:
+        root_driver["iommu"] = "on"
+    root = _disk(devices, "disk", root_driver, params.root_path, {"dev": "vda", "bus": "virtio"})
     ET.SubElement(root, "boot", order="1")
-    ET.SubElement(root, "address", type="drive", controller="0", bus="0", target="0", unit="0")
     if params.firmware or confidential:
         iso = _disk(devices, "cdrom", {"name": "qemu", "type": "raw"}, params.iso_path, {"dev": "sdb", "bus": "sata"})
         ET.SubElement(iso, "readonly")
@@ -265,7 +270,7 @@ def _x86_64(params: DomainParams, caps: HostCapabilities) -> ET.Element:
         iso = _disk(devices, "cdrom", {"name": "qemu", "type": "raw"}, params.iso_path, {"dev": "hda", "bus": "ide"})
         ET.SubElement(iso, "readonly")
         ET.SubElement(iso, "address", type="drive", controller="0", bus="0", target="0", unit="0")
-    _data_disks(devices, params, "a", confidential)
+    _data_disks(devices, params, "b", confidential)
     interface = _interface(devices, params)
     if confidential:
         ET.SubElement(interface, "driver", iommu="on")
