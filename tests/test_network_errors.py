@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -248,3 +249,39 @@ class PodVmErrorTests(TestCase):
         ping = await deferToThread(lambda: pod.run(["ping", "-c", "1", "-W", "2", "172.20.0.1"], check=False))
         self.assertEqual(ping.returncode, 0, ping.stdout)
         await self.podvm.teardown(cfg, pod.name)
+
+
+class PodVmRouteWaitTests(TestCase):
+    """The forwarder may start while the VM's DHCP still runs: set-up waits (bounded) for the default route."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        h.need_root(self)
+        self.vm = h.make_netns(self, "rv")
+        other = h.make_netns(self, "rw")
+        h.veth(other, "ula", self.vm, "ulb")
+        h.add_addr(other, "ula", "192.168.78.1/24")
+        h.add_addr(self.vm, "ulb", "192.168.78.2/24")  # an address, but no default route yet (no lease)
+        self.cfg = PodNetworkConfig(pod_ip="10.88.0.10/24", pod_hw_addr="02:00:00:00:00:10", interface="eth0",
+                                    worker_node_ip="192.168.78.1/24", mtu=1500, vxlan_id=555001)
+
+    async def test_waits_for_the_route_then_builds(self) -> None:
+        podvm = PodNetwork(reactor, reactor.getThreadPool(), host_netns=self.vm.path, route_wait=30.0)
+        pod = h.make_netns(self, "rp")
+        setup = podvm.setup(self.cfg, pod.name)
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertNoResult(setup)  # still waiting: nothing to build the tunnel on
+        self.assertEqual([lk[0] for lk in (await deferToThread(h.snapshot, pod))["links"]], ["lo"])
+        h.add_route(self.vm, "default", gateway="192.168.78.1", dev="ulb")  # the lease arrives
+        await setup
+        self.assertIn("eth0", [lk[0] for lk in (await deferToThread(h.snapshot, pod))["links"]])
+        await podvm.teardown(self.cfg, pod.name)
+
+    async def test_no_route_within_the_wait_is_a_clear_error(self) -> None:
+        podvm = PodNetwork(reactor, reactor.getThreadPool(), host_netns=self.vm.path, route_wait=0.3)
+        pod = h.make_netns(self, "rp")
+        with self.assertRaises(NoDefaultRouteError) as ctx:
+            await podvm.setup(self.cfg, pod.name)
+        self.assertIn("no IPv4 default route", str(ctx.exception))
+        self.assertEqual([lk[0] for lk in (await deferToThread(h.snapshot, pod))["links"]], ["lo"])

@@ -99,11 +99,12 @@ class UnitOrderTests(SynchronousTestCase):
         self.assertEqual(fwd["Service"]["ExecStart"], "/usr/local/lib/caa/run-forwarder")
 
     def test_tiny_init_keeps_the_order(self) -> None:
-        """Upstream's order of effects with one Python start: DHCP and podns before the forwarder, which
-        provisions the user data; the agent only once /run/peerpod/provisioned is there."""
+        """Upstream's order of effects with one Python start: cidata and podns before the forwarder, which
+        provisions the user data from the local cidata disk while DHCP runs (its pod network set-up waits for
+        the default route); the agent only once /run/peerpod/provisioned is there."""
         text = _tiny_init()
-        steps = ["busybox udhcpc", "mount -t iso9660", "ip netns add podns",
-                 "/usr/local/lib/caa/run-forwarder --provision-user-data",
+        steps = ["mount -t iso9660", "ip netns add podns",
+                 "/usr/local/lib/caa/run-forwarder --provision-user-data", "\ndhcp\n",
                  "wait-for -e /run/peerpod/provisioned", "mark user-data-done", "kata-agent --config",
                  "wait-for -S /run/kata-containers/agent.sock", "mark agent-listening"]
         positions = [_position(text, s) for s in steps]
@@ -134,6 +135,7 @@ class UnitOrderTests(SynchronousTestCase):
         floor = text[start:text.index("\nfi\n", start)]
         for step in ("modprobe -a", "busybox udhcpc"):
             self.assertLess(text.index(step), start, step)
+        self.assertLess(floor.index("\n  dhcp\n"), floor.index("python3 -S -c"))  # the floor listens after its lease
         self.assertIn("python3 -S -c", floor)
         self.assertIn('s.bind(("0.0.0.0", 15150))', floor)
         self.assertIn('print("CAA-INIT floor-listening uptime="', floor)

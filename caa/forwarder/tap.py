@@ -34,6 +34,8 @@ DEFAULT_CONFIG = "/run/peerpod/apf.json"
 DEFAULT_LISTEN = "0.0.0.0:15150"
 DEFAULT_AGENT_SOCKET = "/run/kata-containers/agent.sock"
 DEFAULT_POD_NETNS = "/run/netns/podns"
+#: How long the pod network set-up waits for the VM's default route (DHCP) before it fails.
+ROUTE_WAIT = 120.0
 
 
 def netns_path(value: str) -> str:
@@ -200,7 +202,9 @@ def build_forwarder(reactor: INodeReactor, options: Options, threads: ThreadPool
         from caa.network.podvm import PodNetwork
 
         host_netns = netns_path(options["host-netns"]) if options["host-netns"] else None
-        pod_network = PodNetwork(reactor, threads, host_netns=host_netns, host_interface=options["host-interface"])
+        # The tiny init starts us while DHCP may still run (our start-up overlaps the lease): wait for the route.
+        pod_network = PodNetwork(reactor, threads, host_netns=host_netns, host_interface=options["host-interface"],
+                                 route_wait=ROUTE_WAIT)
 
     def run_blocking(f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(reactor, threads, f, *args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from caa.network.interfaces import (
     InterfaceNotFoundError,
     IPodNetwork,
     NetworkError,
+    NoDefaultRouteError,
     PodNetworkConfig,
     TeardownError,
     TunnelError,
@@ -37,7 +39,9 @@ _SKIP_PREFIXES = ("veth", "lo", "docker", "podman", "br-", "cni", "tunl", "tun",
 
 @implementer(IPodNetwork)
 class PodNetwork:
-    """Pod-VM side. ``host_netns`` is the VM's underlay netns (None = the forwarder's own)."""
+    """Pod-VM side. ``host_netns`` is the VM's underlay netns (None = the forwarder's own). ``route_wait``: how
+    long setup waits for the VM's default route (the VM's init may start the forwarder while DHCP still runs, so
+    that Python's start-up overlaps the lease; upstream orders them, After=network-online.target)."""
 
     _log = Logger()
 
@@ -47,11 +51,13 @@ class PodNetwork:
         threadpool: ThreadPool,
         host_netns: str | None = None,
         host_interface: str = "",
+        route_wait: float = 0.0,
     ) -> None:
         self._reactor = reactor
         self._pool = threadpool
         self.host_netns = host_netns
         self.host_interface = host_interface
+        self.route_wait = route_wait
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
@@ -79,7 +85,7 @@ class PodNetwork:
     def _setup_sync(self, config: PodNetworkConfig, pod_netns: str) -> None:
         self._validate(config)
         with nl.ipr_in(self.host_netns) as host:
-            primary, _pidx, _gw = nl.primary_interface(host, self.host_netns)
+            primary = self._wait_for_primary(host)
             if config.dedicated:
                 if not self.host_interface or self.host_interface == primary:
                     raise ConfigError(f"{self.host_interface or primary} is not a dedicated interface")
@@ -108,6 +114,26 @@ class PodNetwork:
                 self._log.warn("external network via pod VM not set up: {err}", err=e)
         self._log.info("pod network up in {netns}: {ip} VNI {vni} <-> {wn}", netns=pod_netns,
                        ip=config.pod_ip, vni=config.vxlan_id, wn=config.worker_node_address)
+
+    def _wait_for_primary(self, host: IPRoute) -> str:
+        """The primary interface's name, once the default route exists (polled every 50 ms up to route_wait)."""
+        deadline = time.monotonic() + self.route_wait
+        waited = False
+        while True:
+            try:
+                name = nl.primary_interface(host, self.host_netns)[0]
+            except NoDefaultRouteError:
+                if time.monotonic() >= deadline:
+                    raise
+                if not waited:
+                    self._log.info("no default route yet (DHCP still running?): waiting up to {s:.0f}s",
+                                   s=self.route_wait)
+                    waited = True
+                time.sleep(0.05)
+                continue
+            if waited:
+                self._log.info("default route via {name} is up", name=name)
+            return name
 
     def _build(self, config: PodNetworkConfig, pod_netns: str) -> None:
         wn = config.worker_node_address
