@@ -92,11 +92,11 @@ class ProxySocketTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(fwd.close()))
         return fwd, p
 
-    def _proxy(self, **kw: Any) -> AgentProxy:
+    def _proxy(self, volumes: tuple[str, ...] = (), **kw: Any) -> AgentProxy:
         kw.setdefault("retry_policy", dial_backoff(initial=0.02, cap=0.2))
         kw.setdefault("attempt_timeout", 1.0)
         factory = AgentProxyFactory(reactor, self.tls, volumes_dir=os.path.join(self.dir, "dv"), **kw)
-        proxy = factory.new("sb1", os.path.join(self.dir, "sb1", "agent.ttrpc"))
+        proxy = factory.new("sb1", os.path.join(self.dir, "sb1", "agent.ttrpc"), volumes)
         assert isinstance(proxy, AgentProxy)
         self.addCleanup(proxy.stop)
         return proxy

@@ -46,7 +46,7 @@ class FakesAreVerified(SynchronousTestCase):
     def test_fakes(self) -> None:
         proxies = FakeProxyFactory()
         verifyObject(IAgentProxyFactory, proxies)
-        verifyObject(IAgentProxy, proxies.new("x", "/tmp/x"))
+        verifyObject(IAgentProxy, proxies.new("x", "/tmp/x", ()))
         verifyObject(IPodNetworking, FakeNetworking())
         verifyObject(IAgentTLS, FakeTLS())
         verifyObject(IProvider, FakeProvider(Clock()))
