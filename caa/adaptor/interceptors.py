@@ -13,7 +13,9 @@ the sandbox's VM was created with:
    set to the compact JSON of ``vol-<lun>`` entries, each volume numbered by its disk's place in the attach order
    CreateVM journalled (the record's ``spec.volumes``), not by its place in this scan: a volume added or removed
    since CreateVM would otherwise shift the numbers and the VM would mount the wrong disk. A volume whose disk
-   was not attached (added after the VM was made) is not announced: the VM has no such disk.
+   was not attached (added after the VM was made) is not announced: the VM has no such disk. (This also keeps
+   the numbers right where upstream's diverge: a CreateVM without the pod's uid attaches every pod's volumes,
+   while this scan keeps only the pod's.)
 
 When nothing changes the original bytes are returned, so the request reaches the agent byte for byte.
 Annotation values are never logged (they may carry initdata / policy text).
