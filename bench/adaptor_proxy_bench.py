@@ -201,8 +201,8 @@ def main() -> None:
         starts: dict[str, float] = {}
         orig_start = proxies.new
 
-        def new(sandbox_id: str, socket_path: str) -> Any:
-            p = orig_start(sandbox_id, socket_path)
+        def new(sandbox_id: str, socket_path: str, volumes: tuple[str, ...]) -> Any:
+            p = orig_start(sandbox_id, socket_path, volumes)
             real = p.start
 
             def start(address: Any, server_name: str, deadline: float) -> Any:
@@ -328,7 +328,8 @@ def main() -> None:
             r.callLater(boot, boot_vm)
 
             async def dial(kind: str, factory: AgentProxyFactory) -> None:
-                p = factory.new(f"{kind}{rnd}-{i}", os.path.join(work, "dial", f"{kind}{rnd}-{i}", "agent.ttrpc"))
+                p = factory.new(f"{kind}{rnd}-{i}", os.path.join(work, "dial", f"{kind}{rnd}-{i}", "agent.ttrpc"),
+                                ())
                 assert isinstance(p, AgentProxy)
                 proxies.append(p)
                 t0 = time.perf_counter()
@@ -359,7 +360,8 @@ def main() -> None:
         factory = AgentProxyFactory(r, None, retry_policy=dial_backoff(0.1, 1.0),
                                     boot_window=BootWindow(length=args.boot_window, period=args.boot_period,
                                                            max_rate=args.boot_rate))
-        proxies = [factory.new(f"cost{i}", os.path.join(work, "cost", f"{i}", "agent.ttrpc")) for i in range(n)]
+        proxies = [factory.new(f"cost{i}", os.path.join(work, "cost", f"{i}", "agent.ttrpc"), ())
+                   for i in range(n)]
         cpu0, t0 = time.process_time(), time.perf_counter()
         for p in proxies:
             p.start(("127.0.0.1", port), "vm", r.seconds() + 60).addErrback(lambda _: None)

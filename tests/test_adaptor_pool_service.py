@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -45,8 +46,10 @@ class GateClaimer(Claimer):
     the pool VM was created with (its user data), one gate per VM, so a second claim is refused as on a VM.
     `hold` makes the next claim wait after the gate accepted it (an adaptor stopped between claim and tunnel)."""
 
-    def __init__(self, clock: Clock, provider: FakeProvider, tls_: AutoTLS) -> None:
-        super().__init__(clock, lambda host, port, name: None, 15150, tls_)  # type: ignore[arg-type,return-value]
+    def __init__(self, clock: Clock, provider: FakeProvider, tls_: AutoTLS,
+                 digest: Callable[[str], str] = initdata_digest) -> None:
+        super().__init__(clock, lambda host, port, name: None, 15150, tls_,  # type: ignore[arg-type,return-value]
+                         digest)
         self.provider = provider
         self.gates: dict[str, ClaimGate] = {}
         self.claimed: dict[str, APFConfig] = {}
@@ -159,6 +162,27 @@ class PoolServiceTests(PoolServiceBase):
         self.successResultOf(Deferred.fromCoroutine(self.svc.stop_vm(SID)))
         self.assertNotIn(vm.instance_id, self.provider.instances)
         self.assertNotIn(vm.pool_id, [v.pool_id for v in self.pool.ready(KEY)])
+
+    def test_initdata_digested_once_per_start(self) -> None:
+        """The pool key and the Claim request carry one digest of the pod's initdata, computed once per StartVM."""
+        digested: list[str] = []
+
+        def counting(encoded: str) -> str:
+            digested.append(encoded)
+            return initdata_digest(encoded)
+
+        self.claimer = GateClaimer(self.clock, self.provider, self.tls, counting)
+        self.svc, self.pool = self.make()
+        self.start_pool()
+        (vm,) = self.pool.ready(KEY)
+        self.create()
+        self.successResultOf(self.start())  # a hit: key lookup and claim
+        self.assertEqual(self.record().instance_id, vm.instance_id)
+        self.assertIs(self.claimer.gates[vm.instance_id].state, ClaimState.CLAIMED)  # the gate checked the digest
+        self.assertEqual(digested, [""])
+        self.create(SID2, pod="web2", **{"io.katacontainers.config.hypervisor.image": "other-image"})
+        self.successResultOf(self.start(SID2))  # a miss: the key lookup only
+        self.assertEqual(digested, ["", ""])
 
     def test_miss_other_key_starts_a_fresh_vm(self) -> None:
         self.start_pool()

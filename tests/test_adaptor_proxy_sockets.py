@@ -92,11 +92,11 @@ class ProxySocketTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(fwd.close()))
         return fwd, p
 
-    def _proxy(self, **kw: Any) -> AgentProxy:
+    def _proxy(self, volumes: tuple[str, ...] = (), **kw: Any) -> AgentProxy:
         kw.setdefault("retry_policy", dial_backoff(initial=0.02, cap=0.2))
         kw.setdefault("attempt_timeout", 1.0)
         factory = AgentProxyFactory(reactor, self.tls, volumes_dir=os.path.join(self.dir, "dv"), **kw)
-        proxy = factory.new("sb1", os.path.join(self.dir, "sb1", "agent.ttrpc"))
+        proxy = factory.new("sb1", os.path.join(self.dir, "sb1", "agent.ttrpc"), volumes)
         assert isinstance(proxy, AgentProxy)
         self.addCleanup(proxy.stop)
         return proxy
@@ -429,3 +429,101 @@ class NeverAnsweringVMTests(TestCase):
         self.assertEqual(provider.instances, {})
         self.assertFalse(os.path.exists(os.path.join(pods_dir, sid, "agent.ttrpc")))
         await svc.stop_vm(sid)  # trial fails the test if a dial is left scheduled
+
+
+class AttachOrderTests(TestCase):
+    """The cloud volumes a container gets, through the real wiring: CloudService journals the disks CreateVM
+    attaches, the real AgentProxyFactory makes the sandbox's proxy, a shim's CreateContainer goes over the proxy's
+    unix socket to a forwarder stand-in on loopback. Volumes the CSI driver adds after CreateVM must not shift the
+    numbering, neither before the VM starts nor after an adaptor restart (proxies rebuilt from the journal)."""
+
+    timeout = 30
+
+    async def test_attach_order_from_the_record(self) -> None:
+        from caa.adaptor.adapters import NullNetworking
+        from caa.adaptor.directvolumes import encode_name
+        from caa.adaptor.service import CloudService, ServiceConfig
+        from caa.adaptor.store import SandboxStore
+        from caa.adaptor.userdata import ANN_POD_NAME, ANN_POD_NAMESPACE, ANN_POD_UID
+        from caa.podvm_api.volumes import CLOUD_VOLUMES_ANNOTATION, decode_cloud_volumes
+        from caa.providers.interfaces import Instance
+        from tests.fakes.provider import FakeProvider
+
+        class LoopbackProvider(FakeProvider):
+            """The in-memory fake provider with its VMs at 127.0.0.1 (where the forwarder stand-in listens)."""
+
+            def create_instance(self, pod_name: str, sandbox_id: str, user_data: bytes, spec: Any) -> Any:
+                d = super().create_instance(pod_name, sandbox_id, user_data, spec)
+
+                def at_loopback(i: Instance) -> Instance:
+                    inst = Instance(id=i.id, name=i.name, ips=("127.0.0.1",))
+                    self.instances[i.id] = inst
+                    return inst
+
+                return d.addCallback(at_loopback)
+
+        pods_dir = tempfile.mkdtemp(prefix=f"caa-ao-{os.getpid()}-")  # short: a unix socket path is < 108 bytes
+        self.addCleanup(shutil.rmtree, pods_dir, True)
+        volumes_dir = tempfile.mkdtemp(prefix=f"caa-ao-dv-{os.getpid()}-")  # not in pods_dir: recovery sweeps that
+        self.addCleanup(shutil.rmtree, volumes_dir, True)
+        uid = "0c4e2f6a-0000-4000-8000-0000000000a0"
+        fwd = ForwarderStandIn()
+        port = await fwd.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(fwd.close()))
+
+        def volume(path: str, disk: str) -> None:
+            os.makedirs(os.path.join(volumes_dir, encode_name(path)))
+            with open(os.path.join(volumes_dir, encode_name(path), "mountInfo.json"), "w") as f:
+                f.write(f'{{"volume-type": "block", "device": "{disk}", "fstype": "ext4"}}')
+
+        # in directory-name order q0 < q1 < q2 < q3: q1 and q3 exist at CreateVM, q0 and q2 come later
+        q0, q1, q2, q3 = sorted((f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/pv{i}/mount"
+                                 for i in range(4)), key=encode_name)
+        volume(q1, "disk-q1")
+        volume(q3, "disk-q3")
+        provider = LoopbackProvider(reactor)
+        store = SandboxStore(pods_dir)
+
+        def service() -> CloudService:
+            proxies = AgentProxyFactory(reactor, None, volumes_dir=volumes_dir,
+                                        retry_policy=dial_backoff(initial=0.02, cap=0.2))
+            svc = CloudService(reactor, provider, proxies, store, NullNetworking(), None,
+                               ServiceConfig(pods_dir=pods_dir, forwarder_port=port, disable_tls=True,
+                                             direct_volumes_dir=volumes_dir))
+            self.addCleanup(lambda: Deferred.fromCoroutine(svc.shutdown()))  # its proxies, should an assert fail
+            return svc
+
+        async def announced() -> dict[str, tuple[str, int, str]]:
+            """What a CreateContainer mounting all four volumes reaches the VM with."""
+            req = agent_pb2.CreateContainerRequest(container_id="c1", OCI=oci_pb2.Spec(
+                Mounts=[oci_pb2.Mount(destination=f"/m{i}", source=q) for i, q in enumerate((q0, q1, q2, q3))],
+                Annotations={ANN_POD_UID: uid}))
+            shim = await connect(unix_client_endpoint(reactor, socket_path), reactor)
+            try:
+                await shim.call_raw("grpc.AgentService", "CreateContainer", req.SerializeToString(), timeout=5)
+            finally:
+                shim.abort()
+            got = agent_pb2.CreateContainerRequest.FromString(fwd.calls[-1][2])
+            return {v.name: (v.mount_point, v.lun, v.disk_id)
+                    for v in decode_cloud_volumes(got.OCI.Annotations[CLOUD_VOLUMES_ANNOTATION])}
+
+        svc = service()
+        sid = "ab" * 32
+        socket_path = await svc.create_vm(sid, {ANN_POD_NAME: "pod", ANN_POD_NAMESPACE: "default", ANN_POD_UID: uid},
+                                          "")
+        volume(q0, "disk-q0")  # one sorting ahead of both attached volumes, one between them
+        volume(q2, "disk-q2")
+        await svc.start_vm(sid, None)
+        [spec] = provider.specs.values()
+        self.assertEqual(spec.volumes, ("disk-q1", "disk-q3"))  # what the VM was created with
+        want = {"vol-0": ("/m1", 0, "disk-q1"), "vol-1": ("/m3", 1, "disk-q3")}
+        self.assertEqual(await announced(), want)
+
+        # an adaptor restart: the proxy is rebuilt from the journalled record, the directory has moved on again
+        await svc.shutdown()
+        shutil.rmtree(os.path.join(volumes_dir, encode_name(q1)))
+        svc = service()
+        await svc.recover()
+        self.assertEqual(await announced(), {"vol-1": ("/m3", 1, "disk-q3")})
+        await svc.stop_vm(sid)
+        self.assertEqual(provider.instances, {})

@@ -82,7 +82,7 @@ class ProxyDialTests(SynchronousTestCase):
         self.factory = AgentProxyFactory(self.clock, None, volumes_dir=d,
                                          retry_policy=dial_backoff(jitter=lambda: 0.0),
                                          make_endpoint=lambda host, port, name: self.ep)
-        proxy = self.factory.new("sb", os.path.join(d, "sb", "agent.ttrpc"))
+        proxy = self.factory.new("sb", os.path.join(d, "sb", "agent.ttrpc"), ())
         assert isinstance(proxy, AgentProxy)
         self.proxy = proxy
 
@@ -135,7 +135,7 @@ class ProxyDialTests(SynchronousTestCase):
         factory = AgentProxyFactory(self.clock, None, volumes_dir=d, retry_policy=dial_backoff(jitter=lambda: 0.0),
                                     make_endpoint=lambda host, port, name: self.ep,
                                     boot_window=BootWindow(length=5.98, period=0.05))  # off the 50 ms grid
-        proxy = factory.new("sb2", os.path.join(d, "sb2", "agent.ttrpc"))
+        proxy = factory.new("sb2", os.path.join(d, "sb2", "agent.ttrpc"), ())
         assert isinstance(proxy, AgentProxy)
         self.proxy = proxy
         lines: list[str] = []

@@ -46,7 +46,7 @@ class FakesAreVerified(SynchronousTestCase):
     def test_fakes(self) -> None:
         proxies = FakeProxyFactory()
         verifyObject(IAgentProxyFactory, proxies)
-        verifyObject(IAgentProxy, proxies.new("x", "/tmp/x"))
+        verifyObject(IAgentProxy, proxies.new("x", "/tmp/x", ()))
         verifyObject(IPodNetworking, FakeNetworking())
         verifyObject(IAgentTLS, FakeTLS())
         verifyObject(IProvider, FakeProvider(Clock()))
@@ -152,6 +152,35 @@ class CreateVMTests(Harness):
         other = "1" + SID[1:]
         self.create(other, pod="other", **{"io.kubernetes.cri.sandbox-uid": "another-uid"})
         self.assertEqual(self.record(other).spec.volumes, ())
+
+    def test_every_proxy_gets_the_journalled_attach_order(self) -> None:
+        """CreateVM's proxy, a rolled-back start's fresh one and recovery's rebuilt one all number cloud volumes by
+        the record's disks, whatever the directory lists later."""
+        from caa.adaptor.directvolumes import encode_name
+
+        uid = "9b1d2c3e-0000-4000-8000-00000000bbbb"
+        volumes_dir = os.path.abspath(self.mktemp())
+
+        def volume(pv: str, disk: str) -> None:
+            path = f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/{pv}/mount"
+            os.makedirs(os.path.join(volumes_dir, encode_name(path)))
+            with open(os.path.join(volumes_dir, encode_name(path), "mountInfo.json"), "w") as f:
+                json.dump({"device": disk}, f)
+
+        volume("pv-a", "disk-a")
+        volume("pv-b", "disk-b")
+        self.svc = self.make(direct_volumes_dir=volumes_dir)
+        self.create(**{"io.kubernetes.cri.sandbox-uid": uid})
+        attached = self.record().spec.volumes
+        self.assertEqual(sorted(attached), ["disk-a", "disk-b"])
+        self.assertEqual([p.volumes for p in self.proxies.proxies], [attached])
+        volume("pv-0", "disk-late")  # the CSI driver adds a volume after CreateVM
+        self.proxies.fail_start = "connection refused"
+        self.error(self.start())  # rolled back: a fresh proxy for the next StartVM
+        self.assertEqual([p.volumes for p in self.proxies.proxies], [attached, attached])
+        self.svc = self.make(direct_volumes_dir=volumes_dir)  # a restarted adaptor rebuilds it from the journal
+        self.successResultOf(Deferred.fromCoroutine(self.svc.recover()))
+        self.assertEqual([p.volumes for p in self.proxies.proxies], [attached] * 3)
 
     def test_errors(self) -> None:
         cases = [

@@ -29,34 +29,42 @@ EndpointFor = Callable[[str, int, str], IStreamClientEndpoint]
 
 @attrs.frozen(repr=False)
 class PodUserData:
-    """The pod's files from the user data CreateVM wrote (the one source of what a VM gets)."""
+    """The pod's files from the user data CreateVM wrote (the one source of what a VM gets), and the digest of
+    its initdata (computed once: StartVM's pool key and the Claim request both carry it)."""
 
     apf: APFConfig
     auth_json: str
     initdata: str
+    initdata_digest: str
 
     @classmethod
-    def parse(cls, user_data: bytes) -> PodUserData:
+    def parse(cls, user_data: bytes, digest: Callable[[str], str]) -> PodUserData:
+        """Read the pod's files; `digest` turns the encoded initdata into the digest a VM computes at boot."""
         files = {f.path: f.content for f in cloudconfig.parse(user_data)}
-        return cls(APFConfig.from_json(files[APF_PATH]), files.get(AUTH_PATH, "").strip(),
-                   files.get(INITDATA_PATH, "").strip())
-
-    @property
-    def initdata_digest(self) -> str:
-        return initdata_digest(self.initdata)
+        encoded = files.get(INITDATA_PATH, "").strip()
+        return cls(APFConfig.from_json(files[APF_PATH]), files.get(AUTH_PATH, "").strip(), encoded, digest(encoded))
 
     def __repr__(self) -> str:
         return f"PodUserData({self.apf!r}, auth={'yes' if self.auth_json else 'no'})"
 
 
 class Claimer:
+    """Claims pool VMs for pods. `digest` computes an encoded initdata's digest (`caa.adaptor.pool.initdata_digest`;
+    a parameter so that a caller can count or share its work)."""
+
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, endpoint_for: EndpointFor, port: int, tls: IAgentTLS) -> None:
+    def __init__(self, clock: IReactorTime, endpoint_for: EndpointFor, port: int, tls: IAgentTLS,
+                 digest: Callable[[str], str] = initdata_digest) -> None:
         self.clock = clock
         self.endpoint_for = endpoint_for
         self.port = port
         self.tls = tls
+        self.digest = digest
+
+    def pod(self, user_data: bytes) -> PodUserData:
+        """The pod's side of a claim, read from the user data CreateVM wrote (its initdata digested once here)."""
+        return PodUserData.parse(user_data, self.digest)
 
     def request(self, vm: PoolVM, pod: PodUserData) -> podvm_pb2.ClaimRequest:
         cert, key = self.tls.server_credentials(vm.name)

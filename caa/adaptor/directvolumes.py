@@ -10,8 +10,9 @@ directories whose decoded name contains `/volumes/kubernetes.io~csi/` (and `/pod
 known); the disk id is `metadata["cloud-volume-path"]`, else `device`. An entry that cannot be read, does not
 parse or names no disk is skipped with a log line: a bad entry never fails the pod.
 
-The order of the result is the attach order: CreateVM hands the disk ids to the provider in this order (the
-index is the LUN / the disk's serial), and the agent proxy numbers the `cloud_volumes` annotation the same way.
+The order of CreateVM's scan is the attach order: CreateVM hands the disk ids to the provider in this order (the
+index is the LUN / the disk's serial) and journals them (`spec.volumes`); the agent proxy numbers the
+`cloud_volumes` annotation by that journalled list, since a later scan may list volumes added or removed since.
 """
 
 from __future__ import annotations

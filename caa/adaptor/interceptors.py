@@ -1,6 +1,7 @@
 """The agent proxy's CreateContainer rewrite (spec-adaptor §3.2) and the log-only interceptors.
 
-`rewrite_create_container` is a pure function of the request bytes and the direct-volumes directory:
+`rewrite_create_container` is a pure function of the request bytes, the direct-volumes directory and the disks
+the sandbox's VM was created with:
 
 1. a request that does not decode, or has no OCI spec, is forwarded unchanged (upstream crashes here);
 2. CSI direct-volume target paths: every OCI mount whose source contains ``/volumes/kubernetes.io~csi/`` and
@@ -8,8 +9,13 @@
    ``io.confidentialcontainers.org.peerpodvolumes.target_path`` (no leading comma, unlike upstream; the
    forwarder splits on commas and trims either way);
 3. GPU: a non-empty ``io.katacontainers.config.hypervisor.default_gpus`` adds ``cdi.k8s.io/peer-pods``;
-4. cloud volumes: the direct-volumes directory is scanned in name order and
-   ``io.confidentialcontainers.org.cloud_volumes`` set to the compact JSON of ``vol-<lun>`` entries.
+4. cloud volumes: the direct-volumes directory is scanned and ``io.confidentialcontainers.org.cloud_volumes``
+   set to the compact JSON of ``vol-<lun>`` entries, each volume numbered by its disk's place in the attach order
+   CreateVM journalled (the record's ``spec.volumes``), not by its place in this scan: a volume added or removed
+   since CreateVM would otherwise shift the numbers and the VM would mount the wrong disk. A volume whose disk
+   was not attached (added after the VM was made) is not announced: the VM has no such disk. (This also keeps
+   the numbers right where upstream's diverge: a CreateVM without the pod's uid attaches every pod's volumes,
+   while this scan keeps only the pod's.)
 
 When nothing changes the original bytes are returned, so the request reaches the agent byte for byte.
 Annotation values are never logged (they may carry initdata / policy text).
@@ -38,11 +44,22 @@ IMAGE_GUEST_PULL = "image_guest_pull"
 _log = Logger(namespace="caa.adaptor.interceptors")
 
 
-def _cloud_volumes(spec: Any, volumes_dir: str) -> list[CloudVolume]:
-    """The annotation's entries: the scan of caa.adaptor.directvolumes (the order CreateVM attached the disks
-    in), each numbered by its place in that order; a volume this container does not mount keeps its number."""
+def _cloud_volumes(spec: Any, volumes_dir: str, attached: tuple[str, ...]) -> list[CloudVolume]:
+    """The annotation's entries: the scan of caa.adaptor.directvolumes, each volume numbered by its disk's index
+    in `attached` (the disk ids in the order CreateVM attached them: the LUN / `caa-lun-<n>` serial in the VM).
+    A volume this container does not mount is left out and keeps its number; an attached disk whose entry is
+    gone is left out; a volume whose disk is not attached is left out with a warning."""
+    free: dict[str, list[int]] = {}  # disk id -> its attach indexes not yet matched (a disk id given twice)
+    for lun, disk_id in enumerate(attached):
+        free.setdefault(disk_id, []).append(lun)
     out: list[CloudVolume] = []
-    for lun, volume in enumerate(scan(volumes_dir, spec.Annotations.get(SANDBOX_UID_KEY, ""))):
+    for volume in scan(volumes_dir, spec.Annotations.get(SANDBOX_UID_KEY, "")):
+        luns = free.get(volume.disk_id)
+        if not luns:
+            _log.warn("cloud volume {path}: disk {disk_id} was not attached when the VM was created (added since "
+                      "CreateVM): not announced", path=volume.path, disk_id=volume.disk_id)
+            continue
+        lun = luns.pop(0)
         dest = next((m.destination for m in spec.Mounts if m.source == volume.path), "")
         if not dest:
             _log.info("cloud volume disk {disk_id} has no matching mount in the container spec, skipping",
@@ -50,11 +67,16 @@ def _cloud_volumes(spec: Any, volumes_dir: str) -> list[CloudVolume]:
             continue
         out.append(CloudVolume(f"vol-{lun}", dest, volume.fs_type, lun, volume.disk_id,
                                encrypt_type=volume.encrypt_type, key_id=volume.key_id))
+    gone = [disk_id for disk_id, luns in free.items() if luns]
+    if gone:
+        _log.info("attached disks {disks} are not among the pod's direct volumes now: not announced", disks=gone)
     return out
 
 
-def rewrite_create_container(payload: bytes, volumes_dir: str = DIRECT_VOLUMES_DIR) -> bytes:
-    """The CreateContainerRequest payload to forward (§3.2); `payload` itself when nothing changes."""
+def rewrite_create_container(payload: bytes, volumes_dir: str = DIRECT_VOLUMES_DIR, *,
+                             attached: tuple[str, ...]) -> bytes:
+    """The CreateContainerRequest payload to forward (§3.2); `payload` itself when nothing changes. `attached`:
+    the disk ids the sandbox's VM was created with, in attach order (its record's `spec.volumes`)."""
     req = agent_pb2.CreateContainerRequest()
     try:
         req.ParseFromString(payload)
@@ -89,7 +111,7 @@ def rewrite_create_container(payload: bytes, volumes_dir: str = DIRECT_VOLUMES_D
         ann[CDI_KEY] = CDI_VALUE
         changed = True
 
-    volumes = _cloud_volumes(spec, volumes_dir)
+    volumes = _cloud_volumes(spec, volumes_dir, attached)
     if volumes:
         ann[CLOUD_VOLUMES_ANNOTATION] = encode_cloud_volumes(volumes)
         changed = True
@@ -98,13 +120,15 @@ def rewrite_create_container(payload: bytes, volumes_dir: str = DIRECT_VOLUMES_D
 
 
 class CreateContainerInterceptor:
-    """The relay interceptor for grpc.AgentService/CreateContainer (the scan directory is a parameter)."""
+    """The relay interceptor for grpc.AgentService/CreateContainer of one sandbox: `attached` is the disk ids its
+    VM was created with, in attach order (the scan directory is a parameter)."""
 
-    def __init__(self, volumes_dir: str = DIRECT_VOLUMES_DIR) -> None:
+    def __init__(self, attached: tuple[str, ...], volumes_dir: str = DIRECT_VOLUMES_DIR) -> None:
+        self.attached = attached
         self.volumes_dir = volumes_dir
 
     async def __call__(self, ctx: CallContext, payload: bytes) -> bytes:
-        return rewrite_create_container(payload, self.volumes_dir)
+        return rewrite_create_container(payload, self.volumes_dir, attached=self.attached)
 
 
 _LOGGED: dict[str, Any] = {

@@ -57,8 +57,10 @@ class IAgentProxy(Interface):
 class IAgentProxyFactory(Interface):
     """Makes agent proxies; holds the TLS client material (CA, client certificate) they share."""
 
-    def new(sandbox_id: str, socket_path: str) -> IAgentProxy:
-        """A new, not yet started proxy for sandbox_id that will listen on socket_path."""
+    def new(sandbox_id: str, socket_path: str, volumes: tuple[str, ...]) -> IAgentProxy:
+        """A new, not yet started proxy for sandbox_id that will listen on socket_path. volumes: the disk ids
+        the sandbox's VM is created with, in attach order (its record's `spec.volumes`); CreateContainer numbers
+        the pod's cloud volumes by it."""
 
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:

@@ -392,10 +392,8 @@ class AgentProxyFactory:
         self._policy = retry_policy or dial_backoff()
         self._attempt_timeout = attempt_timeout
         self._make_endpoint = make_endpoint or self.client_endpoint
-        create = CreateContainerInterceptor(volumes_dir)
-        self._interceptors: dict[tuple[str, str], Interceptor] = {(AGENT_SERVICE, "CreateContainer"): create}
-        for method in LOGGED_METHODS:
-            self._interceptors[(AGENT_SERVICE, method)] = self._log_call
+        self._volumes_dir = volumes_dir
+        self._logged: dict[tuple[str, str], Interceptor] = {(AGENT_SERVICE, m): self._log_call for m in LOGGED_METHODS}
         if tls is not None and tls.skip_verify:
             self._log.warn("agent proxy: --tls-skip-verify: forwarder certificates are NOT verified")
 
@@ -417,7 +415,9 @@ class AgentProxyFactory:
                                      self._tls.cipher_suites or None)
         return tls_client_endpoint(self._reactor, host, port, creator, timeout=self._attempt_timeout)
 
-    def new(self, sandbox_id: str, socket_path: str) -> IAgentProxy:
+    def new(self, sandbox_id: str, socket_path: str, volumes: tuple[str, ...]) -> IAgentProxy:
+        # CreateContainer numbers the cloud volumes by this sandbox's attach order, so each proxy has its own
+        create = CreateContainerInterceptor(tuple(volumes), self._volumes_dir)
+        interceptors: dict[tuple[str, str], Interceptor] = {**self._logged, (AGENT_SERVICE, "CreateContainer"): create}
         return AgentProxy(self._reactor, sandbox_id, socket_path, self._make_endpoint, self._tls is not None,
-                          self._policy, self._attempt_timeout, self._interceptors, self._boot_window,
-                          self._boot_pacer)
+                          self._policy, self._attempt_timeout, interceptors, self._boot_window, self._boot_pacer)

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from caa.adaptor import metrics
 from caa.adaptor.adapters import NullClusterDuties
-from caa.adaptor.claimer import Claimer, PodUserData
+from caa.adaptor.claimer import Claimer
 from caa.adaptor.directvolumes import DIRECT_VOLUMES_DIR, scan
 from caa.adaptor.errors import Fault, SandboxError, check_sandbox_id
 from caa.adaptor.interfaces import (
@@ -295,7 +295,12 @@ class CloudService:
         text = user_data(apf, annotations, default_initdata=self.config.initdata, auths=auths,
                          scratch_space=self.config.enable_scratch_space)
         await self.store.create(sb.record, apf.to_json().encode(), text.encode())
-        sb.proxy = self.proxies.new(sid, rec.socket_path)
+        sb.proxy = self._new_proxy(rec)
+
+    def _new_proxy(self, rec: SandboxRecord) -> IAgentProxy:
+        """The sandbox's agent proxy; its CreateContainer numbers the cloud volumes by the journalled attach
+        order (also after a restart, when the directory may list other volumes than CreateVM's scan did)."""
+        return self.proxies.new(rec.sandbox_id, rec.socket_path, rec.spec.volumes)
 
     async def _undo_create(self, sandbox_id: str, netns: str, pod_network: PodNetworkConfig | None) -> None:
         try:
@@ -426,7 +431,7 @@ class CloudService:
         if rec.spec.volumes or rec.spec.multi_nic:
             return None  # disks and NICs are attached at creation: never pooled
         try:
-            pod = PodUserData.parse(data)
+            pod = self.claimer.pod(data)  # digests the initdata: the key and the claim share it
             key = PoolKey.for_spec(rec.spec, pod.initdata_digest)
         except Exception as e:
             self._log.warn("{sandbox_id}: no pool lookup ({error})", sandbox_id=rec.sandbox_id, error=str(e))
@@ -457,7 +462,7 @@ class CloudService:
     async def _start_proxy(self, sb: _Sandbox, deadline: float | None) -> None:
         rec = sb.record
         if sb.proxy is None:
-            sb.proxy = self.proxies.new(rec.sandbox_id, rec.socket_path)
+            sb.proxy = self._new_proxy(rec)
         limit = self.clock.seconds() + self.config.proxy_timeout
         if deadline is not None:
             limit = min(limit, deadline)
@@ -469,7 +474,7 @@ class CloudService:
         sid = rec.sandbox_id
         if sb.proxy is not None:
             await self._stop_proxy(sb)
-            sb.proxy = self.proxies.new(sid, rec.socket_path)
+            sb.proxy = self._new_proxy(rec)
         if rec.state in (S.TUNNEL_INTENT, S.TUNNEL, S.RUNNING):
             try:
                 await self.network.teardown(sid, rec.netns, rec.pod_network)
@@ -612,7 +617,7 @@ class CloudService:
                                    sandbox_id=sid, state=rec.state.value, gone=pod_gone)
                     await self._finish_stop(sb, await self._begin_stop(sb))
                 elif rec.state is S.CREATED:
-                    sb.proxy = self.proxies.new(sid, rec.socket_path)
+                    sb.proxy = self._new_proxy(rec)
                 elif rec.state is S.RUNNING:
                     await self._readopt(sb)
                 else:

@@ -18,10 +18,12 @@ from caa.ttrpc import Code, TTRPCError
 class FakeProxy:
     """Stands for caa.adaptor.proxy's AgentProxy: start() fires when the factory says the forwarder answers."""
 
-    def __init__(self, factory: FakeProxyFactory, sandbox_id: str, socket_path: str) -> None:
+    def __init__(self, factory: FakeProxyFactory, sandbox_id: str, socket_path: str,
+                 volumes: tuple[str, ...] = ()) -> None:
         self.factory = factory
         self.sandbox_id = sandbox_id
         self.socket_path = socket_path
+        self.volumes = volumes  # the attach order its CreateContainer would number cloud volumes by
         self.started: tuple[tuple[str, int], str, float] | None = None
         self.stopped = False
         self.drained: float | None = None  # the timeout drain() was given
@@ -62,8 +64,8 @@ class FakeProxyFactory:
         self.auto_ready = True
         self.fail_start: str | None = None
 
-    def new(self, sandbox_id: str, socket_path: str) -> IAgentProxy:
-        p = FakeProxy(self, sandbox_id, socket_path)
+    def new(self, sandbox_id: str, socket_path: str, volumes: tuple[str, ...]) -> IAgentProxy:
+        p = FakeProxy(self, sandbox_id, socket_path, volumes)
         self.proxies.append(p)
         return p
 

@@ -80,5 +80,5 @@ class AgentProxyFactory:
     def __init__(self, reactor: INodeReactor, tls: Any) -> None:
         self.reactor = reactor
 
-    def new(self, sandbox_id: str, socket_path: str) -> IAgentProxy:
+    def new(self, sandbox_id: str, socket_path: str, volumes: tuple[str, ...]) -> IAgentProxy:
         return RelayProxy(self.reactor, sandbox_id, socket_path)
