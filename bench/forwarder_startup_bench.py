@@ -14,7 +14,11 @@
    moment an init may start kata-agent: caa-process-user-data's exit, or the `provisioned` marker), plus the
    modules imported and their cumulative import time on that path by then (both processes for the two-process
    variant; min of `--runs`). Every process runs under `-X importtime`, which adds a little to each.
-No pod network (it needs root and a netns); with one, pyroute2 adds its imports to both variants alike.
+4. With `--pod-network` (root): the one-process twistd variant again with a pod network in apf.json, built
+   for real (VXLAN into an empty pod netns) from a "VM" netns with a veth as its primary interface and a default
+   route; this is the guest's real path (provision + pod network + mTLS listen). Each run's stop tears the
+   pod network down again; the namespaces are deleted at the end.
+Without it no pod network (it needs root and a netns), and pyroute2 is not imported.
 """
 
 from __future__ import annotations
@@ -105,7 +109,36 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def write_user_data(d: str) -> str:
+BENCH_VM_NETNS = "caafwdbench-vm"
+BENCH_POD_NETNS = "caafwdbench-pod"
+POD_NETWORK = {
+    "podip": "10.244.97.21/24", "pod-hw-addr": "32:b9:59:6b:f0:d7", "interface": "eth0",
+    "worker-node-ip": "192.168.197.1/24", "tunnel-type": "vxlan", "mtu": 1500, "vxlan-port": 4789,
+    "vxlan-id": 559777,
+    "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.97.1", "dev": "eth0"},
+               {"dst": "10.244.97.0/24", "gw": "", "dev": "eth0", "protocol": "kernel", "scope": "link"}],
+}
+
+
+def make_bench_netns() -> None:
+    """The "VM" netns (a veth pair as its primary interface with a default route) and an empty pod netns."""
+    for cmd in (["netns", "add", BENCH_VM_NETNS], ["netns", "add", BENCH_POD_NETNS],
+                ["-n", BENCH_POD_NETNS, "link", "set", "lo", "up"],
+                ["-n", BENCH_VM_NETNS, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"],
+                ["-n", BENCH_VM_NETNS, "link", "set", "eth0p", "up"],
+                ["-n", BENCH_VM_NETNS, "addr", "add", "192.168.197.2/24", "dev", "eth0"],
+                ["-n", BENCH_VM_NETNS, "link", "set", "eth0", "up"],
+                ["-n", BENCH_VM_NETNS, "link", "set", "lo", "up"],
+                ["-n", BENCH_VM_NETNS, "route", "add", "default", "via", "192.168.197.1"]):
+        subprocess.run(["ip", *cmd], check=True, capture_output=True)
+
+
+def remove_bench_netns() -> None:
+    for name in (BENCH_POD_NETNS, BENCH_VM_NETNS):
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def write_user_data(d: str, pod_network: bool = False) -> str:
     sys.path.insert(0, ROOT)
     from caa import tls
     from caa.podvm_api.cloudconfig import APF_PATH, WriteFile, render
@@ -115,8 +148,9 @@ def write_user_data(d: str) -> str:
     client = tls.make_client_certificate()
     apf = json.dumps({"pod-namespace": "default", "pod-name": "bench",
                       "tls-server-cert": server.cert_pem.decode(), "tls-server-key": server.key_pem.decode(),
-                      "tls-client-ca": client.cert_pem.decode()}, indent=4)
-    path = os.path.join(d, "user-data")
+                      "tls-client-ca": client.cert_pem.decode(),
+                      **({"pod-network": POD_NETWORK} if pod_network else {})}, indent=4)
+    path = os.path.join(d, "user-data-podnet" if pod_network else "user-data")
     with open(path, "w") as f:
         f.write(render([WriteFile(APF_PATH, apf + "\n")]))
     return path
@@ -133,14 +167,17 @@ LAUNCHERS = {
 }
 
 
-def one_start(d: str, user_data: str, one_process: bool, launcher: str) -> tuple[float, int, float, float]:
+def one_start(d: str, user_data: str, one_process: bool, launcher: str,
+              pod_network: bool = False) -> tuple[float, int, float, float]:
     """exec -> listening for one variant; the (modules, import ms) of its processes until then; exec -> files."""
     out = os.path.join(d, f"out-{time.monotonic_ns()}")
     os.makedirs(out)
     port = free_port()
     fwd = [PY, "-X", "importtime", *LAUNCHERS[launcher],
            "--config", os.path.join(out, "apf.json"), "--listen", f"127.0.0.1:{port}",
-           "--kata-agent-socket", os.path.join(d, "agent.sock"), "--pod-netns", "bench"]
+           "--kata-agent-socket", os.path.join(d, "agent.sock"),
+           *(["--pod-netns", BENCH_POD_NETNS, "--host-netns", BENCH_VM_NETNS] if pod_network
+             else ["--pod-netns", "bench"])]
     err_path = os.path.join(out, "importtime")
     t0 = time.monotonic()
     files, pud_modules, pud_ms = 0.0, 0, 0.0
@@ -168,24 +205,45 @@ def one_start(d: str, user_data: str, one_process: bool, launcher: str) -> tuple
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--pod-network", action="store_true",
+                    help="also the one-process start with a real pod network (root; netns caafwdbench-*)")
+    ap.add_argument("--only-pod-network", action="store_true", help="only that variant (implies --pod-network)")
     args = ap.parse_args()
+    if (args.pod_network or args.only_pod_network) and os.geteuid() != 0:
+        ap.error("--pod-network needs root (it creates network namespaces)")
     results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
-    results["import_tap_modules"], results["import_tap_ms"] = measure_import(args.runs, "import caa.forwarder.tap")
-    results["twistd_help_s"], results["twistd_help_modules"] = measure_twistd_help(args.runs)
-    variants = [("two_processes", False, "twistd")]
-    if has_flag():
-        variants += [("one_process", True, "twistd"), ("one_process_m", True, "python -m")]
-    with tempfile.TemporaryDirectory(prefix="fwdstart-") as d:
-        user_data = write_user_data(d)
-        for name, one, launcher in variants:
-            runs = [one_start(d, user_data, one, launcher) for _ in range(args.runs)]
-            results[f"{name}_exec_to_listening_s"] = statistics.median(r[0] for r in runs)
-            results[f"{name}_exec_to_listening_min_s"] = min(r[0] for r in runs)
-            results[f"{name}_modules"] = runs[0][1]
-            results[f"{name}_import_ms"] = min(r[2] for r in runs)
-            results[f"{name}_exec_to_files_s"] = statistics.median(r[3] for r in runs)
+    variants: list[tuple[str, bool, str, bool]] = []
+    if not args.only_pod_network:
+        results["import_tap_modules"], results["import_tap_ms"] = measure_import(args.runs,
+                                                                                 "import caa.forwarder.tap")
+        results["twistd_help_s"], results["twistd_help_modules"] = measure_twistd_help(args.runs)
+        variants.append(("two_processes", False, "twistd", False))
+        if has_flag():
+            variants += [("one_process", True, "twistd", False), ("one_process_m", True, "python -m", False)]
+    if args.pod_network or args.only_pod_network:
+        variants.append(("one_process_podnet", True, "twistd", True))
+        remove_bench_netns()  # leftovers of an interrupted run
+    try:
+        if args.pod_network or args.only_pod_network:
+            make_bench_netns()
+        with tempfile.TemporaryDirectory(prefix="fwdstart-") as d:
+            run_variants(args.runs, d, variants, results)
+    finally:
+        if args.pod_network or args.only_pod_network:
+            remove_bench_netns()
     results["load_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
+
+
+def run_variants(n: int, d: str, variants: list[tuple[str, bool, str, bool]], results: dict[str, Any]) -> None:
+    user_data = {False: write_user_data(d), True: write_user_data(d, pod_network=True)}
+    for name, one, launcher, podnet in variants:
+        runs = [one_start(d, user_data[podnet], one, launcher, podnet) for _ in range(n)]
+        results[f"{name}_exec_to_listening_s"] = statistics.median(r[0] for r in runs)
+        results[f"{name}_exec_to_listening_min_s"] = min(r[0] for r in runs)
+        results[f"{name}_modules"] = runs[0][1]
+        results[f"{name}_import_ms"] = min(r[2] for r in runs)
+        results[f"{name}_exec_to_files_s"] = statistics.median(r[3] for r in runs)
 
 
 if __name__ == "__main__":
