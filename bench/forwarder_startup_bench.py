@@ -18,7 +18,10 @@
    for real (VXLAN into an empty pod netns) from a "VM" netns with a veth as its primary interface and a default
    route; this is the guest's real path (provision + pod network + mTLS listen). Each run's stop tears the
    pod network down again; the namespaces are deleted at the end.
+   With `--compare-path DIR` also the same start with DIR first on PYTHONPATH (e.g. another pyroute2 unpacked
+   there: the old dependency against the installed one, in the same run).
 Without it no pod network (it needs root and a netns), and pyroute2 is not imported.
+The variants' runs are interleaved (run 1 of each, then run 2 of each ...), so they share the machine's state.
 """
 
 from __future__ import annotations
@@ -161,14 +164,17 @@ def has_flag() -> bool:
     return "--provision-user-data" in r.stdout
 
 
+# name, one process?, launcher, pod network?, PYTHONPATH
+Variant = tuple[str, bool, str, bool, str]
+
 LAUNCHERS = {
     "twistd": [TWISTD, "--nodaemon", "--pidfile=", "--logfile=/dev/null", "caa-forwarder"],
     "python -m": ["-m", "caa.forwarder"],
 }
 
 
-def one_start(d: str, user_data: str, one_process: bool, launcher: str,
-              pod_network: bool = False) -> tuple[float, int, float, float]:
+def one_start(d: str, user_data: str, one_process: bool, launcher: str, pod_network: bool = False,
+              python_path: str = "") -> tuple[float, int, float, float]:
     """exec -> listening for one variant; the (modules, import ms) of its processes until then; exec -> files."""
     out = os.path.join(d, f"out-{time.monotonic_ns()}")
     os.makedirs(out)
@@ -191,7 +197,8 @@ def one_start(d: str, user_data: str, one_process: bool, launcher: str,
         pud_modules, pud_ms = importtime_totals(r.stderr)
     with open(err_path, "wb") as err:
         # python -m logs to stdout, twistd to --logfile; stderr has only the import times
-        proc = subprocess.Popen(fwd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        env = dict(ENV, PYTHONPATH=python_path) if python_path else ENV
+        proc = subprocess.Popen(fwd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
         try:
             listening, marked = wait_listening(port, proc, os.path.join(out, "provisioned") if one_process else "")
             with open(err_path) as f:
@@ -208,20 +215,24 @@ def main() -> None:
     ap.add_argument("--pod-network", action="store_true",
                     help="also the one-process start with a real pod network (root; netns caafwdbench-*)")
     ap.add_argument("--only-pod-network", action="store_true", help="only that variant (implies --pod-network)")
+    ap.add_argument("--compare-path", default="",
+                    help="with --pod-network: also run it with this directory first on PYTHONPATH")
     args = ap.parse_args()
     if (args.pod_network or args.only_pod_network) and os.geteuid() != 0:
         ap.error("--pod-network needs root (it creates network namespaces)")
     results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
-    variants: list[tuple[str, bool, str, bool]] = []
+    variants: list[Variant] = []
     if not args.only_pod_network:
         results["import_tap_modules"], results["import_tap_ms"] = measure_import(args.runs,
                                                                                  "import caa.forwarder.tap")
         results["twistd_help_s"], results["twistd_help_modules"] = measure_twistd_help(args.runs)
-        variants.append(("two_processes", False, "twistd", False))
+        variants.append(("two_processes", False, "twistd", False, ""))
         if has_flag():
-            variants += [("one_process", True, "twistd", False), ("one_process_m", True, "python -m", False)]
+            variants += [("one_process", True, "twistd", False, ""), ("one_process_m", True, "python -m", False, "")]
     if args.pod_network or args.only_pod_network:
-        variants.append(("one_process_podnet", True, "twistd", True))
+        variants.append(("one_process_podnet", True, "twistd", True, ""))
+        if args.compare_path:
+            variants.append(("one_process_podnet_compare", True, "twistd", True, os.path.abspath(args.compare_path)))
         remove_bench_netns()  # leftovers of an interrupted run
     try:
         if args.pod_network or args.only_pod_network:
@@ -235,10 +246,13 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def run_variants(n: int, d: str, variants: list[tuple[str, bool, str, bool]], results: dict[str, Any]) -> None:
+def run_variants(n: int, d: str, variants: list[Variant], results: dict[str, Any]) -> None:
     user_data = {False: write_user_data(d), True: write_user_data(d, pod_network=True)}
-    for name, one, launcher, podnet in variants:
-        runs = [one_start(d, user_data[podnet], one, launcher, podnet) for _ in range(n)]
+    all_runs: dict[str, list[tuple[float, int, float, float]]] = {v[0]: [] for v in variants}
+    for _ in range(n):
+        for name, one, launcher, podnet, python_path in variants:
+            all_runs[name].append(one_start(d, user_data[podnet], one, launcher, podnet, python_path))
+    for name, runs in all_runs.items():
         results[f"{name}_exec_to_listening_s"] = statistics.median(r[0] for r in runs)
         results[f"{name}_exec_to_listening_min_s"] = min(r[0] for r in runs)
         results[f"{name}_modules"] = runs[0][1]
