@@ -283,6 +283,29 @@ class ImportTests(SynchronousTestCase):
         lazy = (*self.NEVER, "caa.forwarder.userdata", "caa.forwarder.daemon", "yaml", "pyroute2")
         self.assertEqual([name for name in lazy if name in modules], [])
 
+    def test_pod_network_imports_pyroute2_minimal(self) -> None:
+        """With a pod network the forwarder imports caa.network.podvm before it listens: pyroute2 comes from
+        the pyroute2-minimal distribution, whose package __init__ leaves out NDB, IPDB, ethtool, NSPopen and
+        9p (the full distribution's __init__ imports them all); IPRoute still works."""
+        modules, printed = self.imported(
+            "import caa.forwarder.tap, caa.forwarder.daemon, caa.network.podvm\n"
+            "from importlib.metadata import PackageNotFoundError, version\n"
+            "from caa.network import _netlink\n"
+            "with _netlink.ipr_in(None) as ipr:\n"
+            "    print('LO', _netlink.link_index(ipr, 'lo'))\n"
+            "for dist in ('pyroute2-minimal', 'pyroute2'):\n"
+            "    try:\n"
+            "        print('DIST', dist, version(dist))\n"
+            "    except PackageNotFoundError:\n"
+            "        print('DIST', dist, None)\n")
+        self.assertIn("pyroute2.iproute.linux", modules)
+        heavy = ("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.ethtool", "pyroute2.nslink", "pyroute2.plan9")
+        self.assertEqual([name for name in heavy if name in modules], [])
+        self.assertIn("LO 1", printed.splitlines())  # a real netlink socket answered: lo is index 1
+        dists = dict(line.split()[1:] for line in printed.splitlines() if line.startswith("DIST "))
+        self.assertNotEqual(dists["pyroute2-minimal"], "None")
+        self.assertEqual(dists["pyroute2"], "None", "the full pyroute2 would replace the light __init__")
+
     def test_one_process_start_from_cidata(self) -> None:
         """The whole one-process start from a cidata directory, up to the forwarder listening: no HTTP client, and
         none of the forwarder's own modules before the marker (kata-agent starts while they are imported)."""
