@@ -17,7 +17,8 @@
 4. With `--pod-network` (root): the one-process twistd variant again with a pod network in apf.json, built
    for real (VXLAN into an empty pod netns) from a "VM" netns with a veth as its primary interface and a default
    route; this is the guest's real path (provision + pod network + mTLS listen). Each run's stop tears the
-   pod network down again; the namespaces are deleted at the end.
+   pod network down again; the namespaces are deleted at the end. Also reported: pyroute2's modules and the
+   sum of their self times (min of `--runs`).
    With `--compare-path DIR` also the same start with DIR first on PYTHONPATH (e.g. another pyroute2 unpacked
    there: the old dependency against the installed one, in the same run).
 Without it no pod network (it needs root and a netns), and pyroute2 is not imported.
@@ -56,6 +57,20 @@ def importtime_totals(text: str) -> tuple[int, float]:
         if not name[1:].startswith(" "):
             total_us += int(cumulative)
     return modules, total_us / 1000
+
+
+def importtime_package(text: str, package: str) -> tuple[int, float]:
+    """(modules, ms) of one package in `-X importtime` output: its modules and the sum of their self times
+    (wherever they were imported from)."""
+    modules, self_us = 0, 0
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "imported package" in line:
+            continue
+        own, _, name = line[len("import time:"):].split("|")
+        if name.strip() == package or name.strip().startswith(package + "."):
+            modules += 1
+            self_us += int(own)
+    return modules, self_us / 1000
 
 
 def measure_import(runs: int, statement: str) -> tuple[int, float]:
@@ -173,9 +188,13 @@ LAUNCHERS = {
 }
 
 
+Run = tuple[float, int, float, float, tuple[int, float]]
+
+
 def one_start(d: str, user_data: str, one_process: bool, launcher: str, pod_network: bool = False,
-              python_path: str = "") -> tuple[float, int, float, float]:
-    """exec -> listening for one variant; the (modules, import ms) of its processes until then; exec -> files."""
+              python_path: str = "") -> Run:
+    """exec -> listening for one variant; the (modules, import ms) of its processes until then; exec -> files;
+    pyroute2's (modules, ms) in the forwarder."""
     out = os.path.join(d, f"out-{time.monotonic_ns()}")
     os.makedirs(out)
     port = free_port()
@@ -202,11 +221,13 @@ def one_start(d: str, user_data: str, one_process: bool, launcher: str, pod_netw
         try:
             listening, marked = wait_listening(port, proc, os.path.join(out, "provisioned") if one_process else "")
             with open(err_path) as f:
-                modules, ms = importtime_totals(f.read())
+                text = f.read()
+            modules, ms = importtime_totals(text)
         finally:
             stop(proc)
     # on the critical path: caa-process-user-data's imports, then the forwarder's
-    return listening - t0, modules + pud_modules, ms + pud_ms, (marked - t0 if one_process else files)
+    return (listening - t0, modules + pud_modules, ms + pud_ms, (marked - t0 if one_process else files),
+            importtime_package(text, "pyroute2"))
 
 
 def main() -> None:
@@ -248,16 +269,20 @@ def main() -> None:
 
 def run_variants(n: int, d: str, variants: list[Variant], results: dict[str, Any]) -> None:
     user_data = {False: write_user_data(d), True: write_user_data(d, pod_network=True)}
-    all_runs: dict[str, list[tuple[float, int, float, float]]] = {v[0]: [] for v in variants}
+    all_runs: dict[str, list[Run]] = {v[0]: [] for v in variants}
     for _ in range(n):
         for name, one, launcher, podnet, python_path in variants:
             all_runs[name].append(one_start(d, user_data[podnet], one, launcher, podnet, python_path))
+    podnet_of = {v[0]: v[3] for v in variants}
     for name, runs in all_runs.items():
         results[f"{name}_exec_to_listening_s"] = statistics.median(r[0] for r in runs)
         results[f"{name}_exec_to_listening_min_s"] = min(r[0] for r in runs)
         results[f"{name}_modules"] = runs[0][1]
         results[f"{name}_import_ms"] = min(r[2] for r in runs)
         results[f"{name}_exec_to_files_s"] = statistics.median(r[3] for r in runs)
+        if podnet_of[name]:
+            results[f"{name}_pyroute2_modules"] = runs[0][4][0]
+            results[f"{name}_pyroute2_ms"] = min(r[4][1] for r in runs)
 
 
 if __name__ == "__main__":
