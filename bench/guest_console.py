@@ -9,12 +9,33 @@ rest still places them on the guest's clock.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
 from typing import Any
 
 MARKER = re.compile(r"CAA-INIT (\S+) uptime=([0-9.]+)")
+_event_loop = threading.Lock()
+_event_loop_running = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt delivers stream data through its event loop: register the default one, run it in a thread."""
+    global _event_loop_running
+    import libvirt
+
+    with _event_loop:
+        if _event_loop_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_running = True
 
 
 class ConsoleTap:
@@ -43,14 +64,13 @@ class ConsoleTap:
     def _run(self) -> None:
         import libvirt
 
+        _ensure_event_loop()
         conn = libvirt.open(self.uri)
         try:
-            domain = self._domain(conn)
-            if domain is None:
+            stream = self._console(conn)
+            if stream is None:
                 return
-            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             try:
-                domain.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
                 self._read(stream)
             finally:
                 try:
@@ -62,14 +82,19 @@ class ConsoleTap:
         finally:
             conn.close()
 
-    def _domain(self, conn: Any) -> Any:
+    def _console(self, conn: Any) -> Any:
+        """The console stream, once the domain exists and runs (its pty exists only once QEMU started)."""
         import libvirt
 
         deadline = time.monotonic() + self._wait
         while not self._stop.is_set() and time.monotonic() < deadline:
+            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             try:
-                return conn.lookupByName(self.name)
+                conn.lookupByName(self.name).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+                return stream
             except libvirt.libvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
                 time.sleep(0.02)
         return None
 

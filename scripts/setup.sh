@@ -60,6 +60,11 @@ stamp=.venv/.caa-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing caa and its dependencies into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
+  # pyroute2-minimal ships the same `pyroute2` package as the full pyroute2 it replaced: remove both, or
+  # uninstalling one later deletes the other's files
+  if .venv/bin/pip show -q pyroute2 2>/dev/null; then
+    .venv/bin/pip uninstall -q -y pyroute2 pyroute2-minimal >/dev/null 2>&1 || true
+  fi
   .venv/bin/pip install -q -e ".[dev]" --config-settings editable_mode=compat
   touch "$stamp"
 fi

@@ -31,6 +31,7 @@ from caa.forwarder.userdata import UserDataError
 from caa.podvm_api.cloudconfig import APF_PATH, AUTH_PATH, PEERPOD_DIR, WriteFile, render
 from caa.proto import health_pb2
 from caa.reactors import as_node_reactor
+from tests import netns_helpers as nh
 from tests.test_forwarder_relay import ForwarderTestBase
 
 reactor = as_node_reactor(_reactor)
@@ -282,6 +283,70 @@ class ImportTests(SynchronousTestCase):
         self.assertIn("caa.forwarder.tap", modules)
         lazy = (*self.NEVER, "caa.forwarder.userdata", "caa.forwarder.daemon", "yaml", "pyroute2")
         self.assertEqual([name for name in lazy if name in modules], [])
+
+    def test_pod_network_imports_pyroute2_minimal(self) -> None:
+        """With a pod network the forwarder imports caa.network.podvm before it listens: pyroute2 comes from
+        the pyroute2-minimal distribution, whose package __init__ leaves out NDB, IPDB, ethtool, NSPopen and
+        9p (the full distribution's __init__ imports them all); IPRoute still works."""
+        modules, printed = self.imported(
+            "import caa.forwarder.tap, caa.forwarder.daemon, caa.network.podvm\n"
+            "from importlib.metadata import PackageNotFoundError, version\n"
+            "from caa.network import _netlink\n"
+            "with _netlink.ipr_in(None) as ipr:\n"
+            "    print('LO', _netlink.link_index(ipr, 'lo'))\n"
+            "for dist in ('pyroute2-minimal', 'pyroute2'):\n"
+            "    try:\n"
+            "        print('DIST', dist, version(dist))\n"
+            "    except PackageNotFoundError:\n"
+            "        print('DIST', dist, None)\n")
+        self.assertIn("pyroute2.iproute.linux", modules)
+        heavy = ("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.ethtool", "pyroute2.nslink", "pyroute2.plan9")
+        self.assertEqual([name for name in heavy if name in modules], [])
+        self.assertIn("LO 1", printed.splitlines())  # a real netlink socket answered: lo is index 1
+        dists = dict(line.split()[1:] for line in printed.splitlines() if line.startswith("DIST "))
+        self.assertNotEqual(dists["pyroute2-minimal"], "None")
+        self.assertEqual(dists["pyroute2"], "None", "the full pyroute2 would replace the light __init__")
+
+    def test_pod_network_setup_imports_no_heavy_pyroute2(self) -> None:
+        """Building and removing a real pod network (VXLAN into a pod netns, as the forwarder does before it
+        listens) loads none of the full pyroute2's extra modules either (root: network namespaces)."""
+        nh.need_root(self)
+        worker, vm, pod = nh.make_netns(self, "iw"), nh.make_netns(self, "iv"), nh.make_netns(self, "ip")
+        nh.set_up(pod, "lo")
+        nh.underlay(self, worker, vm, net="192.168.93.0/24")
+        d = Path(tempfile.mkdtemp(prefix="fwdimp"))
+        self.addCleanup(shutil.rmtree, d)
+        (d / "apf.json").write_text(json.dumps({
+            "pod-namespace": "default", "pod-name": "p",
+            "pod-network": {"podip": "10.244.9.21/24", "pod-hw-addr": "32:b9:59:6b:f0:d9", "interface": "eth0",
+                            "worker-node-ip": "192.168.93.1/24", "tunnel-type": "vxlan", "mtu": 1500,
+                            "vxlan-port": 4789, "vxlan-id": 556000 + os.getpid() % 10000,
+                            "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.9.1", "dev": "eth0"},
+                                       {"dst": "10.244.9.0/24", "gw": "", "dev": "eth0", "protocol": "kernel",
+                                        "scope": "link"}]}}))
+        code = f"""
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from caa.forwarder.config import load_config
+from caa.network import _netlink
+from caa.network.podvm import PodNetwork
+async def run(reactor):
+    net = load_config({str(d / "apf.json")!r}).pod_network
+    pods = PodNetwork(reactor, reactor.getThreadPool(), host_netns={vm.path!r})
+    await pods.setup(net, {pod.path!r})
+    with _netlink.ipr_in({pod.path!r}) as ipr:
+        print("POD_ETH0", _netlink.link_index(ipr, "eth0"))
+    await pods.teardown(net, {pod.path!r})
+task.react(lambda r: Deferred.fromCoroutine(run(r)))
+"""
+        modules, printed = self.imported(code)
+        index = [line.split()[1] for line in printed.splitlines() if line.startswith("POD_ETH0 ")]
+        self.assertEqual(len(index), 1, printed)
+        self.assertNotEqual(index[0], "None", "the pod interface was not built")
+        heavy = ("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.ethtool", "pyroute2.nslink", "pyroute2.plan9")
+        self.assertEqual([name for name in heavy if name in modules], [])
+        with pod.ipr() as ipr:
+            self.assertEqual(list(ipr.get_links(ifname="eth0")), [])  # torn down again
 
     def test_one_process_start_from_cidata(self) -> None:
         """The whole one-process start from a cidata directory, up to the forwarder listening: no HTTP client, and
