@@ -192,6 +192,7 @@ class Pod:
     listening: float | None = None  # monotonic instant the forwarder first accepted TCP
     phases: dict[str, float] = field(default_factory=dict)
     markers: dict[str, float] = field(default_factory=dict)  # guest phase -> guest uptime (libvirt only)
+    console: list[tuple[float, str]] = field(default_factory=list)  # (seconds after StartVM was sent, line)
 
 
 def probe_forwarder(pods_dir: str, pod: Pod, done: threading.Event) -> None:
@@ -248,6 +249,7 @@ def run_pod(adaptor: Adaptor, netns: str, name: str, start_timeout: float, scrap
         if tap is not None:
             tap.stop()
             pod.markers = tap.markers()
+            pod.console = [(t - pod.start_call, line) for t, line in tap.lines]
         t = time.monotonic()
         call(adaptor.sock, "StopVM", hypervisor_pb2.StopVMRequest(id=pod.sid), hypervisor_pb2.StopVMResponse, 300)
         pod.stop_s = time.monotonic() - t
@@ -401,6 +403,7 @@ class Floor:
     returned_s: float = 0.0  # create_instance returned (IP known)
     listening_s: float = 0.0  # first TCP accept on <ip>:15150: the floor's "StartVM"
     markers: dict[str, float] = field(default_factory=dict)
+    console: list[tuple[float, str]] = field(default_factory=list)  # (seconds after the create call, line)
 
 
 def run_floor(provider: Any, uri: str, i: int, timeout: float) -> Floor:
@@ -429,6 +432,7 @@ def run_floor(provider: Any, uri: str, i: int, timeout: float) -> Floor:
         time.sleep(0.5)  # the marker line follows the bind
         tap.stop()
         floor.markers = tap.markers()
+        floor.console = [(t - t0, line) for t, line in tap.lines]
         on_reactor(provider.delete_instance, instance.id)
     return floor
 
@@ -495,7 +499,9 @@ def bench_libvirt(n: int, floor: bool, baseline_tree: str, timeout: float) -> di
         on_reactor(provider.teardown)
         if not os.environ.get("KEEP"):
             shutil.rmtree(work, ignore_errors=True)
-    out: dict[str, Any] = {"n": n, "image": str(env.image_dir)}
+    out: dict[str, Any] = {"n": n, "image": str(env.image_dir),
+                           "consoles": {"floor": [f.console for f in floors],
+                                        **{k: [p.console for p in v] for k, v in pods.items()}}}
     if floors:
         out["floor"] = {"listening": stats([f.listening_s for f in floors]),
                         "returned": stats([f.returned_s for f in floors]),
