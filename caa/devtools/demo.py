@@ -119,13 +119,14 @@ def find_vm_pod_netns(before: set[str]) -> str:
 
 
 def libvirt_leftovers(env: Any, domain_prefix: str) -> list[str]:
-    """Domains of this pod and volumes other than the base one still in the pool."""
+    """Domains and volumes of this pod's VM (`<domain_prefix>...`) still there. Other volumes of the pool are not
+    ours to judge: benchmarks and tests may share the prepared pool."""
     conn = env.open()
     try:
         left = [f"domain {d.name()}" for d in conn.listAllDomains(0) if d.name().startswith(domain_prefix)]
         pool = conn.storagePoolLookupByName(env.pool)
         pool.refresh(0)
-        extra = sorted(v for v in pool.listVolumes() if v != env.volume)
+        extra = sorted(v for v in pool.listVolumes() if v.startswith(domain_prefix))
     finally:
         conn.close()
     if extra:
@@ -309,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                   "StartVM (pod VM up, tunnel, forwarder serving mTLS, agent proxy connected)", start_vm)
 
         def agent_call() -> None:
+            # StartVM returns once the forwarder serves; on a VM the development agent (a Python stand-in started
+            # in parallel, at low priority) may still be starting: the forwarder holds the call until it is up,
+            # as the Kata shim's own agent timeouts (60 s and more) allow.
             check = shim.call(agent_sock, "grpc.Health", "Check", health_pb2.CheckRequest(),
-                              health_pb2.HealthCheckResponse, 10)
+                              health_pb2.HealthCheckResponse, 60)
             version = shim.call(agent_sock, "grpc.Health", "Version", health_pb2.CheckRequest(),
                                 health_pb2.VersionCheckResponse, 10)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(check.status)
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DemoError("left behind: " + "; ".join(left))
             print("    no pod directory, VM namespace, tunnel device, qdisc or journal entry left")
             if libvirt_env is not None:
-                print(f"    no domain of the pod, only the base volume in pool {libvirt_env.pool}")
+                print(f"    no domain and no volume of the pod's VM in pool {libvirt_env.pool}")
 
         steps.run("check that nothing is left", nothing_left)
         ok = True
