@@ -199,7 +199,7 @@ class UnitOrderTests(SynchronousTestCase):
         subprocess.run(["sh", "-n", str(PODVM / "files" / "usr" / "local" / "sbin" / "caa-init")], check=True)
         run = (PODVM / "files" / "usr" / "local" / "lib" / "caa" / "run-forwarder").read_text()
         # the tiny init's --provision-user-data is passed through
-        self.assertIn('twistd --nodaemon --pidfile= caa-forwarder --config /run/peerpod/apf.json '
+        self.assertIn('exec /opt/caa/bin/python -m caa.forwarder --config /run/peerpod/apf.json '
                       '$CAA_FORWARDER_OPTIONS "$@"', run)
 
     def test_no_machine_id_and_console_scripts(self) -> None:
