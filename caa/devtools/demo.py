@@ -208,7 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces)", file=sys.stderr)
         return 2
+    from caa.devtools.libvirt_env import file_lock
 
+    # One demo at a time on a machine: they share fixed names (the pod netns, the bridge, the pod IP), and a
+    # second demo's adaptor would sweep the first one's tunnel as an orphan.
+    with file_lock("caa-demo"):
+        return _walk(args)
+
+
+def _walk(args: argparse.Namespace) -> int:
     from caa.proto import health_pb2, hypervisor_pb2
 
     steps = Steps()
