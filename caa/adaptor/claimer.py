@@ -37,28 +37,34 @@ HANDSHAKE_TIMEOUT = 5.0
 
 @implementer(IHandshakeListener)
 class _Handshake(Protocol):
-    """Connects, completes the TLS handshake (the endpoint verifies the VM's pool certificate), hangs up."""
+    """Connects, completes the TLS handshake (the endpoint verifies the VM's pool certificate), hangs up:
+    `done` fires once the connection is closed, failing unless the handshake completed."""
 
     def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._handshook = False
         self.done: Deferred[None] = Deferred(lambda _d: self._abort())
-        self.done.addTimeout(HANDSHAKE_TIMEOUT, clock)
 
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
+        self.done.addTimeout(HANDSHAKE_TIMEOUT, self._clock)
         if not ISSLTransport.providedBy(self.transport):  # a plain TCP endpoint: connected is answering
             self.handshakeCompleted()
 
     def handshakeCompleted(self) -> None:
-        if not self.done.called:
-            self.done.callback(None)
+        self._handshook = True
         if self.transport is not None:
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:  # noqa: B008
-        if not self.done.called:
+        if self.done.called:
+            return
+        if self._handshook:
+            self.done.callback(None)
+        else:
             self.done.errback(reason)
 
 
@@ -131,7 +137,9 @@ class Claimer:
 
     async def _handshake(self, vm: PoolVM) -> None:
         probe = _Handshake(self.clock)
-        await self.endpoint_for(vm.ips[0], self.port, vm.name).connect(Factory.forProtocol(lambda: probe))
+        factory = Factory.forProtocol(lambda: probe)
+        factory.noisy = False  # one attempt a second while the VM boots: no start/stop lines in the log
+        await self.endpoint_for(vm.ips[0], self.port, vm.name).connect(factory)
         await probe.done
 
     async def claim(self, vm: PoolVM, pod: PodUserData, timeout: float) -> podvm_pb2.ClaimResponse:
