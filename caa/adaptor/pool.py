@@ -343,6 +343,11 @@ class PoolManager:
                 vm = await self._put(attrs.evolve(vm, instance_id=instance.id, name=instance.name, ips=instance.ips))
                 await self._probe(vm)
         except Exception as e:
+            if not self._running:  # stopped (cancelled) while creating or probing: no back-off, no retry
+                self._log.info("pool {key}: stopped while creating pool VM {name}: deleting it", key=key.label(),
+                               name=vm.name)
+                await self._delete(vm)
+                return
             delay = self._backoff.get(key, self.config.min_backoff)
             self._backoff[key] = min(delay * 2, self.config.max_backoff)
             self._log.warn("pool {key}: creating a pool VM failed ({error}); retrying in {delay:.0f}s",
