@@ -8,8 +8,9 @@ init's forwarder (`--provision-user-data`) starts unclaimed, and the pool journa
 its forwarder answers a TLS handshake. Then a pod: CreateVM + StartVM over ttrpc, as the Kata shim calls them.
 StartVM must claim that VM (the adaptor says so, the sandbox journals the pool VM's instance id), the agent
 answers SERVING through the adaptor's agent socket, and a client on the CNI bridge pings the pod IP over the
-tunnel. StopVM deletes the VM: no domain, volume or DHCP reservation of it is left. Finally the adaptor is
-restarted with pools off, which deletes the refilled pool VM: no domain of this test is left.
+tunnel. StopVM deletes the VM: no domain, volume or DHCP reservation of it is left. The hit refilled the pool;
+stopping the adaptor deletes that VM if it is still booting, and a restart with pools off deletes it if it was
+ready: either way no domain, volume or reservation of this test is left.
 """
 
 from __future__ import annotations
