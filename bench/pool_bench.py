@@ -84,7 +84,7 @@ def run_libvirt(n: int, timeout: float = 900) -> dict[str, Any]:
     from caa.devtools import libvirt_env
 
     env = libvirt_env.prepare()
-    work = f"/run/{ps.TAG}-pool-libvirt"
+    work = f"/run/{ps.TAG}-plv"  # short: the agent sockets live under it (108-byte AF_UNIX limit)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, mode=0o700)
     netns = ps.wire(1)
