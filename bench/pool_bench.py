@@ -12,7 +12,7 @@ driven over ttrpc like the Kata shim (bench/podstart_bench.py's helpers). Three 
 libvirt (`caa.devtools.libvirt_env.prepare()`: the demo network and storage pool, the pod VM image's BIOS disk as
 the base volume, as bench/podstart_bench.py): two adaptors at once, one with `--pool-size 1` and one without pools,
 N rounds of hit, miss, cold. The pool VM of a hit is ready (its forwarder answered) before the hit; the miss (a pod
-naming the base volume as its image: the same VM, another pool key) waits for the refilled pool VM to be ready, so
+naming the image volume explicitly: the same VM, another pool key) waits for the refilled pool VM to be ready, so
 the miss and the cold start both run beside exactly one idle pool VM. At the end an adaptor with pools off deletes
 the pool VMs.
 
@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import podstart_bench as ps  # noqa: E402  (the pod wiring, the ttrpc shim side and the adaptor process)
 
 LOCAL_SUBNET = f"10.247.{os.getpid() % 200 + 20}.0/24"
+VOLUME = "podvm-poolbench.qcow2"  # libvirt: this bench's copy of the image in the demo storage pool
 
 
 def start_pod(adaptor: ps.Adaptor, netns: str, name: str, image: str = "", timeout: float = 300) -> float:
@@ -84,24 +85,31 @@ def run_libvirt(n: int, timeout: float = 900) -> dict[str, Any]:
     from caa.devtools import libvirt_env
 
     env = libvirt_env.prepare()
+    # the image under a volume name of our own: the shared base volume is replaced whenever another tree
+    # prepares the environment, which must not change the image between (or under) this run's VMs
+    manifest = json.loads((env.image_dir / "manifest.json").read_text())
+    ps.copy_volume(str(env.image_dir / manifest["qcow2"]), str(libvirt_env.POOL_DIR), VOLUME)
+    ps.refresh_pool(env)
+    args = env.adaptor_args()
+    args[args.index("--vol-name") + 1] = VOLUME
     work = f"/run/{ps.TAG}-plv"  # short: the agent sockets live under it (108-byte AF_UNIX limit)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, mode=0o700)
     netns = ps.wire(1)
-    pooled_args = [*env.adaptor_args(), "--vxlan-min-id", str(900000 + (os.getpid() % 10000) * 8)]
+    pooled_args = [*args, "--vxlan-min-id", str(900000 + (os.getpid() % 10000) * 8)]
     cold = pool = None
     hits: list[float] = []
     misses: list[float] = []
     colds: list[float] = []
     try:
-        cold = ps.Adaptor("libvirt", os.path.join(work, "cold"), env.adaptor_args())
+        cold = ps.Adaptor("libvirt", os.path.join(work, "cold"), args)
         pool = ps.Adaptor("libvirt", os.path.join(work, "pool"), [*pooled_args, "--pool-size", "1"])
         for i in range(n):
             wait_ready(pool, timeout)
             hits.append(start_pod(pool, netns[0], f"hit-{i}", timeout=timeout))
             print(f"  round {i}: hit {hits[-1]:.2f}s", flush=True)
             wait_ready(pool, timeout)  # the refill: the miss runs beside one idle pool VM, as the cold start does
-            misses.append(start_pod(pool, netns[0], f"miss-{i}", image=env.volume, timeout=timeout))
+            misses.append(start_pod(pool, netns[0], f"miss-{i}", image=VOLUME, timeout=timeout))
             print(f"  round {i}: miss {misses[-1]:.2f}s", flush=True)
             colds.append(start_pod(cold, netns[0], f"cold-{i}", timeout=timeout))
             print(f"  round {i}: cold {colds[-1]:.2f}s", flush=True)
