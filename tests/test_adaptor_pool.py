@@ -198,6 +198,66 @@ class RefillTests(PoolTestBase):
         self.assertEqual(self.journal_states(), ["ready"])
 
 
+class ProbeTests(PoolTestBase):
+    """A provider may return before its VM has booted (libvirt): the pool's probe decides when it is ready."""
+
+    def probed_manager(self) -> tuple[PoolManager, list[tuple[PoolVM, Deferred[None]]]]:
+        probes: list[tuple[PoolVM, Deferred[None]]] = []
+
+        def probe(vm: PoolVM) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            probes.append((vm, d))
+            return d
+
+        m = PoolManager(self.clock, self.provider, self.tls, PoolConfig(size=1, pool_dir=self.dir), [self.key],
+                        lambda key: "", probe=probe)
+        self.addCleanup(lambda: Deferred.fromCoroutine(m.stop()))
+        return m, probes
+
+    def test_ready_only_once_the_probe_answers(self) -> None:
+        m, probes = self.probed_manager()
+        self.start(m)
+        ((vm, answered),) = probes
+        self.assertTrue(vm.instance_id and vm.ips)  # probed at the address the provider gave
+        self.assertEqual(self.journal_states(), ["creating"])
+        self.assertEqual(m.ready(self.key), [])
+        self.assertIsNone(self.take(m, self.key))  # a booting VM is not handed out
+        answered.callback(None)
+        (ready,) = m.ready(self.key)
+        self.assertEqual(ready.instance_id, vm.instance_id)
+        self.assertEqual(self.journal_states(), ["ready"])
+
+    def test_a_vm_that_never_answers_is_deleted_and_the_key_backs_off(self) -> None:
+        m, probes = self.probed_manager()
+        self.start(m)
+        ((vm, answered),) = probes
+        answered.errback(TimeoutError("did not answer within 300s"))
+        self.assertIn(vm.instance_id, self.deletes())
+        self.assertNotIn(vm.instance_id, self.provider.instances)
+        self.assertEqual(self.journal_states(), [])
+        self.clock.advance(1.0)  # the key's first back-off
+        self.assertEqual(len(probes), 2)
+
+    def test_stop_while_probing_deletes_the_booting_vm(self) -> None:
+        m, probes = self.probed_manager()
+        self.start(m)
+        ((vm, _answered),) = probes
+        self.successResultOf(Deferred.fromCoroutine(m.stop()))
+        self.assertNotIn(vm.instance_id, self.provider.instances)
+        self.assertEqual(self.journal_states(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_creating_vm_with_its_id_is_deleted_at_restart(self) -> None:
+        m, probes = self.probed_manager()
+        self.start(m)
+        ((vm, _answered),) = probes
+        # a kill -9 while probing: the journal says creating, with the instance's id
+        m2 = self.manager(size=0)
+        self.start(m2)
+        self.assertNotIn(vm.instance_id, self.provider.instances)
+        self.assertIn(vm.instance_id, self.deletes())
+
+
 class TTLTests(PoolTestBase):
     def test_idle_vm_recycled_at_ttl_and_idle_seconds_counted(self) -> None:
         m = self.manager(size=1, ttl=100)

@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from caa.adaptor.interfaces import IAgentTLS
 from caa.adaptor.pool import PoolVM, initdata_digest
@@ -25,6 +30,42 @@ from caa.ttrpc import connect
 __all__ = ["PodUserData", "Claimer"]
 
 EndpointFor = Callable[[str, int, str], IStreamClientEndpoint]
+
+#: Bound of one answering probe's TLS handshake once TCP is connected (a VM paused mid-handshake).
+HANDSHAKE_TIMEOUT = 5.0
+
+
+@implementer(IHandshakeListener)
+class _Handshake(Protocol):
+    """Connects, completes the TLS handshake (the endpoint verifies the VM's pool certificate), hangs up:
+    `done` fires once the connection is closed, failing unless the handshake completed."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._handshook = False
+        self.done: Deferred[None] = Deferred(lambda _d: self._abort())
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:
+        self.done.addTimeout(HANDSHAKE_TIMEOUT, self._clock)
+        if not ISSLTransport.providedBy(self.transport):  # a plain TCP endpoint: connected is answering
+            self.handshakeCompleted()
+
+    def handshakeCompleted(self) -> None:
+        self._handshook = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:  # noqa: B008
+        if self.done.called:
+            return
+        if self._handshook:
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
 
 
 @attrs.frozen(repr=False)
@@ -71,6 +112,35 @@ class Claimer:
         apf = attrs.evolve(pod.apf, tls_server_cert=cert, tls_server_key=key)
         return podvm_pb2.ClaimRequest(vm_name=vm.name, token=vm.token, apf_json=apf.to_json(),
                                       auth_json=pod.auth_json, initdata_digest=pod.initdata_digest)
+
+    async def wait_answering(self, vm: PoolVM, timeout: float, interval: float = 1.0) -> None:
+        """Dial the VM's forwarder until a TLS handshake with it completes, at most `timeout` seconds. A provider
+        may return before the VM has booted (libvirt reserves the address and returns at once): a pool VM is
+        ready only once its forwarder answers, else the first claim would find nothing listening."""
+        if not vm.ips:
+            raise ValueError(f"pool VM {vm.name} has no address")
+        deadline = self.clock.seconds() + timeout
+        attempts, last = 0, ""
+        while True:
+            attempts += 1
+            try:
+                await self._handshake(vm)
+                return
+            except CancelledError:
+                raise
+            except Exception as e:
+                last = str(e) or type(e).__name__
+            if self.clock.seconds() + interval > deadline:
+                raise TimeoutError(f"pool VM {vm.name} at {vm.ips[0]}:{self.port} did not answer within "
+                                   f"{timeout:.0f}s ({attempts} attempts; last: {last})")
+            await deferLater(self.clock, interval, lambda: None)
+
+    async def _handshake(self, vm: PoolVM) -> None:
+        probe = _Handshake(self.clock)
+        factory = Factory.forProtocol(lambda: probe)
+        factory.noisy = False  # one attempt a second while the VM boots: no start/stop lines in the log
+        await self.endpoint_for(vm.ips[0], self.port, vm.name).connect(factory)
+        await probe.done
 
     async def claim(self, vm: PoolVM, pod: PodUserData, timeout: float) -> podvm_pb2.ClaimResponse:
         """Dial the VM (verifying its pool certificate for its name), claim it, hang up."""

@@ -463,7 +463,7 @@ def _pool(reactor: INodeReactor, options: AdaptorOptions, provider: IProvider, i
     initdata annotations), all with the adaptor's --initdata; journalled next to --pods-dir (`<parent>/pool`).
     With no pool configured: a manager without keys when the journal holds pool VMs (it deletes them at
     start: pools were turned off), else None."""
-    from caa.adaptor.pool import PoolConfig, PoolKey
+    from caa.adaptor.pool import PoolConfig, PoolKey, PoolVM
     from caa.adaptor.poolspec import parse_pools
     from caa.adaptor.userdata import instance_spec
 
@@ -484,9 +484,15 @@ def _pool(reactor: INodeReactor, options: AdaptorOptions, provider: IProvider, i
                                      memory_mib=e.memory_mib, image=e.image), digest): e.size for e in entries}
     config = PoolConfig(ttl=options["pool-ttl"], pool_dir=pool_dir, tls_min_version=options["tls-min-version"],
                         tls_cipher_suites=options.cipher_suites)
+    claimer = Claimer(reactor, proxies.client_endpoint, options["forwarder-port"], issuer)
+    boot_timeout = options["proxy-timeout"]  # the bound of a cold VM's boot bounds a pool VM's too
+
+    def probe(vm: PoolVM) -> Deferred[None]:
+        return Deferred.fromCoroutine(claimer.wait_answering(vm, boot_timeout))
+
     pool = PoolManager(reactor, provider, issuer, config, [], lambda _key: default_initdata, run, sizes=sizes,
-                       peerpods=peerpods)
-    return pool, Claimer(reactor, proxies.client_endpoint, options["forwarder-port"], issuer)
+                       peerpods=peerpods, probe=probe)
+    return pool, claimer
 
 
 def build_daemon(reactor: INodeReactor, options: AdaptorOptions, *, on_fatal: Callable[[], None],

@@ -9,8 +9,9 @@ from then on and is deleted at StopVM like any other, never returned here.
 The pool is journalled, one JSON file per VM in `pool_dir` (`write_atomic`, like the sandboxes):
 
 - `creating`: written before provider.create_instance (the instance may exist; recovery finds it by name and
-  deletes it),
-- `ready`: created, with id and IPs; kept across a restart and aged by its TTL,
+  deletes it), again with the instance's id while the probe waits for the VM to answer (libvirt returns before
+  the guest has booted; a VM that does not answer within the probe's bound is deleted, and the key backs off),
+- `ready`: created and answering, with id and IPs; kept across a restart and aged by its TTL,
 - `taken`: handed to a StartVM, written before the claim so a restart never hands it out twice; recovery
   deletes it unless a sandbox journals its instance id (that sandbox's own recovery then owns it).
 
@@ -29,7 +30,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -148,10 +149,13 @@ class PoolManager:
 
     def __init__(self, clock: IReactorTime, provider: IProvider, tls: IAgentTLS | None, config: PoolConfig,
                  keys: Iterable[PoolKey], initdata_for: Callable[[PoolKey], str], run: Runner = run_inline,
-                 sizes: Mapping[PoolKey, PoolSize] | None = None, peerpods: IPoolPeerPods | None = None) -> None:
+                 sizes: Mapping[PoolKey, PoolSize] | None = None, peerpods: IPoolPeerPods | None = None,
+                 probe: Callable[[PoolVM], Awaitable[None]] | None = None) -> None:
         """`keys` get `config.size` as min and max, `sizes` their own; no key at all only cleans up the
         journal (pools off). `tls` None: no key may be configured (the bootstrap needs the auto CA).
-        `peerpods`: in a cluster, each pool VM gets a PeerPod while it is the pool's (caa.adaptor.cluster)."""
+        `peerpods`: in a cluster, each pool VM gets a PeerPod while it is the pool's (caa.adaptor.cluster).
+        `probe(vm)`: returns once a created VM answers (a provider may return before the VM booted), raises if
+        it never does; None: ready when the provider returns."""
         if config.size < 0:
             raise ValueError(f"--pool-size must be 0 or more, got {config.size}")
         if config.ttl <= 0:
@@ -169,6 +173,7 @@ class PoolManager:
         self._target: dict[PoolKey, int] = {k: v.min for k, v in self.sizes.items()}
         self._peerpods = peerpods
         self._initdata_for = initdata_for
+        self._probe = probe
         self._run = run  # the journal's file I/O (write, fsync, rename, unlink, reads) leaves the reactor thread
         self.vms: dict[str, PoolVM] = {}
         self._timers: dict[str, IDelayedCall] = {}
@@ -333,7 +338,16 @@ class PoolManager:
         try:
             data = self._bootstrap_user_data(vm, name)
             instance = await self.provider.create_instance(POOL_POD_NAME, pool_id, data, key.spec())
+            if self._probe is not None and vm.pool_id in self.vms:
+                # still `creating` (recovery deletes it) but with its id: a failed probe deletes it by id
+                vm = await self._put(attrs.evolve(vm, instance_id=instance.id, name=instance.name, ips=instance.ips))
+                await self._probe(vm)
         except Exception as e:
+            if not self._running:  # stopped (cancelled) while creating or probing: no back-off, no retry
+                self._log.info("pool {key}: stopped while creating pool VM {name}: deleting it", key=key.label(),
+                               name=vm.name)
+                await self._delete(vm)
+                return
             delay = self._backoff.get(key, self.config.min_backoff)
             self._backoff[key] = min(delay * 2, self.config.max_backoff)
             self._log.warn("pool {key}: creating a pool VM failed ({error}); retrying in {delay:.0f}s",
