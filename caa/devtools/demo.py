@@ -447,6 +447,15 @@ def _walk(args: argparse.Namespace) -> int:
     finally:
         if echo is not None and echo.poll() is None:
             echo.kill()
+        if not ok and adaptor is not None and adaptor.poll() is None:
+            # The adaptor keeps its pods' VMs when it stops (pods outlive a restart): a failed walk stops its own
+            # sandboxes first, so no VM is left running. StopVM of one that never got that far is a no-op.
+            for stale in (sid, cold_sid):
+                try:
+                    shim.call(hv_sock, "hypervisor.Hypervisor", "StopVM", hypervisor_pb2.StopVMRequest(id=stale),
+                              hypervisor_pb2.StopVMResponse, 300)
+                except Exception as e:
+                    print(f"!! StopVM {stale[:12]}... after the failure: {e}", file=sys.stderr)
         if adaptor is not None and adaptor.poll() is None:
             adaptor.send_signal(signal.SIGTERM)
             try:
