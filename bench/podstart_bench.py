@@ -467,7 +467,7 @@ def bench_libvirt(n: int, floor: bool, baseline_tree: str, timeout: float) -> di
     provider = LibvirtProvider(as_node_reactor(reactor), LibvirtConfig(
         uri=env.uri, pool_name=env.pool, network_name=env.network, vol_name=FLOOR_VOLUME, firmware="",
         domain_type="qemu", cpu=1, memory=1024, root_disk_size=1, ip_timeout=600.0))
-    work = f"/run/{TAG}-libvirt"
+    work = f"/run/{TAG}l"  # short: the agent sockets live under <work>/<series>/pods/<64 hex>/ (108-byte limit)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, mode=0o700)
     netns = wire(1)
@@ -475,11 +475,11 @@ def bench_libvirt(n: int, floor: bool, baseline_tree: str, timeout: float) -> di
     floors: list[Floor] = []
     pods: dict[str, list[Pod]] = {"pod": [], "baseline": []}
     try:
-        adaptors["pod"] = Adaptor("libvirt", os.path.join(work, "new"), env.adaptor_args())
+        adaptors["pod"] = Adaptor("libvirt", os.path.join(work, "n"), env.adaptor_args())
         if baseline_tree:
             args = env.adaptor_args()
             args[args.index("--vol-name") + 1] = BASELINE_VOLUME
-            adaptors["baseline"] = Adaptor("libvirt", os.path.join(work, "baseline"), args,
+            adaptors["baseline"] = Adaptor("libvirt", os.path.join(work, "b"), args,
                                            os.path.join(baseline_tree, ".venv", "bin"))
         for i in range(n):
             if floor:
