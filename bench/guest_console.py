@@ -73,10 +73,8 @@ class ConsoleTap:
             try:
                 self._read(stream)
             finally:
-                try:
+                with contextlib.suppress(libvirt.libvirtError):
                     stream.abort()
-                except libvirt.libvirtError:
-                    pass
         except libvirt.libvirtError:
             pass  # the domain went away: what was read stays
         finally:

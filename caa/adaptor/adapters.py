@@ -131,7 +131,7 @@ class NullClusterDuties:
         return succeed(True)
 
     def pool_vm_created(self, name: str, instance_id: str, pool: str) -> None:
-        pass
+        """Outside a cluster a pool VM has no PeerPod: only the adaptor's journal records it."""
 
     def pool_vm_released(self, name: str) -> None:
-        pass
+        """Outside a cluster there is no PeerPod to release."""

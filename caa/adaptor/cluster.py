@@ -344,7 +344,7 @@ class ClusterDuties:
         try:
             await self.client.delete_peerpod(ns, name)
         except NotFound:
-            pass
+            self._log.debug("PeerPod {namespace}/{name} was already gone", namespace=ns, name=name)
         except Forbidden as e:
             raise _GiveUp(str(e)) from e
         self._log.info("PeerPod {namespace}/{name} of a pool VM released and deleted", namespace=ns, name=name)
