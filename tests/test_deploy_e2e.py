@@ -224,7 +224,7 @@ class InstalledTests(TestCase):
         self.assertEqual([r["secretRef" if "secretRef" in r else "configMapRef"]["name"] for r in c["envFrom"]],
                          ["peer-pods-secret", "peer-pods-cm"])
         env = {**self.settings(), **downward(c, {"spec.nodeName": self.node, "metadata.uid": str(uuid.uuid4()),
-                                                 "status.hostIP": "127.0.0.1"})}
+                                                 "metadata.namespace": NAMESPACE, "status.hostIP": "127.0.0.1"})}
         netns_dir = Path(a.base) / "netns.d"
         netns_dir.mkdir()
         args = [*expand(c["args"], env), f"--metrics-port={free_port()}", f"--probe-port={free_port()}",
