@@ -69,7 +69,12 @@ mkdir -p "$rootfs"
 tar -C "$rootfs" --numeric-owner -xf "$base"
 
 log "building the wheels of caa[libvirt] and its dependencies"
-.venv/bin/pip wheel -q -w "$work/wheels" ".[libvirt]" >&2
+# from a snapshot of the sources: pip builds in-tree (./build), which another build of this tree at the same time
+# (a test, a second image build) would share and break
+mkdir -p "$work/src"
+tar -C . --exclude=__pycache__ --exclude=dropin.cache -cf - caa twisted setup.cfg pyproject.toml README.md \
+  | tar -C "$work/src" -xf -
+.venv/bin/pip wheel -q -w "$work/wheels" "$work/src[libvirt]" >&2
 mkdir -p "$rootfs/tmp/wheels"
 cp "$work/wheels/"*.whl "$rootfs/tmp/wheels/"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,16 @@ class WheelTests(TestCase):
     def test_wheel_installs_plugins_non_editable(self) -> None:
         out = Path(self.mktemp()).resolve()
         out.mkdir()
+        # A snapshot of the sources: pip builds in-tree (ROOT/build), which the image build of another trial
+        # worker would share at the same time.
+        src = out / "src"
+        ignore = shutil.ignore_patterns("__pycache__", "dropin.cache")
+        for tree in ("caa", "twisted"):
+            shutil.copytree(ROOT / tree, src / tree, ignore=ignore)
+        for name in ("setup.cfg", "pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, src / name)
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(out), str(ROOT)], check=True, capture_output=True)
+                        "-w", str(out), str(src)], check=True, capture_output=True)
         wheels = list(out.glob("caa-*.whl"))
         self.assertEqual(len(wheels), 1)
         names = zipfile.ZipFile(wheels[0]).namelist()
